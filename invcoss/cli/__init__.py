@@ -1,0 +1,31 @@
+"""``invcoss-cli``: a thin click layer over the library.
+
+Each command lives in its own module of this package and is registered on :data:`main` below.
+torch is imported lazily inside the commands so that ``--help`` is instant. A user error exits
+with code 2 and a one-line message, never a traceback.
+"""
+
+from __future__ import annotations
+
+import click
+
+from invcoss import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="invcoss-cli")
+@click.option("-v", "--verbose", is_flag=True, help="More output.")
+@click.pass_context
+def main(ctx: click.Context, verbose: bool) -> None:
+    """InvCoSS: invert frozen medical foundation models into synthetic replay data."""
+    ctx.ensure_object(dict)
+    ctx.obj["verbose"] = verbose
+
+
+def _register() -> None:
+    from invcoss.cli.info import info
+
+    main.add_command(info)
+
+
+_register()

@@ -1,0 +1,186 @@
+"""Backend registry and dispatch for :mod:`invcoss.ops`.
+
+Every op family has four implementations behind the same public names:
+
+======== ============================== ===================================================
+backend  runs on                        module
+======== ============================== ===================================================
+torch    any device (the reference)     ``invcoss.ops.backend_torch``
+triton   CUDA (CPU via TRITON_INTERPRET) ``invcoss.ops.backend_triton`` over ``invcoss.kernels``
+cpu      CPU tensors                    ``invcoss.ops.backend_ext`` over ``invcoss._C``
+cuda     CUDA tensors                   ``invcoss.ops.backend_ext`` over ``invcoss._C``
+======== ============================== ===================================================
+
+A backend module implements this contract (the public layer has already validated shapes,
+devices and dtypes, flattened features and handled empty pools; backends trust their caller):
+
+``tv(x, weights) -> Tensor``
+    x: ``(B, C, *S)`` with 2 or 3 spatial axes, any strides; weights: tuple of one float per
+    spatial axis. Returns the per-sample weighted anisotropic L1 sums, shape ``(B,)``, fp32,
+    differentiable in x with sign(0) = 0.
+``col_mean_var(x) -> (mean, var)``
+    x: ``(N, F)``. Column mean and biased variance in fp32, shape ``(F,)``, differentiable.
+``welford_update(x, count, mean, m2) -> (mean, m2)``
+    Folds the batch x ``(N, F)`` into a running state of ``count`` samples (Chan et al.), with
+    ``mean`` and ``m2`` (sum of squared deviations) of shape ``(F,)`` in the state dtype (fp32 or
+    fp64). Returns new state tensors; no autograd.
+``stat_matching(x, mean, var) -> Tensor``
+    x: ``(N, F)``, mean/var: ``(F,)``. ``||mean_N(x) - mean||_2 + ||var_N(x) - var||_2`` as a 0-dim
+    fp32 tensor, differentiable in x (a zero norm has a zero gradient).
+``repulsive_direct(h, pool, eps) -> Tensor``
+    h: ``(B, D)``, pool: ``(P, D)`` with P >= 1 (not necessarily normalised). Eq. 5 as a 0-dim fp32
+    tensor, differentiable in h only.
+``repulsive_gram(h, gram, count, eps) -> Tensor``
+    h: ``(B, D)``, gram: ``(D, D)`` = sum of the outer products of ``count`` normalised pool rows.
+    The same value as ``repulsive_direct``, in O(B D^2), differentiable in h only.
+``gram_update(gram, feats_hat, alpha) -> None``
+    In place ``gram += alpha * feats_hat^T feats_hat`` for feats_hat ``(K, D)`` (alpha = +1 on push,
+    -1 on eviction).
+
+``INVCOSS_BACKEND`` overrides the default choice (``backend=None``); an explicit ``backend=``
+argument overrides both.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+
+BACKEND_NAMES = ("torch", "triton", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """What the registry knows about one backend."""
+
+    name: str
+    module: str
+    devices: tuple[str, ...]
+    probe: Callable[[], str | None]  # None when available, else why not and how to get it
+    install_hint: str
+
+
+def _probe_triton() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # pragma: no cover - triton ships with CUDA builds of torch
+        return f"triton cannot be imported ({exc})"
+    if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU tensors, slowly)"
+    return _probe_module("invcoss.ops.backend_triton")
+
+
+def _probe_ext(device: str) -> Callable[[], str | None]:
+    def probe() -> str | None:
+        from invcoss import _ext
+
+        if _ext.C is None:
+            return f"the extension invcoss._C is not available: {_ext.IMPORT_ERROR}"
+        if device == "cuda" and not _ext.HAS_CUDA:
+            return "invcoss._C was built without CUDA kernels (needs nvcc and a CUDA build of torch)"
+        if device == "cuda" and not torch.cuda.is_available():
+            return "no CUDA device"
+        return _probe_module("invcoss.ops.backend_ext")
+
+    return probe
+
+
+def _probe_module(name: str) -> str | None:
+    try:
+        importlib.import_module(name)
+    except Exception as exc:
+        return f"{name} failed to import: {type(exc).__name__}: {exc}"
+    return None
+
+
+_REGISTRY: dict[str, BackendInfo] = {
+    "torch": BackendInfo("torch", "invcoss.ops.backend_torch", ("cpu", "cuda", "meta"), lambda: None, ""),
+    "triton": BackendInfo(
+        "triton",
+        "invcoss.ops.backend_triton",
+        ("cuda", "cpu"),
+        _probe_triton,
+        "install triton (it ships with CUDA builds of torch) and run on a CUDA device",
+    ),
+    "cpu": BackendInfo(
+        "cpu",
+        "invcoss.ops.backend_ext",
+        ("cpu",),
+        _probe_ext("cpu"),
+        "build the extension: pip install --no-build-isolation -e .",
+    ),
+    "cuda": BackendInfo(
+        "cuda",
+        "invcoss.ops.backend_ext",
+        ("cuda",),
+        _probe_ext("cuda"),
+        "build the extension with nvcc and a CUDA build of torch: pip install --no-build-isolation -e .",
+    ),
+}
+
+_status_cache: dict[str, str | None] = {}
+
+
+def unavailable_reason(name: str) -> str | None:
+    """Why backend ``name`` cannot run here, or None when it can (cached after the first probe)."""
+    if name not in _status_cache:
+        _status_cache[name] = _REGISTRY[name].probe()
+    return _status_cache[name]
+
+
+def backend_status() -> dict[str, tuple[bool, str]]:
+    """``{name: (available, reason)}`` for every backend, for ``invcoss-cli info``."""
+    out = {}
+    for name in BACKEND_NAMES:
+        reason = unavailable_reason(name)
+        out[name] = (reason is None, reason or "available")
+    return out
+
+
+def available_backends() -> list[str]:
+    """Names of the backends that can run here."""
+    return [n for n in BACKEND_NAMES if unavailable_reason(n) is None]
+
+
+def default_backend(device: torch.device) -> str:
+    """The backend ``backend=None`` picks for tensors on ``device``.
+
+    ``INVCOSS_BACKEND`` wins when set; otherwise CUDA tensors get ``triton``, then ``cuda``, then
+    ``torch``; CPU tensors get ``cpu`` (the C++ extension), then ``torch``.
+    """
+    env = os.environ.get("INVCOSS_BACKEND")
+    if env:
+        return env
+    order = ("triton", "cuda", "torch") if device.type == "cuda" else ("cpu", "torch")
+    for name in order:
+        if unavailable_reason(name) is None:
+            return name
+    return "torch"
+
+
+def resolve(backend: str | None, device: torch.device, op: str) -> ModuleType:
+    """The backend module that runs ``op`` on tensors of ``device``.
+
+    Raises:
+        ValueError: unknown backend name, or a backend that does not run on ``device``.
+        RuntimeError: the backend is known but not available here (the message says why and
+            how to get it).
+    """
+    name = backend if backend is not None else default_backend(device)
+    if name not in _REGISTRY:
+        src = "backend" if backend is not None else "INVCOSS_BACKEND"
+        raise ValueError(f"{op}: unknown {src} {name!r}; expected one of {', '.join(BACKEND_NAMES)}")
+    info = _REGISTRY[name]
+    if device.type not in info.devices:
+        raise ValueError(
+            f"{op}: backend {name!r} runs on {'/'.join(info.devices)} tensors, got tensors on {device.type}"
+        )
+    reason = unavailable_reason(name)
+    if reason is not None:
+        raise RuntimeError(f"{op}: backend {name!r} is not available: {reason}. To get it: {info.install_hint}")
+    return importlib.import_module(info.module)
