@@ -123,13 +123,30 @@ _REGISTRY: dict[str, BackendInfo] = {
     ),
 }
 
+# Probed once, when invcoss.ops is imported (see probe_all): the dispatch on the hot path, and under
+# torch.compile, is then dictionary lookups only.
 _status_cache: dict[str, str | None] = {}
+_modules: dict[str, ModuleType] = {}
+
+
+def probe_all() -> None:
+    """(Re)probe every backend and import the available ones.
+
+    Runs at ``import invcoss.ops``; call it again after changing ``TRITON_INTERPRET`` or building
+    the extension in a running process.
+    """
+    _status_cache.clear()
+    _modules.clear()
+    for name, info in _REGISTRY.items():
+        _status_cache[name] = info.probe()
+        if _status_cache[name] is None:
+            _modules[name] = importlib.import_module(info.module)
 
 
 def unavailable_reason(name: str) -> str | None:
-    """Why backend ``name`` cannot run here, or None when it can (cached after the first probe)."""
-    if name not in _status_cache:
-        _status_cache[name] = _REGISTRY[name].probe()
+    """Why backend ``name`` cannot run here, or None when it can."""
+    if not _status_cache:
+        probe_all()
     return _status_cache[name]
 
 
@@ -182,5 +199,9 @@ def resolve(backend: str | None, device: torch.device, op: str) -> ModuleType:
         )
     reason = unavailable_reason(name)
     if reason is not None:
-        raise RuntimeError(f"{op}: backend {name!r} is not available: {reason}. To get it: {info.install_hint}")
-    return importlib.import_module(info.module)
+        raise RuntimeError(
+            f"{op}: backend {name!r} is not available: {reason}. To get it: {info.install_hint}"
+        )
+    if name == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"{op}: backend 'triton' runs on CPU tensors only with TRITON_INTERPRET=1")
+    return _modules[name]

@@ -1,0 +1,181 @@
+"""Repulsive representation learning (Eq. 5): squared cosine similarity to a persistent pool."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from invcoss.ops.checks import check_same_device, check_tensor, shape_str
+from invcoss.ops.dispatch import resolve
+
+
+def _check_h(op: str, h: Tensor, dim: int | None = None) -> None:
+    check_tensor(op, "h", h)
+    if h.ndim != 2 or (dim is not None and h.shape[1] != dim):
+        want = f"(B, {dim})" if dim is not None else "(B, D)"
+        raise ValueError(f"{op} expects h of shape {want}, got {shape_str(h.shape)}")
+
+
+def repulsive_cosine_loss(h: Tensor, pool: Tensor, eps: float = 1e-8, backend: str | None = None) -> Tensor:
+    """Mean squared cosine similarity between a batch and a pool of features (Eq. 5).
+
+    ``1/(B P) * sum_ij cos(h_i, p_j)^2`` with ``cos`` from ``h_i / max(|h_i|, eps)`` and the same for
+    ``p_j``. The gradient flows to h only; the pool is a constant. An empty pool (P = 0) gives 0
+    with a zero gradient.
+
+    Args:
+        h: ``(B, D)`` features of the current synthetic batch.
+        pool: ``(P, D)`` past features (need not be normalised).
+        eps: lower bound of the norms.
+        backend: see :func:`invcoss.ops.total_variation`.
+
+    Returns:
+        0-dim fp32 loss.
+
+    Example:
+        >>> h = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+        >>> repulsive_cosine_loss(h, torch.tensor([[3.0, 0.0]]), backend="torch")
+        tensor(0.5000)
+    """
+    op = "repulsive_cosine_loss"
+    _check_h(op, h)
+    check_tensor(op, "pool", pool)
+    if pool.ndim != 2 or pool.shape[1] != h.shape[1]:
+        raise ValueError(f"{op} expects pool of shape (P, {h.shape[1]}), got {shape_str(pool.shape)}")
+    check_same_device(op, "h", h, "pool", pool)
+    if pool.shape[0] == 0:
+        return (h * 0).float().sum()
+    return resolve(backend, h.device, op).repulsive_direct(h, pool.detach(), float(eps))
+
+
+class RepulsivePool:
+    """Ring buffer of normalised past features with an incrementally maintained Gram matrix.
+
+    ``sum_j cos(h_i, p_j)^2 = h^_i^T G h^_i`` with ``G = sum_j p^_j p^_j^T`` (D x D), so once the pool
+    holds more features than their dimension (P > D) :meth:`loss` costs O(B D^2) instead of
+    O(B P D). ``G`` is updated with a rank-k product on every push and eviction and rebuilt from the
+    stored rows every ``rebuild_every`` pushes, which bounds the rounding drift of the updates.
+
+    Args:
+        capacity: the most features kept (the paper uses the number of samples to generate).
+        dim: feature dimension D.
+        device: where the pool lives.
+        eps: lower bound of the norms.
+        gram_dtype: dtype of G (fp32 default; fp64 for very long runs).
+        rebuild_every: pushes between exact rebuilds of G.
+        backend: see :func:`invcoss.ops.total_variation`.
+
+    Example:
+        >>> pool = RepulsivePool(capacity=4, dim=2, backend="torch")
+        >>> pool.push(torch.tensor([[3.0, 0.0]]))
+        >>> len(pool), pool.loss(torch.tensor([[1.0, 0.0], [0.0, 2.0]]))
+        (1, tensor(0.5000))
+    """
+
+    def __init__(
+        self,
+        capacity: int,
+        dim: int,
+        device: torch.device | str | None = None,
+        eps: float = 1e-8,
+        gram_dtype: torch.dtype = torch.float32,
+        rebuild_every: int = 16,
+        backend: str | None = None,
+    ) -> None:
+        if capacity < 1:
+            raise ValueError(f"RepulsivePool expects capacity >= 1, got {capacity}")
+        if dim < 1:
+            raise ValueError(f"RepulsivePool expects dim >= 1, got {dim}")
+        self.capacity, self.dim, self.eps = int(capacity), int(dim), float(eps)
+        self.rebuild_every, self.backend = int(rebuild_every), backend
+        self.feats = torch.zeros(self.capacity, self.dim, device=device, dtype=torch.float32)
+        self.gram = torch.zeros(self.dim, self.dim, device=device, dtype=gram_dtype)
+        self.size = 0  # rows in use
+        self.head = 0  # next row to write
+        self.pushes = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    @property
+    def device(self) -> torch.device:
+        return self.feats.device
+
+    def features(self) -> Tensor:
+        """The kept normalised features, ``(len(pool), D)``, oldest first."""
+        if self.size < self.capacity:
+            return self.feats[: self.size]
+        return torch.cat([self.feats[self.head :], self.feats[: self.head]])
+
+    def push(self, features: Tensor) -> None:
+        """Add a batch ``(K, D)`` of features (detached), evicting the oldest when full."""
+        op = "RepulsivePool.push"
+        _check_h(op, features, self.dim)
+        if features.device != self.device:
+            raise ValueError(
+                f"{op} expects features on the pool's device {self.device}, got {features.device}"
+            )
+        f = features.detach().float()
+        f = f / f.norm(dim=1, keepdim=True).clamp_min(self.eps)
+        f = f[-self.capacity :]  # only the newest `capacity` rows can survive this push
+        impl = resolve(self.backend, self.device, op)
+        start, k = self.head, f.shape[0]
+        first = min(k, self.capacity - start)
+        # The ring write wraps at most once; rows below the old size hold live features to evict.
+        for dst, chunk in ((start, f[:first]), (0, f[first:])):
+            n = chunk.shape[0]
+            if n == 0:
+                continue
+            n_live = max(0, min(dst + n, self.size) - dst)
+            if n_live:
+                impl.gram_update(self.gram, self.feats[dst : dst + n_live], -1.0)
+            self.feats[dst : dst + n] = chunk
+            impl.gram_update(self.gram, chunk, 1.0)
+        self.size = min(self.capacity, self.size + k)
+        self.head = (start + k) % self.capacity
+        self.pushes += 1
+        if self.pushes % self.rebuild_every == 0:
+            self.rebuild_gram()
+
+    def rebuild_gram(self) -> None:
+        """Recompute G exactly from the stored rows (bounds the drift of the rank-k updates)."""
+        self.gram.zero_()
+        if self.size:
+            resolve(self.backend, self.device, "RepulsivePool.rebuild_gram").gram_update(
+                self.gram, self.feats[: self.size], 1.0
+            )
+
+    def loss(self, h: Tensor) -> Tensor:
+        """Eq. 5 of h ``(B, D)`` against the pool: the Gram path when P > D, else the direct one."""
+        op = "RepulsivePool.loss"
+        _check_h(op, h, self.dim)
+        check_same_device(op, "h", h, "the pool", self.feats)
+        if self.size == 0:
+            return (h * 0).float().sum()
+        impl = resolve(self.backend, h.device, op)
+        if self.size > self.dim:
+            return impl.repulsive_gram(h, self.gram, self.size, self.eps)
+        return impl.repulsive_direct(h, self.feats[: self.size], self.eps)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The kept rows (oldest first) and the configuration; G is rebuilt on load."""
+        return {
+            "features": self.features().clone(),
+            "capacity": torch.tensor(self.capacity),
+            "pushes": torch.tensor(self.pushes),
+        }
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restore a pool saved by :meth:`state_dict` (capacity and dim must match)."""
+        feats = state["features"]
+        if int(state["capacity"]) != self.capacity or feats.ndim != 2 or feats.shape[1] != self.dim:
+            raise ValueError(
+                f"RepulsivePool.load_state_dict expects capacity {self.capacity} and features (P, {self.dim}), "
+                f"got capacity {int(state['capacity'])} and features {shape_str(feats.shape)}"
+            )
+        self.size = feats.shape[0]
+        self.feats.zero_()
+        self.feats[: self.size] = feats.to(self.device, torch.float32)
+        self.head = self.size % self.capacity
+        self.pushes = int(state["pushes"])
+        self.rebuild_gram()
