@@ -12,9 +12,14 @@ import torch
 from torch import Tensor
 
 
+def _acc(t: Tensor) -> Tensor:
+    """Upcast to the accumulation dtype: fp32, or fp64 for fp64 inputs (so gradcheck is exact)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def tv(x: Tensor, weights: tuple[float, ...]) -> Tensor:
     """Per-sample weighted anisotropic L1 total variation (Eq. 8). x: (B, C, *S) -> (B,) fp32."""
-    xf = x.float()
+    xf = _acc(x)
     total = xf.new_zeros(x.shape[0])
     for axis, w in enumerate(weights, start=2):
         if x.shape[axis] < 2:
@@ -26,7 +31,7 @@ def tv(x: Tensor, weights: tuple[float, ...]) -> Tensor:
 
 def col_mean_var(x: Tensor) -> tuple[Tensor, Tensor]:
     """Column mean and biased variance of x (N, F) in fp32."""
-    xf = x.float()
+    xf = _acc(x)
     mean = xf.mean(0)
     var = (xf - mean).square().mean(0)
     return mean, var
@@ -50,7 +55,7 @@ def welford_update(x: Tensor, count: int, mean: Tensor, m2: Tensor) -> tuple[Ten
 def stat_matching(x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
     """||mean_N(x) - mean||_2 + ||var_N(x) - var||_2 (Eq. 3, one layer) as 0-dim fp32."""
     bmean, bvar = col_mean_var(x)
-    return _safe_norm(bmean - mean.float()) + _safe_norm(bvar - var.float())
+    return _safe_norm(bmean - mean.to(bmean.dtype)) + _safe_norm(bvar - var.to(bvar.dtype))
 
 
 def _safe_norm(v: Tensor) -> Tensor:
@@ -66,16 +71,16 @@ def _normalise(v: Tensor, eps: float) -> Tensor:
 
 def repulsive_direct(h: Tensor, pool: Tensor, eps: float) -> Tensor:
     """1/(B P) sum_ij cos(h_i, p_j)^2 (Eq. 5) through the B x P similarity matrix."""
-    hh = _normalise(h.float(), eps)
-    pp = _normalise(pool.detach().float(), eps)
+    hh = _normalise(_acc(h), eps)
+    pp = _normalise(pool.detach().to(hh.dtype), eps)
     sim = hh @ pp.T  # (B, P)
     return sim.square().mean()
 
 
 def repulsive_gram(h: Tensor, gram: Tensor, count: int, eps: float) -> Tensor:
     """The same loss as :func:`repulsive_direct` from G = sum_j p^_j p^_j^T: mean_i h^_i^T G h^_i / P."""
-    hh = _normalise(h.float(), eps)
-    quad = ((hh @ gram.detach().float()) * hh).sum(1)  # (B,)
+    hh = _normalise(_acc(h), eps)
+    quad = ((hh @ gram.detach().to(hh.dtype)) * hh).sum(1)  # (B,)
     return quad.mean() / count
 
 
