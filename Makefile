@@ -1,0 +1,42 @@
+# Every target does its own set-up on a fresh machine: `make demo` and `make test` are all a new
+# user needs. The venv, torch and the editable install with the extension are built once and
+# rebuilt only when pyproject.toml, setup.py or csrc/ change.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.invcoss-installed
+# The CUDA toolkit builds the extension's CUDA kernels (a GPU is not needed to compile them).
+CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda-13.0 /usr/local/cuda))
+export CUDA_HOME
+export MAX_JOBS ?= 2
+
+.PHONY: install demo test bench bench-guard lint assets clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade "pip>=23" "setuptools>=70" wheel
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q --no-build-isolation -e '.[dev]'
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/invcoss-cli info
+
+test: install
+	$(BIN)/python -m pytest -q tests --doctest-modules invcoss
+
+bench: install
+	$(BIN)/python benchmarks/cpu_ratios.py
+
+bench-guard: install
+	$(BIN)/python benchmarks/cpu_ratios.py --guard
+
+lint: install
+	$(BIN)/ruff check invcoss kernels tests benchmarks
+	$(BIN)/ruff format --check invcoss kernels tests benchmarks
+
+clean:
+	rm -rf build *.egg-info invcoss/_C*.so
