@@ -186,7 +186,7 @@ def resolve(backend: str | None, device: torch.device, op: str) -> ModuleType:
     """The backend module that runs ``op`` on tensors of ``device``.
 
     Raises:
-        ValueError: unknown backend name, or a backend that does not run on ``device``.
+        ValueError: unknown backend name, or an available backend that does not run on ``device``.
         RuntimeError: the backend is known but not available here (the message says why and
             how to get it).
     """
@@ -195,14 +195,12 @@ def resolve(backend: str | None, device: torch.device, op: str) -> ModuleType:
         src = "backend" if backend is not None else "INVCOSS_BACKEND"
         raise ValueError(f"{op}: unknown {src} {name!r}; expected one of {', '.join(BACKEND_NAMES)}")
     info = _REGISTRY[name]
+    reason = unavailable_reason(name)
+    if reason is not None:
+        raise RuntimeError(f"{op}: backend {name!r} is not available: {reason}. To get it: {info.install_hint}")
     if device.type not in info.devices:
         raise ValueError(
             f"{op}: backend {name!r} runs on {'/'.join(info.devices)} tensors, got tensors on {device.type}"
-        )
-    reason = unavailable_reason(name)
-    if reason is not None:
-        raise RuntimeError(
-            f"{op}: backend {name!r} is not available: {reason}. To get it: {info.install_hint}"
         )
     if name == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(f"{op}: backend 'triton' runs on CPU tensors only with TRITON_INTERPRET=1")

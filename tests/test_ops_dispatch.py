@@ -1,0 +1,69 @@
+"""Backend selection and its errors (SPEC 2)."""
+
+import pytest
+import torch
+
+from invcoss import ops
+from invcoss.ops import dispatch
+
+
+def test_status_lists_every_backend_and_torch_runs_everywhere():
+    status = ops.backend_status()
+    assert set(status) == set(ops.BACKEND_NAMES)
+    assert status["torch"] == (True, "available")
+    for ok, reason in status.values():
+        assert isinstance(ok, bool) and reason
+    assert "torch" in ops.available_backends()
+
+
+def test_default_backend_prefers_the_extension_on_cpu(monkeypatch):
+    monkeypatch.delenv("INVCOSS_BACKEND", raising=False)
+    expected = "cpu" if dispatch.unavailable_reason("cpu") is None else "torch"
+    assert ops.default_backend(torch.device("cpu")) == expected
+
+
+def test_env_overrides_default(monkeypatch):
+    monkeypatch.setenv("INVCOSS_BACKEND", "torch")
+    assert ops.default_backend(torch.device("cpu")) == "torch"
+    monkeypatch.setenv("INVCOSS_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="unknown INVCOSS_BACKEND 'fastest'"):
+        ops.total_variation(torch.zeros(1, 1, 2, 2))
+
+
+def test_unknown_backend_names_the_argument():
+    with pytest.raises(
+        ValueError, match=r"unknown backend 'cudnn'; expected one of torch, triton, cpu, cuda"
+    ):
+        ops.total_variation(torch.zeros(1, 1, 2, 2), backend="cudnn")
+
+
+def test_unavailable_backend_says_why_and_how(monkeypatch):
+    monkeypatch.setitem(dispatch._status_cache, "cpu", "the extension invcoss._C is not available: not built")
+    with pytest.raises(RuntimeError, match=r"backend 'cpu' is not available: .*not built\. To get it: build"):
+        ops.batch_mean_var(torch.zeros(2, 3), backend="cpu")
+
+
+def test_backend_on_the_wrong_device(monkeypatch):
+    # Meta tensors stand in for tensors on a device the backend does not serve.
+    monkeypatch.setitem(dispatch._status_cache, "cpu", None)
+    monkeypatch.setitem(dispatch._modules, "cpu", dispatch._modules.get("cpu", object()))
+    with pytest.raises(ValueError, match="backend 'cpu' runs on cpu tensors, got tensors on meta"):
+        ops.stat_matching_loss(
+            torch.zeros(2, 3, device="meta"),
+            torch.zeros(3, device="meta"),
+            torch.zeros(3, device="meta"),
+            backend="cpu",
+        )
+
+
+def test_device_mix_names_the_argument():
+    h = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match=r"pool on the same device as h \(cpu\), got meta"):
+        ops.repulsive_cosine_loss(h, torch.zeros(4, 3, device="meta"))
+    with pytest.raises(ValueError, match=r"var on the same device as x"):
+        ops.stat_matching_loss(h, torch.zeros(3), torch.zeros(3, device="meta"))
+
+
+def test_torch_backend_runs_on_meta_tensors():
+    x = torch.zeros(2, 1, 4, 4, device="meta")
+    assert ops.total_variation(x, backend="torch").device.type == "meta"
