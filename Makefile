@@ -2,7 +2,11 @@
 # user needs. The venv, torch and the editable install with the extension are built once and
 # rebuilt only when pyproject.toml, setup.py or csrc/ change.
 
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 PYTHON ?= python3
+# pip lists every local wheel folder it skips; keep the log readable.
+QUIET := 2>&1 | sed '/is ignored: it is neither/d'
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.invcoss-installed
@@ -11,15 +15,15 @@ CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda-13.0 /usr/local/cuda))
 export CUDA_HOME
 export MAX_JOBS ?= 2
 
-.PHONY: install demo test bench bench-guard lint assets clean
+.PHONY: install demo test bench bench-guard lint clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade "pip>=23" "setuptools>=70" wheel
-	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q --no-build-isolation -e '.[dev]'
+	$(BIN)/pip install -q "setuptools>=70" wheel $(QUIET)
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1 $(QUIET)
+	$(BIN)/pip install -q --no-build-isolation -e '.[dev]' $(QUIET)
 	touch $(STAMP)
 
 demo: install
