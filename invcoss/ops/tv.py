@@ -43,8 +43,8 @@ def total_variation(
 
     Example:
         >>> x = torch.tensor([[[[0.0, 1.0], [3.0, 1.0]]]])
-        >>> total_variation(x, reduction="sum", backend="torch")
-        tensor(5.)
+        >>> total_variation(x, reduction="sum", backend="torch")  # |1-0| + |1-3| + |3-0| + |1-1|
+        tensor(6.)
     """
     op = "total_variation"
     check_tensor(op, "x", x)
