@@ -1,0 +1,102 @@
+"""Medical image data: readers, the paper's preprocessing, caches, datasets and phantoms (SPEC §4).
+
+- Readers: :func:`read_nifti` (``(D, H, W)`` canonical volumes with spacing in mm) and
+  :func:`read_picture` (``(C, H, W)`` in [0, 1]); a bad file raises :class:`ReadError` naming it.
+- Transforms (:mod:`invcoss.data.transforms`): small callables for resampling, intensity windows,
+  z-scoring, resizing, sliding windows and patches; :func:`get_config` gives the ``paper`` and
+  ``quick`` profiles and :class:`Preprocessor` applies one to a file.
+- :func:`preprocess`: a folder → a cache of memory-mapped ``.npy`` sub-volumes + ``manifest.json``;
+  :class:`CachedDataset`, :class:`FolderDataset` and :func:`open_dataset` read them for training.
+- Phantoms: :func:`write_phantoms` writes procedural CT, MRI, X-ray and pathology files.
+
+Example:
+    >>> import tempfile
+    >>> from invcoss.data import open_dataset, preprocess, write_phantoms
+    >>> src, cache = tempfile.mkdtemp(), tempfile.mkdtemp()
+    >>> _ = write_phantoms(src, "ct", 1, size=(20, 48, 48), spacing=(3.0, 2.0, 2.0))
+    >>> report = preprocess(src, cache, "ct", "quick")
+    >>> ds = open_dataset(cache, "ct")
+    >>> len(ds), tuple(ds[0].shape)
+    (4, (1, 16, 96, 96))
+"""
+
+from invcoss.data.atomic import atomic_save_npy, atomic_write_bytes, atomic_write_json
+from invcoss.data.cache import PreprocessReport, list_files, preprocess, read_manifest
+from invcoss.data.datasets import CachedDataset, FolderDataset, open_dataset
+from invcoss.data.phantoms import (
+    PHANTOM_MODALITIES,
+    ct_phantom,
+    mri_phantom,
+    pathology_phantom,
+    write_phantoms,
+    xray_phantom,
+)
+from invcoss.data.pipeline import (
+    MODALITIES,
+    PROFILES,
+    PreprocessConfig,
+    Preprocessor,
+    Sample,
+    config_for_input,
+    get_config,
+)
+from invcoss.data.readers import Picture, ReadError, Volume, nifti_geometry, read_nifti, read_picture
+from invcoss.data.transforms import (
+    Clip,
+    Compose,
+    GridPatches,
+    IntensityWindow,
+    ReplicateChannels,
+    Resample,
+    Resize,
+    SlidingWindows,
+    ToGrey,
+    ZScore,
+    window_starts,
+)
+from invcoss.data.writers import write_nifti, write_png
+
+__all__ = [
+    "MODALITIES",
+    "PHANTOM_MODALITIES",
+    "PROFILES",
+    "CachedDataset",
+    "Clip",
+    "Compose",
+    "FolderDataset",
+    "GridPatches",
+    "IntensityWindow",
+    "Picture",
+    "PreprocessConfig",
+    "PreprocessReport",
+    "Preprocessor",
+    "ReadError",
+    "ReplicateChannels",
+    "Resample",
+    "Resize",
+    "Sample",
+    "SlidingWindows",
+    "ToGrey",
+    "Volume",
+    "ZScore",
+    "atomic_save_npy",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "config_for_input",
+    "ct_phantom",
+    "get_config",
+    "list_files",
+    "mri_phantom",
+    "nifti_geometry",
+    "open_dataset",
+    "pathology_phantom",
+    "preprocess",
+    "read_manifest",
+    "read_nifti",
+    "read_picture",
+    "window_starts",
+    "write_nifti",
+    "write_phantoms",
+    "write_png",
+    "xray_phantom",
+]

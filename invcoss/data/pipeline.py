@@ -1,0 +1,305 @@
+"""Preprocessing configurations per modality and the pipeline that turns one file into samples.
+
+The ``paper`` profile is Appendix A.1 of the paper:
+
+=========  ====================================================================================
+ct         resample to 1x1x1 mm, HU window [-1024, 1024] → [-1, 1], axial windows of 24 slices
+           every 12, each resized to 16x192x192
+mri        z-score per volume, axial windows of 16 slices every 8, resized to 16x192x192
+xray       grey, resized to 224x224, replicated to 3 channels, in [0, 1]
+pathology  contiguous 512x512 patches (at most 100 per file), each resized to 224x224, RGB in [0, 1]
+=========  ====================================================================================
+
+The ``quick`` profile is the same processing at the input sizes of the ``vit_nano`` preset
+(3D 16x96x96, 2D 112x112), for CPUs. Every field is a parameter: ``get_config("ct", "paper",
+size=(16, 128, 128))``.
+
+Samples are channel-first float32: 3D ``(1, D, H, W)``, 2D ``(3, H, W)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import zlib
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import numpy as np
+
+from invcoss.data.readers import (
+    Picture,
+    ReadError,
+    Volume,
+    nifti_geometry,
+    read_nifti,
+    read_picture,
+)
+from invcoss.data.transforms import (
+    Clip,
+    Compose,
+    GridPatches,
+    IntensityWindow,
+    ReplicateChannels,
+    Resample,
+    Resize,
+    SlidingWindows,
+    ToGrey,
+    ZScore,
+    resampled_shape,
+)
+
+MODALITIES = ("ct", "mri", "xray", "pathology")
+PROFILES = ("paper", "quick")
+VOLUME_MODALITIES = ("ct", "mri")
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How one modality is turned into model inputs (see the module docstring for the profiles).
+
+    Attributes:
+        modality: one of ``ct``, ``mri``, ``xray``, ``pathology``.
+        profile: the profile it came from (informative; the fields are what count).
+        size: output spatial size, ``(D, H, W)`` for volumes, ``(H, W)`` for 2D.
+        spacing: resample target in mm ``(D, H, W)`` before windowing, or None to keep the file's.
+        window, stride: axial sliding window length and step in slices (volumes).
+        cover_end: add a last window flush with the end when the regular ones leave slices out.
+        a_min, a_max: intensity window mapped to [-1, 1] with clipping (CT), or None.
+        zscore: standardise each volume to mean 0, std 1 (MRI).
+        channels: output channels (1 for volumes, 3 for 2D models).
+        grey: reduce a 2D image to grey before replicating it to ``channels`` (X-ray).
+        patch: side of the contiguous patches cut from a 2D tile before resizing, or None.
+        max_patches: at most this many patches per file (a fixed pseudo-random choice per file name).
+    """
+
+    modality: str
+    profile: str
+    size: tuple[int, ...]
+    spacing: tuple[float, float, float] | None = None
+    window: int | None = None
+    stride: int | None = None
+    cover_end: bool = False
+    a_min: float | None = None
+    a_max: float | None = None
+    zscore: bool = False
+    channels: int = 1
+    grey: bool = False
+    patch: int | None = None
+    max_patches: int | None = None
+
+    @property
+    def ndim(self) -> int:
+        """Spatial dimensions of a sample: 3 for volumes, 2 for pictures."""
+        return len(self.size)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """Shape of one sample, channel first: ``(1, D, H, W)`` or ``(3, H, W)``."""
+        return (self.channels, *self.size)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PreprocessConfig:
+        names = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        for k in ("size", "spacing"):
+            if kw.get(k) is not None:
+                kw[k] = tuple(kw[k])
+        return cls(**kw)
+
+    def digest(self) -> str:
+        """A short hash of every field that changes the samples (cache validity)."""
+        blob = json.dumps(self.to_dict() | {"profile": None}, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _paper(modality: str) -> PreprocessConfig:
+    if modality == "ct":
+        return PreprocessConfig(
+            "ct", "paper", (16, 192, 192), spacing=(1.0, 1.0, 1.0), window=24, stride=12,
+            a_min=-1024.0, a_max=1024.0,
+        )  # fmt: skip
+    if modality == "mri":
+        return PreprocessConfig("mri", "paper", (16, 192, 192), window=16, stride=8, zscore=True)
+    if modality == "xray":
+        return PreprocessConfig("xray", "paper", (224, 224), channels=3, grey=True)
+    return PreprocessConfig("pathology", "paper", (224, 224), channels=3, patch=512, max_patches=100)
+
+
+def get_config(modality: str, profile: str = "paper", **overrides) -> PreprocessConfig:
+    """The preprocessing of ``modality`` under ``profile``, with any field overridden.
+
+    Args:
+        modality: ``ct``, ``mri``, ``xray`` or ``pathology``.
+        profile: ``paper`` (Appendix A.1) or ``quick`` (vit_nano sizes: 3D 16x96x96, 2D 112x112).
+        **overrides: any :class:`PreprocessConfig` field, e.g. ``size=(16, 128, 128)``.
+
+    Raises:
+        ValueError: unknown modality, profile or field, or a size of the wrong length.
+
+    Example:
+        >>> get_config("ct", "quick").size
+        (16, 96, 96)
+        >>> get_config("xray", "paper", size=(256, 256)).sample_shape
+        (3, 256, 256)
+    """
+    if modality not in MODALITIES:
+        raise ValueError(f"modality must be one of {', '.join(MODALITIES)}, got {modality!r}")
+    if profile not in PROFILES:
+        raise ValueError(f"profile must be one of {', '.join(PROFILES)}, got {profile!r}")
+    cfg = _paper(modality)
+    if profile == "quick":
+        cfg = replace(cfg, profile="quick", size=(16, 96, 96) if cfg.ndim == 3 else (112, 112))
+    names = {f.name for f in fields(PreprocessConfig)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ValueError(f"get_config got unknown field(s) {unknown}; valid fields: {sorted(names)}")
+    if "size" in overrides:
+        overrides["size"] = tuple(int(s) for s in overrides["size"])
+        want = 3 if modality in VOLUME_MODALITIES else 2
+        if len(overrides["size"]) != want:
+            raise ValueError(f"size for {modality} must have {want} entries, got {overrides['size']}")
+    return replace(cfg, **overrides)
+
+
+def config_for_input(
+    modality: str, input_size: tuple[int, ...], channels: int | None = None
+) -> PreprocessConfig:
+    """The paper's processing of ``modality`` resized to a model's ``input_size`` (profile named after it)."""
+    input_size = tuple(int(s) for s in input_size)
+    quick = get_config(modality, "quick")
+    profile = "quick" if quick.size == input_size else "paper"
+    kw = {"size": input_size}
+    if channels is not None:
+        kw["channels"] = channels
+    return get_config(modality, profile, **kw)
+
+
+@dataclass
+class Sample:
+    """One preprocessed sample of a file.
+
+    ``array`` is the channel-first float32 model input; ``index`` numbers the samples of the file;
+    ``position`` is the window's first slice (volumes) or the patch's ``(top, left)`` (2D);
+    ``spacing`` is the physical size in mm of one output voxel (volumes; None for 2D).
+    """
+
+    array: np.ndarray
+    index: int
+    position: tuple[int, ...]
+    spacing: tuple[float, ...] | None
+
+
+class Preprocessor:
+    """Turns one file into samples under a :class:`PreprocessConfig` (a composition of transforms).
+
+    Example:
+        >>> import os
+        >>> from nibabel.testing import data_path
+        >>> pre = Preprocessor(get_config("mri", "quick", window=4, stride=2))
+        >>> samples = pre(os.path.join(data_path, "anatomical.nii"))
+        >>> len(samples), samples[0].array.shape
+        (11, (1, 16, 96, 96))
+    """
+
+    def __init__(self, config: PreprocessConfig) -> None:
+        self.config = c = config
+        if c.ndim == 3:
+            steps = []
+            if c.a_min is not None and c.a_max is not None:
+                steps.append(IntensityWindow(c.a_min, c.a_max))
+            if c.zscore:
+                steps.append(ZScore())
+            self.resample = Resample(c.spacing) if c.spacing is not None else None
+            self.intensity = Compose(steps)
+            self.windows = SlidingWindows(
+                c.window or c.size[0], c.stride or c.window or c.size[0], c.cover_end
+            )
+            self.resize = Resize(c.size)
+        else:
+            self.patches = GridPatches(c.patch) if c.patch else None
+            head = [ToGrey()] if c.grey else []
+            self.to_channels = Compose([*head, ReplicateChannels(c.channels)])
+            self.resize = Compose([Resize(c.size), Clip(0.0, 1.0)])
+
+    def read(self, path: str | os.PathLike) -> Volume | Picture:
+        """Read ``path`` with the reader of this modality (:class:`ReadError` if it cannot)."""
+        return read_nifti(path) if self.config.ndim == 3 else read_picture(path)
+
+    def count(self, path: str | os.PathLike) -> int:
+        """Number of samples ``path`` gives, from its header only (no voxel data decoded)."""
+        return len(self.positions(path))
+
+    def positions(self, path: str | os.PathLike) -> list:
+        """Window starts (volumes) or patch corners (2D) of ``path``, from its header only."""
+        c = self.config
+        if c.ndim == 3:
+            shape, spacing = nifti_geometry(path)
+            if c.spacing is not None:
+                shape = resampled_shape(shape, spacing, c.spacing)
+            return [(s,) for s in self.windows.positions(shape[0])]
+        if self.patches is None:
+            return [(0, 0)]
+        from PIL import Image
+
+        try:
+            with Image.open(path) as im:
+                width, height = im.size
+        except Exception as e:
+            raise ReadError(path, f"cannot decode image ({type(e).__name__}: {e})") from e
+        return self._choose(Path(path), self.patches.positions(height, width))
+
+    def _choose(self, path: Path, positions: list) -> list:
+        k = self.config.max_patches
+        if k is None or len(positions) <= k:
+            return positions
+        # A fixed choice per file name, so a re-run and a dataset read of the same folder agree.
+        rng = np.random.default_rng(zlib.crc32(path.name.encode()))
+        keep = np.sort(rng.choice(len(positions), size=k, replace=False))
+        return [positions[i] for i in keep]
+
+    def __call__(self, source: str | os.PathLike | Volume | Picture) -> list[Sample]:
+        """All samples of a file (or of an image already read)."""
+        image = self.read(source) if isinstance(source, str | os.PathLike) else source
+        if self.config.ndim == 3:
+            return self._volume_samples(image)
+        return self._picture_samples(image)
+
+    def _volume_samples(self, volume: Volume) -> list[Sample]:
+        c = self.config
+        if self.resample is not None:
+            volume = self.resample(volume)
+        array = self.intensity(volume.array)
+        starts = self.windows.positions(array.shape[0])
+        out_d, out_h, out_w = c.size
+        sd, sh, sw = volume.spacing
+        # Every window holds windows.size slices (short volumes are padded), resized to out_d.
+        spacing = (self.windows.size * sd / out_d, array.shape[1] * sh / out_h, array.shape[2] * sw / out_w)
+        return [
+            Sample(self.resize(w)[None], i, (s,), spacing)
+            for i, (s, w) in enumerate(zip(starts, self.windows(array)))
+        ]
+
+    def _picture_samples(self, picture: Picture) -> list[Sample]:
+        array = picture.array
+        if self.patches is None:
+            return [Sample(self.resize(self.to_channels(array)), 0, (0, 0), None)]
+        if array.shape[0] == 1:
+            array = np.repeat(array, 3, axis=0)
+        positions = self.patches.positions(array.shape[1], array.shape[2])
+        if picture.path is not None:
+            positions = self._choose(picture.path, positions)
+        p = self.patches.size
+        return [
+            Sample(
+                self.resize(self.to_channels(np.ascontiguousarray(array[:, r : r + p, q : q + p]))),
+                i,
+                (r, q),
+                None,
+            )
+            for i, (r, q) in enumerate(positions)
+        ]
