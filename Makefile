@@ -21,7 +21,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q "setuptools>=70" wheel $(QUIET)
+	$(BIN)/pip install -q "setuptools>=77" wheel $(QUIET)
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1 $(QUIET)
 	$(BIN)/pip install -q --no-build-isolation -e '.[dev]' $(QUIET)
 	touch $(STAMP)
