@@ -44,6 +44,7 @@ from invcoss.data.readers import Picture, ReadError, Volume, nifti_geometry, rea
 from invcoss.data.transforms import (
     Clip,
     Compose,
+    FillNonFinite,
     GridPatches,
     IntensityWindow,
     ReplicateChannels,
@@ -63,6 +64,7 @@ __all__ = [
     "CachedDataset",
     "Clip",
     "Compose",
+    "FillNonFinite",
     "FolderDataset",
     "GridPatches",
     "IntensityWindow",

@@ -246,7 +246,8 @@ def preprocess(
 
 def _changed(cache: Path, manifest: dict) -> bool:
     try:
-        return json.loads((cache / MANIFEST).read_text()) != manifest
+        # Compare in JSON form: tuples in memory are lists on disk.
+        return json.loads((cache / MANIFEST).read_text()) != json.loads(json.dumps(manifest))
     except (OSError, json.JSONDecodeError):
         return True
 

@@ -14,7 +14,8 @@ The ``quick`` profile is the same processing at the input sizes of the ``vit_nan
 (3D 16x96x96, 2D 112x112), for CPUs. Every field is a parameter: ``get_config("ct", "paper",
 size=(16, 128, 128))``.
 
-Samples are channel-first float32: 3D ``(1, D, H, W)``, 2D ``(3, H, W)``.
+Samples are channel-first float32: 3D ``(1, D, H, W)``, 2D ``(3, H, W)``. Non-finite voxels
+(NaN, inf) are replaced by the volume's finite minimum / maximum before anything else.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from invcoss.data.readers import (
 from invcoss.data.transforms import (
     Clip,
     Compose,
+    FillNonFinite,
     GridPatches,
     IntensityWindow,
     ReplicateChannels,
@@ -271,6 +273,9 @@ class Preprocessor:
 
     def _volume_samples(self, volume: Volume) -> list[Sample]:
         c = self.config
+        if not np.isfinite(volume.array).any():
+            raise ReadError(volume.path or "<volume>", "no finite voxel value (all NaN or infinite)")
+        volume = replace(volume, array=FillNonFinite()(volume.array))
         if self.resample is not None:
             volume = self.resample(volume)
         array = self.intensity(volume.array)

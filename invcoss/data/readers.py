@@ -115,7 +115,8 @@ def read_nifti(path: str | os.PathLike, frame: int = 0) -> Volume:
 
     The data scaling of the header (``scl_slope`` / ``scl_inter``) is applied, so CT comes out in
     Hounsfield units. A 2D image becomes one slice (``D = 1``); of a 4D series the volume number
-    ``frame`` is returned.
+    ``frame`` is returned. Voxels are returned as stored, NaN included (the preprocessing
+    replaces non-finite voxels, see :class:`invcoss.data.Preprocessor`).
 
     Args:
         path: the file.
@@ -145,8 +146,6 @@ def read_nifti(path: str | os.PathLike, frame: int = 0) -> Volume:
         raise ReadError(path, f"cannot read voxel data ({type(e).__name__}: {e})") from e
     if data.ndim == 2:
         data = data[:, :, None]
-    if not np.isfinite(data).all():
-        raise ReadError(path, "voxel data contains NaN or infinity")
     (d, h, w), spacing = _geometry_of(img, shape)
     array = np.ascontiguousarray(data.transpose(2, 1, 0))  # (x, y, z) -> (D=z, H=y, W=x)
     return Volume(array=array, spacing=spacing, affine=np.asarray(img.affine, dtype=np.float64), path=path)

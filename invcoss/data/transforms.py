@@ -3,7 +3,7 @@
 Two kinds of transform:
 
 - array → array on one image: :class:`Resample` (on a :class:`~invcoss.data.readers.Volume`),
-  :class:`IntensityWindow`, :class:`ZScore`, :class:`Resize`, :class:`ToGrey`,
+  :class:`FillNonFinite`, :class:`IntensityWindow`, :class:`ZScore`, :class:`Resize`, :class:`ToGrey`,
   :class:`ReplicateChannels`, :class:`Clip`; chain them with :class:`Compose`.
 - one image → several crops: :class:`SlidingWindows` (axial windows of a volume) and
   :class:`GridPatches` (contiguous patches of a large 2D tile). Their ``positions(n)`` gives the
@@ -129,6 +129,27 @@ class ZScore:
         x64 = np.asarray(x, dtype=np.float64)
         std = x64.std()
         return ((x64 - x64.mean()) / max(std, self.eps)).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class FillNonFinite:
+    """Replace NaN and -inf by the smallest finite value, +inf by the largest (background stays background).
+
+    An array without any finite value becomes zeros; callers that must reject it check first.
+
+    Example:
+        >>> FillNonFinite()(np.array([np.nan, 1.0, np.inf, -np.inf, 3.0])).tolist()
+        [1.0, 1.0, 3.0, 1.0, 3.0]
+    """
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        finite = np.isfinite(x)
+        if finite.all():
+            return x
+        if not finite.any():
+            return np.zeros_like(x, dtype=np.float32)
+        lo, hi = float(x[finite].min()), float(x[finite].max())
+        return np.nan_to_num(x, nan=lo, posinf=hi, neginf=lo).astype(np.float32, copy=False)
 
 
 @dataclass(frozen=True)
