@@ -1,0 +1,125 @@
+"""pytest-benchmark suites: every provider of every case, side by side in one run.
+
+Options: ``--bench-device cpu|cuda`` (default cpu), ``--bench-quick`` (drops the paper-size cases
+on CPU), ``--bench-rounds N``. At the end of the session the rows, with their speed-ups against the
+eager reference and torch.compile, are written to ``benchmarks/results/<machine>-<date>.{json,md}``
+and printed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from invcoss import benchmark as bm
+
+RESULTS = Path(__file__).parent / "results"
+_ROWS: list[bm.Row] = []
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("invcoss benchmarks")
+    group.addoption("--bench-device", default="cpu", help="cpu or cuda")
+    group.addoption("--bench-quick", action="store_true", help="skip the paper-size cases on CPU")
+    group.addoption("--bench-rounds", type=int, default=5, help="timed rounds per row")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "bench_row" not in metafunc.fixturenames:
+        return
+    device = torch.device(metafunc.config.getoption("--bench-device"))
+    families = metafunc.module.FAMILIES
+    if device.type == "cpu":
+        cases = bm.cpu_cases(full=not metafunc.config.getoption("--bench-quick"))
+    else:
+        cases = bm.gpu_cases()
+    params, ids = [], []
+    for case in cases:
+        if case.family not in families:
+            continue
+        for mode in case.modes:
+            for provider in bm.providers_for(device):
+                params.append((case, mode, provider))
+                ids.append(f"{case.name}-{mode}-{provider}")
+    metafunc.parametrize("bench_row", params, ids=ids)
+
+
+_INPUTS: dict = {}
+
+
+@pytest.fixture
+def run_case(benchmark, request):
+    """Times one (case, mode, provider) with pytest-benchmark and records the row."""
+    device = torch.device(request.config.getoption("--bench-device"))
+    rounds = request.config.getoption("--bench-rounds")
+
+    def run(case: bm.Case, mode: str, provider: str) -> bm.Row:
+        key = (case, str(device))
+        if key not in _INPUTS:  # one set of inputs per case, shared by every provider and mode
+            _INPUTS.clear()
+            _INPUTS[key] = bm.make_inputs(case, device, torch.float32)
+        fn = bm.build(case, provider, mode, _INPUTS[key])
+        if device.type == "cuda":
+            inner = fn
+
+            def fn() -> None:
+                inner()
+                torch.cuda.synchronize()
+
+        warmup = 2 if provider == "compile" else 1
+        benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=warmup)
+        times_ms = [t * 1e3 for t in benchmark.stats.stats.data]
+        row = bm.make_row(case, provider, mode, device, torch.float32, times_ms)
+        benchmark.extra_info.update(
+            {k: v for k, v in (("gbps", row.gbps), ("tflops", row.tflops)) if v is not None}
+        )
+        benchmark.extra_info.update(case=row.case, provider=provider, mode=mode)
+        _ROWS.append(row)
+        return row
+
+    return run
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json) -> None:
+    ratios = {(r.case, r.mode, r.provider): r for r in bm.add_ratios(list(_ROWS))}
+    for entry in output_json.get("benchmarks", []):
+        info = entry.get("extra_info", {})
+        row = ratios.get((info.get("case"), info.get("mode"), info.get("provider")))
+        if row is not None:
+            info["ratio_eager"], info["ratio_compile"] = row.ratio_eager, row.ratio_compile
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if not _ROWS:
+        return
+    rows = bm.add_ratios(list(_ROWS))
+    device = session.config.getoption("--bench-device")
+    machine = _machine_name(device)
+    stamp = time.strftime("%Y-%m-%d")
+    RESULTS.mkdir(exist_ok=True)
+    base = RESULTS / f"{machine}-{device}-{stamp}"
+    meta = {
+        "machine": machine,
+        "device": device,
+        "date": stamp,
+        "torch": torch.__version__,
+        "cpu_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name() if device == "cuda" and torch.cuda.is_available() else None,
+    }
+    base.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": bm.rows_to_dicts(rows)}, indent=1))
+    title = f"{machine} ({device}, {meta['gpu'] or str(meta['cpu_threads']) + ' threads'}), torch {torch.__version__}, {stamp}"
+    md = bm.to_markdown(rows, title)
+    base.with_suffix(".md").write_text(md)
+    print("\n" + md + f"\nwritten: {base}.json, {base}.md")
+
+
+def _machine_name(device: str) -> str:
+    if device == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name().replace(" ", "-")
+    return os.environ.get("INVCOSS_MACHINE", f"{platform.machine()}-{os.cpu_count()}cpu")

@@ -1,0 +1,315 @@
+"""Side-by-side throughput of the ops: eager reference, torch.compile of it, and every backend.
+
+One *case* is an op family at one shape; one *row* is a case timed for one provider in one mode
+(``fwd`` or ``fwd+bwd``). Providers run in the same process on the same inputs, so the ratios
+between them are meaningful on a noisy machine even when the absolute times are not.
+
+Used by ``benchmarks/`` (pytest-benchmark), ``invcoss-cli bench`` and the throughput guard.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor
+
+from invcoss import ops
+from invcoss.ops import backend_torch as ref
+
+MODES = ("fwd", "fwd+bwd")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One op family at one shape: how to build inputs, run a provider, and count the work."""
+
+    family: str  # tv, stat_matching, welford, repulsive_direct, repulsive_pool
+    shape: tuple[int, ...]
+    tag: str = ""  # e.g. "paper" for the paper's shapes
+    modes: tuple[str, ...] = MODES
+
+    @property
+    def name(self) -> str:
+        return f"{self.family}{'-' + self.tag if self.tag else ''}[{'x'.join(map(str, self.shape))}]"
+
+
+@dataclass
+class Row:
+    """One measurement; ``ratio_eager`` and ``ratio_compile`` are filled by :func:`add_ratios`."""
+
+    case: str
+    family: str
+    shape: str
+    provider: str
+    mode: str
+    device: str
+    dtype: str
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    gbps: float | None = None
+    tflops: float | None = None
+    ratio_eager: float | None = None
+    ratio_compile: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def cpu_cases(full: bool = True) -> list[Case]:
+    """The CPU sweep: the extension issue's shapes plus the paper's, sized for a 2-core machine."""
+    cases = [
+        Case("tv", (4, 1, 16, 192, 192)),
+        Case("tv", (32, 3, 224, 224)),
+        Case("stat_matching", (48, 145, 768)),
+        Case("welford", (256, 197, 768), modes=("fwd",)),
+        Case("repulsive_pool", (320, 16384, 768)),
+        Case("repulsive_direct", (320, 1024, 768)),
+    ]
+    if full:
+        cases += [
+            Case("tv", (48, 1, 16, 192, 192), "paper"),
+            Case("stat_matching", (320, 197, 768), "paper"),
+            Case("repulsive_pool", (320, 100_000, 768), "paper"),
+        ]
+    return cases
+
+
+def gpu_cases() -> list[Case]:
+    """The GPU sweep: the paper's shapes and larger, pool sizes 10^3 to 10^5."""
+    return [
+        Case("tv", (48, 1, 16, 192, 192), "paper"),
+        Case("tv", (320, 3, 224, 224), "paper"),
+        Case("stat_matching", (48, 145, 768), "paper"),
+        Case("stat_matching", (320, 197, 768), "paper"),
+        Case("welford", (320, 197, 768), modes=("fwd",)),
+        Case("repulsive_direct", (320, 1024, 768)),
+        Case("repulsive_direct", (320, 16384, 768)),
+        Case("repulsive_direct", (320, 100_000, 768)),
+        Case("repulsive_pool", (320, 16384, 768)),
+        Case("repulsive_pool", (320, 100_000, 768)),
+    ]
+
+
+def providers_for(device: torch.device) -> list[str]:
+    """eager and compile of the reference, then every kernel backend that runs on ``device``."""
+    kernels = ("cpu",) if device.type == "cpu" else ("triton", "cuda")
+    return ["eager", "compile"] + [b for b in kernels if b in ops.available_backends()]
+
+
+def make_inputs(case: Case, device: torch.device, dtype: torch.dtype, seed: int = 0) -> dict:
+    """Inputs of ``case`` (the pool, when there is one, is built here, outside the timing)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rand(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+    if case.family == "tv":
+        return {"x": rand(*case.shape).clamp_(-1, 1)}
+    if case.family in ("stat_matching", "welford"):
+        b, *feat = case.shape
+        return {"x": rand(b, *feat), "mean": rand(*feat) * 0.1, "var": rand(*feat).abs()}
+    b, p, d = case.shape
+    return {"h": rand(b, d), "pool": rand(p, d)}
+
+
+def build(case: Case, provider: str, mode: str, inputs: dict) -> Callable[[], object]:
+    """A zero-argument callable that runs ``case`` once for ``provider`` in ``mode``."""
+    backward = mode == "fwd+bwd"
+    if case.family == "welford":
+        x = inputs["x"].reshape(inputs["x"].shape[0], -1)
+        if provider in ("eager", "compile"):
+            state = ops.RunningStats(x.shape[1:], device=x.device, dtype=torch.float32, backend="torch")
+            state.update(x)  # a non-empty state, so every call merges
+
+            def fold(t: Tensor, count: int, mean: Tensor, m2: Tensor) -> tuple[Tensor, Tensor]:
+                # The plain-torch way: var_mean of the batch, then Chan's merge into the state.
+                var_b, mean_b = torch.var_mean(t.float(), dim=0, correction=0)
+                n_b, n = t.shape[0], count + t.shape[0]
+                delta = mean_b - mean
+                return mean + delta * (n_b / n), m2 + var_b * n_b + delta.square() * (count * n_b / n)
+
+            fn = torch.compile(fold, dynamic=False) if provider == "compile" else fold
+            return lambda: fn(x, state.count, state._mean, state._m2)
+        state = ops.RunningStats(x.shape[1:], device=x.device, dtype=torch.float32, backend=provider)
+        state.update(x)
+        return lambda: state.update(x)
+
+    if case.family == "repulsive_pool" and provider not in ("eager", "compile"):
+        pool = ops.RepulsivePool(case.shape[1], case.shape[2], device=inputs["h"].device, backend=provider)
+        pool.push(inputs["pool"])
+        return _with_grad(lambda h: pool.loss(h), inputs["h"], backward)
+
+    f, arg = _loss_fn(case, provider, inputs)
+    if provider == "compile":
+        f = torch.compile(f, dynamic=False)
+    return _with_grad(f, arg, backward)
+
+
+def _loss_fn(case: Case, provider: str, inputs: dict) -> tuple[Callable[[Tensor], Tensor], Tensor]:
+    """The loss of ``case`` as a function of its differentiable input, and that input."""
+    reference = provider in ("eager", "compile")
+    if case.family == "tv":
+        x = inputs["x"]
+        weights = (1.0,) * (x.ndim - 2)
+
+        def tv(t: Tensor) -> Tensor:
+            if reference:
+                return ref.tv(t, weights).sum()
+            return ops.total_variation(t, reduction="sum", backend=provider)
+
+        return tv, x
+    if case.family == "stat_matching":
+        x = inputs["x"]
+        mean, var = inputs["mean"], inputs["var"]
+
+        def stat_matching(t: Tensor) -> Tensor:
+            if reference:
+                return ref.stat_matching(t.reshape(t.shape[0], -1), mean.reshape(-1), var.reshape(-1))
+            return ops.stat_matching_loss(t, mean, var, backend=provider)
+
+        return stat_matching, x
+    pool = inputs["pool"]  # repulsive_direct, and the reference of repulsive_pool: the direct formula
+
+    def repulsive(h: Tensor) -> Tensor:
+        if reference:
+            return ref.repulsive_direct(h, pool, 1e-8)
+        return ops.repulsive_cosine_loss(h, pool, backend=provider)
+
+    return repulsive, inputs["h"]
+
+
+def _with_grad(f: Callable[[Tensor], Tensor], arg: Tensor, backward: bool) -> Callable[[], object]:
+    if not backward:
+
+        def run_fwd() -> Tensor:
+            with torch.no_grad():
+                return f(arg)
+
+        return run_fwd
+    leaf = arg.detach().requires_grad_()
+
+    def run_fwd_bwd() -> Tensor:
+        leaf.grad = None
+        loss = f(leaf)
+        loss.backward()
+        return leaf.grad
+
+    return run_fwd_bwd
+
+
+def work(case: Case, mode: str, itemsize: int) -> tuple[float | None, float | None]:
+    """(bytes that must move, flops) of one call: the minimum traffic of a fused kernel."""
+    fam, shape = case.family, case.shape
+    numel = 1
+    for s in shape:
+        numel *= s
+    if fam == "tv":  # read x; with backward also write the gradient
+        return numel * itemsize * (2 if mode == "fwd+bwd" else 1), None
+    if fam == "stat_matching":  # read x; backward reads x again and writes the gradient
+        return numel * itemsize * (3 if mode == "fwd+bwd" else 1), None
+    if fam == "welford":
+        return numel * itemsize, None
+    b, p, d = shape
+    if fam == "repulsive_pool":  # the Gram path: h^ G h^ (and G h^ again for the gradient)
+        return None, 2.0 * b * d * d * (2 if mode == "fwd+bwd" else 1)
+    return None, 2.0 * b * p * d * (2 if mode == "fwd+bwd" else 1)
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, reps: int, warmup: int = 1) -> list[float]:
+    """Wall times in ms of ``reps`` calls after ``warmup`` calls (synchronising on CUDA)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def make_row(
+    case: Case, provider: str, mode: str, device: torch.device, dtype: torch.dtype, times_ms: list[float]
+) -> Row:
+    """A :class:`Row` from raw times (median, 20th and 80th percentiles, GB/s or TFLOP/s)."""
+    qs = statistics.quantiles(times_ms, n=5) if len(times_ms) > 1 else [times_ms[0]] * 4
+    med = statistics.median(times_ms)
+    nbytes, flops = work(case, mode, torch.empty((), dtype=dtype).element_size())
+    return Row(
+        case=case.name,
+        family=case.family,
+        shape="x".join(map(str, case.shape)),
+        provider=provider,
+        mode=mode,
+        device=str(device),
+        dtype=str(dtype).replace("torch.", ""),
+        median_ms=med,
+        p20_ms=qs[0],
+        p80_ms=qs[3],
+        gbps=nbytes / med / 1e6 if nbytes else None,
+        tflops=flops / med / 1e9 if flops else None,
+    )
+
+
+def add_ratios(rows: list[Row]) -> list[Row]:
+    """Fill each row's speed-up against eager and against torch.compile of the same case and mode."""
+    base = {(r.case, r.mode, r.provider): r.median_ms for r in rows}
+    for r in rows:
+        eager, comp = base.get((r.case, r.mode, "eager")), base.get((r.case, r.mode, "compile"))
+        r.ratio_eager = eager / r.median_ms if eager else None
+        r.ratio_compile = comp / r.median_ms if comp else None
+    return rows
+
+
+def run_suite(
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    cases: list[Case] | None = None,
+    providers: list[str] | None = None,
+    reps: int = 5,
+    progress: Callable[[str], None] | None = None,
+) -> list[Row]:
+    """Time every case for every provider and mode; returns rows with ratios filled in."""
+    device = torch.device(device)
+    cases = cases if cases is not None else (cpu_cases() if device.type == "cpu" else gpu_cases())
+    providers = providers or providers_for(device)
+    rows = []
+    for case in cases:
+        inputs = make_inputs(case, device, dtype)
+        for mode in case.modes:
+            for provider in providers:
+                if progress:
+                    progress(f"{case.name} {mode} {provider}")
+                fn = build(case, provider, mode, inputs)
+                warmup = 2 if provider == "compile" else 1
+                rows.append(make_row(case, provider, mode, device, dtype, time_fn(fn, device, reps, warmup)))
+        del inputs
+    return add_ratios(rows)
+
+
+def to_markdown(rows: list[Row], title: str = "") -> str:
+    """A Markdown table of rows (one line per case, mode and provider)."""
+    lines = [f"### {title}", ""] if title else []
+    lines += [
+        "| case | mode | provider | median ms | GB/s | TFLOP/s | x eager | x compile |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+
+    def fmt(v: float | None, spec: str) -> str:
+        return "" if v is None else format(v, spec)
+
+    for r in rows:
+        lines.append(
+            f"| {r.case} | {r.mode} | {r.provider} | {r.median_ms:.3f} | {fmt(r.gbps, '.1f')} | "
+            f"{fmt(r.tflops, '.3f')} | {fmt(r.ratio_eager, '.2f')} | {fmt(r.ratio_compile, '.2f')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def rows_to_dicts(rows: list[Row]) -> list[dict]:
+    return [asdict(r) for r in rows]

@@ -1,0 +1,52 @@
+"""The benchmark core: rows, ratios and tables on tiny cases (no timing is asserted)."""
+
+import torch
+
+from invcoss import benchmark as bm
+
+TINY = [
+    bm.Case("tv", (2, 1, 3, 8, 8)),
+    bm.Case("stat_matching", (4, 5, 8)),
+    bm.Case("welford", (4, 5, 8), modes=("fwd",)),
+    bm.Case("repulsive_direct", (3, 6, 4)),
+    bm.Case("repulsive_pool", (3, 9, 4)),
+]
+
+
+def test_run_suite_rows_and_ratios():
+    rows = bm.run_suite(
+        "cpu",
+        cases=TINY,
+        providers=["eager"] + [p for p in ("cpu",) if p in bm.providers_for(torch.device("cpu"))],
+        reps=2,
+    )
+    n_modes = sum(len(c.modes) for c in TINY)
+    assert len(rows) == n_modes * len({r.provider for r in rows})
+    for r in rows:
+        assert r.median_ms > 0 and r.p20_ms <= r.p80_ms
+        assert (r.gbps is None) != (r.tflops is None)  # bytes for memory-bound ops, flops for matmuls
+        if r.provider == "eager":
+            assert r.ratio_eager == 1.0
+    md = bm.to_markdown(rows, "tiny")
+    assert md.count("\n| ") == len(rows) + 1
+
+
+def test_every_provider_computes_the_same_loss():
+    # The callables the benchmarks time compute the same numbers for every provider.
+    for case in TINY:
+        if case.family == "welford":
+            continue  # the reference returns the merged state, RunningStats.update works in place
+        inputs = bm.make_inputs(case, torch.device("cpu"), torch.float32)
+        results = {
+            p: bm.build(case, p, case.modes[-1], inputs)()
+            for p in bm.providers_for(torch.device("cpu"))
+            if p != "compile"
+        }
+        first = next(iter(results.values()))
+        for p, out in results.items():
+            torch.testing.assert_close(out, first, rtol=1e-4, atol=1e-5, msg=f"{case.name} {p}")
+
+
+def test_work_counts():
+    assert bm.work(bm.Case("tv", (2, 3, 4, 5)), "fwd+bwd", 4) == (2 * 120 * 4, None)
+    assert bm.work(bm.Case("repulsive_pool", (2, 100, 8)), "fwd", 4) == (None, 2.0 * 2 * 8 * 8)
