@@ -23,9 +23,11 @@ def main(ctx: click.Context, verbose: bool) -> None:
 
 
 def _register() -> None:
+    from invcoss.cli.bench import bench
     from invcoss.cli.info import info
 
     main.add_command(info)
+    main.add_command(bench)
 
 
 _register()

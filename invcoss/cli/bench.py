@@ -1,0 +1,67 @@
+"""``invcoss-cli bench``: the benchmark table for one device, without pytest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command()
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda")
+@click.option("--quick", is_flag=True, help="Skip the paper-size cases (CPU).")
+@click.option(
+    "--family",
+    "families",
+    multiple=True,
+    help="Only these op families (tv, stat_matching, welford, repulsive_direct, repulsive_pool).",
+)
+@click.option("--reps", default=5, show_default=True, help="Timed repetitions per row.")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    help="Also write the rows as JSON and Markdown to OUT.json / OUT.md.",
+)
+def bench(device: str, quick: bool, families: tuple[str, ...], reps: int, out: Path | None) -> None:
+    """Time every op for every provider (eager, torch.compile, kernels) and print the ratios."""
+    import json
+
+    import torch
+    from rich.console import Console
+
+    from invcoss import benchmark as bm
+
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise click.UsageError("--device cuda asked for, but torch sees no CUDA device")
+    cases = bm.cpu_cases(full=not quick) if dev.type == "cpu" else bm.gpu_cases()
+    known = {c.family for c in cases}
+    unknown = set(families) - known
+    if unknown:
+        raise click.UsageError(
+            f"--family expects some of {', '.join(sorted(known))}, got {', '.join(sorted(unknown))}"
+        )
+    if families:
+        cases = [c for c in cases if c.family in families]
+    console = Console()
+    with console.status("benchmarking") as status:
+        rows = bm.run_suite(
+            dev, cases=cases, reps=reps, progress=lambda s: status.update(f"benchmarking {s}")
+        )
+    md = bm.to_markdown(rows, f"{device}, torch {torch.__version__}")
+    click.echo(md)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps(bm.rows_to_dicts(rows), indent=1))
+        out.with_suffix(".md").write_text(md)
+    best = max(
+        (r for r in rows if r.provider not in ("eager", "compile")),
+        key=lambda r: r.ratio_eager or 0,
+        default=None,
+    )
+    summary = f"{len(rows)} rows on {device}"
+    if best is not None:
+        summary += (
+            f"; best speed-up {best.ratio_eager:.1f}x vs eager ({best.case} {best.mode}, {best.provider})"
+        )
+    click.echo(summary)
