@@ -292,22 +292,61 @@ def run_suite(
     return add_ratios(rows)
 
 
-def to_markdown(rows: list[Row], title: str = "") -> str:
-    """A Markdown table of rows (one line per case, mode and provider)."""
+def measure_peaks(device: torch.device | str, reps: int = 20) -> dict[str, float]:
+    """The roofs the rows are compared against, measured on ``device`` in this run.
+
+    ``copy_gbps``: a device-to-device copy of 1 GiB (2 GiB moved per copy, larger than any L2).
+    ``bf16_tflops``: an 8192^3 bf16 matmul (fp32 on CPU at 2048^3, where bf16 has no fast path).
+    """
+    device = torch.device(device)
+    n = (1 << 30) // 4 if device.type == "cuda" else (1 << 26)
+    src = torch.empty(n, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    copy_ms = statistics.median(time_fn(lambda: dst.copy_(src), device, reps, warmup=3))
+    if device.type == "cuda":
+        m, dtype = 8192, torch.bfloat16
+    else:
+        m, dtype = 2048, torch.float32
+    a = torch.randn(m, m, device=device, dtype=dtype)
+    b = torch.randn(m, m, device=device, dtype=dtype)
+    mm_ms = statistics.median(time_fn(lambda: a @ b, device, max(3, reps // 4), warmup=2))
+    return {"copy_gbps": 2 * n * 4 / copy_ms / 1e6, "bf16_tflops": 2 * m**3 / mm_ms / 1e9}
+
+
+def to_markdown(rows: list[Row], title: str = "", peaks: dict[str, float] | None = None) -> str:
+    """A Markdown table of rows (one line per case, mode and provider).
+
+    With ``peaks`` (from :func:`measure_peaks`) it adds each row's fraction of the measured copy
+    bandwidth (memory-bound ops) or of the measured matmul peak (the repulsive loss).
+    """
     lines = [f"### {title}", ""] if title else []
-    lines += [
-        "| case | mode | provider | median ms | GB/s | TFLOP/s | x eager | x compile |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
-    ]
+    if peaks:
+        lines += [
+            f"Measured roofs: copy {peaks['copy_gbps']:.0f} GB/s, matmul {peaks['bf16_tflops']:.1f} TFLOP/s.",
+            "",
+        ]
+    head = "| case | mode | provider | median ms | GB/s | TFLOP/s | x eager | x compile |"
+    rule = "|---|---|---|---:|---:|---:|---:|---:|"
+    if peaks:
+        head, rule = head + " % roof |", rule + "---:|"
+    lines += [head, rule]
 
     def fmt(v: float | None, spec: str) -> str:
         return "" if v is None else format(v, spec)
 
     for r in rows:
-        lines.append(
+        line = (
             f"| {r.case} | {r.mode} | {r.provider} | {r.median_ms:.3f} | {fmt(r.gbps, '.1f')} | "
             f"{fmt(r.tflops, '.3f')} | {fmt(r.ratio_eager, '.2f')} | {fmt(r.ratio_compile, '.2f')} |"
         )
+        if peaks:
+            roof = (
+                100 * r.gbps / peaks["copy_gbps"]
+                if r.gbps is not None
+                else 100 * r.tflops / peaks["bf16_tflops"]
+            )
+            line += f" {roof:.0f} |"
+        lines.append(line)
     return "\n".join(lines) + "\n"
 
 
