@@ -28,6 +28,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--bench-device", default="cpu", help="cpu or cuda")
     group.addoption("--bench-quick", action="store_true", help="skip the paper-size cases on CPU")
     group.addoption("--bench-rounds", type=int, default=5, help="timed rounds per row")
+    group.addoption("--bench-results", default=str(RESULTS), help="folder for the JSON and Markdown tables")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -102,9 +103,13 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     device = session.config.getoption("--bench-device")
     machine = _machine_name(device)
     stamp = time.strftime("%Y-%m-%d")
-    RESULTS.mkdir(exist_ok=True)
-    base = RESULTS / f"{machine}-{device}-{stamp}"
+    results = Path(session.config.getoption("--bench-results"))
+    results.mkdir(parents=True, exist_ok=True)
+    base = results / f"{machine}-{device}-{stamp}"
+    # On a GPU the rows are also set against the roofs measured here (copy bandwidth, bf16 matmul).
+    peaks = bm.measure_peaks(device) if device == "cuda" else None
     meta = {
+        "peaks": peaks,
         "machine": machine,
         "device": device,
         "date": stamp,
@@ -114,7 +119,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     }
     base.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": bm.rows_to_dicts(rows)}, indent=1))
     title = f"{machine} ({device}, {meta['gpu'] or str(meta['cpu_threads']) + ' threads'}), torch {torch.__version__}, {stamp}"
-    md = bm.to_markdown(rows, title)
+    md = bm.to_markdown(rows, title, peaks)
     base.with_suffix(".md").write_text(md)
     print("\n" + md + f"\nwritten: {base}.json, {base}.md")
 
