@@ -24,9 +24,14 @@ def main(ctx: click.Context, verbose: bool) -> None:
 
 def _register() -> None:
     from invcoss.cli.bench import bench
+    from invcoss.cli.data import phantoms, preprocess, pretrain, stats
     from invcoss.cli.info import info
 
     main.add_command(info)
+    main.add_command(phantoms)
+    main.add_command(preprocess)
+    main.add_command(pretrain)
+    main.add_command(stats)
     main.add_command(bench)
 
 

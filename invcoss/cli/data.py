@@ -1,0 +1,282 @@
+"""``invcoss-cli phantoms | preprocess | pretrain | stats``: from scans to a model and its statistics.
+
+Each command is a thin layer over the library (:mod:`invcoss.data`, :mod:`invcoss.pretrain`,
+:mod:`invcoss.stats`) with a progress bar and a one-line summary. A user error (missing folder,
+unreadable file under ``--strict``, mismatched cache) exits with code 2 and a message, no traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+MODALITY_CHOICE = click.Choice(["ct", "mri", "xray", "pathology"])
+
+
+class UserError(click.ClickException):
+    """A mistake in the input: printed as ``Error: <message>``, exit code 2."""
+
+    exit_code = 2
+
+
+def human_bytes(n: float) -> str:
+    """``1536`` → ``'1.5 KiB'``."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _progress():
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    # The bar goes to stderr and disappears when done, so stdout carries only the summary line.
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
+
+
+def _sizes(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(v) for v in text.lower().replace(",", "x").split("x"))
+    except ValueError:
+        raise click.BadParameter(f"expected sizes like 64x160x160 or 256x256, got {text!r}") from None
+
+
+def _spacing(text: str | None) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.lower().replace(",", "x").split("x"))
+    except ValueError:
+        raise click.BadParameter(f"expected spacing like 2.5x1.6x1.6 (mm), got {text!r}") from None
+
+
+@click.command()
+@click.option("--modality", type=MODALITY_CHOICE, required=True, help="Kind of phantom.")
+@click.option("--count", type=click.IntRange(min=1), default=8, show_default=True, help="Number of files.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Output folder.")
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Base seed; file i depends on (seed, i)."
+)
+@click.option("--size", "size_text", default=None, help="DxHxW for ct/mri, HxW for xray/pathology.")
+@click.option(
+    "--spacing", "spacing_text", default=None, help="Voxel spacing in mm (ct/mri), e.g. 2.5x1.6x1.6."
+)
+def phantoms(
+    modality: str, count: int, out: Path, seed: int, size_text: str | None, spacing_text: str | None
+) -> None:
+    """Write deterministic procedural phantoms (NIfTI for ct/mri, PNG for xray/pathology)."""
+    from invcoss.data import write_phantoms
+
+    size, spacing = _sizes(size_text), _spacing(spacing_text)
+    with _progress() as bar:
+        task = bar.add_task(f"phantoms {modality}", total=count, info="")
+        try:
+            paths = write_phantoms(
+                out,
+                modality,
+                count,
+                seed=seed,
+                size=size,
+                spacing=spacing,
+                on_written=lambda p: bar.update(task, advance=1, info=p.name),
+            )
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    total = sum(p.stat().st_size for p in paths)
+    click.echo(f"wrote {len(paths)} {modality} phantoms ({human_bytes(total)}) to {out}")
+
+
+@click.command()
+@click.option("--modality", type=MODALITY_CHOICE, required=True)
+@click.option(
+    "--data", type=click.Path(path_type=Path), required=True, help="Folder of scans (searched recursively)."
+)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Cache folder.")
+@click.option("--profile", type=click.Choice(["paper", "quick"]), default="paper", show_default=True)
+@click.option(
+    "--strict", is_flag=True, help="Fail on the first file that cannot be read instead of skipping it."
+)
+def preprocess(modality: str, data: Path, out: Path, profile: str, strict: bool) -> None:
+    """Turn a folder of scans into a cache of preprocessed sub-volumes (re-runs skip finished files)."""
+    from invcoss.data import ReadError
+    from invcoss.data import preprocess as run_preprocess
+
+    with _progress() as bar:
+        task = bar.add_task(f"preprocess {modality}", total=None, info="")
+
+        def on_file(done: int, total: int, rel: str, status: str) -> None:
+            bar.update(task, completed=done, total=total, info=f"{status} {rel}")
+
+        try:
+            report = run_preprocess(data, out, modality, profile, strict=strict, on_file=on_file)
+        except ReadError as e:
+            raise UserError(f"cannot read {e.path}: {e.reason} (--strict)") from None
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    for rel, reason in report.skipped:
+        click.echo(f"skipped {rel}: {reason}", err=True)
+    click.echo(
+        f"preprocessed {report.processed} files ({report.reused} already done, {len(report.skipped)} skipped) "
+        f"-> {report.samples} samples, {human_bytes(report.cache_bytes)} in {out}"
+    )
+
+
+def _open_data(path: Path, modality: str | None, model, strict: bool = False):
+    """A cache or a raw folder as a Dataset at the model's input size."""
+    from invcoss.data import config_for_input, open_dataset, read_manifest
+
+    if not path.exists():
+        raise UserError(f"data {path} does not exist")
+    if (path / "manifest.json").is_file():
+        cached = read_manifest(path)["modality"]
+        if modality is not None and modality != cached:
+            raise UserError(f"cache {path} holds {cached} data, but --modality {modality} was given")
+        modality = cached
+        config = None
+    else:
+        if modality is None:
+            raise UserError(
+                f"{path} is not a preprocessed cache: give --modality to read it as a folder of scans"
+            )
+        ndim = 3 if modality in ("ct", "mri") else 2
+        config = config_for_input(modality, model.config.img_size(ndim), channels=model.config.in_chans(ndim))
+    ds = open_dataset(path, modality, config=config, strict=strict)
+    ndim = len(ds.sample_shape) - 1
+    expected = (model.config.in_chans(ndim), *model.config.img_size(ndim))
+    if tuple(ds.sample_shape) != expected:
+        raise UserError(
+            f"{path} holds samples of shape {tuple(ds.sample_shape)}, but {model.config.name} takes {expected}; "
+            "preprocess with the profile of the model (e.g. --profile quick for vit_nano)"
+        )
+    return ds
+
+
+@click.command()
+@click.option("--modality", type=MODALITY_CHOICE, default=None, help="Required when --data is a raw folder.")
+@click.option("--data", type=click.Path(path_type=Path), required=True, help="A cache or a folder of scans.")
+@click.option("--preset", default="vit_nano", show_default=True, help="Model preset (see invcoss.models).")
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option(
+    "--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Checkpoint folder."
+)
+@click.option("--resume", is_flag=True, help="Continue the run saved in --out.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--lr", type=float, default=1.5e-4, show_default=True, help="Peak learning rate.")
+@click.option("--warmup-epochs", type=float, default=None, help="Default: 40/300 of --epochs, as the paper.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
+def pretrain(
+    modality: str | None,
+    data: Path,
+    preset: str,
+    epochs: int,
+    out: Path,
+    resume: bool,
+    batch_size: int,
+    lr: float,
+    warmup_epochs: float | None,
+    seed: int,
+    device: str | None,
+) -> None:
+    """MAE pre-training (AdamW, warm-up then cosine), checkpointing every epoch."""
+    import torch
+
+    from invcoss.models import create_model
+    from invcoss.pretrain import PretrainConfig
+    from invcoss.pretrain import pretrain as run_pretrain
+
+    torch.manual_seed(seed)  # the initial weights depend on --seed too
+    try:
+        model = create_model(preset)
+        config = PretrainConfig(
+            epochs=epochs, batch_size=batch_size, lr=lr, warmup_epochs=warmup_epochs, seed=seed
+        )
+    except (ValueError, TypeError) as e:
+        raise UserError(str(e)) from None
+    try:
+        ds = _open_data(data, modality, model)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    with _progress() as bar:
+        task = bar.add_task("pretrain", total=None, info="")
+
+        def on_step(s: dict) -> None:
+            total = s["steps"] * epochs
+            done = (s["epoch"] - 1) * s["steps"] + s["step"]
+            info = f"epoch {s['epoch']}/{epochs} loss {s['loss']:.4f} lr {s['lr']:.2e} {s['samples_per_s']:.1f} samples/s"
+            bar.update(task, completed=done, total=total, info=info)
+
+        try:
+            result = run_pretrain(model, ds, out, config, resume=resume, device=device, on_step=on_step)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    if result.epochs_run == 0:
+        click.echo(f"nothing to do: {out} already holds {epochs} epochs (loss {result.losses[-1]:.4f})")
+        return
+    click.echo(
+        f"trained {preset} on {result.samples} {ds.modality} samples for {result.epochs_run} epochs "
+        f"in {result.seconds:.0f} s: loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}; checkpoint {out}"
+    )
+
+
+@click.command()
+@click.option(
+    "--checkpoint", type=click.Path(path_type=Path), required=True, help="A pretrain output folder."
+)
+@click.option("--data", type=click.Path(path_type=Path), required=True, help="A cache or a folder of scans.")
+@click.option("--modality", type=MODALITY_CHOICE, default=None, help="Required when --data is a raw folder.")
+@click.option(
+    "--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Output .safetensors."
+)
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
+def stats(
+    checkpoint: Path, data: Path, modality: str | None, out: Path, batch_size: int, device: str | None
+) -> None:
+    """Collect per-block feature statistics of a checkpoint over its data (Appendix B.2)."""
+    import torch
+
+    from invcoss.models import MAE
+    from invcoss.stats import collect_feature_stats
+
+    try:
+        model = MAE.from_pretrained(checkpoint)
+    except (ValueError, OSError) as e:
+        raise UserError(f"cannot load checkpoint {checkpoint}: {e}") from None
+    try:
+        ds = _open_data(data, modality, model)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(dev)
+    with _progress() as bar:
+        task = bar.add_task("stats", total=len(ds), info="")
+        try:
+            result = collect_feature_stats(
+                model,
+                ds,
+                batch_size=batch_size,
+                out=out,
+                on_batch=lambda done, total: bar.update(task, completed=done, info=f"{done} samples"),
+            )
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    size = out.stat().st_size
+    ratio = ds.source_bytes / size if size else float("inf")
+    click.echo(
+        f"statistics of {result.num_layers} blocks over {result.count} {result.modality} samples: "
+        f"{human_bytes(size)} for {human_bytes(ds.source_bytes)} of data ({ratio:.1f}x smaller) -> {out}"
+    )

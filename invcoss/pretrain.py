@@ -1,0 +1,294 @@
+"""MAE pre-training on one modality (Eq. 7): AdamW, linear warm-up then cosine decay, resumable.
+
+Paper settings (Implementation details, Appendix C): AdamW, 300 epochs, learning rate warmed up to
+1.5e-4 over 40 epochs then cosine-decayed, batch 512, mask ratio 0.75. :class:`PretrainConfig`
+holds them as defaults; the warm-up defaults to the same fraction of the run (40/300) so short
+runs keep the shape of the schedule. The learning rate is set every step from the fractional
+epoch, as MAE does. On CUDA the forward pass runs under bf16 autocast.
+
+Output folder ``OUT`` after every epoch:
+
+- ``config.json`` + ``model.safetensors``: the model (``MAE.from_pretrained(OUT)``);
+- ``training_state.safetensors``: model, AdamW moments, RNG state, epoch and losses in one file,
+  so a resumed run continues from exactly the last finished epoch;
+- ``pretrain.json``: the resolved configuration, the data, and the loss of every epoch.
+
+Each file is written atomically; an interrupted run leaves the last finished epoch's files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from invcoss.data.atomic import atomic_write_bytes, atomic_write_json
+
+STATE_NAME = "training_state.safetensors"
+SUMMARY_NAME = "pretrain.json"
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Hyper-parameters of :func:`pretrain` (paper values by default).
+
+    Attributes:
+        epochs: total epochs (a resumed run trains up to this number).
+        batch_size: samples per step.
+        lr: peak learning rate, reached at the end of the warm-up.
+        min_lr: learning rate at the end of the cosine decay.
+        warmup_epochs: linear warm-up length; None means 40/300 of ``epochs`` as in the paper.
+        weight_decay, betas: AdamW (MAE's 0.05 and (0.9, 0.95)).
+        mask_ratio: fraction of patches hidden (0.75).
+        seed: seeds initial shuffling and masking; epoch ``e`` shuffles with ``seed + e``.
+        amp: bf16 autocast on CUDA (ignored on CPU).
+        num_workers: DataLoader workers.
+    """
+
+    epochs: int = 300
+    batch_size: int = 512
+    lr: float = 1.5e-4
+    min_lr: float = 0.0
+    warmup_epochs: float | None = None
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    mask_ratio: float = 0.75
+    seed: int = 0
+    amp: bool = True
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
+        if not self.lr > 0 or self.min_lr < 0:
+            raise ValueError(f"lr must be > 0 and min_lr >= 0, got {self.lr}, {self.min_lr}")
+        if not 0 <= self.mask_ratio < 1:
+            raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
+
+    @property
+    def warmup(self) -> float:
+        return self.epochs * 40 / 300 if self.warmup_epochs is None else float(self.warmup_epochs)
+
+
+def learning_rate(epoch: float, config: PretrainConfig) -> float:
+    """Learning rate at fractional ``epoch``: linear warm-up to ``lr``, then half-cosine to ``min_lr``.
+
+    Example:
+        >>> cfg = PretrainConfig(epochs=300, lr=1.5e-4)
+        >>> learning_rate(20, cfg), learning_rate(40, cfg), learning_rate(300, cfg)
+        (7.5e-05, 0.00015, 0.0)
+    """
+    warm = config.warmup
+    if epoch < warm:
+        return config.lr * epoch / warm
+    span = max(config.epochs - warm, 1e-12)
+    progress = min(1.0, (epoch - warm) / span)
+    return config.min_lr + (config.lr - config.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass
+class PretrainResult:
+    """What :func:`pretrain` did: ``losses`` holds the mean loss of every epoch since the start."""
+
+    out: Path
+    epochs_run: int
+    losses: list[float]
+    samples: int
+    seconds: float
+
+
+def _optimizer(model: nn.Module, config: PretrainConfig) -> torch.optim.AdamW:
+    # No weight decay on biases, norms, tokens and position tables (1-D or token parameters), as MAE.
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith("token") else decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas)
+
+
+def _save_state(out: Path, model, opt, epoch: int, losses: list[float], meta: dict) -> None:
+    from safetensors.torch import save
+
+    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for i, p in enumerate(params):
+        st = opt.state.get(p)
+        if st:
+            tensors[f"opt.{i}.exp_avg"] = st["exp_avg"].detach().contiguous().cpu()
+            tensors[f"opt.{i}.exp_avg_sq"] = st["exp_avg_sq"].detach().contiguous().cpu()
+            tensors[f"opt.{i}.step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1).cpu()
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    metadata = {"epoch": str(epoch), "losses": json.dumps(losses), "meta": json.dumps(meta, sort_keys=True)}
+    atomic_write_bytes(out / STATE_NAME, save(tensors, metadata=metadata))
+
+
+def _load_state(out: Path, model, opt, device: torch.device) -> tuple[int, list[float], dict]:
+    from safetensors import safe_open
+
+    path = out / STATE_NAME
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        keys = set(f.keys())
+        state = {k[len("model.") :]: f.get_tensor(k) for k in keys if k.startswith("model.")}
+        model.load_state_dict(state, strict=True)
+        params = [p for g in opt.param_groups for p in g["params"]]
+        for i, p in enumerate(params):
+            if f"opt.{i}.exp_avg" in keys:
+                opt.state[p] = {
+                    "step": f.get_tensor(f"opt.{i}.step").reshape(()),
+                    "exp_avg": f.get_tensor(f"opt.{i}.exp_avg").to(device),
+                    "exp_avg_sq": f.get_tensor(f"opt.{i}.exp_avg_sq").to(device),
+                }
+        torch.set_rng_state(f.get_tensor("rng.cpu"))
+        if "rng.cuda" in keys and torch.cuda.is_available():
+            torch.cuda.set_rng_state(f.get_tensor("rng.cuda"))
+    return int(meta["epoch"]), json.loads(meta["losses"]), json.loads(meta["meta"])
+
+
+def pretrain(
+    model: nn.Module,
+    data,
+    out: str | os.PathLike,
+    config: PretrainConfig | None = None,
+    modality: str | None = None,
+    resume: bool = False,
+    device: torch.device | str | None = None,
+    on_step: Callable[[dict], None] | None = None,
+) -> PretrainResult:
+    """Train ``model`` with its masked-reconstruction loss on ``data``, saving to ``out`` every epoch.
+
+    Args:
+        model: an :class:`invcoss.models.MAE` (``forward(x, mask_ratio) -> (loss, pred, mask)``,
+            ``save_pretrained``).
+        data: a Dataset of channel-first samples at the model's input size (e.g. from
+            :func:`invcoss.data.open_dataset`).
+        out: checkpoint folder (see the module docstring).
+        config: :class:`PretrainConfig` (default: the paper's).
+        modality: recorded in ``pretrain.json`` (default ``data.modality``).
+        resume: continue from ``out/training_state.safetensors``; without it an existing training
+            state in ``out`` is an error, so nothing is overwritten by accident.
+        device: default: CUDA when available, else CPU.
+        on_step: called after every step with ``{"epoch", "step", "steps", "loss", "lr", "samples_per_s"}``.
+
+    Returns:
+        :class:`PretrainResult`.
+
+    Raises:
+        ValueError: empty data, an existing state without ``resume``, or a state from another
+            model or configuration.
+
+    Example:
+        >>> import tempfile
+        >>> from invcoss.models import create_model
+        >>> model = create_model("vit_nano", img_size_2d=32)
+        >>> r = pretrain(model, torch.rand(8, 3, 32, 32), tempfile.mkdtemp(), PretrainConfig(epochs=2, batch_size=4))
+        >>> r.epochs_run, len(r.losses)
+        (2, 2)
+    """
+    from torch.utils.data import DataLoader
+
+    config = config or PretrainConfig()
+    out = Path(out)
+    if len(data) == 0:
+        raise ValueError("pretrain got an empty dataset")
+    device = (
+        torch.device(device)
+        if device is not None
+        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    model.to(device)
+    opt = _optimizer(model, config)
+    run_meta = {
+        "model": dataclasses.asdict(model.config),
+        "pretrain": dataclasses.asdict(config),
+        "modality": modality or getattr(data, "modality", None),
+        "samples": len(data),
+    }
+    start_epoch, losses = 0, []
+    if (out / STATE_NAME).exists():
+        if not resume:
+            raise ValueError(
+                f"{out} already holds a training run; pass resume=True (--resume) or use a new folder"
+            )
+        start_epoch, losses, saved = _load_state(out, model, opt, device)
+        mismatch = [
+            k
+            for k in ("model", "modality")
+            if json.dumps(saved[k], sort_keys=True) != json.dumps(run_meta[k], sort_keys=True)
+        ]
+        if mismatch:
+            raise ValueError(f"cannot resume {out}: its {' and '.join(mismatch)} differ from this run's")
+    else:
+        torch.manual_seed(config.seed)
+    out.mkdir(parents=True, exist_ok=True)
+
+    use_amp = config.amp and device.type == "cuda"
+    t_start = time.perf_counter()
+    for epoch in range(start_epoch, config.epochs):
+        gen = torch.Generator().manual_seed(config.seed + epoch)
+        loader = DataLoader(
+            data,
+            batch_size=config.batch_size,
+            shuffle=True,
+            generator=gen,
+            drop_last=len(data) >= 2 * config.batch_size,
+            num_workers=config.num_workers,
+            pin_memory=device.type == "cuda",
+        )
+        model.train()
+        total, count = 0.0, 0
+        steps = len(loader)
+        for step, x in enumerate(loader):
+            t0 = time.perf_counter()
+            x = x[0] if isinstance(x, list | tuple) else x
+            x = x.to(device, non_blocking=True)
+            lr = learning_rate(epoch + step / steps, config)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                loss, _, _ = model(x, mask_ratio=config.mask_ratio)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * x.shape[0]
+            count += x.shape[0]
+            if on_step is not None:
+                rate = x.shape[0] / max(time.perf_counter() - t0, 1e-9)
+                on_step(
+                    {
+                        "epoch": epoch + 1,
+                        "step": step + 1,
+                        "steps": steps,
+                        "loss": loss.item(),
+                        "lr": lr,
+                        "samples_per_s": rate,
+                    }
+                )
+        losses.append(total / max(count, 1))
+        model.save_pretrained(out)
+        _save_state(out, model, opt, epoch + 1, losses, run_meta)
+        atomic_write_json(out / SUMMARY_NAME, run_meta | {"epochs_done": epoch + 1, "losses": losses})
+    return PretrainResult(
+        out=out,
+        epochs_run=config.epochs - start_epoch,
+        losses=losses,
+        samples=len(data),
+        seconds=time.perf_counter() - t_start,
+    )
