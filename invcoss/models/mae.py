@@ -1,0 +1,299 @@
+"""A dimension-free ViT masked autoencoder (He et al.) for 2D images and 3D volumes (Appendix C).
+
+One model holds two tokenizers and shares everything else, as the paper's dimension-free backbone:
+
+* per dimensionality (``"2d"`` / ``"3d"`` in the module dicts): the patch embedding, the fixed sin-cos
+  position tables of encoder and decoder, the decoder embedding (encoder width → decoder width) and
+  the decoder head (decoder width → pixels of one patch);
+* shared: the class token, the encoder's timm ``Block`` stack and final norm, the mask token, the
+  decoder's ``Block`` stack and norm.
+
+The dimensionality of a call is read from the input: ``(B, C, H, W)`` is 2D, ``(B, C, D, H, W)``
+3D. Input sizes are part of :class:`MAEConfig`; the defaults are the paper's (224x224 3-channel
+images in [0, 1], 16x192x192 1-channel volumes, patch 16: 196 and 144 tokens).
+
+Token layout: the class token first, then the patches in raster order (last axis fastest).
+``block_features`` returns the class token too (``L = 1 + num_patches``: 197 / 145 at the paper's
+sizes); ``embed`` averages the normed patch tokens only.
+
+Example:
+    >>> import torch
+    >>> m = create_model("vit_nano", img_size_2d=32, img_size_3d=(16, 32, 32))
+    >>> loss, pred, mask = m(torch.rand(2, 3, 32, 32))
+    >>> tuple(pred.shape), tuple(mask.shape), int(mask.sum())
+    ((2, 4, 768), (2, 4), 6)
+    >>> loss, pred, mask = m(torch.rand(2, 1, 16, 32, 32) * 2 - 1)
+    >>> tuple(pred.shape)
+    (2, 4, 4096)
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+from timm.layers import PatchEmbed
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from invcoss.models.checkpoint import PretrainedMixin
+from invcoss.models.mae_config import MAEConfig, preset_config
+from invcoss.models.pos_embed import SinCosPosEmbed
+
+__all__ = ["MAE", "PatchEmbed3d", "create_model"]
+
+_LayerNorm = partial(nn.LayerNorm, eps=1e-6)
+
+
+def _transformer(width: int, heads: int, depth: int, mlp_ratio: float) -> nn.ModuleList:
+    return nn.ModuleList(
+        Block(width, heads, mlp_ratio, qkv_bias=True, norm_layer=_LayerNorm) for _ in range(depth)
+    )
+
+
+class PatchEmbed3d(nn.Module):
+    """Non-overlapping 3D patches to tokens: ``(B, C, D, H, W)`` → ``(B, N, embed_dim)``."""
+
+    def __init__(self, patch_size: tuple[int, int, int], in_chans: int, embed_dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, D)
+
+
+class MAE(PretrainedMixin, nn.Module):
+    """Masked autoencoder with 2D and 3D tokenizers over shared timm transformer blocks.
+
+    Args:
+        config: the architecture and input sizes; :func:`create_model` builds one from a preset.
+    """
+
+    config_class = MAEConfig
+
+    def __init__(self, config: MAEConfig) -> None:
+        super().__init__()
+        self.config = cfg = config
+        dims = (2, 3)
+        self.patch_embed = nn.ModuleDict(
+            {
+                "2d": PatchEmbed(cfg.img_size_2d, cfg.patch_size_2d, cfg.in_chans_2d, cfg.embed_dim),
+                "3d": PatchEmbed3d(cfg.patch_size_3d, cfg.in_chans_3d, cfg.embed_dim),
+            }
+        )
+        self.pos_embed = nn.ModuleDict({f"{n}d": SinCosPosEmbed(cfg.grid(n), cfg.embed_dim) for n in dims})
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
+        self.blocks = _transformer(cfg.embed_dim, cfg.num_heads, cfg.depth, cfg.mlp_ratio)
+        self.norm = _LayerNorm(cfg.embed_dim)
+
+        self.decoder_embed = nn.ModuleDict(
+            {f"{n}d": nn.Linear(cfg.embed_dim, cfg.decoder_embed_dim) for n in dims}
+        )
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.decoder_embed_dim))
+        self.decoder_pos_embed = nn.ModuleDict(
+            {f"{n}d": SinCosPosEmbed(cfg.grid(n), cfg.decoder_embed_dim) for n in dims}
+        )
+        self.decoder_blocks = _transformer(
+            cfg.decoder_embed_dim, cfg.decoder_num_heads, cfg.decoder_depth, cfg.mlp_ratio
+        )
+        self.decoder_norm = _LayerNorm(cfg.decoder_embed_dim)
+        self.decoder_pred = nn.ModuleDict(
+            {f"{n}d": nn.Linear(cfg.decoder_embed_dim, cfg.patch_dim(n)) for n in dims}
+        )
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # As facebookresearch/mae: patch projections like a linear layer, tokens N(0, 0.02).
+        for embed in self.patch_embed.values():
+            w = embed.proj.weight
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+            nn.init.zeros_(embed.proj.bias)
+        nn.init.normal_(self.cls_token, std=0.02)
+        nn.init.normal_(self.mask_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    @classmethod
+    def from_config(cls, config: MAEConfig) -> MAE:
+        return cls(config)
+
+    @classmethod
+    def _resolve_expected(cls, expect: MAEConfig | str) -> MAEConfig:
+        return preset_config(expect) if isinstance(expect, str) else super()._resolve_expected(expect)
+
+    # -- input checks (public boundary) --------------------------------------------------------
+    def _check_input(self, x: torch.Tensor, method: str) -> int:
+        if x.ndim not in (4, 5):
+            raise ValueError(
+                f"MAE.{method} expects x of shape (B, C, H, W) or (B, C, D, H, W), got {tuple(x.shape)}"
+            )
+        ndim = x.ndim - 2
+        expected = (self.config.in_chans(ndim), *self.config.img_size(ndim))
+        if tuple(x.shape[1:]) != expected:
+            raise ValueError(
+                f"MAE.{method} expects {ndim}D input of shape (B, {', '.join(map(str, expected))}) "
+                f"for this model ({self.config.name}), got {tuple(x.shape)}"
+            )
+        return ndim
+
+    # -- patches -------------------------------------------------------------------------------
+    def patchify(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, *S)`` → ``(B, L, prod(patch) * C)``, patch pixels first and channels last."""
+        ndim = self._check_input(x, "patchify")
+        grid, patch = self.config.grid(ndim), self.config.patch_size(ndim)
+        split = [s for g, p in zip(grid, patch) for s in (g, p)]
+        x = x.reshape(x.shape[0], x.shape[1], *split)  # (B, C, g1, p1, ..., gn, pn)
+        order = [0, *range(2, 2 + 2 * ndim, 2), *range(3, 3 + 2 * ndim, 2), 1]
+        return x.permute(order).reshape(x.shape[0], math.prod(grid), -1)
+
+    def unpatchify(self, patches: torch.Tensor, ndim: int) -> torch.Tensor:
+        """Inverse of :meth:`patchify`: ``(B, L, prod(patch) * C)`` → ``(B, C, *S)``."""
+        if ndim not in (2, 3):
+            raise ValueError(f"MAE.unpatchify expects ndim 2 or 3, got {ndim}")
+        grid, patch, chans = self.config.grid(ndim), self.config.patch_size(ndim), self.config.in_chans(ndim)
+        expected = (self.config.num_patches(ndim), self.config.patch_dim(ndim))
+        if patches.ndim != 3 or tuple(patches.shape[1:]) != expected:
+            raise ValueError(
+                f"MAE.unpatchify expects patches of shape (B, {expected[0]}, {expected[1]}) for ndim={ndim}, "
+                f"got {tuple(patches.shape)}"
+            )
+        x = patches.reshape(patches.shape[0], *grid, *patch, chans)  # (B, g1..gn, p1..pn, C)
+        order = [0, 2 * ndim + 1, *(a for i in range(ndim) for a in (1 + i, 1 + ndim + i))]
+        size = [g * p for g, p in zip(grid, patch)]
+        return x.permute(order).reshape(patches.shape[0], chans, *size)
+
+    # -- encoder / decoder ---------------------------------------------------------------------
+    def _tokens(self, x: torch.Tensor, ndim: int) -> torch.Tensor:
+        key = f"{ndim}d"
+        return self.pos_embed[key](self.patch_embed[key](x))  # (B, L, D)
+
+    def _with_cls(self, tokens: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+
+    @staticmethod
+    def random_masking(
+        tokens: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keep the ``int(L * (1 - mask_ratio))`` tokens with the lowest noise.
+
+        Returns ``(kept (B, K, D), mask (B, L) float32 with 1 = masked, ids_restore (B, L))``.
+        """
+        B, L, D = tokens.shape
+        keep = int(L * (1 - mask_ratio))
+        noise = torch.rand(B, L, device=tokens.device) if noise is None else noise.to(tokens.device)
+        ids_shuffle = torch.argsort(noise, dim=1, stable=True)  # ascending: small noise is kept
+        ids_restore = torch.argsort(ids_shuffle, dim=1)
+        kept = torch.gather(tokens, 1, ids_shuffle[:, :keep, None].expand(-1, -1, D))
+        mask = torch.ones(B, L, device=tokens.device)
+        mask[:, :keep] = 0
+        return kept, torch.gather(mask, 1, ids_restore), ids_restore
+
+    def forward_encoder(
+        self, x: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Encode the visible patches.
+
+        Args:
+            x: ``(B, C, H, W)`` or ``(B, C, D, H, W)`` at the configured size.
+            mask_ratio: fraction of patches to hide, in [0, 1).
+            noise: optional ``(B, L)`` per-patch scores deciding the mask (lowest kept), so that two
+                models or two calls can hide the same patches (distillation on the same tokens).
+
+        Returns:
+            ``latent (B, 1 + K, D)`` normed, class token first; ``mask (B, L)`` (1 = masked);
+            ``ids_restore (B, L)``.
+        """
+        ndim = self._check_input(x, "forward_encoder")
+        L = self.config.num_patches(ndim)
+        if not 0 <= mask_ratio < 1:
+            raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+        if noise is not None and tuple(noise.shape) != (x.shape[0], L):
+            raise ValueError(f"noise must have shape ({x.shape[0]}, {L}), got {tuple(noise.shape)}")
+        kept, mask, ids_restore = self.random_masking(self._tokens(x, ndim), mask_ratio, noise)  # (B, K, D)
+        h = self._with_cls(kept)  # (B, 1 + K, D)
+        for block in self.blocks:
+            h = block(h)
+        return self.norm(h), mask, ids_restore
+
+    def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor, ndim: int) -> torch.Tensor:
+        """``latent (B, 1 + K, D)``, ``ids_restore (B, L)`` → ``pred (B, L, patch_dim)``."""
+        key = f"{ndim}d"
+        h = self.decoder_embed[key](latent)  # (B, 1 + K, Dd)
+        B, L = ids_restore.shape
+        fill = self.mask_token.to(h.dtype).expand(B, L + 1 - h.shape[1], -1)
+        patches = torch.cat([h[:, 1:], fill], dim=1)  # (B, L, Dd), visible first
+        patches = torch.gather(patches, 1, ids_restore[..., None].expand(-1, -1, h.shape[2]))  # unshuffle
+        h = torch.cat([h[:, :1], self.decoder_pos_embed[key](patches)], dim=1)  # (B, 1 + L, Dd)
+        for block in self.decoder_blocks:
+            h = block(h)
+        return self.decoder_pred[key](self.decoder_norm(h)[:, 1:])  # (B, L, patch_dim)
+
+    def forward_loss(self, x: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Eq. 7: mean squared error over the masked patches only (0-dim fp32).
+
+        With ``norm_pix_loss`` each target patch is standardised by its own mean and variance.
+        ``x: (B, C, *S)``, ``pred: (B, L, patch_dim)``, ``mask: (B, L)``.
+        """
+        target = self.patchify(x)  # (B, L, patch_dim)
+        if pred.shape != target.shape or mask.shape != target.shape[:2]:
+            raise ValueError(
+                f"MAE.forward_loss expects pred {tuple(target.shape)} and mask {tuple(target.shape[:2])}, "
+                f"got {tuple(pred.shape)} and {tuple(mask.shape)}"
+            )
+        target = target.float()
+        if self.config.norm_pix_loss:
+            mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1.0e-6).sqrt()
+        per_patch = (pred.float() - target).pow(2).mean(dim=-1)  # (B, L)
+        mask = mask.float()
+        return (per_patch * mask).sum() / mask.sum().clamp_min(1.0)
+
+    def forward(
+        self, x: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Mask, encode, decode: returns ``(loss, pred (B, L, patch_dim), mask (B, L))``."""
+        latent, mask, ids_restore = self.forward_encoder(x, mask_ratio, noise)
+        pred = self.forward_decoder(latent, ids_restore, x.ndim - 2)
+        return self.forward_loss(x, pred, mask), pred, mask
+
+    # -- unmasked features (statistics, repulsion, distillation) ------------------------------
+    def unmasked_features(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """One pass over the whole input: ``(block outputs, embedding)``.
+
+        Returns:
+            the output of every encoder block, each ``(B, 1 + L, D)`` with the class token first
+            and before the final norm; and ``(B, D)``, the mean of the final normed patch tokens.
+        """
+        ndim = self._check_input(x, "unmasked_features")
+        h = self._with_cls(self._tokens(x, ndim))  # (B, 1 + L, D)
+        outputs = []
+        for block in self.blocks:
+            h = block(h)
+            outputs.append(h)
+        return outputs, self.norm(h)[:, 1:].mean(dim=1)
+
+    def block_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The statistics taps (Appendix B.2): every encoder block's output ``(B, 1 + L, D)``."""
+        return self.unmasked_features(x)[0]
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """One ``(B, D)`` feature per sample: the mean of the final normed patch tokens."""
+        return self.unmasked_features(x)[1]
+
+
+def create_model(preset: str, **overrides: object) -> MAE:
+    """Build an MAE from a preset, e.g. ``create_model("vit_nano", img_size_2d=64)``.
+
+    Example:
+        >>> m = create_model("vit_nano")
+        >>> m.config.embed_dim, m.config.num_patches(2), m.config.num_patches(3)
+        (96, 49, 36)
+    """
+    return MAE(preset_config(preset, **overrides))
