@@ -180,8 +180,9 @@ def pretrain(
         out: checkpoint folder (see the module docstring).
         config: :class:`PretrainConfig` (default: the paper's).
         modality: recorded in ``pretrain.json`` (default ``data.modality``).
-        resume: continue from ``out/training_state.safetensors``; without it an existing training
-            state in ``out`` is an error, so nothing is overwritten by accident.
+        resume: continue from ``out/training_state.safetensors`` (a fresh start when there is none);
+            without it an existing training state in ``out`` is an error, so nothing is
+            overwritten by accident.
         device: default: CUDA when available, else CPU.
         on_step: called after every step with ``{"epoch", "step", "steps", "loss", "lr", "samples_per_s"}``.
 
@@ -246,6 +247,7 @@ def pretrain(
             batch_size=config.batch_size,
             shuffle=True,
             generator=gen,
+            # MAE drops the ragged last batch; a tiny dataset keeps it rather than lose most samples.
             drop_last=len(data) >= 2 * config.batch_size,
             num_workers=config.num_workers,
             pin_memory=device.type == "cuda",

@@ -59,7 +59,7 @@ def test_phantoms_bad_size_exits_2(runner, tmp_path):
     r = runner.invoke(main, ["phantoms", "--modality", "ct", "--out", str(tmp_path), "--size", "32x32"])
     assert_user_error(r, "size for ct phantoms must be 3 positive integers")
     r = runner.invoke(main, ["phantoms", "--modality", "ct", "--out", str(tmp_path), "--size", "axb"])
-    assert_user_error(r, "expected sizes like 64x160x160")
+    assert_user_error(r, "expected something like 64x160x160")
 
 
 def test_preprocess_reports_skipped_files_by_name(runner, tmp_path):

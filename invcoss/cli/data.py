@@ -45,22 +45,21 @@ def _progress():
     )
 
 
-def _sizes(text: str | None) -> tuple[int, ...] | None:
-    if text is None:
-        return None
-    try:
-        return tuple(int(v) for v in text.lower().replace(",", "x").split("x"))
-    except ValueError:
-        raise click.BadParameter(f"expected sizes like 64x160x160 or 256x256, got {text!r}") from None
+class Dims(click.ParamType):
+    """``64x160x160`` (or ``64,160,160``) → a tuple of numbers of one type."""
 
+    name = "dims"
 
-def _spacing(text: str | None) -> tuple[float, ...] | None:
-    if text is None:
-        return None
-    try:
-        return tuple(float(v) for v in text.lower().replace(",", "x").split("x"))
-    except ValueError:
-        raise click.BadParameter(f"expected spacing like 2.5x1.6x1.6 (mm), got {text!r}") from None
+    def __init__(self, cast: type, example: str) -> None:
+        self.cast, self.example = cast, example
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            return tuple(self.cast(v) for v in str(value).lower().replace(",", "x").split("x"))
+        except ValueError:
+            self.fail(f"expected something like {self.example}, got {value!r}", param, ctx)
 
 
 @click.command()
@@ -70,17 +69,26 @@ def _spacing(text: str | None) -> tuple[float, ...] | None:
 @click.option(
     "--seed", type=int, default=0, show_default=True, help="Base seed; file i depends on (seed, i)."
 )
-@click.option("--size", "size_text", default=None, help="DxHxW for ct/mri, HxW for xray/pathology.")
 @click.option(
-    "--spacing", "spacing_text", default=None, help="Voxel spacing in mm (ct/mri), e.g. 2.5x1.6x1.6."
+    "--size",
+    type=Dims(int, "64x160x160 or 256x256"),
+    default=None,
+    help="DxHxW for ct/mri, HxW for xray/pathology.",
+)
+@click.option(
+    "--spacing", type=Dims(float, "2.5x1.6x1.6"), default=None, help="Voxel spacing in mm (ct/mri)."
 )
 def phantoms(
-    modality: str, count: int, out: Path, seed: int, size_text: str | None, spacing_text: str | None
+    modality: str,
+    count: int,
+    out: Path,
+    seed: int,
+    size: tuple[int, ...] | None,
+    spacing: tuple[float, ...] | None,
 ) -> None:
     """Write deterministic procedural phantoms (NIfTI for ct/mri, PNG for xray/pathology)."""
     from invcoss.data import write_phantoms
 
-    size, spacing = _sizes(size_text), _spacing(spacing_text)
     with _progress() as bar:
         task = bar.add_task(f"phantoms {modality}", total=count, info="")
         try:
