@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import invcoss.models.checkpoint as checkpoint
 from invcoss.models import MAE, InvUNet, MAEConfig, create_model, list_presets, load_pretrained_into
 from invcoss.models.pos_embed import sincos_pos_embed
 
@@ -219,6 +220,8 @@ def test_invalid_inputs_are_refused(small: MAE):
         MAEConfig(img_size_2d=(100, 100))
     with pytest.raises(ValueError, match="embed_dim/num_heads"):
         MAEConfig(embed_dim=100, num_heads=12)
+    with pytest.raises(TypeError, match="MAE expects an MAEConfig"):
+        MAE({"embed_dim": 96})
 
 
 def test_sincos_table_matches_the_formula():
@@ -287,3 +290,19 @@ def test_a_directory_mixing_two_saves_is_detected(tmp_path, small: MAE):
         MAE.from_pretrained(tmp_path / "b")
     with pytest.raises(FileNotFoundError, match="has no model.safetensors"):
         MAE.from_pretrained(tmp_path / "a")
+
+
+def test_an_interrupted_save_keeps_the_previous_checkpoint(tmp_path, small: MAE, monkeypatch):
+    small.save_pretrained(tmp_path)
+
+    def failing_save(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "save_file", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        create_model("vit_nano", **SMALL).save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    loaded = MAE.from_pretrained(tmp_path)
+    assert torch.equal(loaded.cls_token, small.cls_token)

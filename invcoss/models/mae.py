@@ -68,11 +68,23 @@ class MAE(PretrainedMixin, nn.Module):
 
     Args:
         config: the architecture and input sizes; :func:`create_model` builds one from a preset.
+
+    Raises:
+        TypeError: ``config`` is not an :class:`MAEConfig`.
+
+    Example:
+        >>> cfg = MAEConfig(embed_dim=48, depth=2, num_heads=4, decoder_embed_dim=24, decoder_depth=1,
+        ...                 decoder_num_heads=2, img_size_2d=32, img_size_3d=(16, 32, 32))
+        >>> m = MAE(cfg)
+        >>> [tuple(f.shape) for f in m.block_features(torch.rand(2, 1, 16, 32, 32))]
+        [(2, 5, 48), (2, 5, 48)]
     """
 
     config_class = MAEConfig
 
     def __init__(self, config: MAEConfig) -> None:
+        if not isinstance(config, MAEConfig):
+            raise TypeError(f"MAE expects an MAEConfig (see create_model), got {type(config).__name__}")
         super().__init__()
         self.config = cfg = config
         dims = (2, 3)
