@@ -34,11 +34,14 @@ from invcoss.kernels.reduce import row_sum
 GRAM_CHUNK_D = 64  # gradient columns per gram_forward program; fixes the number of partials per row
 FINISH_BLOCK_B, FINISH_BLOCK_C, FINISH_BLOCK_D = 16, 16, 128
 
+# fp32 operands: an "ieee" dot runs on the FMA units with its tiles in registers, so the tiles stay
+# small (~200 registers, no spills); bf16/fp16 inputs take the tf32 tensor-core path with the same
+# tiles at ~100-130 registers. BLOCK_DO = 64 bounds the gradient accumulator.
 DIRECT_CONFIGS = [
-    config(4, 3, BLOCK_B=32, BLOCK_P=64, BLOCK_K=64, BLOCK_DO=128),
-    config(8, 3, BLOCK_B=64, BLOCK_P=64, BLOCK_K=64, BLOCK_DO=128),
-    config(4, 3, BLOCK_B=16, BLOCK_P=64, BLOCK_K=64, BLOCK_DO=256),
-    config(4, 4, BLOCK_B=64, BLOCK_P=32, BLOCK_K=32, BLOCK_DO=64),
+    config(4, 2, BLOCK_B=16, BLOCK_P=32, BLOCK_K=16, BLOCK_DO=64),
+    config(4, 2, BLOCK_B=32, BLOCK_P=32, BLOCK_K=16, BLOCK_DO=64),
+    config(8, 2, BLOCK_B=32, BLOCK_P=32, BLOCK_K=32, BLOCK_DO=64),
+    config(8, 2, BLOCK_B=64, BLOCK_P=32, BLOCK_K=16, BLOCK_DO=64),
 ]
 DIRECT_INTERPRET_CONFIG = config(4, 1, BLOCK_B=16, BLOCK_P=16, BLOCK_K=32, BLOCK_DO=32)
 GRAM_CONFIGS = [

@@ -30,13 +30,13 @@ from invcoss.kernels.reduce import row_sum
 # The work unit of one program (see the module doc); every BLOCK_* of the configs divides it.
 GROUP_D, GROUP_H, GROUP_W = 4, 32, 256
 
-# Memory-bound stencil on Hopper: 4-8K elements per tile keep enough loads in flight per SM; wide
-# tiles along W give 16-byte vector loads on the unit-stride axis.
+# Memory-bound stencil on Hopper: four voxels per thread and per load. Each voxel keeps its centre,
+# six neighbours and the carried depth sign live across the depth loop; at eight voxels per thread
+# ptxas needs ~190 registers (or spills), at four it needs ~95 (ahead-of-time table, kernels/aot.py).
 TV_CONFIGS = [
-    config(4, 2, BLOCK_H=8, BLOCK_W=128),
-    config(8, 2, BLOCK_H=16, BLOCK_W=128),
-    config(4, 2, BLOCK_H=4, BLOCK_W=256),
-    config(8, 2, BLOCK_H=32, BLOCK_W=64),
+    config(4, 2, BLOCK_H=4, BLOCK_W=128),
+    config(4, 2, BLOCK_H=8, BLOCK_W=64),
+    config(4, 2, BLOCK_H=2, BLOCK_W=256),
 ]
 TV_INTERPRET_CONFIG = config(4, 1, BLOCK_H=16, BLOCK_W=64)
 
@@ -68,6 +68,7 @@ def tv_forward_kernel(
     GROUP_W: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_W: tl.constexpr,
+    WIDE_INDEX: tl.constexpr,
 ):
     # grid: (B * C * n_dg * n_hg * n_wg,), flattened so that a sample's programs are consecutive.
     # One program: the depth group dg, row group hg and column group wg of plane (b, c); it writes one
@@ -79,6 +80,9 @@ def tv_forward_kernel(
     rest = rest // n_hg
     dg = rest % n_dg
     bc = rest // n_dg
+    # Plane bases in int64; offsets inside a plane in int32 unless the launcher says they overflow
+    # (WIDE_INDEX): 64-bit offset tensors cost two registers per element and pushed ptxas into spills.
+    idx_ty = tl.int64 if WIDE_INDEX else tl.int32
     x_plane = x_ptr + (bc // C).to(tl.int64) * stride_b + (bc % C).to(tl.int64) * stride_c
     g_plane = grad_ptr + bc.to(tl.int64) * D * H * W
     d0 = dg * GROUP_D
@@ -93,18 +97,18 @@ def tv_forward_kernel(
             inside = (hh < H) & (ww < W)
             has_right = inside & (ww + 1 < W)
             has_down = inside & (hh + 1 < H)
-            off = hh.to(tl.int64) * stride_h + ww.to(tl.int64) * stride_w
-            g_off = hh.to(tl.int64) * W + ww
-            x_c = tl.load(x_plane + d0.to(tl.int64) * stride_d + off, mask=inside, other=0.0).to(tl.float32)
+            off = hh.to(idx_ty) * stride_h + ww.to(idx_ty) * stride_w
+            g_off = hh.to(idx_ty) * W + ww
+            x_c = tl.load(x_plane + d0.to(idx_ty) * stride_d + off, mask=inside, other=0.0).to(tl.float32)
             # sign(x[d] - x[d-1]) for the first slice of the group; later slices carry it.
             s_prev = tl.zeros((BLOCK_H, BLOCK_W), tl.float32)
             if HAS_GRAD:
                 has_up_d = inside & (d0 > 0)
-                x_b = tl.load(x_plane + (d0 - 1).to(tl.int64) * stride_d + off, mask=has_up_d, other=0.0)
+                x_b = tl.load(x_plane + (d0 - 1).to(idx_ty) * stride_d + off, mask=has_up_d, other=0.0)
                 back = tl.where(has_up_d, x_c - x_b.to(tl.float32), 0.0)
                 s_prev = (back > 0).to(tl.float32) - (back < 0).to(tl.float32)
             for d in range(d0, d1):
-                x_slice = x_plane + tl.cast(d, tl.int64) * stride_d
+                x_slice = x_plane + tl.cast(d, idx_ty) * stride_d
                 has_next = inside & (d + 1 < D)
                 x_n = tl.load(x_slice + stride_d + off, mask=has_next, other=0.0).to(tl.float32)
                 x_r = tl.load(x_slice + off + stride_w, mask=has_right, other=0.0).to(tl.float32)
@@ -130,7 +134,7 @@ def tv_forward_kernel(
                         + w_w * ((back_w > 0).to(tl.float32) - (back_w < 0).to(tl.float32))
                         - w_w * ((diff_w > 0).to(tl.float32) - (diff_w < 0).to(tl.float32))
                     )
-                    g_ptrs = g_plane + tl.cast(d, tl.int64) * H * W + g_off
+                    g_ptrs = g_plane + tl.cast(d, idx_ty) * H * W + g_off
                     tl.store(g_ptrs, grad.to(grad_ptr.dtype.element_ty), mask=inside)
                     s_prev = s_d
                 x_c = x_n
@@ -156,6 +160,8 @@ def tv_forward(
         w_d, w_h, w_w = weights
         stride_b, stride_c, stride_d, stride_h, stride_w = x.stride()
     n_dg, n_hg, n_wg = triton.cdiv(D, GROUP_D), triton.cdiv(H, GROUP_H), triton.cdiv(W, GROUP_W)
+    # Largest offset inside one plane (neighbours included), in elements: int32 indexing unless it overflows.
+    plane_extent = max(D * H * W, (D + 1) * stride_d + (H + 1) * stride_h + (W + 1) * stride_w)
     per_sample = C * n_dg * n_hg * n_wg
     partials = torch.empty(B * per_sample, device=x.device, dtype=torch.float32)
     grad = torch.empty(x.shape if with_grad else (0,), device=x.device, dtype=x.dtype)
@@ -185,6 +191,7 @@ def tv_forward(
             GROUP_D=GROUP_D,
             GROUP_H=GROUP_H,
             GROUP_W=GROUP_W,
+            WIDE_INDEX=plane_extent >= 2**31,
         )
     return row_sum(partials.view(B, per_sample)), grad
 

@@ -35,8 +35,7 @@ MIN_ROWS_PER_SPLIT = 64
 PARTIAL_CONFIGS = [
     config(4, 2, BLOCK_N=32, BLOCK_F=128),
     config(4, 2, BLOCK_N=16, BLOCK_F=256),
-    config(8, 2, BLOCK_N=32, BLOCK_F=256),
-    config(4, 2, BLOCK_N=64, BLOCK_F=64),
+    config(8, 2, BLOCK_N=64, BLOCK_F=128),
 ]
 PARTIAL_INTERPRET_CONFIG = config(4, 1, BLOCK_N=16, BLOCK_F=32)
 BACKWARD_CONFIGS = [

@@ -1,0 +1,368 @@
+"""Ahead-of-time compile of every Triton kernel, in every autotune configuration, for Hopper (sm_90).
+
+No GPU is needed: ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`` runs the whole
+pipeline down to a cubin with the ptxas bundled with Triton, and ptxas reports the resources. Each
+row of :func:`kernel_table` is one (kernel, variant, config): registers per thread, static shared
+memory, and spill bytes (stores + loads). Zero spills in every row is a test, and
+``invcoss-cli info --kernels`` prints the same table.
+
+Signatures are the ones the launchers produce on contiguous inputs: every pointer 16-byte aligned
+and a unit stride specialised to the constant 1, as the JIT does. Kernels whose code depends on the
+input dtype (the ``tl.dot`` precision) are compiled once per variant.
+
+Under ``TRITON_INTERPRET=1`` the kernels of this process are interpreted functions, not compilable
+ones, so :func:`kernel_table` compiles in a child process with the interpreter off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+
+TARGET_ARCH = 90
+TARGET_WARP_SIZE = 32
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One kernel variant to compile: runtime argument types and fixed constexprs."""
+
+    module: str  # kernels module holding the kernel
+    attr: str  # the kernel's name in that module
+    variant: str  # what distinguishes this signature (dtype, mode)
+    types: dict[str, str]  # runtime arguments -> Triton type ("*fp32", "i32", "fp32")
+    constexprs: dict[str, object] = field(default_factory=dict)  # fixed, including unit strides
+    launch: dict[str, int] | None = None  # meta + num_warps/num_stages of an untuned kernel
+
+
+@dataclass(frozen=True)
+class KernelRow:
+    """Resources of one compiled (kernel, variant, config)."""
+
+    kernel: str
+    variant: str
+    config: str
+    registers: int
+    shared_bytes: int
+    spill_bytes: int
+
+
+def _ptrs(names: str, ty: str) -> dict[str, str]:
+    return {n: f"*{ty}" for n in names.split()}
+
+
+def _ints(names: str) -> dict[str, str]:
+    return {n: "i32" for n in names.split()}
+
+
+def _floats(names: str) -> dict[str, str]:
+    return {n: "fp32" for n in names.split()}
+
+
+def kernel_specs() -> list[KernelSpec]:
+    """Every kernel of :mod:`invcoss.kernels` with the signatures its launchers use."""
+    specs = [
+        KernelSpec(
+            "tv",
+            "tv_forward_kernel",
+            "fp32, grad",
+            _ptrs("x_ptr grad_ptr partial_ptr", "fp32")
+            | _ints("C D H W stride_b stride_c stride_d stride_h n_dg n_hg n_wg")
+            | _floats("w_d w_h w_w"),
+            {
+                "stride_w": 1,
+                "HAS_GRAD": True,
+                "GROUP_D": 4,
+                "GROUP_H": 32,
+                "GROUP_W": 256,
+                "WIDE_INDEX": False,
+            },
+        ),
+        KernelSpec(
+            "tv",
+            "tv_forward_kernel",
+            "bf16, grad",
+            {**_ptrs("x_ptr grad_ptr", "bf16"), **_ptrs("partial_ptr", "fp32")}
+            | _ints("C D H W stride_b stride_c stride_d stride_h n_dg n_hg n_wg")
+            | _floats("w_d w_h w_w"),
+            {
+                "stride_w": 1,
+                "HAS_GRAD": True,
+                "GROUP_D": 4,
+                "GROUP_H": 32,
+                "GROUP_W": 256,
+                "WIDE_INDEX": False,
+            },
+        ),
+        KernelSpec(
+            "tv",
+            "tv_forward_kernel",
+            "fp32, grad, int64 index",
+            _ptrs("x_ptr grad_ptr partial_ptr", "fp32")
+            | _ints("C D H W stride_b stride_c stride_d stride_h n_dg n_hg n_wg")
+            | _floats("w_d w_h w_w"),
+            {
+                "stride_w": 1,
+                "HAS_GRAD": True,
+                "GROUP_D": 4,
+                "GROUP_H": 32,
+                "GROUP_W": 256,
+                "WIDE_INDEX": True,
+            },
+        ),
+        KernelSpec(
+            "reduce",
+            "row_sum_kernel",
+            "fp32",
+            {**_ptrs("in_ptr out_ptr", "fp32"), **_ints("n_cols"), **_floats("scale")},
+            {},
+            {"BLOCK": 1024, "num_warps": 4, "num_stages": 1},
+        ),
+    ]
+    for x_ty, acc in (("fp32", "fp32"), ("bf16", "fp32"), ("fp32", "fp64")):
+        specs.append(
+            KernelSpec(
+                "welford",
+                "welford_partial_kernel",
+                f"x {x_ty}, acc {acc}",
+                {
+                    **_ptrs("x_ptr", x_ty),
+                    **_ptrs("mean_ptr m2_ptr", acc),
+                    **_ints("N F stride_n rows_per_split"),
+                },
+                {"stride_f": 1},
+            )
+        )
+    merge_types = _ints("n_splits rows_per_split N F count")
+    for mode, acc, name in ((0, "fp32", "mean/var"), (1, "fp64", "update fp64"), (2, "fp32", "stat match")):
+        specs.append(
+            KernelSpec(
+                "welford",
+                "welford_merge_kernel",
+                name,
+                {**_ptrs("pmean_ptr pm2_ptr aux_a_ptr aux_b_ptr out_a_ptr out_b_ptr", acc)}
+                | _ptrs("out_c_ptr sq_ptr", "fp32")
+                | merge_types,
+                {"MODE": mode},
+                {"BLOCK_F": 256, "num_warps": 4, "num_stages": 1},
+            )
+        )
+    specs += [
+        KernelSpec(
+            "welford",
+            "stat_norms_kernel",
+            "fp32",
+            {**_ptrs("sq_ptr loss_ptr inv_ptr", "fp32"), **_ints("n_parts")},
+            {},
+            {"BLOCK": 256, "num_warps": 4, "num_stages": 1},
+        ),
+        KernelSpec(
+            "welford",
+            "welford_backward_kernel",
+            "fp32",
+            {**_ptrs("x_ptr mean_ptr gm_ptr gv_ptr coef_ptr grad_ptr", "fp32"), **_ints("N F stride_n")},
+            {"stride_f": 1},
+        ),
+        KernelSpec(
+            "welford",
+            "welford_backward_kernel",
+            "bf16",
+            {**_ptrs("x_ptr grad_ptr", "bf16"), **_ptrs("mean_ptr gm_ptr gv_ptr coef_ptr", "fp32")}
+            | _ints("N F stride_n"),
+            {"stride_f": 1},
+        ),
+    ]
+    for ty, precision in (("fp32", "ieee"), ("bf16", "tf32")):
+        specs.append(
+            KernelSpec(
+                "repulsive",
+                "repulsive_direct_kernel",
+                f"{ty}, {precision}",
+                {**_ptrs("h_ptr p_ptr grad_ptr", ty), **_ptrs("rowsq_ptr", "fp32")}
+                | _ints("B P D stride_hb stride_pp")
+                | _floats("eps grad_scale"),
+                {"stride_hd": 1, "stride_pd": 1, "HAS_GRAD": True, "PRECISION": precision},
+            )
+        )
+    specs += [
+        KernelSpec(
+            "repulsive",
+            "gram_forward_kernel",
+            "h fp32, G fp32",
+            {
+                **_ptrs("h_ptr g_ptr t_ptr quad_ptr hsq_ptr", "fp32"),
+                **_ints("B D stride_hb stride_gm n_chunks"),
+            },
+            {"stride_hd": 1, "stride_gn": 1, "HAS_GRAD": True, "CHUNK_D": 64},
+        ),
+        KernelSpec(
+            "repulsive",
+            "gram_finish_kernel",
+            "fp32",
+            {**_ptrs("h_ptr t_ptr quad_ptr hsq_ptr rowloss_ptr grad_ptr", "fp32")}
+            | _ints("B D stride_hb n_chunks")
+            | _floats("eps grad_scale"),
+            {"stride_hd": 1, "HAS_GRAD": True},
+            {"BLOCK_B": 16, "BLOCK_C": 16, "BLOCK_D": 128, "num_warps": 4, "num_stages": 1},
+        ),
+    ]
+    for g_ty in ("fp32", "fp64"):
+        specs.append(
+            KernelSpec(
+                "repulsive",
+                "gram_update_kernel",
+                f"G {g_ty}",
+                {**_ptrs("f_ptr", "fp32"), **_ptrs("gram_ptr", g_ty), **_ints("K D stride_fk stride_gm")}
+                | _floats("alpha"),
+                {"stride_fd": 1, "stride_gn": 1},
+            )
+        )
+    return specs
+
+
+def _jit_function(spec: KernelSpec):
+    """The spec's ``JITFunction`` and its Hopper configs (None for an untuned kernel)."""
+    import importlib
+
+    kernel = getattr(importlib.import_module(f"invcoss.kernels.{spec.module}"), spec.attr)
+    configs = getattr(kernel, "hopper_configs", None)
+    return (kernel.fn if configs is not None else kernel), configs
+
+
+def _config_items(spec: KernelSpec, configs) -> list[tuple[str, dict, dict]]:
+    """``(label, meta constexprs, compile options)`` for every config of the spec."""
+    if configs is None:
+        meta = {k: v for k, v in spec.launch.items() if k not in ("num_warps", "num_stages")}
+        opts = {"num_warps": spec.launch["num_warps"], "num_stages": spec.launch["num_stages"]}
+        return [(_label(meta, opts), meta, opts)]
+    items = []
+    for cfg in configs:
+        opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+        items.append((_label(cfg.kwargs, opts), dict(cfg.kwargs), opts))
+    return items
+
+
+def _label(meta: dict, opts: dict) -> str:
+    blocks = " ".join(f"{k.removeprefix('BLOCK_')}={v}" for k, v in meta.items())
+    return f"{blocks} w{opts['num_warps']} s{opts['num_stages']}"
+
+
+_PTXAS_REGS = re.compile(r"Used (\d+) registers")
+_PTXAS_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def _compile_one(job: tuple[KernelSpec, str, dict, dict]) -> KernelRow:
+    """Compile one (spec, config) for sm_90 and read its resources from the ptxas report."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    spec, label, meta, opts = job
+    fn, _ = _jit_function(spec)
+    constexprs = {**spec.constexprs, **meta}
+    signature = {}
+    attrs = {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        else:
+            signature[name] = spec.types[name]
+            if signature[name].startswith("*"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    log = io.StringIO()
+    with triton.knobs.compilation.scope(), triton.knobs.nvidia.scope():
+        # A cache hit would skip ptxas and its report: compile afresh, with the report printed.
+        triton.knobs.compilation.always_compile = True
+        triton.knobs.nvidia.dump_ptxas_log = True
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(
+                src, target=GPUTarget("cuda", TARGET_ARCH, TARGET_WARP_SIZE), options=opts
+            )
+    report = log.getvalue()
+    regs = _PTXAS_REGS.search(report)
+    spills = _PTXAS_SPILLS.search(report)
+    if regs is None or spills is None:
+        raise RuntimeError(f"no ptxas resource report for {spec.attr} [{label}]:\n{report}")
+    return KernelRow(
+        kernel=spec.attr,
+        variant=spec.variant,
+        config=label,
+        registers=int(regs.group(1)),
+        shared_bytes=int(compiled.metadata.shared),
+        spill_bytes=int(spills.group(1)) + int(spills.group(2)),
+    )
+
+
+def compile_all(workers: int | None = None) -> list[KernelRow]:
+    """Compile every spec in every config in this process's kernels (which must not be interpreted)."""
+    from invcoss.kernels.launch import INTERPRET
+
+    if INTERPRET:
+        raise RuntimeError("compile_all needs compilable kernels: run it with TRITON_INTERPRET unset")
+    jobs = []
+    for spec in kernel_specs():
+        _, configs = _jit_function(spec)
+        jobs += [(spec, label, meta, opts) for label, meta, opts in _config_items(spec, configs)]
+    workers = workers or max(1, min(len(jobs), os.cpu_count() or 1))
+    if workers == 1:
+        return [_compile_one(job) for job in jobs]
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(_compile_one, jobs))
+
+
+def kernel_table(timeout: float = 600.0) -> list[KernelRow]:
+    """Rows for every (kernel, variant, config), compiled for sm_90 (see the module doc)."""
+    from invcoss.kernels.launch import INTERPRET
+
+    if not INTERPRET:
+        return compile_all()
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "invcoss.kernels.aot", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"ahead-of-time compile failed:\n{proc.stderr[-4000:]}")
+    return [KernelRow(**row) for row in json.loads(proc.stdout)]
+
+
+def format_kernel_table(rows: Sequence[KernelRow]) -> str:
+    """A plain-text table of ``rows``: kernel, variant, config, registers, shared memory, spills."""
+    head = ("kernel", "variant", "config", "regs", "smem B", "spill B")
+    body = [
+        (r.kernel, r.variant, r.config, str(r.registers), str(r.shared_bytes), str(r.spill_bytes))
+        for r in rows
+    ]
+    widths = [max(len(line[i]) for line in [head, *body]) for i in range(len(head))]
+    fmt = lambda line: "  ".join(
+        cell.rjust(w) if i >= 3 else cell.ljust(w) for i, (cell, w) in enumerate(zip(line, widths))
+    )
+    rule = "  ".join("-" * w for w in widths)
+    title = f"Triton kernels compiled for sm_{TARGET_ARCH} ({len(rows)} configs)"
+    return "\n".join([title, fmt(head), rule, *map(fmt, body)])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    rows = compile_all()
+    if "--json" in args:
+        print(json.dumps([asdict(r) for r in rows]))
+    else:
+        print(format_kernel_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
