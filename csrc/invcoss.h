@@ -1,0 +1,114 @@
+// Shared declarations of the extension invcoss._C: op signatures (implemented per device in
+// *_cpu.cpp / *_cuda.cu), argument checks and the CPU threading policy.
+//
+// Accumulation: at::opmath_type<T>, i.e. fp32 for fp16/bf16/fp32 inputs and fp64 for fp64 inputs
+// (the backend contract in invcoss/ops/dispatch.py). Reductions are deterministic on both devices:
+// work is cut into pieces whose size depends on the shape only, every piece writes its own partial,
+// and the partials are combined in a fixed order (never float atomics).
+#pragma once
+
+// Per-operator headers instead of <ATen/ATen.h>: a third less compile time per source file.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+
+#include <cstdint>
+#include <tuple>
+
+namespace invcoss {
+
+// ---- ops (schemas in ops.cpp) -------------------------------------------------------------------
+
+// tv: per-sample weighted anisotropic L1 sums (B,) and, when with_grad, d(sum_b)/dx (x's shape).
+std::tuple<at::Tensor, at::Tensor> tv_cpu(const at::Tensor& x, at::ArrayRef<double> weights, bool with_grad);
+std::tuple<at::Tensor, at::Tensor> tv_cuda(const at::Tensor& x, at::ArrayRef<double> weights, bool with_grad);
+// scale_rows: out[i, ...] = scale[i] * grad[i, ...], in the accumulation type, out in grad's dtype.
+at::Tensor scale_rows_cpu(const at::Tensor& grad, const at::Tensor& scale);
+at::Tensor scale_rows_cuda(const at::Tensor& grad, const at::Tensor& scale);
+
+std::tuple<at::Tensor, at::Tensor> col_mean_var_cpu(const at::Tensor& x);
+std::tuple<at::Tensor, at::Tensor> col_mean_var_cuda(const at::Tensor& x);
+// grad_x = grad_mean / N + grad_var * 2 (x - mean) / N, the backward of col_mean_var.
+at::Tensor mean_var_backward_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& grad_mean,
+                                 const at::Tensor& grad_var);
+at::Tensor mean_var_backward_cuda(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& grad_mean,
+                                  const at::Tensor& grad_var);
+std::tuple<at::Tensor, at::Tensor> welford_update_cpu(const at::Tensor& x, int64_t count, const at::Tensor& mean,
+                                                      const at::Tensor& m2);
+std::tuple<at::Tensor, at::Tensor> welford_update_cuda(const at::Tensor& x, int64_t count, const at::Tensor& mean,
+                                                       const at::Tensor& m2);
+// stat_matching: (loss, batch mean, g_mean, g_var) with g = d loss / d (batch mean, batch var).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stat_matching_cpu(const at::Tensor& x,
+                                                                             const at::Tensor& mean,
+                                                                             const at::Tensor& var);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stat_matching_cuda(const at::Tensor& x,
+                                                                              const at::Tensor& mean,
+                                                                              const at::Tensor& var);
+
+std::tuple<at::Tensor, at::Tensor> repulsive_direct_cpu(const at::Tensor& h, const at::Tensor& pool, double eps,
+                                                        bool with_grad);
+std::tuple<at::Tensor, at::Tensor> repulsive_direct_cuda(const at::Tensor& h, const at::Tensor& pool, double eps,
+                                                         bool with_grad);
+std::tuple<at::Tensor, at::Tensor> repulsive_gram_cpu(const at::Tensor& h, const at::Tensor& gram, int64_t count,
+                                                      double eps, bool with_grad);
+std::tuple<at::Tensor, at::Tensor> repulsive_gram_cuda(const at::Tensor& h, const at::Tensor& gram, int64_t count,
+                                                       double eps, bool with_grad);
+// In place gram += alpha * feats^T feats through at::addmm_ (MKL / cuBLAS); device-generic.
+void gram_update(const at::Tensor& gram, const at::Tensor& feats_hat, double alpha);
+
+// ---- shared helpers -----------------------------------------------------------------------------
+
+// The result dtype of a reduction over `t`: fp32, or fp64 for fp64 inputs.
+inline at::ScalarType acc_dtype(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_device(const char* op, const char* name, const at::Tensor& t, at::DeviceType dev) {
+  TORCH_CHECK(t.device().type() == dev, op, ": expected ", name, " on ", c10::DeviceTypeName(dev),
+              ", got a tensor on ", t.device());
+}
+
+inline void check_floating(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": expected ", name,
+              " of a floating dtype (fp16, bf16, fp32, fp64), got ", t.scalar_type());
+}
+
+inline void check_dim(const char* op, const char* name, const at::Tensor& t, int64_t dim, const char* shape) {
+  TORCH_CHECK(t.dim() == dim, op, ": expected ", name, " of shape ", shape, ", got ", t.sizes());
+}
+
+inline void check_same_device(const char* op, const at::Tensor& a, const char* a_name, const at::Tensor& b,
+                              const char* b_name) {
+  TORCH_CHECK(a.device() == b.device(), op, ": expected ", b_name, " on the same device as ", a_name, " (",
+              a.device(), "), got ", b.device());
+}
+
+// Shared argument checks of the ops; the device-specific files only add the device check.
+void check_tv_args(const at::Tensor& x, at::ArrayRef<double> weights);
+void check_columns_args(const char* op, const at::Tensor& x);
+void check_state_args(const char* op, const at::Tensor& x, const at::Tensor& a, const char* a_name,
+                      const at::Tensor& b, const char* b_name);
+// h (B, D) and either gram (D, D) or pool (P, D) with P >= 1.
+void check_repulsive_args(const char* op, const at::Tensor& h, const at::Tensor& other, bool is_gram);
+
+// Threads for an OpenMP region over `work` elements: 1 for small work or when already inside a
+// parallel region (no nested parallelism), else PyTorch's thread count (torch.set_num_threads sets
+// it; torch and this extension share one OpenMP runtime).
+inline int cpu_threads(int64_t work) {
+  constexpr int64_t kMinWorkPerThread = 1 << 17;  // ~50 us of streaming work
+  if (work < 2 * kMinWorkPerThread || at::in_parallel_region()) return 1;
+  return at::get_num_threads();
+}
+
+// Rows per reduction chunk of the CPU TV kernel; columns per tile of the CPU column statistics.
+// They fix how reductions are split, independent of the thread count.
+constexpr int64_t kTvRowsPerChunk = 16;
+constexpr int64_t kColTile = 1024;
+constexpr int64_t kColRowBlock = 64;
+
+}  // namespace invcoss
