@@ -149,9 +149,9 @@ def kernel_specs() -> list[KernelSpec]:
                 "welford_merge_kernel",
                 name,
                 {**_ptrs("pmean_ptr pm2_ptr aux_a_ptr aux_b_ptr out_a_ptr out_b_ptr", acc)}
-                | _ptrs("out_c_ptr sq_ptr", "fp32")
+                | _ptrs("x_ptr out_c_ptr sq_ptr", "fp32")
                 | merge_types,
-                {"MODE": mode},
+                {"MODE": mode, "stride_f": 1},
                 {"BLOCK_F": 256, "num_warps": 4, "num_stages": 1},
             )
         )

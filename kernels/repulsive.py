@@ -386,7 +386,7 @@ def gram_update_forward(gram: torch.Tensor, feats: torch.Tensor, alpha: float) -
 
 
 def _fake_loss_and_grad(h: torch.Tensor, with_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    grad = h.new_empty(h.shape if with_grad else (0,), memory_format=torch.contiguous_format)
+    grad = h.new_empty(h.shape if with_grad else (0,))
     return h.new_empty((), dtype=torch.float32), grad
 
 

@@ -203,7 +203,7 @@ def tv_backward(grad: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
 
 def _tv_fake(x: torch.Tensor, weights: list[float], with_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     per_sample = x.new_empty(x.shape[0], dtype=torch.float32)
-    grad = x.new_empty(x.shape if with_grad else (0,), memory_format=torch.contiguous_format)
+    grad = x.new_empty(x.shape if with_grad else (0,))
     return per_sample, grad
 
 

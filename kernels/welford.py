@@ -4,8 +4,11 @@ Stage 1 (:func:`welford_partial_kernel`) reads the batch once: each program owns
 of one split of rows and walks it in ``(BLOCK_N, BLOCK_F)`` tiles. A tile's mean and sum of squared
 deviations come exactly from registers (the tile is read once, so the "two passes" cost no memory
 traffic), and tiles are folded together with Chan et al.'s merge, so a column with a large mean and a
-small spread keeps its variance (no sum of squares). Each split writes ``(mean, m2)``; the split of
-rows is fixed by the launcher, not by the tile config, so the autotuner cannot leave stale partials.
+small spread keeps its variance (no sum of squares). The data are shifted by their first row
+(``x - x[0]``, exact for values within a factor 2 of it), so even the differences of tile means that
+Chan's merge squares stay small, well-resolved numbers in fp32. Each split writes ``(mean, m2)``;
+the split of rows is fixed by the launcher, not by the tile config, so the autotuner cannot leave
+stale partials.
 
 Stage 2 (:func:`welford_merge_kernel`) merges the splits in a fixed order (deterministic, no
 atomics) and finishes one of three ways (``MODE``): the fp32 mean and biased variance; a new running
@@ -77,13 +80,16 @@ def welford_partial_kernel(
     col_mask = cols < F
     r0 = pid_s * rows_per_split
     r1 = tl.minimum(r0 + rows_per_split, N)
+    # Shifted data: accumulate x - x[0] so that tile means and their differences stay small numbers
+    # (x - x[0] is exact while the two are within a factor 2); stage 2 adds the shift back.
+    shift = tl.load(x_ptr + cols.to(tl.int64) * stride_f, mask=col_mask, other=0.0).to(acc_ty)
     mean = tl.zeros((BLOCK_F,), acc_ty)
     m2 = tl.zeros((BLOCK_F,), acc_ty)
     for r in range(r0, r1, BLOCK_N):
         rows = r + tl.arange(0, BLOCK_N)
         mask = (rows < r1)[:, None] & col_mask[None, :]
         ptrs = x_ptr + rows.to(tl.int64)[:, None] * stride_n + cols.to(tl.int64)[None, :] * stride_f
-        x = tl.load(ptrs, mask=mask, other=0.0).to(acc_ty)
+        x = tl.where(mask, tl.load(ptrs, mask=mask, other=0.0).to(acc_ty) - shift[None, :], 0.0)
         n_b = tl.cast(tl.minimum(r1 - r, BLOCK_N), acc_ty)
         mean_b = tl.sum(x, axis=0) / n_b
         dev = tl.where(mask, x - mean_b[None, :], 0.0)
@@ -96,7 +102,9 @@ def welford_partial_kernel(
 
 @triton.jit
 def welford_merge_kernel(
-    pmean_ptr,  # (n_splits, F) stage-1 partials
+    x_ptr,  # (N, F): its first row is the shift of the stage-1 partials
+    stride_f,
+    pmean_ptr,  # (n_splits, F) stage-1 partials, relative to the shift
     pm2_ptr,
     n_splits,
     rows_per_split,
@@ -128,19 +136,21 @@ def welford_merge_kernel(
         m2_s = tl.load(pm2_ptr + off, mask=col_mask, other=0.0)
         mean, m2 = _chan_merge(tl.cast(n_a, acc_ty), mean, m2, tl.cast(n_b, acc_ty), mean_s, m2_s)
     n_batch = tl.cast(N, acc_ty)
+    shift = tl.load(x_ptr + cols.to(tl.int64) * stride_f, mask=col_mask, other=0.0).to(acc_ty)
     if MODE == 0:
-        tl.store(out_a_ptr + cols, mean.to(tl.float32), mask=col_mask)
+        tl.store(out_a_ptr + cols, (mean + shift).to(tl.float32), mask=col_mask)
         tl.store(out_b_ptr + cols, (m2 / n_batch).to(tl.float32), mask=col_mask)
     elif MODE == 1:
-        state_mean = tl.load(aux_a_ptr + cols, mask=col_mask, other=0.0).to(acc_ty)
+        # Merge in shifted coordinates too: state mean - shift is exact when they are close.
+        state_mean = tl.load(aux_a_ptr + cols, mask=col_mask, other=0.0).to(acc_ty) - shift
         state_m2 = tl.load(aux_b_ptr + cols, mask=col_mask, other=0.0).to(acc_ty)
         new_mean, new_m2 = _chan_merge(tl.cast(count, acc_ty), state_mean, state_m2, n_batch, mean, m2)
-        tl.store(out_a_ptr + cols, new_mean.to(out_a_ptr.dtype.element_ty), mask=col_mask)
+        tl.store(out_a_ptr + cols, (new_mean + shift).to(out_a_ptr.dtype.element_ty), mask=col_mask)
         tl.store(out_b_ptr + cols, new_m2.to(out_b_ptr.dtype.element_ty), mask=col_mask)
     else:
         target_mean = tl.load(aux_a_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
         target_var = tl.load(aux_b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-        batch_mean = mean.to(tl.float32)
+        batch_mean = (mean + shift).to(tl.float32)
         diff_m = tl.where(col_mask, batch_mean - target_mean, 0.0)
         diff_v = tl.where(col_mask, (m2 / n_batch).to(tl.float32) - target_var, 0.0)
         tl.store(out_a_ptr + cols, batch_mean, mask=col_mask)
@@ -172,8 +182,8 @@ def stat_norms_kernel(
     norm_m = tl.sqrt(sq_m)
     norm_v = tl.sqrt(sq_v)
     tl.store(loss_ptr, norm_m + norm_v)
-    tl.store(inv_ptr, tl.where(sq_m > 0, 1.0 / norm_m, 0.0))
-    tl.store(inv_ptr + 1, tl.where(sq_v > 0, 1.0 / norm_v, 0.0))
+    tl.store(inv_ptr, tl.where(sq_m > 0, 1.0 / tl.where(sq_m > 0, norm_m, 1.0), 0.0))
+    tl.store(inv_ptr + 1, tl.where(sq_v > 0, 1.0 / tl.where(sq_v > 0, norm_v, 1.0), 0.0))
 
 
 @autotune(BACKWARD_CONFIGS, key=["F"], interpret=BACKWARD_INTERPRET_CONFIG)
@@ -256,6 +266,8 @@ def welford_forward(
     launch(
         welford_merge_kernel,
         (n_prog,),
+        x,
+        x.stride(1),
         pmean,
         pm2,
         n_splits,
@@ -319,7 +331,7 @@ def batch_mean_var_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _fake_backward(x, mean, g_m, g_v, coef):
-    return x.new_empty(x.shape, memory_format=torch.contiguous_format)
+    return x.new_empty(x.shape)
 
 
 @define_op("invcoss_triton::stat_backward", fake=_fake_backward)
