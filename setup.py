@@ -13,6 +13,19 @@ from pathlib import Path
 from setuptools import setup
 
 
+def cuda_missing(torch_cuda: str | None, cuda_home: str | None) -> str:
+    """Why the CUDA kernels cannot be built here ("" when they can)."""
+    if os.environ.get("INVCOSS_NO_CUDA", "0") == "1":
+        return "INVCOSS_NO_CUDA=1"
+    if torch_cuda is None:
+        return "torch is a CPU-only build"
+    if cuda_home is None or not (Path(cuda_home) / "bin" / "nvcc").exists():
+        return "nvcc not found; set CUDA_HOME"
+    if not (Path(cuda_home) / "include" / "cuda_runtime.h").exists():  # e.g. CUDA_HOME guessed from a wrapper
+        return f"no CUDA headers under CUDA_HOME={cuda_home}; set CUDA_HOME to the toolkit"
+    return ""
+
+
 def extension_modules() -> tuple[list, dict]:
     try:
         import torch
@@ -25,14 +38,11 @@ def extension_modules() -> tuple[list, dict]:
     # Baseline x86-64 code (loads on any x86-64 CPU); the hot loops carry their own AVX2 clones.
     # -g0 overrides the -g of Python's CFLAGS, which triples the compile time.
     cxx = ["-O3", "-g0", "-fopenmp"]
-    with_cuda = (
-        bool(cu)
-        and os.environ.get("INVCOSS_NO_CUDA", "0") != "1"
-        and torch.version.cuda is not None
-        and CUDA_HOME is not None
-        and (Path(CUDA_HOME) / "bin" / "nvcc").exists()
-    )
-    if with_cuda:
+    why_not = cuda_missing(torch.version.cuda, CUDA_HOME) if cu else "no CUDA sources"
+    if why_not:
+        print(f"invcoss: building the CPU kernels only ({why_not})")
+        ext = CppExtension("invcoss._C", cpp, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+    else:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         # Some CUDA installs keep their libraries in lib/ rather than lib64/.
         lib_dirs = [str(p) for p in (Path(CUDA_HOME) / "lib64", Path(CUDA_HOME) / "lib") if p.is_dir()]
@@ -44,10 +54,9 @@ def extension_modules() -> tuple[list, dict]:
             extra_link_args=["-fopenmp"],
             library_dirs=lib_dirs,
         )
-    else:
-        ext = CppExtension("invcoss._C", cpp, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
     return [ext], {"build_ext": BuildExtension}
 
 
-ext_modules, cmdclass = extension_modules()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+if __name__ == "__main__":  # pip runs this file as __main__; tests import cuda_missing from it
+    ext_modules, cmdclass = extension_modules()
+    setup(ext_modules=ext_modules, cmdclass=cmdclass)

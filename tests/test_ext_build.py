@@ -1,0 +1,96 @@
+"""The build of ``invcoss._C``: what it reports, what it registers, and when it must exist.
+
+A compiled module next to the package that fails to import (a stale build, a missing symbol) is a
+failure, not a skip; without any compiled module the extension tests skip with the reason.
+"""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+import invcoss
+from invcoss import _ext, ops
+
+OPS = (
+    "tv",
+    "scale_rows",
+    "col_mean_var",
+    "mean_var_backward",
+    "welford_update",
+    "stat_matching",
+    "repulsive_direct",
+    "repulsive_gram",
+    "gram_update",
+)
+BUILT = list(Path(invcoss.__file__).parent.glob("_C.*"))
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cuda_missing(torch_cuda, cuda_home) -> str:
+    """setup.py's own decision whether to build the CUDA kernels."""
+    spec = importlib.util.spec_from_file_location("invcoss_setup", ROOT / "setup.py")
+    setup_py = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(setup_py)  # defines functions only when not run as __main__
+    return setup_py.cuda_missing(torch_cuda, cuda_home)
+
+
+def test_a_built_module_imports():
+    if not BUILT:
+        pytest.skip("invcoss._C is not built (pip install --no-build-isolation -e .)")
+    assert _ext.C is not None, f"invcoss._C exists ({BUILT[0].name}) but does not import: {_ext.IMPORT_ERROR}"
+
+
+needs_ext = pytest.mark.skipif(_ext.C is None, reason=f"invcoss._C is not built: {_ext.IMPORT_ERROR}")
+
+
+@needs_ext
+def test_has_cuda_is_reported_consistently():
+    assert isinstance(_ext.C.has_cuda(), bool)
+    assert _ext.HAS_CUDA == _ext.C.has_cuda()
+    from invcoss.cli.info import collect_info
+
+    ext = collect_info()["extension"]
+    assert ext["built"] and ext["cpu kernels"] and ext["cuda kernels"] == _ext.HAS_CUDA
+
+
+@needs_ext
+def test_cuda_kernels_built_where_the_toolchain_exists():
+    # setup.py adds the CUDA sources whenever torch is a CUDA build and nvcc exists (no GPU needed).
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    why_not = _cuda_missing(torch.version.cuda, CUDA_HOME)
+    if why_not:
+        pytest.skip(f"setup.py builds no CUDA kernels here: {why_not}")
+    assert _ext.HAS_CUDA, f"nvcc is at {CUDA_HOME} and torch is a CUDA build, but _C has no CUDA kernels"
+
+
+@needs_ext
+@pytest.mark.parametrize("op", OPS)
+def test_every_op_has_its_kernels(op):
+    name = f"invcoss::{op}"
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU")
+    if _ext.HAS_CUDA:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA")
+    else:
+        assert not torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA")
+
+
+@needs_ext
+def test_cpu_backend_is_the_default_for_cpu_tensors(monkeypatch):
+    monkeypatch.delenv("INVCOSS_BACKEND", raising=False)
+    ops.probe_all()
+    assert "cpu" in ops.available_backends()
+    assert ops.default_backend(torch.device("cpu")) == "cpu"
+
+
+@needs_ext
+def test_openmp_threads_follow_torch():
+    saved = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            assert _ext.C.omp_threads() == n
+    finally:
+        torch.set_num_threads(saved)
