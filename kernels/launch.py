@@ -13,19 +13,20 @@ to autograd. What those files would otherwise repeat lives here:
   explicit fake implementation under the interpreter, where tracing the launcher with fake tensors
   would run the interpreted kernel on them.
 - :func:`launch`: ``wrap_triton(kernel)[grid](...)``, so the same launcher runs eagerly and traces.
+- :func:`scale_saved_grad`: the whole backward of the ops that write their gradient during forward.
+- :func:`dot_precision`, :func:`sm_count`: the ``tl.dot`` precision per input dtype, grid sizing.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 
 import torch
 import triton
 from torch.library import wrap_triton
 
-# Read once, before any kernel below is defined: triton.jit makes the same decision at definition time.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Read once, before any kernel is defined, from the knob triton.jit itself consults at definition time.
+INTERPRET = bool(triton.knobs.runtime.interpret)
 
 # Streaming multiprocessors of the target when no device can be asked (an H100/H200 SXM has 132).
 HOPPER_SMS = 132

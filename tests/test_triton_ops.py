@@ -160,9 +160,12 @@ def test_running_stats_large_mean_mixed_batches(state_dtype):
 def test_welford_hard_cases():
     mean, var = ops.batch_mean_var(torch.tensor([[2281.5], [2281.25]]), backend="triton")
     assert var.item() == 0.015625 and mean.item() == 2281.375
-    x = torch.randn(97, 3, dtype=torch.float64) * 0.01 + 100
-    _, var = ops.batch_mean_var(x.float(), backend="triton")
-    np.testing.assert_allclose(to_np(var), to_np(x.float()).var(0), rtol=1e-4)
+    # Large mean, small spread (one-pass sums give 0 here, PyTorch issue 40302): fp32 accumulation on
+    # shifted data stays within 1e-6 of float64, across tiles (97 rows) and row splits (500 rows).
+    for rows, scale, offset in ((97, 0.01, 100.0), (500, 1.0, 1e4)):
+        x = (torch.randn(rows, 3, dtype=torch.float64) * scale + offset).float()
+        _, var = ops.batch_mean_var(x, backend="triton")
+        np.testing.assert_allclose(to_np(var), to_np(x).var(0), rtol=1e-6)
     _, var = ops.batch_mean_var(torch.full((40, 2), 1e7), backend="triton")
     assert torch.equal(var, torch.zeros(2))
 
