@@ -69,62 +69,36 @@ def _floats(names: str) -> dict[str, str]:
 
 def kernel_specs() -> list[KernelSpec]:
     """Every kernel of :mod:`invcoss.kernels` with the signatures its launchers use."""
+    from invcoss.kernels import reduce, repulsive, tv, welford
+
+    tv_fixed = {
+        "stride_w": 1,
+        "HAS_GRAD": True,
+        "GROUP_D": tv.GROUP_D,
+        "GROUP_H": tv.GROUP_H,
+        "GROUP_W": tv.GROUP_W,
+    }
     specs = [
         KernelSpec(
             "tv",
             "tv_forward_kernel",
-            "fp32, grad",
-            _ptrs("x_ptr grad_ptr partial_ptr", "fp32")
+            f"{x_ty}, grad" + (", int64 index" if wide else ""),
+            _ptrs("x_ptr grad_ptr", x_ty)
+            | _ptrs("partial_ptr", "fp32")
             | _ints("C D H W stride_b stride_c stride_d stride_h n_dg n_hg n_wg")
             | _floats("w_d w_h w_w"),
-            {
-                "stride_w": 1,
-                "HAS_GRAD": True,
-                "GROUP_D": 4,
-                "GROUP_H": 32,
-                "GROUP_W": 256,
-                "WIDE_INDEX": False,
-            },
-        ),
-        KernelSpec(
-            "tv",
-            "tv_forward_kernel",
-            "bf16, grad",
-            {**_ptrs("x_ptr grad_ptr", "bf16"), **_ptrs("partial_ptr", "fp32")}
-            | _ints("C D H W stride_b stride_c stride_d stride_h n_dg n_hg n_wg")
-            | _floats("w_d w_h w_w"),
-            {
-                "stride_w": 1,
-                "HAS_GRAD": True,
-                "GROUP_D": 4,
-                "GROUP_H": 32,
-                "GROUP_W": 256,
-                "WIDE_INDEX": False,
-            },
-        ),
-        KernelSpec(
-            "tv",
-            "tv_forward_kernel",
-            "fp32, grad, int64 index",
-            _ptrs("x_ptr grad_ptr partial_ptr", "fp32")
-            | _ints("C D H W stride_b stride_c stride_d stride_h n_dg n_hg n_wg")
-            | _floats("w_d w_h w_w"),
-            {
-                "stride_w": 1,
-                "HAS_GRAD": True,
-                "GROUP_D": 4,
-                "GROUP_H": 32,
-                "GROUP_W": 256,
-                "WIDE_INDEX": True,
-            },
-        ),
+            {**tv_fixed, "WIDE_INDEX": wide},
+        )
+        for x_ty, wide in (("fp32", False), ("bf16", False), ("fp32", True))
+    ]
+    specs += [
         KernelSpec(
             "reduce",
             "row_sum_kernel",
             "fp32",
             {**_ptrs("in_ptr out_ptr", "fp32"), **_ints("n_cols"), **_floats("scale")},
             {},
-            {"BLOCK": 1024, "num_warps": 4, "num_stages": 1},
+            reduce.ROW_SUM_LAUNCH,
         ),
     ]
     for x_ty, acc in (("fp32", "fp32"), ("bf16", "fp32"), ("fp32", "fp64")):
@@ -152,7 +126,7 @@ def kernel_specs() -> list[KernelSpec]:
                 | _ptrs("x_ptr out_c_ptr sq_ptr", "fp32")
                 | merge_types,
                 {"MODE": mode, "stride_f": 1},
-                {"BLOCK_F": 256, "num_warps": 4, "num_stages": 1},
+                welford.MERGE_LAUNCH,
             )
         )
     specs += [
@@ -162,7 +136,7 @@ def kernel_specs() -> list[KernelSpec]:
             "fp32",
             {**_ptrs("sq_ptr loss_ptr inv_ptr", "fp32"), **_ints("n_parts")},
             {},
-            {"BLOCK": 256, "num_warps": 4, "num_stages": 1},
+            welford.NORMS_LAUNCH,
         ),
         KernelSpec(
             "welford",
@@ -201,7 +175,7 @@ def kernel_specs() -> list[KernelSpec]:
                 **_ptrs("h_ptr g_ptr t_ptr quad_ptr hsq_ptr", "fp32"),
                 **_ints("B D stride_hb stride_gm n_chunks"),
             },
-            {"stride_hd": 1, "stride_gn": 1, "HAS_GRAD": True, "CHUNK_D": 64},
+            {"stride_hd": 1, "stride_gn": 1, "HAS_GRAD": True, "CHUNK_D": repulsive.GRAM_CHUNK_D},
         ),
         KernelSpec(
             "repulsive",
@@ -211,7 +185,7 @@ def kernel_specs() -> list[KernelSpec]:
             | _ints("B D stride_hb n_chunks")
             | _floats("eps grad_scale"),
             {"stride_hd": 1, "HAS_GRAD": True},
-            {"BLOCK_B": 16, "BLOCK_C": 16, "BLOCK_D": 128, "num_warps": 4, "num_stages": 1},
+            repulsive.FINISH_LAUNCH,
         ),
     ]
     for g_ty in ("fp32", "fp64"):

@@ -11,7 +11,8 @@ import triton
 import triton.language as tl
 from invcoss.kernels.launch import launch
 
-ROW_SUM_BLOCK = 1024
+# Launch parameters of this untuned kernel (kernels/aot.py compiles exactly these).
+ROW_SUM_LAUNCH = {"BLOCK": 1024, "num_warps": 4, "num_stages": 1}
 
 
 @triton.jit
@@ -37,5 +38,5 @@ def row_sum(partials: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """``scale * partials.sum(1)`` for fp32 ``partials`` ``(R, N)``, in a fixed order; ``(R,)`` fp32."""
     n_rows, n_cols = partials.shape
     out = torch.empty(n_rows, device=partials.device, dtype=torch.float32)
-    launch(row_sum_kernel, (n_rows,), partials, out, n_cols, scale, BLOCK=ROW_SUM_BLOCK)
+    launch(row_sum_kernel, (n_rows,), partials, out, n_cols, scale, **ROW_SUM_LAUNCH)
     return out

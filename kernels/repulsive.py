@@ -32,7 +32,8 @@ from invcoss.kernels.launch import autotune, config, define_op, dot_precision, l
 from invcoss.kernels.reduce import row_sum
 
 GRAM_CHUNK_D = 64  # gradient columns per gram_forward program; fixes the number of partials per row
-FINISH_BLOCK_B, FINISH_BLOCK_C, FINISH_BLOCK_D = 16, 16, 128
+# Launch parameters of the untuned finishing kernel (kernels/aot.py compiles exactly these).
+FINISH_LAUNCH = {"BLOCK_B": 16, "BLOCK_C": 16, "BLOCK_D": 128, "num_warps": 4, "num_stages": 1}
 
 # fp32 operands: an "ieee" dot runs on the FMA units with its tiles in registers, so the tiles stay
 # small (~200 registers, no spills); bf16/fp16 inputs take the tf32 tensor-core path with the same
@@ -339,7 +340,7 @@ def repulsive_gram_forward(
     grad = torch.empty((b, d) if with_grad else (0,), device=h.device, dtype=h.dtype)
     launch(
         gram_finish_kernel,
-        (triton.cdiv(b, FINISH_BLOCK_B),),
+        (triton.cdiv(b, FINISH_LAUNCH["BLOCK_B"]),),
         h,
         t if with_grad else quad,
         quad,
@@ -354,9 +355,7 @@ def repulsive_gram_forward(
         eps,
         2.0 / (b * count),
         HAS_GRAD=with_grad,
-        BLOCK_B=FINISH_BLOCK_B,
-        BLOCK_C=FINISH_BLOCK_C,
-        BLOCK_D=FINISH_BLOCK_D,
+        **FINISH_LAUNCH,
     )
     return _mean_over_rows(row_loss, count), grad
 

@@ -29,8 +29,10 @@ import triton.language as tl
 from invcoss.kernels.launch import autotune, config, define_op, launch, sm_count
 
 MODE_MEAN_VAR, MODE_UPDATE, MODE_STAT_MATCH = 0, 1, 2
-MERGE_BLOCK_F = 256  # stage 2 is tiny (n_splits x F loads); one fixed shape keeps its output sizes fixed
-NORMS_BLOCK = 256
+# Untuned kernels and their launch parameters (kernels/aot.py compiles exactly these). Stage 2 is tiny
+# (n_splits x F loads); one fixed block keeps the number of squared-norm partials fixed.
+MERGE_LAUNCH = {"BLOCK_F": 256, "num_warps": 4, "num_stages": 1}
+NORMS_LAUNCH = {"BLOCK": 256, "num_warps": 4, "num_stages": 1}
 MIN_ROWS_PER_SPLIT = 64
 
 # Column reduction of row-major data: wide BLOCK_F keeps loads coalesced along F; BLOCK_N rows in
@@ -252,7 +254,7 @@ def welford_forward(
     grid = lambda meta: (triton.cdiv(f, meta["BLOCK_F"]), n_splits)
     launch(welford_partial_kernel, grid, x, pmean, pm2, n, f, x.stride(0), x.stride(1), rows)
 
-    n_prog = triton.cdiv(f, MERGE_BLOCK_F)
+    n_prog = triton.cdiv(f, MERGE_LAUNCH["BLOCK_F"])
     out_dtype = acc if mode == MODE_UPDATE else torch.float32
     out_a = torch.empty(f, device=x.device, dtype=out_dtype)
     out_b = torch.empty(f, device=x.device, dtype=out_dtype)
@@ -282,13 +284,13 @@ def welford_forward(
         out_c,
         sq,
         MODE=mode,
-        BLOCK_F=MERGE_BLOCK_F,
+        **MERGE_LAUNCH,
     )
     if mode != MODE_STAT_MATCH:
         return out_a, out_b
     loss = torch.empty((), device=x.device, dtype=torch.float32)
     inv = torch.empty(2, device=x.device, dtype=torch.float32)
-    launch(stat_norms_kernel, (1,), sq, n_prog, loss, inv, BLOCK=NORMS_BLOCK)
+    launch(stat_norms_kernel, (1,), sq, n_prog, loss, inv, **NORMS_LAUNCH)
     return loss, out_a, out_b, out_c, inv
 
 
