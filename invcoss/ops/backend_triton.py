@@ -3,7 +3,8 @@
 Every function here is the thin contract entry of one Triton op family; the kernels, their launchers
 and their ``torch.library`` registrations (namespace ``invcoss_triton``, with autograd formulas and,
 under the interpreter, fake implementations) live in ``kernels/tv.py``, ``kernels/welford.py`` and
-``kernels/repulsive.py``. Accumulation is fp32 for every input dtype; the gradients come back in the
+``kernels/repulsive.py``. Accumulation is fp32 for every input dtype (fp64 inputs too), except that
+``welford_update`` accumulates in its state's dtype (fp64 by default); gradients come back in the
 input's dtype. On CPU tensors the kernels run through ``TRITON_INTERPRET=1`` (slowly, for tests).
 """
 
