@@ -1,0 +1,457 @@
+"""Data-free model inversion (Stage 1 of Algorithm 1, Eq. 6): a frozen MAE and its statistics → images.
+
+For each batch a generator (InvUNet by default, fresh per the re-initialisation schedule of
+:class:`~invcoss.inversion_config.InversionConfig`) and fresh latents z are optimised with Adam
+against the frozen model::
+
+    L_inv = L_task            masked reconstruction of the generated image by the MAE (Eq. 7)
+          + alpha_norm * sum_l stat_matching_loss(block_l(x), mu_l, sigma2_l)           (Eq. 3)
+          + alpha_img  * total_variation(x)                                             (Eq. 8)
+          + alpha_rep  * RepulsivePool.loss(embed(x))                                   (Eq. 5)
+
+``block_l`` are the encoder block outputs on the unmasked image (the taps the statistics were
+collected at, Appendix B.2) and ``embed`` the model's pooled feature. Every loss but L_task goes
+through :mod:`invcoss.ops`, so the fused kernels carry the hot path; ``backend=`` picks them. After
+a batch its images are kept and their features pushed into the pool, whose capacity is the number of
+samples requested (Sec. 3.4).
+
+Randomness comes only from generators seeded by ``(seed, what, index)``, never the global RNG, so a
+batch depends on the seed, its index and the state carried from the previous batch (the generator
+under training, its Adam moments and the pool), which :meth:`Inverter.state_tensors` captures for
+resuming. :meth:`Inverter.run` writes files (see :mod:`invcoss.inversion_io`);
+:meth:`Inverter.generate` keeps everything in memory.
+
+Example:
+    >>> from invcoss.models import create_model
+    >>> from invcoss.inversion_config import InversionConfig
+    >>> model = create_model("vit_nano", img_size_2d=32)
+    >>> stats = [(torch.zeros(5, 96), torch.ones(5, 96))] * 4  # per block (L, D) mean and variance
+    >>> cfg = InversionConfig.from_profile("quick", "xray", batch_size=2, steps=2, warmup_steps=2,
+    ...                                    latent_dim=8, generator_channels=(8, 8, 4))
+    >>> out = Inverter(model, stats, cfg, backend="torch").generate(3)
+    >>> tuple(out.images.shape), sorted(out.batches[0].curves)
+    ((3, 3, 32, 32), ['img', 'norm', 'rep', 'step', 'task', 'total'])
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from invcoss import ops
+from invcoss.inversion_config import InversionConfig
+
+__all__ = ["BatchResult", "GenerateResult", "Inverter", "NonFiniteLossError", "StepInfo", "derive_seed"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN or infinite; the batch is abandoned and nothing of it is written."""
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What a progress display shows after each step."""
+
+    batch: int
+    num_batches: int
+    step: int
+    steps: int
+    losses: dict[str, float]
+
+
+@dataclass
+class BatchResult:
+    """One optimised batch.
+
+    Attributes:
+        index: batch number.
+        images: ``(B, C, *S)`` float32 CPU, in the model's input space.
+        embeddings: ``(B, D)`` float32 CPU, ``model.embed`` of the images.
+        curves: per step, ``step`` and every enabled term plus ``total``.
+        final: every enabled term on the final images (``rep`` against the pool before this
+            batch's push).
+        stat_loss: sum over blocks of the stat-matching loss of the final images.
+        noise_stat_loss: the same for random noise of the same batch size.
+        fresh_generator: this batch started a new generator.
+        seconds: wall time of the optimisation.
+    """
+
+    index: int
+    images: Tensor
+    embeddings: Tensor
+    curves: dict[str, list[float]]
+    final: dict[str, float]
+    stat_loss: float
+    noise_stat_loss: float
+    fresh_generator: bool
+    seconds: float
+
+
+@dataclass
+class GenerateResult:
+    """All batches of :meth:`Inverter.generate`, concatenated."""
+
+    images: Tensor
+    embeddings: Tensor
+    batches: list[BatchResult] = field(default_factory=list)
+
+
+def derive_seed(seed: int, what: str, index: int) -> int:
+    """A 63-bit seed from ``(seed, what, index)``, stable across platforms and runs.
+
+    Example:
+        >>> derive_seed(0, "z", 1) == derive_seed(0, "z", 1) != derive_seed(0, "z", 2)
+        True
+    """
+    digest = hashlib.sha256(f"{int(seed)}:{what}:{int(index)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _stat_targets(stats, model: nn.Module, modality: str) -> list[tuple[Tensor, Tensor]]:
+    """``[(mean, var)]`` per block from a FeatureStats or a sequence of pairs, checked against the model."""
+    from invcoss.stats import FeatureStats, config_hash
+
+    cfg = model.config
+    if isinstance(stats, FeatureStats):
+        if stats.modality != modality:
+            raise ValueError(f"the statistics are for {stats.modality}, not {modality}")
+        if stats.config_hash != config_hash(cfg):
+            raise ValueError(
+                f"the statistics were collected with {stats.preset} (config {stats.config_hash}, input "
+                f"{stats.input_size}) but the model is {cfg.name} (config {config_hash(cfg)}); "
+                "invert a model with the statistics of its own architecture"
+            )
+        pairs = list(zip(stats.mean, stats.var))
+    else:
+        pairs = [(m, v) for m, v in stats]
+    ndim = 2 if modality in ("xray", "pathology") else 3
+    want = (cfg.num_patches(ndim) + 1, cfg.embed_dim)
+    shapes = sorted({tuple(t.shape) for p in pairs for t in p})
+    if len(pairs) != cfg.depth or shapes != [want]:
+        raise ValueError(
+            f"the statistics hold {len(pairs)} blocks of shape {shapes}, but model {cfg.name} has "
+            f"{cfg.depth} blocks with {ndim}D features of shape {want}"
+        )
+    return [(m.detach().float(), v.detach().float()) for m, v in pairs]
+
+
+class Inverter:
+    """Inverts a frozen MAE into synthetic samples that match its stored feature statistics.
+
+    The model is put in eval mode and its parameters stop requiring gradients (it is frozen).
+
+    Args:
+        model: an :class:`invcoss.models.MAE` (``forward(x, mask_ratio, noise)``,
+            ``unmasked_features``) taking the config's modality.
+        stats: an :class:`invcoss.stats.FeatureStats` of this model architecture and modality, or a
+            sequence of ``(mean, var)`` pairs, one ``(L, D)`` pair per encoder block.
+        config: an :class:`~invcoss.inversion_config.InversionConfig`.
+        device: where to optimise (default: the model's device).
+        backend: the :mod:`invcoss.ops` backend of the stat, TV and repulsive losses.
+
+    Raises:
+        ValueError: statistics of another architecture or modality, or a generator that cannot
+            make the model's input size.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        stats,
+        config: InversionConfig,
+        device: torch.device | str | None = None,
+        backend: str | None = None,
+    ) -> None:
+        self.config = config
+        self.space = config.space
+        self.ndim = config.ndim
+        self.backend = backend
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.model = model.to(self.device).eval().requires_grad_(False)
+        cfg = model.config
+        self.input_shape = (cfg.in_chans(self.ndim), *cfg.img_size(self.ndim))
+        self.num_patches = cfg.num_patches(self.ndim)
+        size = self.input_shape[1:]
+        if any(s % config.upsample for s in size[-2:]):
+            raise ValueError(f"upsample {config.upsample} does not divide the model's input size {size}")
+        self.generated_size = (*size[:-2], *(s // config.upsample for s in size[-2:]))
+        self.targets = [
+            (m.to(self.device), v.to(self.device)) for m, v in _stat_targets(stats, model, config.modality)
+        ]
+        self._generator_config()  # fail now, not at the first batch
+        self.pool: ops.RepulsivePool | None = None
+        self._gen: nn.Module | None = None
+        self._opt_g: torch.optim.Adam | None = None
+
+    # -- generator -------------------------------------------------------------------------------
+    def _generator_config(self) -> dict:
+        c = self.config
+        kw = dict(
+            ndim=self.ndim,
+            latent_dim=c.latent_dim,
+            out_size=self.generated_size,
+            out_channels=self.space.channels,
+            out_activation=self.space.activation,
+        )
+        if c.generator_channels is not None:
+            kw["channels"] = c.generator_channels
+        if c.generator != "pixels":
+            from invcoss.models import GeneratorConfig
+
+            gc = GeneratorConfig(**kw)  # validates the size against the upsampling factor
+            if self.ndim == 3 and math.prod(gc.bottleneck_size) == 1:
+                # InstanceNorm cannot normalise a single voxel.
+                raise ValueError(
+                    f"the 3D generator's bottleneck is a single voxel (size {self.generated_size} over "
+                    f"{len(gc.channels) - 1} levels); use fewer generator_channels or a smaller upsample"
+                )
+        return kw
+
+    def _new_generator(self, index: int) -> nn.Module:
+        from invcoss.models import BottomUpGenerator, InvUNet
+
+        cls = InvUNet if self.config.generator == "invunet" else BottomUpGenerator
+        # Initialised on the CPU from its own seed, so the weights do not depend on the device.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(self.config.seed, "generator", index))
+            gen = cls(**self._generator_config())
+        return gen.to(self.device).train()
+
+    def _ensure_generator(self, batch: int) -> bool:
+        """Make the generator of ``batch`` current; True when it is fresh."""
+        c = self.config
+        if c.generator == "pixels":
+            return True
+        fresh = batch % c.generator_every == 0 or self._gen is None
+        if fresh:
+            self._gen = self._new_generator(batch // c.generator_every)
+            self._opt_g = torch.optim.Adam(self._gen.parameters(), lr=c.lr_generator)
+        return fresh
+
+    def start(self, num_samples: int) -> None:
+        """Reset the carried state for a run of ``num_samples`` (an empty pool of that capacity)."""
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        self.pool = ops.RepulsivePool(
+            capacity=num_samples, dim=self.model.config.embed_dim, device=self.device, backend=self.backend
+        )
+        self._gen, self._opt_g = None, None
+
+    def num_batches(self, num_samples: int) -> int:
+        return math.ceil(num_samples / self.config.batch_size)
+
+    # -- losses ----------------------------------------------------------------------------------
+    def _images(self, params: Tensor) -> Tensor:
+        if self.config.generator == "pixels":
+            act = torch.tanh if self.space.activation == "tanh" else torch.sigmoid
+            raw = act(params)
+        else:
+            raw = self._gen(params)
+        if self.config.upsample > 1:
+            mode = "bilinear" if self.ndim == 2 else "trilinear"
+            raw = F.interpolate(raw, size=self.input_shape[1:], mode=mode, align_corners=False)
+        return self.space.to_model_input(raw, self.input_shape[0])
+
+    def stat_loss(self, feats: Sequence[Tensor]) -> Tensor:
+        """Sum over blocks of :func:`invcoss.ops.stat_matching_loss` (L_norm, Eq. 3)."""
+        total = None
+        for f, (mean, var) in zip(feats, self.targets, strict=True):
+            term = ops.stat_matching_loss(f, mean, var, backend=self.backend)
+            total = term if total is None else total + term
+        return total
+
+    def loss_terms(self, x: Tensor, mask_noise: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """The enabled terms of Eq. 6 for model inputs ``x: (B, C, *S)``, and ``embed(x)``."""
+        c = self.config
+        terms: dict[str, Tensor] = {}
+        if "task" in c.losses:
+            terms["task"] = self.model(x, c.mask_ratio, noise=mask_noise)[0]
+        feats, emb = self.model.unmasked_features(x)  # per block (B, 1 + L, D); (B, D)
+        if "norm" in c.losses:
+            terms["norm"] = self.stat_loss(feats)
+        if "img" in c.losses:
+            terms["img"] = ops.total_variation(x, reduction=c.tv_reduction, backend=self.backend)
+        if "rep" in c.losses:
+            terms["rep"] = self.pool.loss(emb)
+        return terms, emb
+
+    def weighted(self, terms: dict[str, Tensor]) -> Tensor:
+        c = self.config
+        weights = {"task": 1.0, "norm": c.alpha_norm, "img": c.alpha_img, "rep": c.alpha_rep}
+        return sum(weights[k] * v for k, v in terms.items())
+
+    # -- one batch -------------------------------------------------------------------------------
+    def invert_batch(
+        self, batch: int, size: int, num_batches: int = 1, on_step: Callable[[StepInfo], None] | None = None
+    ) -> BatchResult:
+        """Optimise batch ``batch`` of ``size`` samples; push its features into the pool.
+
+        Raises:
+            NonFiniteLossError: a loss became NaN or infinite (nothing of the batch is kept; the
+                carried state is left as it was before the batch).
+        """
+        if self.pool is None:
+            raise RuntimeError("call Inverter.start(num_samples) before invert_batch")
+        c = self.config
+        t0 = time.perf_counter()
+        saved = self.state_tensors()  # to restore on a non-finite loss
+        fresh = self._ensure_generator(batch)
+        rng = torch.Generator().manual_seed(derive_seed(c.seed, "batch", batch))
+        if c.generator == "pixels":
+            init = torch.randn((size, self.space.channels, *self.generated_size), generator=rng)
+            params = init.to(self.device).requires_grad_()
+            opts = [torch.optim.Adam([params], lr=c.lr_pixels)]
+        else:
+            params = torch.randn(size, c.latent_dim, generator=rng).to(self.device).requires_grad_()
+            opts = [self._opt_g, torch.optim.Adam([params], lr=c.lr_latent)]
+        steps = c.warmup_steps if fresh else c.steps
+        curves: dict[str, list[float]] = {"step": [], **{k: [] for k in c.losses}, "total": []}
+        for step in range(steps):
+            noise = torch.rand(size, self.num_patches, generator=rng).to(self.device)
+            terms, _ = self.loss_terms(self._images(params), noise)
+            total = self.weighted(terms)
+            values = {k: float(v.detach()) for k, v in terms.items()} | {"total": float(total.detach())}
+            if not all(math.isfinite(v) for v in values.values()):
+                self.load_state_tensors(saved)
+                bad = ", ".join(f"{k}={v}" for k, v in values.items())
+                raise NonFiniteLossError(
+                    f"batch {batch}, step {step + 1}/{steps}: the loss is not finite ({bad}); "
+                    "nothing of this batch was written. Lower lr_generator/lr_latent or check the "
+                    "statistics file"
+                )
+            for opt in opts:
+                opt.zero_grad(set_to_none=True)
+            total.backward()
+            for opt in opts:
+                opt.step()
+            curves["step"].append(step + 1)
+            for k, v in values.items():
+                curves[k].append(v)
+            if on_step is not None:
+                on_step(StepInfo(batch, num_batches, step + 1, steps, values))
+        with torch.no_grad():
+            x = self._images(params)
+            terms, emb = self.loss_terms(x, torch.rand(size, self.num_patches, generator=rng).to(self.device))
+            final = {k: float(v) for k, v in terms.items()}
+            stat = (
+                float(terms["norm"])
+                if "norm" in terms
+                else float(self.stat_loss(self.model.block_features(x)))
+            )
+            noise_rng = torch.Generator().manual_seed(derive_seed(c.seed, "noise", batch))
+            noise_x = self.space.noise((size, *self.input_shape), noise_rng).to(self.device)
+            noise_stat = float(self.stat_loss(self.model.block_features(noise_x)))
+        if not (torch.isfinite(x).all() and math.isfinite(stat)):
+            self.load_state_tensors(saved)
+            raise NonFiniteLossError(
+                f"batch {batch}: the final images are not finite; nothing of this batch was written"
+            )
+        self.pool.push(emb.detach())
+        return BatchResult(
+            index=batch,
+            images=x.detach().float().cpu(),
+            embeddings=emb.detach().float().cpu(),
+            curves=curves,
+            final=final,
+            stat_loss=stat,
+            noise_stat_loss=noise_stat,
+            fresh_generator=fresh,
+            seconds=time.perf_counter() - t0,
+        )
+
+    def batch_sizes(self, num_samples: int) -> list[int]:
+        b = self.config.batch_size
+        return [min(b, num_samples - i * b) for i in range(self.num_batches(num_samples))]
+
+    def generate(self, num_samples: int, on_step: Callable[[StepInfo], None] | None = None) -> GenerateResult:
+        """Invert ``num_samples`` samples in memory (no files).
+
+        Returns:
+            :class:`GenerateResult` with ``images (N, C, *S)``, ``embeddings (N, D)`` and every batch.
+        """
+        self.start(num_samples)
+        sizes = self.batch_sizes(num_samples)
+        batches = [self.invert_batch(b, n, len(sizes), on_step) for b, n in enumerate(sizes)]
+        return GenerateResult(
+            images=torch.cat([r.images for r in batches]),
+            embeddings=torch.cat([r.embeddings for r in batches]),
+            batches=batches,
+        )
+
+    def run(self, num_samples: int, out_dir, resume: bool = False, **kwargs):
+        """Invert ``num_samples`` samples into ``out_dir``; see :func:`invcoss.inversion_io.run_inversion`."""
+        from invcoss.inversion_io import run_inversion
+
+        return run_inversion(self, num_samples, out_dir, resume=resume, **kwargs)
+
+    # -- carried state (resume) ------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, Tensor]:
+        """The state carried between batches as flat CPU tensors: generator, its Adam moments, pool."""
+        out: dict[str, Tensor] = {}
+        if self.pool is not None:
+            out["pool.features"] = self.pool.features().detach().cpu().clone()
+            out["pool.gram"] = self.pool.gram.detach().cpu().clone()
+            out["pool.pushes"] = torch.tensor(self.pool.pushes)
+        if self._gen is not None:
+            for k, v in self._gen.state_dict().items():
+                out[f"generator.{k}"] = v.detach().cpu().clone()
+            for i, st in self._opt_g.state_dict()["state"].items():
+                for k, v in st.items():
+                    out[f"adam.{i}.{k}"] = torch.as_tensor(v).detach().cpu().clone()
+        return out
+
+    def load_state_tensors(self, state: dict[str, Tensor], batch: int | None = None) -> None:
+        """Restore what :meth:`state_tensors` returned (``batch``: the next batch, for a generator)."""
+        if "pool.features" in state:
+            self.pool.load_state_dict(
+                {
+                    "features": state["pool.features"].to(self.device),
+                    "capacity": torch.tensor(self.pool.capacity),
+                    "pushes": state["pool.pushes"],
+                }
+            )
+            # The incrementally updated Gram matrix, bit for bit, so a resumed run continues exactly.
+            self.pool.gram.copy_(state["pool.gram"].to(self.device))
+        gen_state = {k[len("generator.") :]: v for k, v in state.items() if k.startswith("generator.")}
+        if not gen_state:
+            self._gen, self._opt_g = None, None
+            return
+        if self._gen is None:
+            index = (batch if batch is not None else 0) // self.config.generator_every
+            self._gen = self._new_generator(index)
+            self._opt_g = torch.optim.Adam(self._gen.parameters(), lr=self.config.lr_generator)
+        self._gen.load_state_dict({k: v.to(self.device) for k, v in gen_state.items()})
+        moments: dict[int, dict[str, Tensor]] = {}
+        for k, v in state.items():
+            if k.startswith("adam."):
+                _, i, name = k.split(".", 2)
+                moments.setdefault(int(i), {})[name] = v.to(self.device) if name != "step" else v
+        groups = self._opt_g.state_dict()["param_groups"]
+        self._opt_g.load_state_dict({"state": moments, "param_groups": groups})
+
+
+def model_digest(model: nn.Module) -> str:
+    """sha256 of a model's weights (names, dtypes, shapes and bytes, in name order)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        a = t.detach().cpu().contiguous()
+        h.update(f"{name}:{a.dtype}:{tuple(a.shape)};".encode())
+        h.update(a.view(torch.uint8).numpy().tobytes() if a.numel() else b"")
+    return h.hexdigest()
+
+
+def targets_digest(targets: Sequence[tuple[Tensor, Tensor]]) -> str:
+    """sha256 of the statistics targets (float32 bytes of every block's mean and variance)."""
+    h = hashlib.sha256()
+    for m, v in targets:
+        for t in (m, v):
+            h.update(np.ascontiguousarray(t.detach().float().cpu().numpy()).tobytes())
+    return h.hexdigest()
