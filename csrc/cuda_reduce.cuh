@@ -5,15 +5,18 @@
 // gives the same bits on every run: no float atomics anywhere.
 #pragma once
 
-// c10's stream and guard headers, not <ATen/cuda/CUDAContext.h>: that one pulls in the cuBLAS and
-// cuSPARSE headers, which a CUDA toolkit with only nvcc and the runtime does not have (matmuls go
-// through the ATen dispatcher, which needs none of them here).
+// Only c10 headers here (see cuda_launch.h): not even <ATen/cuda/CUDAContext.h>, which pulls in the
+// cuBLAS and cuSPARSE headers that a toolkit with only nvcc and the runtime does not have.
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
 #include <cstdint>
+
+#include "cuda_launch.h"
+
+// Explicit instantiation of a launcher for the four input dtypes.
+#define INVCOSS_FOR_FLOATING_TYPES(M) M(float) M(double) M(c10::Half) M(c10::BFloat16)
 
 namespace invcoss::cuda {
 

@@ -22,43 +22,8 @@
 
 namespace invcoss {
 
-// ---- ops (schemas in ops.cpp) -------------------------------------------------------------------
-
-// tv: per-sample weighted anisotropic L1 sums (B,) and, when with_grad, d(sum_b)/dx (x's shape).
-std::tuple<at::Tensor, at::Tensor> tv_cpu(const at::Tensor& x, at::ArrayRef<double> weights, bool with_grad);
-std::tuple<at::Tensor, at::Tensor> tv_cuda(const at::Tensor& x, at::ArrayRef<double> weights, bool with_grad);
-// scale_rows: out[i, ...] = scale[i] * grad[i, ...], in the accumulation type, out in grad's dtype.
-at::Tensor scale_rows_cpu(const at::Tensor& grad, const at::Tensor& scale);
-at::Tensor scale_rows_cuda(const at::Tensor& grad, const at::Tensor& scale);
-
-std::tuple<at::Tensor, at::Tensor> col_mean_var_cpu(const at::Tensor& x);
-std::tuple<at::Tensor, at::Tensor> col_mean_var_cuda(const at::Tensor& x);
-// grad_x = grad_mean / N + grad_var * 2 (x - mean) / N, the backward of col_mean_var.
-at::Tensor mean_var_backward_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& grad_mean,
-                                 const at::Tensor& grad_var);
-at::Tensor mean_var_backward_cuda(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& grad_mean,
-                                  const at::Tensor& grad_var);
-std::tuple<at::Tensor, at::Tensor> welford_update_cpu(const at::Tensor& x, int64_t count, const at::Tensor& mean,
-                                                      const at::Tensor& m2);
-std::tuple<at::Tensor, at::Tensor> welford_update_cuda(const at::Tensor& x, int64_t count, const at::Tensor& mean,
-                                                       const at::Tensor& m2);
-// stat_matching: (loss, batch mean, g_mean, g_var) with g = d loss / d (batch mean, batch var).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stat_matching_cpu(const at::Tensor& x,
-                                                                             const at::Tensor& mean,
-                                                                             const at::Tensor& var);
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stat_matching_cuda(const at::Tensor& x,
-                                                                              const at::Tensor& mean,
-                                                                              const at::Tensor& var);
-
-std::tuple<at::Tensor, at::Tensor> repulsive_direct_cpu(const at::Tensor& h, const at::Tensor& pool, double eps,
-                                                        bool with_grad);
-std::tuple<at::Tensor, at::Tensor> repulsive_direct_cuda(const at::Tensor& h, const at::Tensor& pool, double eps,
-                                                         bool with_grad);
-std::tuple<at::Tensor, at::Tensor> repulsive_gram_cpu(const at::Tensor& h, const at::Tensor& gram, int64_t count,
-                                                      double eps, bool with_grad);
-std::tuple<at::Tensor, at::Tensor> repulsive_gram_cuda(const at::Tensor& h, const at::Tensor& gram, int64_t count,
-                                                       double eps, bool with_grad);
-// In place gram += alpha * feats^T feats through at::addmm_ (MKL / cuBLAS); device-generic.
+// In place gram += alpha * feats^T feats through at::addmm_ (MKL / cuBLAS); registered for both
+// dispatch keys (the schemas of all ops, with their shapes, are in ops.cpp).
 void gram_update(const at::Tensor& gram, const at::Tensor& feats_hat, double alpha);
 
 // ---- shared helpers -----------------------------------------------------------------------------
@@ -88,13 +53,25 @@ inline void check_same_device(const char* op, const at::Tensor& a, const char* a
               a.device(), "), got ", b.device());
 }
 
-// Shared argument checks of the ops; the device-specific files only add the device check.
+// Shared argument checks of the ops (defined next to the CPU kernels); the device-specific files
+// add only the device check.
 void check_tv_args(const at::Tensor& x, at::ArrayRef<double> weights);
+void check_scale_rows_args(const at::Tensor& grad, const at::Tensor& scale);
 void check_columns_args(const char* op, const at::Tensor& x);
 void check_state_args(const char* op, const at::Tensor& x, const at::Tensor& a, const char* a_name,
                       const at::Tensor& b, const char* b_name);
+void check_welford_args(const at::Tensor& x, int64_t count, const at::Tensor& mean, const at::Tensor& m2);
 // h (B, D) and either gram (D, D) or pool (P, D) with P >= 1.
 void check_repulsive_args(const char* op, const at::Tensor& h, const at::Tensor& other, bool is_gram);
+
+// x (N, F) with unit column stride; the row stride may be anything (also 0 for expanded rows).
+inline at::Tensor rows_with_unit_stride(const at::Tensor& x) { return x.stride(1) == 1 ? x : x.contiguous(); }
+
+// t converted to the accumulation type A, contiguous (no copy when it already is both).
+template <typename A>
+at::Tensor as_acc(const at::Tensor& t) {
+  return t.to(c10::CppTypeToScalarType<A>::value).contiguous();
+}
 
 // Threads for an OpenMP region over `work` elements: 1 for small work or when already inside a
 // parallel region (no nested parallelism), else PyTorch's thread count (torch.set_num_threads sets

@@ -1,20 +1,14 @@
-// Repulsive cosine loss (Eq. 5) on CUDA: normalisation and epilogue kernels around cuBLAS matmuls.
-// Same formulation as repulsive_cpu.cpp (read its header for the algebra): Y = h^ G or
-// Y = (h^ P^T) P^ over pool tiles, then one epilogue computes q_i = y_i . h^_i, the loss and the
-// gradient. Row reductions use warp shuffles; the loss adds the rows' q_i in index order in a
-// one-block pass, so it is deterministic.
-#include <torch/library.h>
-
+// Repulsive cosine loss (Eq. 5) on CUDA: the normalisation and epilogue kernels around the cuBLAS
+// matmuls that cuda_api.cpp runs through ATen. Same formulation as repulsive_cpu.cpp (its header
+// has the algebra): Y = h^ G or Y = (h^ P^T) P^ over pool tiles, then one epilogue computes
+// q_i = y_i . h^_i, the loss and the gradient. Row reductions use warp shuffles; the loss adds the
+// rows' q_i in index order in a one-block pass, so it is deterministic.
 #include "cuda_reduce.cuh"
-#include "invcoss.h"
 
-namespace invcoss {
+namespace invcoss::cuda {
 namespace {
 
-using cuda::kThreads;
-constexpr int64_t kPoolTile = 8192;  // pool rows per matmul of the direct path
-
-// Grid: one block per row. out = in / max(|in|, eps); norm and proj (|in| >= eps) when not null.
+// Grid: one block per row (x up to 2^31 - 1 rows). out = in / max(|in|, eps).
 template <typename T, typename A>
 __global__ void normalise_rows_kernel(const T* __restrict__ in, A* __restrict__ out, int64_t D, A eps,
                                       A* __restrict__ norm, A* __restrict__ proj) {
@@ -25,7 +19,7 @@ __global__ void normalise_rows_kernel(const T* __restrict__ in, A* __restrict__ 
     const A v = static_cast<A>(x[d]);
     ss += v * v;
   }
-  const A raw = sqrt(cuda::block_sum(ss));
+  const A raw = sqrt(block_sum(ss));
   const A n = raw > eps ? raw : eps;
   const A inv = A(1) / n;
   for (int64_t d = threadIdx.x; d < D; d += kThreads) out[row * D + d] = static_cast<A>(x[d]) * inv;
@@ -45,7 +39,7 @@ __global__ void epilogue_kernel(const A* __restrict__ y, const A* __restrict__ h
   const A* hr = hh + row * D;
   A q = A(0);
   for (int64_t d = threadIdx.x; d < D; d += kThreads) q += yr[d] * hr[d];
-  q = cuda::block_sum(q);
+  q = block_sum(q);
   if (threadIdx.x == 0) q_out[row] = q;
   if (grad != nullptr) {
     const A s = two_c / norm[row], pq = proj[row] * q;
@@ -53,109 +47,44 @@ __global__ void epilogue_kernel(const A* __restrict__ y, const A* __restrict__ h
   }
 }
 
-// One block: loss = c * sum_i q_i, the rows added in index order (fp64).
+// One block: loss = c * sum_i q_i, the rows added in index order in fp64.
 template <typename A>
 __global__ void loss_kernel(const A* __restrict__ q, int64_t B, double c, A* __restrict__ loss) {
   double s = 0.0;
   for (int64_t i = threadIdx.x; i < B; i += kThreads) s += double(q[i]);
-  s = cuda::block_sum(s);
+  s = block_sum(s);
   if (threadIdx.x == 0) *loss = A(s * c);
-}
-
-struct NormalisedRows {
-  at::Tensor hh, norm, proj;
-};
-
-template <typename T, typename A>
-NormalisedRows normalise_batch(const at::Tensor& h, double eps) {
-  const auto opts = h.options().dtype(c10::CppTypeToScalarType<A>::value);
-  const int64_t B = h.size(0), D = h.size(1);
-  NormalisedRows r{at::empty({B, D}, opts), at::empty({B}, opts), at::empty({B}, opts)};
-  if (B > 0) {
-    normalise_rows_kernel<T, A><<<static_cast<unsigned>(B), kThreads, 0, cuda::stream()>>>(
-        h.const_data_ptr<T>(), r.hh.mutable_data_ptr<A>(), D, A(eps), r.norm.mutable_data_ptr<A>(),
-        r.proj.mutable_data_ptr<A>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  return r;
-}
-
-template <typename T, typename A>
-std::tuple<at::Tensor, at::Tensor> epilogue(const at::Tensor& h, const NormalisedRows& n, const at::Tensor& y,
-                                            double c, bool with_grad) {
-  const int64_t B = h.size(0), D = h.size(1);
-  at::Tensor grad = with_grad ? at::empty({B, D}, h.options()) : at::empty({0}, h.options());
-  at::Tensor q = at::empty({B}, n.norm.options());
-  at::Tensor loss = at::empty({}, n.norm.options());
-  auto stream = cuda::stream();
-  if (B > 0) {
-    epilogue_kernel<T, A><<<static_cast<unsigned>(B), kThreads, 0, stream>>>(
-        y.const_data_ptr<A>(), n.hh.const_data_ptr<A>(), n.norm.const_data_ptr<A>(), n.proj.const_data_ptr<A>(), D,
-        A(2.0 * c), q.mutable_data_ptr<A>(), with_grad ? grad.mutable_data_ptr<T>() : nullptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  loss_kernel<A><<<1, kThreads, 0, stream>>>(q.const_data_ptr<A>(), B, c, loss.mutable_data_ptr<A>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {loss, grad};
 }
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> repulsive_gram_cuda(const at::Tensor& h_in, const at::Tensor& gram, int64_t count,
-                                                       double eps, bool with_grad) {
-  const char* op = "repulsive_gram";
-  check_repulsive_args(op, h_in, gram, /*is_gram=*/true);
-  check_device(op, "h", h_in, at::kCUDA);
-  TORCH_CHECK(count >= 1, op, ": expected count >= 1 (the pool size), got ", count);
-  TORCH_CHECK(h_in.size(0) <= INT32_MAX, op, ": expected at most 2^31 - 1 rows in h, got ", h_in.size(0));
-  const c10::cuda::OptionalCUDAGuard guard(h_in.device());
-  const at::Tensor h = h_in.contiguous();
-  std::tuple<at::Tensor, at::Tensor> out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "repulsive_gram_cuda", [&] {
-    using A = at::opmath_type<scalar_t>;
-    const NormalisedRows n = normalise_batch<scalar_t, A>(h, eps);
-    const at::Tensor y = at::mm(n.hh, gram.to(n.hh.scalar_type()));
-    out = epilogue<scalar_t, A>(h, n, y, 1.0 / (double(h.size(0)) * double(count)), with_grad);
-  });
-  return out;
+template <typename T>
+void normalise_rows(const T* in, acc_t<T>* out, int64_t rows, int64_t D, double eps, acc_t<T>* norm,
+                    acc_t<T>* proj) {
+  if (rows == 0) return;
+  normalise_rows_kernel<T, acc_t<T>><<<static_cast<unsigned>(rows), kThreads, 0, stream()>>>(
+      in, out, D, acc_t<T>(eps), norm, proj);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-std::tuple<at::Tensor, at::Tensor> repulsive_direct_cuda(const at::Tensor& h_in, const at::Tensor& pool_in,
-                                                         double eps, bool with_grad) {
-  const char* op = "repulsive_direct";
-  check_repulsive_args(op, h_in, pool_in, /*is_gram=*/false);
-  check_device(op, "h", h_in, at::kCUDA);
-  TORCH_CHECK(h_in.size(0) <= INT32_MAX, op, ": expected at most 2^31 - 1 rows in h, got ", h_in.size(0));
-  const c10::cuda::OptionalCUDAGuard guard(h_in.device());
-  const at::Tensor h = h_in.contiguous();
-  const int64_t B = h.size(0), D = h.size(1), P = pool_in.size(0);
-  std::tuple<at::Tensor, at::Tensor> out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "repulsive_direct_cuda", [&] {
-    using A = at::opmath_type<scalar_t>;
-    const NormalisedRows n = normalise_batch<scalar_t, A>(h, eps);
-    const at::Tensor pool = pool_in.to(n.hh.scalar_type()).contiguous();
-    at::Tensor y = at::zeros({B, D}, n.hh.options());
-    const int64_t tile = std::min(kPoolTile, P);
-    at::Tensor pp = at::empty({tile, D}, n.hh.options());
-    at::Tensor sim = at::empty({B, tile}, n.hh.options());
-    for (int64_t p0 = 0; p0 < P; p0 += tile) {
-      const int64_t tp = std::min(tile, P - p0);
-      at::Tensor pp_t = pp.narrow(0, 0, tp), sim_t = sim.narrow(1, 0, tp);
-      normalise_rows_kernel<A, A><<<static_cast<unsigned>(tp), kThreads, 0, cuda::stream()>>>(
-          pool.const_data_ptr<A>() + p0 * D, pp_t.mutable_data_ptr<A>(), D, A(eps), nullptr, nullptr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      at::mm_out(sim_t, n.hh, pp_t.t());
-      y.addmm_(sim_t, pp_t);
-    }
-    out = epilogue<scalar_t, A>(h, n, y, 1.0 / (double(B) * double(P)), with_grad);
-  });
-  return out;
+template <typename T>
+void repulsive_epilogue(const acc_t<T>* y, const acc_t<T>* hh, const acc_t<T>* norm, const acc_t<T>* proj,
+                        int64_t B, int64_t D, double c, acc_t<T>* q, T* grad, acc_t<T>* loss) {
+  using A = acc_t<T>;
+  if (B > 0) {
+    epilogue_kernel<T, A><<<static_cast<unsigned>(B), kThreads, 0, stream()>>>(y, hh, norm, proj, D, A(2.0 * c), q,
+                                                                                grad);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  loss_kernel<A><<<1, kThreads, 0, stream()>>>(q, B, c, loss);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-TORCH_LIBRARY_IMPL(invcoss, CUDA, m) {
-  m.impl("repulsive_direct", &repulsive_direct_cuda);
-  m.impl("repulsive_gram", &repulsive_gram_cuda);
-  m.impl("gram_update", &gram_update);
-}
+#define INVCOSS_INSTANTIATE(T)                                                                                 \
+  template void normalise_rows<T>(const T*, acc_t<T>*, int64_t, int64_t, double, acc_t<T>*, acc_t<T>*);       \
+  template void repulsive_epilogue<T>(const acc_t<T>*, const acc_t<T>*, const acc_t<T>*, const acc_t<T>*,    \
+                                      int64_t, int64_t, double, acc_t<T>*, T*, acc_t<T>*);
+INVCOSS_FOR_FLOATING_TYPES(INVCOSS_INSTANTIATE)
+#undef INVCOSS_INSTANTIATE
 
-}  // namespace invcoss
+}  // namespace invcoss::cuda

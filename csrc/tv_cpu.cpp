@@ -147,7 +147,7 @@ void scale_rows_kernel(const at::Tensor& g, const at::Tensor& scale, at::Tensor&
   const int64_t rows = g.size(0);
   const int64_t inner = rows == 0 ? 0 : g.numel() / rows;
   const int64_t blocks = (inner + kBlock - 1) / kBlock;
-  const at::Tensor s = scale.to(c10::CppTypeToScalarType<A>::value).contiguous();
+  const at::Tensor s = as_acc<A>(scale);
   const A* sp = s.const_data_ptr<A>();
   const T* gp = g.const_data_ptr<T>();
   T* op = out.mutable_data_ptr<T>();
@@ -171,6 +171,15 @@ void check_tv_args(const at::Tensor& x, at::ArrayRef<double> weights) {
               x.dim() - 2, "), got ", weights.size());
 }
 
+void check_scale_rows_args(const at::Tensor& grad, const at::Tensor& scale) {
+  check_floating("scale_rows", "grad", grad);
+  check_floating("scale_rows", "scale", scale);
+  TORCH_CHECK(grad.dim() >= 1, "scale_rows: expected grad with a leading dimension, got a 0-dim tensor");
+  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == grad.size(0), "scale_rows: expected scale of shape (",
+              grad.size(0), ",), got ", scale.sizes());
+  check_same_device("scale_rows", grad, "grad", scale, "scale");
+}
+
 std::tuple<at::Tensor, at::Tensor> tv_cpu(const at::Tensor& x_in, at::ArrayRef<double> weights, bool with_grad) {
   check_tv_args(x_in, weights);
   check_device("tv", "x", x_in, at::kCPU);
@@ -189,11 +198,8 @@ std::tuple<at::Tensor, at::Tensor> tv_cpu(const at::Tensor& x_in, at::ArrayRef<d
 }
 
 at::Tensor scale_rows_cpu(const at::Tensor& grad_in, const at::Tensor& scale_in) {
-  check_floating("scale_rows", "grad", grad_in);
+  check_scale_rows_args(grad_in, scale_in);
   check_device("scale_rows", "grad", grad_in, at::kCPU);
-  TORCH_CHECK(grad_in.dim() >= 1, "scale_rows: expected grad with a leading dimension, got a 0-dim tensor");
-  TORCH_CHECK(scale_in.dim() == 1 && scale_in.size(0) == grad_in.size(0),
-              "scale_rows: expected scale of shape (", grad_in.size(0), ",), got ", scale_in.sizes());
   const at::Tensor g = grad_in.contiguous();
   at::Tensor out = at::empty(g.sizes(), g.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "scale_rows_cpu",

@@ -1,27 +1,21 @@
 // Total variation (Eq. 8) on CUDA: per-sample sums and the gradient in one pass, then a
 // deterministic second pass over the per-block partial sums.
 //
-// tv_partial_kernel: grid (blocks_per_sample, min(B, 65535)); block (k, b) visits the elements of
-// sample b with a grid stride, each thread reading one value and its up to six neighbours (which
-// the neighbouring threads read too, so they come from L1/L2), accumulating the weighted forward
-// differences in fp32 (fp64 for fp64 input) and, with grad, writing d(sum)/dx once. The block's
-// sum (warp shuffles, then across warps) goes to partial[b, k]. tv_finalize_kernel: one block per
-// sample adds its partials in index order. The number of blocks per sample depends on the shape
-// only, so the result is the same on every run.
-#include <torch/library.h>
-
+// tv_partial_kernel: grid (n_part, min(B, 65535)); block (k, b) visits the values of sample b with a
+// grid stride, each thread reading one value and its up to six neighbours (which the neighbouring
+// threads read too, so they come from L1/L2), accumulating the weighted forward differences in
+// fp32 (fp64 for fp64 input) and, with grad, writing d(sum)/dx once. The block's sum (warp
+// shuffles, then across warps) goes to partial[b, k]. tv_finalize_kernel: one block per sample adds
+// its partials in index order. n_part depends on the shape only: the same bits on every run.
 #include "cuda_reduce.cuh"
-#include "invcoss.h"
 // Not self-contained: needs the c10 macros and <cstdint> included above.
 #include <ATen/cuda/detail/IntegerDivider.cuh>
 
-namespace invcoss {
+namespace invcoss::cuda {
 namespace {
 
-using cuda::kThreads;
-
-// Index type I: 32-bit (fast divisions by magic numbers) when a sample has < 2^32 values.
-template <typename T, typename A, typename I, bool kGrad>
+// Index type I: 32-bit (division by magic numbers) when a sample has fewer than 2^31 values.
+template <typename T, typename A, typename I>
 __global__ void tv_partial_kernel(const T* __restrict__ x, T* __restrict__ grad, A* __restrict__ partial, int64_t B,
                                   I M, I W, I H, I D, at::cuda::detail::IntDivider<I> div_w,
                                   at::cuda::detail::IntDivider<I> div_h, at::cuda::detail::IntDivider<I> div_d,
@@ -30,28 +24,27 @@ __global__ void tv_partial_kernel(const T* __restrict__ x, T* __restrict__ grad,
   const I stride = static_cast<I>(gridDim.x) * kThreads;
   for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
     const T* xs = x + b * static_cast<int64_t>(M);
-    T* gs = kGrad ? grad + b * static_cast<int64_t>(M) : nullptr;
+    T* gs = grad != nullptr ? grad + b * static_cast<int64_t>(M) : nullptr;
     A s = A(0);
     for (I i = static_cast<I>(blockIdx.x) * kThreads + threadIdx.x; i < M; i += stride) {
-      const auto qw = div_w.divmod(i);  // (row, w)
+      const auto qw = div_w.divmod(i);       // (row, w)
       const auto qh = div_h.divmod(qw.div);  // (plane, h)
       const I w = qw.mod, h = qh.mod, d = div_d.mod(qh.div);
       const A c = static_cast<A>(xs[i]);
       const A right = w + 1 < W ? static_cast<A>(xs[i + 1]) : c;
       const A down = h + 1 < H ? static_cast<A>(xs[i + W]) : c;
       const A back = d + 1 < D ? static_cast<A>(xs[i + HW]) : c;
-      s += ww * cuda::abs_of(right - c) + wh * cuda::abs_of(down - c) + wd * cuda::abs_of(back - c);
-      if constexpr (kGrad) {
+      s += ww * abs_of(right - c) + wh * abs_of(down - c) + wd * abs_of(back - c);
+      if (gs != nullptr) {  // uniform across the grid
         const A left = w > 0 ? static_cast<A>(xs[i - 1]) : c;
         const A up = h > 0 ? static_cast<A>(xs[i - W]) : c;
         const A front = d > 0 ? static_cast<A>(xs[i - HW]) : c;
-        const A g = ww * (cuda::sign_of(c - left) - cuda::sign_of(right - c)) +
-                    wh * (cuda::sign_of(c - up) - cuda::sign_of(down - c)) +
-                    wd * (cuda::sign_of(c - front) - cuda::sign_of(back - c));
+        const A g = ww * (sign_of(c - left) - sign_of(right - c)) + wh * (sign_of(c - up) - sign_of(down - c)) +
+                    wd * (sign_of(c - front) - sign_of(back - c));
         gs[i] = static_cast<T>(g);
       }
     }
-    s = cuda::block_sum(s);
+    s = block_sum(s);
     if (threadIdx.x == 0) partial[b * gridDim.x + blockIdx.x] = s;
   }
 }
@@ -62,12 +55,12 @@ __global__ void tv_finalize_kernel(const A* __restrict__ partial, A* __restrict_
   for (int64_t b = blockIdx.x; b < B; b += gridDim.x) {
     A s = A(0);
     for (int k = threadIdx.x; k < n_part; k += kThreads) s += partial[b * n_part + k];
-    s = cuda::block_sum(s);
+    s = block_sum(s);
     if (threadIdx.x == 0) out[b] = s;
   }
 }
 
-// Grid (x over the row's values, y over rows); out[r, k] = scale[r] * g[r, k].
+// Grid (x over a row's values, y over rows); out[r, k] = scale[r] * g[r, k].
 template <typename T, typename A>
 __global__ void scale_rows_kernel(const T* __restrict__ g, const A* __restrict__ scale, T* __restrict__ out,
                                   int64_t rows, int64_t inner) {
@@ -80,85 +73,51 @@ __global__ void scale_rows_kernel(const T* __restrict__ g, const A* __restrict__
 }
 
 template <typename T, typename I>
-void tv_launch(const at::Tensor& x, at::Tensor& sums, at::Tensor& grad, at::ArrayRef<double> weights, bool with_grad) {
-  using A = at::opmath_type<T>;
-  const bool depth = x.dim() == 5;
-  const int64_t B = x.size(0);
-  const I W = static_cast<I>(x.size(-1)), H = static_cast<I>(x.size(-2)), D = static_cast<I>(depth ? x.size(2) : 1);
-  const I M = static_cast<I>(x.numel() / B);
-  const A ww = A(weights.back()), wh = A(weights[weights.size() - 2]), wd = A(depth ? weights[0] : 0.0);
-  // About 8 values per thread, at most 1024 blocks per sample: fixed by the shape alone.
-  const int n_part = static_cast<int>(std::clamp<int64_t>(cuda::ceil_div(M, kThreads * 8), 1, 1024));
-  at::Tensor partial = at::empty({B, n_part}, sums.options());
-  const dim3 grid(n_part, cuda::grid_y(B));
-  auto stream = cuda::stream();
-  const at::cuda::detail::IntDivider<I> dw(W), dh(H), dd(D);
-  if (with_grad) {
-    tv_partial_kernel<T, A, I, true><<<grid, kThreads, 0, stream>>>(
-        x.const_data_ptr<T>(), grad.mutable_data_ptr<T>(), partial.mutable_data_ptr<A>(), B, M, W, H, D, dw, dh, dd,
-        ww, wh, wd);
-  } else {
-    tv_partial_kernel<T, A, I, false><<<grid, kThreads, 0, stream>>>(
-        x.const_data_ptr<T>(), nullptr, partial.mutable_data_ptr<A>(), B, M, W, H, D, dw, dh, dd, ww, wh, wd);
-  }
+void tv_launch(const T* x, T* grad, acc_t<T>* partial, acc_t<T>* sums, int64_t B, int64_t C, int64_t D, int64_t H,
+               int64_t W, double w_w, double w_h, double w_d) {
+  using A = acc_t<T>;
+  const int64_t M = C * D * H * W;  // values per sample
+  const int n_part = tv_partials(M);
+  const dim3 grid(n_part, grid_y(B));
+  const I Wi = static_cast<I>(W), Hi = static_cast<I>(H), Di = static_cast<I>(D);
+  tv_partial_kernel<T, A, I><<<grid, kThreads, 0, stream()>>>(
+      x, grad, partial, B, static_cast<I>(M), Wi, Hi, Di, at::cuda::detail::IntDivider<I>(Wi),
+      at::cuda::detail::IntDivider<I>(Hi), at::cuda::detail::IntDivider<I>(Di), A(w_w), A(w_h), A(w_d));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  tv_finalize_kernel<A><<<cuda::grid_y(B), kThreads, 0, stream>>>(partial.const_data_ptr<A>(),
-                                                                    sums.mutable_data_ptr<A>(), B, n_part);
+  tv_finalize_kernel<A><<<grid_y(B), kThreads, 0, stream()>>>(partial, sums, B, n_part);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> tv_cuda(const at::Tensor& x_in, at::ArrayRef<double> weights, bool with_grad) {
-  check_tv_args(x_in, weights);
-  check_device("tv", "x", x_in, at::kCUDA);
-  const c10::cuda::OptionalCUDAGuard guard(x_in.device());
-  const at::Tensor x = x_in.contiguous();
-  at::Tensor sums = at::empty({x.size(0)}, x.options().dtype(acc_dtype(x)));
-  at::Tensor grad = with_grad ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
-  if (x.numel() == 0) {
-    sums.zero_();
-    return {sums, grad};
+int tv_partials(int64_t per_sample) {
+  // About 8 values per thread, at most 1024 blocks per sample.
+  return static_cast<int>(std::clamp<int64_t>(ceil_div(per_sample, kThreads * 8), 1, 1024));
+}
+
+template <typename T>
+void tv_forward(const T* x, T* grad, acc_t<T>* partial, acc_t<T>* sums, int64_t B, int64_t C, int64_t D, int64_t H,
+                int64_t W, double w_w, double w_h, double w_d) {
+  // IntDivider<uint32_t> divides exactly below 2^31; the grid stride must not carry an index past it.
+  if (C * D * H * W <= int64_t(INT32_MAX) - int64_t(kThreads) * 1024) {
+    tv_launch<T, uint32_t>(x, grad, partial, sums, B, C, D, H, W, w_w, w_h, w_d);
+  } else {
+    tv_launch<T, int64_t>(x, grad, partial, sums, B, C, D, H, W, w_w, w_h, w_d);
   }
-  const bool small = x.numel() / x.size(0) < (int64_t(1) << 32) - int64_t(kThreads) * 1024;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "tv_cuda", [&] {
-    if (small) {
-      tv_launch<scalar_t, uint32_t>(x, sums, grad, weights, with_grad);
-    } else {
-      tv_launch<scalar_t, int64_t>(x, sums, grad, weights, with_grad);
-    }
-  });
-  return {sums, grad};
 }
 
-at::Tensor scale_rows_cuda(const at::Tensor& grad_in, const at::Tensor& scale_in) {
-  check_floating("scale_rows", "grad", grad_in);
-  check_device("scale_rows", "grad", grad_in, at::kCUDA);
-  TORCH_CHECK(grad_in.dim() >= 1, "scale_rows: expected grad with a leading dimension, got a 0-dim tensor");
-  TORCH_CHECK(scale_in.dim() == 1 && scale_in.size(0) == grad_in.size(0), "scale_rows: expected scale of shape (",
-              grad_in.size(0), ",), got ", scale_in.sizes());
-  check_same_device("scale_rows", grad_in, "grad", scale_in, "scale");
-  const c10::cuda::OptionalCUDAGuard guard(grad_in.device());
-  const at::Tensor g = grad_in.contiguous();
-  at::Tensor out = at::empty(g.sizes(), g.options());
-  const int64_t rows = g.size(0);
-  if (g.numel() == 0) return out;
-  const int64_t inner = g.numel() / rows;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "scale_rows_cuda", [&] {
-    using A = at::opmath_type<scalar_t>;
-    const at::Tensor s = scale_in.to(c10::CppTypeToScalarType<A>::value).contiguous();
-    const dim3 grid(static_cast<unsigned>(std::clamp<int64_t>(cuda::ceil_div(inner, kThreads * 4), 1, 1024)),
-                    cuda::grid_y(rows));
-    scale_rows_kernel<scalar_t, A><<<grid, kThreads, 0, cuda::stream()>>>(
-        g.const_data_ptr<scalar_t>(), s.const_data_ptr<A>(), out.mutable_data_ptr<scalar_t>(), rows, inner);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return out;
+template <typename T>
+void scale_rows(const T* g, const acc_t<T>* scale, T* out, int64_t rows, int64_t inner) {
+  const dim3 grid(static_cast<unsigned>(std::clamp<int64_t>(ceil_div(inner, kThreads * 4), 1, 1024)), grid_y(rows));
+  scale_rows_kernel<T, acc_t<T>><<<grid, kThreads, 0, stream()>>>(g, scale, out, rows, inner);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-TORCH_LIBRARY_IMPL(invcoss, CUDA, m) {
-  m.impl("tv", &tv_cuda);
-  m.impl("scale_rows", &scale_rows_cuda);
-}
+#define INVCOSS_INSTANTIATE(T)                                                                                   \
+  template void tv_forward<T>(const T*, T*, acc_t<T>*, acc_t<T>*, int64_t, int64_t, int64_t, int64_t, int64_t, \
+                              double, double, double);                                                          \
+  template void scale_rows<T>(const T*, const acc_t<T>*, T*, int64_t, int64_t);
+INVCOSS_FOR_FLOATING_TYPES(INVCOSS_INSTANTIATE)
+#undef INVCOSS_INSTANTIATE
 
-}  // namespace invcoss
+}  // namespace invcoss::cuda

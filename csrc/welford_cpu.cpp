@@ -91,14 +91,6 @@ void for_each_column_tile(const at::Tensor& x, const Epilogue& epilogue) {
   }
 }
 
-// Rows contiguous along the columns; the row stride may be anything (also 0 for expanded rows).
-at::Tensor rows_with_unit_stride(const at::Tensor& x) { return x.stride(1) == 1 ? x : x.contiguous(); }
-
-template <typename A>
-at::Tensor as_acc(const at::Tensor& t) {
-  return t.to(c10::CppTypeToScalarType<A>::value).contiguous();
-}
-
 template <typename T, typename A>
 INVCOSS_CLONES void mean_var_backward_block(const T* INVCOSS_RESTRICT x, T* INVCOSS_RESTRICT out, int64_t ld,
                                             int64_t N, int64_t nf, const A* INVCOSS_RESTRICT mean,
@@ -173,6 +165,16 @@ void check_state_args(const char* op, const at::Tensor& x, const at::Tensor& a, 
   }
 }
 
+void check_welford_args(const at::Tensor& x, int64_t count, const at::Tensor& mean, const at::Tensor& m2) {
+  const char* op = "welford_update";
+  check_state_args(op, x, mean, "mean", m2, "m2");
+  TORCH_CHECK(count >= 0, op, ": expected count >= 0, got ", count);
+  TORCH_CHECK(mean.scalar_type() == m2.scalar_type() &&
+                  (mean.scalar_type() == at::kFloat || mean.scalar_type() == at::kDouble),
+              op, ": expected mean and m2 both fp32 or both fp64, got ", mean.scalar_type(), " and ",
+              m2.scalar_type());
+}
+
 std::tuple<at::Tensor, at::Tensor> col_mean_var_cpu(const at::Tensor& x_in) {
   check_columns_args("col_mean_var", x_in);
   check_device("col_mean_var", "x", x_in, at::kCPU);
@@ -209,14 +211,8 @@ at::Tensor mean_var_backward_cpu(const at::Tensor& x_in, const at::Tensor& mean_
 
 std::tuple<at::Tensor, at::Tensor> welford_update_cpu(const at::Tensor& x_in, int64_t count,
                                                       const at::Tensor& mean_in, const at::Tensor& m2_in) {
-  const char* op = "welford_update";
-  check_state_args(op, x_in, mean_in, "mean", m2_in, "m2");
-  check_device(op, "x", x_in, at::kCPU);
-  TORCH_CHECK(count >= 0, op, ": expected count >= 0, got ", count);
-  TORCH_CHECK(mean_in.scalar_type() == m2_in.scalar_type() &&
-                  (mean_in.scalar_type() == at::kFloat || mean_in.scalar_type() == at::kDouble),
-              op, ": expected mean and m2 both fp32 or both fp64, got ", mean_in.scalar_type(), " and ",
-              m2_in.scalar_type());
+  check_welford_args(x_in, count, mean_in, m2_in);
+  check_device("welford_update", "x", x_in, at::kCPU);
   if (x_in.size(0) == 0) return {mean_in.clone(), m2_in.clone()};
   const at::Tensor x = rows_with_unit_stride(x_in);
   const at::Tensor mean = mean_in.contiguous(), m2 = m2_in.contiguous();

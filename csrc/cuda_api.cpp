@@ -1,0 +1,260 @@
+// The ops for the CUDA dispatch key: argument checks, output and scratch allocation, dtype dispatch
+// and cuBLAS matmuls (through ATen) around the raw kernels of *_cuda.cu (see cuda_launch.h for
+// why the two halves are split). Compiled only into builds with CUDA kernels.
+#ifdef INVCOSS_WITH_CUDA
+
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "cuda_launch.h"
+#include "invcoss.h"
+
+namespace invcoss {
+namespace {
+
+constexpr int64_t kPoolTile = 8192;  // pool rows per matmul of the direct path
+
+std::tuple<at::Tensor, at::Tensor> tv_cuda(const at::Tensor& x_in, at::ArrayRef<double> weights, bool with_grad) {
+  check_tv_args(x_in, weights);
+  check_device("tv", "x", x_in, at::kCUDA);
+  const c10::cuda::OptionalCUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor sums = at::empty({x.size(0)}, x.options().dtype(acc_dtype(x)));
+  at::Tensor grad = with_grad ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
+  if (x.numel() == 0) return {sums.zero_(), grad};
+  const bool depth = x.dim() == 5;
+  const int64_t B = x.size(0), C = x.size(1), D = depth ? x.size(2) : 1, H = x.size(-2), W = x.size(-1);
+  at::Tensor partial = at::empty({B * cuda::tv_partials(C * D * H * W)}, sums.options());
+  const double w_w = weights.back(), w_h = weights[weights.size() - 2], w_d = depth ? weights[0] : 0.0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "tv_cuda", [&] {
+    using A = at::opmath_type<scalar_t>;
+    cuda::tv_forward<scalar_t>(x.const_data_ptr<scalar_t>(), with_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr,
+                               partial.mutable_data_ptr<A>(), sums.mutable_data_ptr<A>(), B, C, D, H, W, w_w, w_h,
+                               w_d);
+  });
+  return {sums, grad};
+}
+
+at::Tensor scale_rows_cuda(const at::Tensor& grad_in, const at::Tensor& scale_in) {
+  check_scale_rows_args(grad_in, scale_in);
+  check_device("scale_rows", "grad", grad_in, at::kCUDA);
+  const c10::cuda::OptionalCUDAGuard guard(grad_in.device());
+  const at::Tensor g = grad_in.contiguous();
+  at::Tensor out = at::empty(g.sizes(), g.options());
+  if (g.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "scale_rows_cuda", [&] {
+    using A = at::opmath_type<scalar_t>;
+    const at::Tensor s = as_acc<A>(scale_in);
+    cuda::scale_rows<scalar_t>(g.const_data_ptr<scalar_t>(), s.const_data_ptr<A>(), out.mutable_data_ptr<scalar_t>(),
+                               g.size(0), g.numel() / g.size(0));
+  });
+  return out;
+}
+
+// Staging buffers (S, F) of the column statistics of x, in the accumulation type A.
+template <typename T, typename A>
+std::pair<at::Tensor, at::Tensor> column_partials(const at::Tensor& x, cuda::Segments seg) {
+  const int64_t N = x.size(0), F = x.size(1);
+  const auto opts = x.options().dtype(c10::CppTypeToScalarType<A>::value);
+  at::Tensor pm = at::empty({seg.count, F}, opts), pq = at::empty({seg.count, F}, opts);
+  cuda::column_partials<T, A>(x.const_data_ptr<T>(), x.stride(0), N, F, seg, pm.mutable_data_ptr<A>(),
+                              pq.mutable_data_ptr<A>());
+  return {pm, pq};
+}
+
+std::tuple<at::Tensor, at::Tensor> col_mean_var_cuda(const at::Tensor& x_in) {
+  check_columns_args("col_mean_var", x_in);
+  check_device("col_mean_var", "x", x_in, at::kCUDA);
+  TORCH_CHECK(x_in.size(0) >= 1, "col_mean_var: expected x with at least one row, got ", x_in.sizes());
+  const c10::cuda::OptionalCUDAGuard guard(x_in.device());
+  const at::Tensor x = rows_with_unit_stride(x_in);
+  const int64_t N = x.size(0), F = x.size(1);
+  at::Tensor mean = at::empty({F}, x.options().dtype(acc_dtype(x)));
+  at::Tensor var = at::empty_like(mean);
+  if (F == 0) return {mean, var};
+  const cuda::Segments seg = cuda::column_segments(N, F);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "col_mean_var_cuda", [&] {
+    using A = at::opmath_type<scalar_t>;
+    const auto [pm, pq] = column_partials<scalar_t, A>(x, seg);
+    cuda::column_mean_var<A>(pm.const_data_ptr<A>(), pq.const_data_ptr<A>(), N, F, seg, mean.mutable_data_ptr<A>(),
+                             var.mutable_data_ptr<A>());
+  });
+  return {mean, var};
+}
+
+at::Tensor mean_var_backward_cuda(const at::Tensor& x_in, const at::Tensor& mean_in, const at::Tensor& gm_in,
+                                  const at::Tensor& gv_in) {
+  const char* op = "mean_var_backward";
+  check_state_args(op, x_in, gm_in, "grad_mean", gv_in, "grad_var");
+  check_state_args(op, x_in, mean_in, "mean", mean_in, "mean");
+  check_device(op, "x", x_in, at::kCUDA);
+  const c10::cuda::OptionalCUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  if (x.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mean_var_backward_cuda", [&] {
+    using A = at::opmath_type<scalar_t>;
+    const at::Tensor mean = as_acc<A>(mean_in), gm = as_acc<A>(gm_in), gv = as_acc<A>(gv_in);
+    cuda::mean_var_backward<scalar_t>(x.const_data_ptr<scalar_t>(), mean.const_data_ptr<A>(), gm.const_data_ptr<A>(),
+                                      gv.const_data_ptr<A>(), out.mutable_data_ptr<scalar_t>(), x.size(0), x.size(1));
+  });
+  return out;
+}
+
+// The state's dtype A is the accumulation type (Eq. 9 is evaluated in the state's precision).
+template <typename T, typename A>
+void welford_update_launch(const at::Tensor& x, int64_t count, const at::Tensor& mean, const at::Tensor& m2,
+                           at::Tensor& out_mean, at::Tensor& out_m2) {
+  const int64_t N = x.size(0), F = x.size(1);
+  const cuda::Segments seg = cuda::column_segments(N, F);
+  const auto [pm, pq] = column_partials<T, A>(x, seg);
+  cuda::column_welford_merge<A>(pm.template const_data_ptr<A>(), pq.template const_data_ptr<A>(), N, F, seg,
+                                mean.const_data_ptr<A>(), m2.const_data_ptr<A>(), count,
+                                out_mean.mutable_data_ptr<A>(), out_m2.mutable_data_ptr<A>());
+}
+
+std::tuple<at::Tensor, at::Tensor> welford_update_cuda(const at::Tensor& x_in, int64_t count,
+                                                       const at::Tensor& mean_in, const at::Tensor& m2_in) {
+  const char* op = "welford_update";
+  check_welford_args(x_in, count, mean_in, m2_in);
+  check_device(op, "x", x_in, at::kCUDA);
+  if (x_in.size(0) == 0 || x_in.size(1) == 0) return {mean_in.clone(), m2_in.clone()};
+  const c10::cuda::OptionalCUDAGuard guard(x_in.device());
+  const at::Tensor x = rows_with_unit_stride(x_in);
+  const at::Tensor mean = mean_in.contiguous(), m2 = m2_in.contiguous();
+  at::Tensor out_mean = at::empty_like(mean), out_m2 = at::empty_like(m2);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "welford_update_cuda", [&] {
+    if (mean.scalar_type() == at::kDouble) {
+      welford_update_launch<scalar_t, double>(x, count, mean, m2, out_mean, out_m2);
+    } else {
+      welford_update_launch<scalar_t, float>(x, count, mean, m2, out_mean, out_m2);
+    }
+  });
+  return {out_mean, out_m2};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stat_matching_cuda(const at::Tensor& x_in,
+                                                                              const at::Tensor& mu_in,
+                                                                              const at::Tensor& var_in) {
+  const char* op = "stat_matching";
+  check_state_args(op, x_in, mu_in, "mean", var_in, "var");
+  check_device(op, "x", x_in, at::kCUDA);
+  TORCH_CHECK(x_in.size(0) >= 1, op, ": expected x with at least one row, got ", x_in.sizes());
+  const c10::cuda::OptionalCUDAGuard guard(x_in.device());
+  const at::Tensor x = rows_with_unit_stride(x_in);
+  const int64_t N = x.size(0), F = x.size(1);
+  const auto opts = x.options().dtype(acc_dtype(x));
+  at::Tensor bmean = at::empty({F}, opts), g_mean = at::empty({F}, opts), g_var = at::empty({F}, opts);
+  at::Tensor loss = at::zeros({}, opts);
+  if (F == 0) return {loss, bmean, g_mean, g_var};
+  const cuda::Segments seg = cuda::column_segments(N, F);
+  at::Tensor block_sq = at::empty({2 * int64_t(cuda::column_blocks(F))}, x.options().dtype(at::kDouble));
+  at::Tensor inv_norms = at::empty({2}, opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "stat_matching_cuda", [&] {
+    using A = at::opmath_type<scalar_t>;
+    const at::Tensor mu = as_acc<A>(mu_in), var = as_acc<A>(var_in);
+    const auto [pm, pq] = column_partials<scalar_t, A>(x, seg);
+    cuda::stat_matching_finish<A>(pm.const_data_ptr<A>(), pq.const_data_ptr<A>(), N, F, seg, mu.const_data_ptr<A>(),
+                                  var.const_data_ptr<A>(), bmean.mutable_data_ptr<A>(), g_mean.mutable_data_ptr<A>(),
+                                  g_var.mutable_data_ptr<A>(), block_sq.mutable_data_ptr<double>(),
+                                  inv_norms.mutable_data_ptr<A>(), loss.mutable_data_ptr<A>());
+  });
+  return {loss, bmean, g_mean, g_var};
+}
+
+struct NormalisedRows {
+  at::Tensor hh, norm, proj;
+};
+
+template <typename T>
+NormalisedRows normalise_batch(const at::Tensor& h, double eps) {
+  using A = at::opmath_type<T>;
+  const auto opts = h.options().dtype(c10::CppTypeToScalarType<A>::value);
+  const int64_t B = h.size(0), D = h.size(1);
+  NormalisedRows r{at::empty({B, D}, opts), at::empty({B}, opts), at::empty({B}, opts)};
+  cuda::normalise_rows<T>(h.const_data_ptr<T>(), r.hh.mutable_data_ptr<A>(), B, D, eps, r.norm.mutable_data_ptr<A>(),
+                          r.proj.mutable_data_ptr<A>());
+  return r;
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor> epilogue(const at::Tensor& h, const NormalisedRows& n, const at::Tensor& y,
+                                            double c, bool with_grad) {
+  using A = at::opmath_type<T>;
+  const int64_t B = h.size(0), D = h.size(1);
+  at::Tensor grad = with_grad ? at::empty({B, D}, h.options()) : at::empty({0}, h.options());
+  at::Tensor q = at::empty({B}, n.norm.options());
+  at::Tensor loss = at::empty({}, n.norm.options());
+  cuda::repulsive_epilogue<T>(y.const_data_ptr<A>(), n.hh.const_data_ptr<A>(), n.norm.const_data_ptr<A>(),
+                              n.proj.const_data_ptr<A>(), B, D, c, q.mutable_data_ptr<A>(),
+                              with_grad ? grad.mutable_data_ptr<T>() : nullptr, loss.mutable_data_ptr<A>());
+  return {loss, grad};
+}
+
+std::tuple<at::Tensor, at::Tensor> repulsive_gram_cuda(const at::Tensor& h_in, const at::Tensor& gram, int64_t count,
+                                                       double eps, bool with_grad) {
+  const char* op = "repulsive_gram";
+  check_repulsive_args(op, h_in, gram, /*is_gram=*/true);
+  check_device(op, "h", h_in, at::kCUDA);
+  TORCH_CHECK(count >= 1, op, ": expected count >= 1 (the pool size), got ", count);
+  TORCH_CHECK(h_in.size(0) <= INT32_MAX, op, ": expected at most 2^31 - 1 rows in h, got ", h_in.size(0));
+  const c10::cuda::OptionalCUDAGuard guard(h_in.device());
+  const at::Tensor h = h_in.contiguous();
+  std::tuple<at::Tensor, at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "repulsive_gram_cuda", [&] {
+    const NormalisedRows n = normalise_batch<scalar_t>(h, eps);
+    const at::Tensor y = at::mm(n.hh, gram.to(n.hh.scalar_type()));
+    out = epilogue<scalar_t>(h, n, y, 1.0 / (double(h.size(0)) * double(count)), with_grad);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> repulsive_direct_cuda(const at::Tensor& h_in, const at::Tensor& pool_in,
+                                                         double eps, bool with_grad) {
+  const char* op = "repulsive_direct";
+  check_repulsive_args(op, h_in, pool_in, /*is_gram=*/false);
+  check_device(op, "h", h_in, at::kCUDA);
+  TORCH_CHECK(h_in.size(0) <= INT32_MAX && pool_in.size(0) <= INT32_MAX, op,
+              ": expected at most 2^31 - 1 rows in h and in pool, got ", h_in.size(0), " and ", pool_in.size(0));
+  const c10::cuda::OptionalCUDAGuard guard(h_in.device());
+  const at::Tensor h = h_in.contiguous();
+  const int64_t B = h.size(0), D = h.size(1), P = pool_in.size(0);
+  std::tuple<at::Tensor, at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "repulsive_direct_cuda", [&] {
+    using A = at::opmath_type<scalar_t>;
+    const NormalisedRows n = normalise_batch<scalar_t>(h, eps);
+    const at::Tensor pool = pool_in.to(n.hh.scalar_type()).contiguous();
+    at::Tensor y = at::zeros({B, D}, n.hh.options());
+    const int64_t tile = std::min(kPoolTile, P);
+    at::Tensor pp = at::empty({tile, D}, n.hh.options());
+    at::Tensor sim = at::empty({B, tile}, n.hh.options());
+    for (int64_t p0 = 0; p0 < P; p0 += tile) {
+      const int64_t tp = std::min(tile, P - p0);
+      at::Tensor pp_t = pp.narrow(0, 0, tp), sim_t = sim.narrow(1, 0, tp);
+      cuda::normalise_rows<A>(pool.const_data_ptr<A>() + p0 * D, pp_t.mutable_data_ptr<A>(), tp, D, eps, nullptr,
+                              nullptr);
+      at::mm_out(sim_t, n.hh, pp_t.t());  // (B, tp) cosines
+      y.addmm_(sim_t, pp_t);              // y_i += sum_j cos_ij p^_j
+    }
+    out = epilogue<scalar_t>(h, n, y, 1.0 / (double(B) * double(P)), with_grad);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(invcoss, CUDA, m) {
+  m.impl("tv", &tv_cuda);
+  m.impl("scale_rows", &scale_rows_cuda);
+  m.impl("col_mean_var", &col_mean_var_cuda);
+  m.impl("mean_var_backward", &mean_var_backward_cuda);
+  m.impl("welford_update", &welford_update_cuda);
+  m.impl("stat_matching", &stat_matching_cuda);
+  m.impl("repulsive_direct", &repulsive_direct_cuda);
+  m.impl("repulsive_gram", &repulsive_gram_cuda);
+  m.impl("gram_update", &gram_update);
+}
+
+}  // namespace invcoss
+
+#endif  // INVCOSS_WITH_CUDA
