@@ -15,8 +15,9 @@ only scales it by the incoming gradient (``scale_rows``). ``col_mean_var`` and `
 save the batch mean (and the loss's unit directions) and recompute ``x - mean`` in one streaming
 pass in ``mean_var_backward``.
 
-Importing this module fails when the extension is missing; :mod:`invcoss.ops.dispatch` probes for
-that and reports why.
+Without the extension the module still imports (so that ``pytest --doctest-modules`` and
+introspection work) but registers nothing; :mod:`invcoss.ops.dispatch` then reports the backend
+unavailable, with the reason, and never calls into it.
 """
 
 from __future__ import annotations
@@ -28,10 +29,7 @@ from torch import Tensor
 
 from invcoss import _ext
 
-if _ext.C is None:
-    raise ImportError(f"invcoss._C is not available: {_ext.IMPORT_ERROR}")
-
-_ops = torch.ops.invcoss
+_ops = torch.ops.invcoss  # resolved at call time
 
 
 def _acc_dtype(t: Tensor) -> torch.dtype:
@@ -94,52 +92,43 @@ def _grad_like(t: Tensor, with_grad: bool) -> Tensor:
     return t.new_empty(t.shape) if with_grad else t.new_empty((0,))
 
 
-@torch.library.register_fake("invcoss::tv")
 def _tv_fake(x: Tensor, weights: Sequence[float], with_grad: bool) -> tuple[Tensor, Tensor]:
     return x.new_empty((x.shape[0],), dtype=_acc_dtype(x)), _grad_like(x, with_grad)
 
 
-@torch.library.register_fake("invcoss::scale_rows")
 def _scale_rows_fake(grad: Tensor, scale: Tensor) -> Tensor:
     return grad.new_empty(grad.shape)
 
 
-@torch.library.register_fake("invcoss::col_mean_var")
 def _col_mean_var_fake(x: Tensor) -> tuple[Tensor, Tensor]:
     f = x.new_empty((x.shape[1],), dtype=_acc_dtype(x))
     return f, torch.empty_like(f)
 
 
-@torch.library.register_fake("invcoss::mean_var_backward")
 def _mean_var_backward_fake(x: Tensor, mean: Tensor, grad_mean: Tensor, grad_var: Tensor) -> Tensor:
     return x.new_empty(x.shape)
 
 
-@torch.library.register_fake("invcoss::welford_update")
 def _welford_update_fake(x: Tensor, count: int, mean: Tensor, m2: Tensor) -> tuple[Tensor, Tensor]:
     return mean.new_empty(mean.shape), m2.new_empty(m2.shape)
 
 
-@torch.library.register_fake("invcoss::stat_matching")
 def _stat_matching_fake(x: Tensor, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     dt = _acc_dtype(x)
     f = x.new_empty((x.shape[1],), dtype=dt)
     return x.new_empty((), dtype=dt), f, torch.empty_like(f), torch.empty_like(f)
 
 
-@torch.library.register_fake("invcoss::repulsive_direct")
 def _repulsive_direct_fake(h: Tensor, pool: Tensor, eps: float, with_grad: bool) -> tuple[Tensor, Tensor]:
     return h.new_empty((), dtype=_acc_dtype(h)), _grad_like(h, with_grad)
 
 
-@torch.library.register_fake("invcoss::repulsive_gram")
 def _repulsive_gram_fake(
     h: Tensor, gram: Tensor, count: int, eps: float, with_grad: bool
 ) -> tuple[Tensor, Tensor]:
     return h.new_empty((), dtype=_acc_dtype(h)), _grad_like(h, with_grad)
 
 
-@torch.library.register_fake("invcoss::gram_update")
 def _gram_update_fake(gram: Tensor, feats_hat: Tensor, alpha: float) -> None:
     return None
 
@@ -176,15 +165,6 @@ def _repulsive_gram_backward(ctx, grad_loss: Tensor, grad_fused: Tensor | None):
     return _scale_fused_grad(ctx, grad_loss, grad_fused), None, None, None, None
 
 
-torch.library.register_autograd("invcoss::tv", _tv_backward, setup_context=_save_fused_grad)
-torch.library.register_autograd(
-    "invcoss::repulsive_direct", _repulsive_direct_backward, setup_context=_save_fused_grad
-)
-torch.library.register_autograd(
-    "invcoss::repulsive_gram", _repulsive_gram_backward, setup_context=_save_fused_grad
-)
-
-
 def _col_mean_var_setup(ctx, inputs, output) -> None:
     (x,) = inputs
     mean, _ = output
@@ -196,11 +176,6 @@ def _col_mean_var_backward(ctx, grad_mean: Tensor | None, grad_var: Tensor | Non
     gm = grad_mean if grad_mean is not None else torch.zeros_like(mean)
     gv = grad_var if grad_var is not None else torch.zeros_like(mean)
     return _ops.mean_var_backward(x, mean, gm, gv)
-
-
-torch.library.register_autograd(
-    "invcoss::col_mean_var", _col_mean_var_backward, setup_context=_col_mean_var_setup
-)
 
 
 def _stat_matching_setup(ctx, inputs, output) -> None:
@@ -216,6 +191,29 @@ def _stat_matching_backward(ctx, grad_loss: Tensor, *_unused: Tensor | None):
     return _ops.mean_var_backward(x, bmean, g * g_mean, g * g_var), None, None
 
 
-torch.library.register_autograd(
-    "invcoss::stat_matching", _stat_matching_backward, setup_context=_stat_matching_setup
-)
+_FAKES = {
+    "invcoss::tv": _tv_fake,
+    "invcoss::scale_rows": _scale_rows_fake,
+    "invcoss::col_mean_var": _col_mean_var_fake,
+    "invcoss::mean_var_backward": _mean_var_backward_fake,
+    "invcoss::welford_update": _welford_update_fake,
+    "invcoss::stat_matching": _stat_matching_fake,
+    "invcoss::repulsive_direct": _repulsive_direct_fake,
+    "invcoss::repulsive_gram": _repulsive_gram_fake,
+    "invcoss::gram_update": _gram_update_fake,
+}
+# welford_update (no gradient by contract), gram_update (in place, on a constant) and the two
+# backward ops themselves are not differentiable.
+_BACKWARDS = {
+    "invcoss::tv": (_tv_backward, _save_fused_grad),
+    "invcoss::repulsive_direct": (_repulsive_direct_backward, _save_fused_grad),
+    "invcoss::repulsive_gram": (_repulsive_gram_backward, _save_fused_grad),
+    "invcoss::col_mean_var": (_col_mean_var_backward, _col_mean_var_setup),
+    "invcoss::stat_matching": (_stat_matching_backward, _stat_matching_setup),
+}
+
+if _ext.C is not None:
+    for _name, _fake in _FAKES.items():
+        torch.library.register_fake(_name, _fake)
+    for _name, (_backward, _setup) in _BACKWARDS.items():
+        torch.library.register_autograd(_name, _backward, setup_context=_setup)
