@@ -1,0 +1,407 @@
+"""Continual pre-training across modalities with replay (Stage 2 of Algorithm 1, Eq. 4, Sec. 3.2).
+
+:func:`run_continual` trains one MAE through ``config.order``, one stage per modality. Stage ``T``
+starts from the model of stage ``T-1`` and trains on single-modality batches: the current data
+with the MAE loss, and the buffer with feature distillation against the frozen stage ``T-1`` model
+(plus an optional MAE term and mixup, :mod:`invcoss.continual_buffer`). The buffer depends on the
+method (:mod:`invcoss.continual_config`): nothing (``seq``), real samples kept from earlier stages
+(``er``), or samples inverted at the start of the stage from the stage ``T-1`` model and each
+earlier stage's stored statistics (``invcoss``, :class:`invcoss.inversion.Inverter`).
+
+Every stage ends by saving the checkpoint (encoder *and* decoder: the next inversion's L_task needs
+the decoder) and collecting the feature statistics of its data (Appendix B.2). ``er`` also keeps its
+random buffer fraction of the stage's samples. The real data of a stage is opened when the stage
+starts and read only through an :class:`~invcoss.continual_buffer.AuditedDataset` that is sealed
+when the stage ends: a later read raises, and the number of reads is recorded per stage.
+
+Run folder ``RUN``::
+
+    continual.json                  the configuration and the stage folders
+    stage1_ct/                      one folder per stage, named stage<k>_<modality>
+        config.json model.safetensors   the checkpoint (MAE.from_pretrained(folder))
+        stats.safetensors           per-block feature statistics of the stage's data
+        buffer.safetensors          er: the real samples kept for later stages
+        replay/<modality>.safetensors   invcoss: the synthetic samples replayed in this stage
+        stage.json                  losses per epoch, buffer sizes, data reads, timings; done flag
+        training_state.safetensors  while the stage trains (removed when it is done)
+
+Resuming (``resume=True``) skips finished stages without opening their data, continues a stage from
+its last finished epoch (model, AdamW moments and RNG state), and reuses synthetic samples already
+written. Each file is written atomically.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from invcoss.continual_buffer import AuditedDataset, load_samples, save_samples
+from invcoss.continual_config import ContinualConfig, buffer_count
+from invcoss.continual_train import train_stage
+from invcoss.data.atomic import atomic_write_json
+from invcoss.pretrain import STATE_NAME
+
+__all__ = [
+    "BUFFER_NAME",
+    "RUN_NAME",
+    "STAGE_NAME",
+    "STATS_NAME",
+    "ContinualEvent",
+    "ContinualResult",
+    "StageSummary",
+    "read_run",
+    "run_continual",
+    "stage_dir",
+]
+
+RUN_NAME = "continual.json"
+STAGE_NAME = "stage.json"
+STATS_NAME = "stats.safetensors"
+BUFFER_NAME = "buffer.safetensors"
+REPLAY_DIR = "replay"
+RUN_FORMAT = "invcoss-continual/1"
+
+
+def stage_dir(run: str | Path, index: int, modality: str) -> Path:
+    """The folder of stage ``index`` (0-based): ``RUN/stage<index+1>_<modality>``."""
+    return Path(run) / f"stage{index + 1}_{modality}"
+
+
+@dataclass(frozen=True)
+class ContinualEvent:
+    """Progress of a run, for displays and audits.
+
+    ``kind``: ``stage_start``, ``stage_skip`` (finished earlier), ``invert`` (one inversion step),
+    ``train`` (one training step), ``stats`` (one statistics batch) or ``stage_end``. ``stage`` is
+    0-based.
+    """
+
+    kind: str
+    stage: int
+    modality: str
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class StageSummary:
+    """What ``RUN/stage<k>_<modality>/stage.json`` holds (see :func:`run_continual`)."""
+
+    stage: int
+    modality: str
+    dir: Path
+    samples: int
+    history: list[dict]
+    buffer: dict[str, int]
+    kept: int
+    reads: int
+    seconds: dict[str, float]
+    epochs_run: int = 0
+
+    @classmethod
+    def read(cls, folder: Path, epochs_run: int = 0) -> StageSummary:
+        d = json.loads((folder / STAGE_NAME).read_text())
+        return cls(
+            stage=d["stage"],
+            modality=d["modality"],
+            dir=folder,
+            samples=d["samples"],
+            history=d["history"],
+            buffer=d["buffer"],
+            kept=d["kept"],
+            reads=d["reads"],
+            seconds=d["seconds"],
+            epochs_run=epochs_run,
+        )
+
+
+@dataclass
+class ContinualResult:
+    """What :func:`run_continual` did; ``stages`` holds every stage, finished earlier or now."""
+
+    out: Path
+    config: ContinualConfig
+    stages: list[StageSummary]
+    seconds: float
+
+
+def read_run(run: str | Path) -> ContinualConfig:
+    """The configuration of a run folder.
+
+    Raises:
+        ValueError: not a continual run folder.
+    """
+    path = Path(run) / RUN_NAME
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{run} is not a continual run folder (cannot read {RUN_NAME}: {e})") from None
+    if d.get("format") != RUN_FORMAT:
+        raise ValueError(f"{path}: unknown format {d.get('format')!r}, expected {RUN_FORMAT!r}")
+    return ContinualConfig.from_dict(d["config"])
+
+
+def _stage_done(folder: Path) -> bool:
+    try:
+        return bool(json.loads((folder / STAGE_NAME).read_text()).get("done"))
+    except (OSError, ValueError):
+        return False
+
+
+def _open_source(source, modality: str):
+    """A Dataset / ``(N, C, *S)`` tensor as is, or the result of calling a factory."""
+    from torch.utils.data import Dataset
+
+    if isinstance(source, Dataset | torch.Tensor):
+        return source
+    if callable(source):
+        return source()
+    raise TypeError(
+        f"data for {modality} must be a Dataset, a (N, C, *S) tensor or a callable returning one, "
+        f"got {type(source).__name__}"
+    )
+
+
+def _check_shape(ds: AuditedDataset, model: nn.Module, modality: str) -> tuple[int, ...]:
+    shape = getattr(ds.data, "sample_shape", None)
+    shape = tuple(shape) if shape is not None else tuple(ds[0].shape)
+    ndim = len(shape) - 1
+    cfg = model.config
+    expected = (cfg.in_chans(ndim), *cfg.img_size(ndim)) if ndim in (2, 3) else None
+    if shape != expected:
+        raise ValueError(
+            f"the {modality} data gives samples of shape {shape}, but model {cfg.name} takes "
+            f"{expected}; preprocess at the model's input size"
+        )
+    if len(ds) == 0:
+        raise ValueError(f"the {modality} data is empty")
+    return shape
+
+
+def _run_header(out: Path, config: ContinualConfig, resume: bool) -> None:
+    path = out / RUN_NAME
+    if path.exists():
+        if not resume:
+            raise ValueError(
+                f"{out} already holds a continual run; pass resume=True (--resume) or use a new folder"
+            )
+        saved = read_run(out)
+        diff = [
+            f"{k}: run {getattr(saved, k)!r}, now {getattr(config, k)!r}"
+            for k in config.to_dict()
+            if getattr(saved, k) != getattr(config, k)
+        ]
+        if diff:
+            raise ValueError(f"cannot resume {out}: the configuration differs ({'; '.join(diff)})")
+    stages = [stage_dir(out, t, m).name for t, m in enumerate(config.order)]
+    atomic_write_json(path, {"format": RUN_FORMAT, "config": config.to_dict(), "stages": stages})
+
+
+def run_continual(
+    data: Mapping[str, object],
+    out: str | Path,
+    config: ContinualConfig,
+    resume: bool = False,
+    device: torch.device | str | None = None,
+    on_event: Callable[[ContinualEvent], None] | None = None,
+    backend: str | None = None,
+) -> ContinualResult:
+    """Train an MAE through the stages of ``config.order`` with the replay of ``config.method``.
+
+    Args:
+        data: per modality of the order, its stage's data: a Dataset of ``(C, *S)`` samples at the
+            model's input size, a ``(N, C, *S)`` tensor, or a callable returning either (called
+            when the stage starts, so finished stages never open their data). Modalities of
+            finished stages may be left out when resuming.
+        out: the run folder (see the module docstring).
+        config: :class:`~invcoss.continual_config.ContinualConfig`.
+        resume: continue the run in ``out``; without it an existing run is an error.
+        device: default: CUDA when available, else CPU.
+        on_event: receives every :class:`ContinualEvent`.
+        backend: :mod:`invcoss.ops` backend of the inversion losses.
+
+    Returns:
+        :class:`ContinualResult`.
+
+    Raises:
+        ValueError: missing data for a stage to run, data of the wrong size, an existing run
+            without ``resume`` or with another configuration.
+        DataAccessError: a sealed stage's data was read (a bug; never expected).
+
+    Example:
+        >>> import tempfile
+        >>> cfg = ContinualConfig.from_profile("quick", method="er", order=("xray", "pathology"),
+        ...     img_size_2d=32, epochs=1, batch_size=4, stats_batch_size=4)
+        >>> data = {"xray": torch.rand(8, 3, 32, 32), "pathology": torch.rand(8, 3, 32, 32)}
+        >>> r = run_continual(data, tempfile.mkdtemp(), cfg, device="cpu")
+        >>> [(s.modality, s.buffer, s.kept) for s in r.stages]
+        [('xray', {}, 1), ('pathology', {'xray': 1}, 1)]
+    """
+    from invcoss.models import MAE, create_model
+    from invcoss.stats import collect_feature_stats
+
+    out = Path(out)
+    t_start = time.perf_counter()
+    dev = (
+        torch.device(device)
+        if device is not None
+        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    todo = [(t, m) for t, m in enumerate(config.order) if not (resume and _stage_done(stage_dir(out, t, m)))]
+    missing = [m for _, m in todo if m not in data]
+    if missing:
+        raise ValueError(
+            f"no data given for stage(s) {', '.join(missing)} of the order {','.join(config.order)}"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    _run_header(out, config, resume)
+
+    def emit(kind: str, stage: int, modality: str, **info) -> None:
+        if on_event is not None:
+            on_event(ContinualEvent(kind, stage, modality, info))
+
+    stages: list[StageSummary] = []
+    for t, modality in enumerate(config.order):
+        folder = stage_dir(out, t, modality)
+        if resume and _stage_done(folder):
+            emit("stage_skip", t, modality)
+            stages.append(StageSummary.read(folder))
+            continue
+        emit("stage_start", t, modality)
+        if t == 0:
+            torch.manual_seed(config.seed)
+            model = create_model(config.preset, **config.model_overrides())
+        else:
+            model = MAE.from_pretrained(stage_dir(out, t - 1, config.order[t - 1]))
+        model.to(dev)
+        ds = AuditedDataset(_open_source(data[modality], modality), modality)
+        shape = _check_shape(ds, model, modality)
+        folder.mkdir(parents=True, exist_ok=True)
+        times: dict[str, float] = {}
+
+        teacher, buffers = None, {}
+        if t > 0 and config.method != "seq":
+            teacher = copy.deepcopy(model).eval().requires_grad_(False)
+            t0 = time.perf_counter()
+            buffers = _load_buffers(out, t, config, teacher, dev, emit, backend)
+            times["replay"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        history, epochs_run = train_stage(
+            model, teacher, ds, buffers, config, folder, t, dev,
+            on_step=lambda info, t=t, m=modality: emit("train", t, m, **info),
+        )  # fmt: skip
+        times["train"] = time.perf_counter() - t0
+        model.save_pretrained(folder)
+        t0 = time.perf_counter()
+        collect_feature_stats(
+            model,
+            ds,
+            modality=modality,
+            batch_size=config.stats_batch_size,
+            device=dev,
+            out=folder / STATS_NAME,
+            on_batch=lambda done, total, t=t, m=modality: emit("stats", t, m, done=done, total=total),
+        )
+        times["stats"] = time.perf_counter() - t0
+        # Without source files (a tensor given), the data's size is its float32 samples.
+        source_bytes = ds.source_bytes if ds.source_bytes is not None else len(ds) * math.prod(shape) * 4
+        kept = 0
+        if config.method == "er":
+            kept = _keep_real_buffer(ds, folder, config, t, modality)
+        ds.seal()
+        summary = {
+            "stage": t,
+            "modality": modality,
+            "method": config.method,
+            "samples": len(ds),
+            "source_bytes": source_bytes,
+            "history": history,
+            "buffer": {m: int(b.shape[0]) for m, b in buffers.items()},
+            "kept": kept,
+            "reads": ds.reads,
+            "seconds": times,
+            "done": True,
+        }
+        atomic_write_json(folder / STAGE_NAME, summary)
+        (folder / STATE_NAME).unlink(missing_ok=True)
+        stages.append(StageSummary.read(folder, epochs_run))
+        emit("stage_end", t, modality, summary=summary)
+        del ds, teacher, buffers
+    return ContinualResult(out=out, config=config, stages=stages, seconds=time.perf_counter() - t_start)
+
+
+def _keep_real_buffer(
+    ds: AuditedDataset, folder: Path, config: ContinualConfig, t: int, modality: str
+) -> int:
+    """``er``: a random ``buffer_fraction`` of the stage's samples, saved before the data is sealed."""
+    from invcoss.inversion import derive_seed
+
+    n = buffer_count(len(ds), config.buffer_fraction)
+    g = torch.Generator().manual_seed(derive_seed(config.seed, "buffer", t))
+    indices = sorted(torch.randperm(len(ds), generator=g)[:n].tolist())
+    samples = torch.stack([ds[i] for i in indices])
+    save_samples(
+        folder / BUFFER_NAME,
+        samples,
+        {"modality": modality, "stage": t, "indices": indices, "source_samples": len(ds), "kind": "real"},
+    )
+    return n
+
+
+def _load_buffers(
+    out: Path, t: int, config: ContinualConfig, teacher: nn.Module, device: torch.device, emit, backend
+) -> dict[str, torch.Tensor]:
+    """The buffer of stage ``t``: per earlier modality, real (``er``) or synthetic (``invcoss``) samples."""
+    buffers = {}
+    for s, modality in enumerate(config.order[:t]):
+        earlier = stage_dir(out, s, modality)
+        if config.method == "er":
+            buffers[modality] = load_samples(earlier / BUFFER_NAME)[0]
+        else:
+            buffers[modality] = _synthetic_buffer(out, t, s, modality, config, teacher, device, emit, backend)
+    return buffers
+
+
+def _synthetic_buffer(
+    out: Path, t: int, s: int, modality: str, config: ContinualConfig, teacher, device, emit, backend
+) -> torch.Tensor:
+    """``invcoss``: invert the frozen stage ``t-1`` model with stage ``s``'s statistics (Algorithm 1, lines 3-8)."""
+    from invcoss.inversion import Inverter, derive_seed
+    from invcoss.stats import load_feature_stats
+
+    path = stage_dir(out, t, config.order[t]) / REPLAY_DIR / f"{modality}.safetensors"
+    if path.exists():
+        return load_samples(path)[0]
+    stats = load_feature_stats(stage_dir(out, s, modality) / STATS_NAME, teacher, modality)
+    n = buffer_count(stats.count, config.buffer_fraction)
+    inv_config = config.inversion_config(modality, seed=derive_seed(config.seed, f"invert{t}", s))
+    inverter = Inverter(teacher, stats, inv_config, device=device, backend=backend)
+
+    def on_step(info) -> None:
+        emit(
+            "invert", t, config.order[t], source=modality, batch=info.batch, batches=info.num_batches,
+            step=info.step, steps=info.steps, loss=info.losses.get("total"),
+        )  # fmt: skip
+
+    result = inverter.generate(n, on_step=on_step)
+    teacher.eval()  # the Inverter froze it already; keep the teacher's mode explicit
+    save_samples(
+        path,
+        result.images,
+        {
+            "modality": modality,
+            "stage": s,
+            "kind": "synthetic",
+            "source_samples": stats.count,
+            "inversion": inv_config.to_dict(),
+        },
+    )
+    return result.images
