@@ -24,6 +24,7 @@ def main(ctx: click.Context, verbose: bool) -> None:
 
 def _register() -> None:
     from invcoss.cli.bench import bench
+    from invcoss.cli.continual import continual, evaluate, experiment, storage
     from invcoss.cli.data import phantoms, preprocess, pretrain, stats
     from invcoss.cli.info import info
 
@@ -33,6 +34,10 @@ def _register() -> None:
     main.add_command(pretrain)
     main.add_command(stats)
     main.add_command(bench)
+    main.add_command(continual)
+    main.add_command(evaluate)
+    main.add_command(storage)
+    main.add_command(experiment)
 
 
 _register()

@@ -1,0 +1,341 @@
+"""``invcoss-cli continual | evaluate | storage | experiment forgetting``: Stage 2 and its evidence.
+
+Thin layers over :mod:`invcoss.continual`, :mod:`invcoss.continual_eval` and
+:mod:`invcoss.experiment`, with progress bars on stderr and a one-line summary on stdout. A user
+error (unknown modality, missing folder, an existing run without ``--resume``, data of the wrong
+size) exits with code 2 and a message, no traceback.
+"""
+
+from __future__ import annotations
+
+import types
+from pathlib import Path
+
+import click
+
+from invcoss.cli.data import Dims, UserError, _open_data, _progress, human_bytes
+
+_METHODS = click.Choice(["seq", "er", "invcoss"])
+_PROFILES = click.Choice(["quick", "paper"])
+
+
+class ModalityMap(click.ParamType):
+    """``ct=DIR,mri=DIR`` → ``{"ct": Path, "mri": Path}`` (``path`` means pathology)."""
+
+    name = "modality=PATH,..."
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, dict):
+            return value
+        from invcoss.continual_config import _modality
+
+        out: dict[str, Path] = {}
+        for item in str(value).split(","):
+            if not item.strip():
+                continue
+            key, sep, path = item.partition("=")
+            if not sep or not path.strip():
+                self.fail(f"expected modality=PATH pairs separated by commas, got {item!r}", param, ctx)
+            try:
+                modality = _modality(key.strip())
+            except ValueError as e:
+                self.fail(str(e), param, ctx)
+            if modality in out:
+                self.fail(f"{modality} is given twice", param, ctx)
+            out[modality] = Path(path.strip())
+        if not out:
+            self.fail("no modality=PATH pair given", param, ctx)
+        return out
+
+
+def _order(value: str) -> tuple[str, ...]:
+    from invcoss.continual_config import _modality
+
+    try:
+        return tuple(_modality(m.strip()) for m in value.split(",") if m.strip())
+    except ValueError as e:
+        raise UserError(f"--order: {e}") from None
+
+
+def _model_stub(config):
+    """An object with the ``config`` of the run's model, for opening data at its input size."""
+    from invcoss.models import preset_config
+
+    return types.SimpleNamespace(config=preset_config(config.preset, **config.model_overrides()))
+
+
+_THREADS = click.option(
+    "--threads", type=click.IntRange(min=1), default=None,
+    help="torch CPU threads (default: torch's); 1 avoids oversubscription on a busy machine.",
+)  # fmt: skip
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _device(device: str | None):
+    import torch
+
+    return torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@click.command()
+@click.option("--order", required=True, help="Modalities in stage order, e.g. ct,mri,xray.")
+@click.option("--method", type=_METHODS, default="invcoss", show_default=True, help="Replay method.")
+@click.option(
+    "--data", type=ModalityMap(), required=True, help="ct=DIR,mri=DIR,...: a cache or scan folder each."
+)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run folder.")
+@click.option("--profile", type=_PROFILES, default="quick", show_default=True, help="Settings profile.")
+@click.option("--resume", is_flag=True, help="Continue the run saved in --out.")
+@click.option("--preset", default=None, help="MAE preset (default: the profile's).")
+@click.option(
+    "--img-size-2d", type=Dims(int, "112x112"), default=None, help="2D model input (default: the preset's)."
+)
+@click.option(
+    "--img-size-3d", type=Dims(int, "16x96x96"), default=None, help="3D model input (default: the preset's)."
+)
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs per stage.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None)
+@click.option("--lr", type=float, default=None, help="Peak learning rate.")
+@click.option(
+    "--buffer-fraction", type=float, default=None, help="Buffer per earlier stage (0.01, 0.05, 0.10)."
+)
+@click.option("--distill-weight", type=float, default=None, help="Feature distillation weight (1).")
+@click.option("--buffer-mae-weight", type=float, default=None, help="MAE weight on buffer batches (0: off).")
+@click.option("--mixup-alpha", type=float, default=None, help="Buffer mixup Beta(a, a) (0: off).")
+@click.option("--interleave", type=click.Choice(["shuffle", "alternate"]), default=None)
+@click.option(
+    "--buffer-every", type=click.IntRange(min=1), default=None, help="Current batches per buffer batch."
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
+@_THREADS
+def continual(order, method, data, out, profile, resume, device, threads, **overrides) -> None:
+    """Continual pre-training over modalities with seq, er or invcoss replay (Algorithm 1)."""
+    from invcoss.continual import run_continual
+    from invcoss.continual_buffer import DataAccessError
+    from invcoss.continual_config import ContinualConfig
+    from invcoss.continual_eval import storage_report
+    from invcoss.inversion import NonFiniteLossError
+
+    _set_threads(threads)
+    values = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        config = ContinualConfig.from_profile(profile, method=method, order=_order(order), **values)
+    except (ValueError, TypeError) as e:
+        raise UserError(str(e)) from None
+    stray = sorted(set(data) - set(config.order))
+    if stray:
+        raise UserError(f"--data names {', '.join(stray)}, which --order {','.join(config.order)} does not")
+    stub = _model_stub(config)
+    sources = {m: (lambda p=p, m=m: _open_data(p, m, stub)) for m, p in data.items()}
+    with _progress() as bar:
+        tasks: dict[tuple, int] = {}
+
+        def on_event(e) -> None:
+            i = e.info
+            if e.kind == "train":
+                key = ("train", e.stage)
+                if key not in tasks:
+                    tasks[key] = bar.add_task(f"stage {e.stage + 1} {e.modality}", total=None, info="")
+                losses = " ".join(f"{k} {v:.4f}" for k, v in i["losses"].items())
+                bar.update(
+                    tasks[key], completed=(i["epoch"] - 1) * i["steps"] + i["step"], total=i["epochs"] * i["steps"],
+                    info=f"epoch {i['epoch']}/{i['epochs']} {losses} {i['samples_per_s']:.1f} samples/s",
+                )  # fmt: skip
+            elif e.kind == "invert":
+                key = ("invert", e.stage, i["source"], i["batch"])
+                if key not in tasks:
+                    desc = f"invert {i['source']} batch {i['batch'] + 1}/{i['batches']}"
+                    tasks[key] = bar.add_task(desc, total=i["steps"], info="")
+                loss = i["loss"]
+                bar.update(
+                    tasks[key], completed=i["step"], info=f"loss {loss:.4f}" if loss is not None else ""
+                )
+            elif e.kind == "stage_end":
+                for key in [k for k in tasks if k[1] == e.stage]:
+                    bar.remove_task(tasks.pop(key))
+
+        try:
+            result = run_continual(sources, out, config, resume=resume, device=device, on_event=on_event)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        except (NonFiniteLossError, FloatingPointError, DataAccessError) as e:
+            raise click.ClickException(str(e)) from None
+    storage = storage_report(out)
+    kept = sum(r.replay_bytes for r in storage)
+    ran = sum(1 for s in result.stages if s.epochs_run)
+    last = {s.modality: s.history[-1]["mae"] for s in result.stages if s.history}
+    losses = ", ".join(f"{m} {v:.4f}" for m, v in last.items())
+    what = {"er": "real buffer", "invcoss": "statistics", "seq": "nothing"}[method]
+    click.echo(
+        f"{method}: {len(result.stages)} stages {' -> '.join(config.order)} ({ran} trained now) in "
+        f"{result.seconds:.0f} s; last-epoch MAE loss {losses}; kept {human_bytes(kept)} of {what} "
+        f"+ {human_bytes(storage[-1].checkpoint_bytes)} checkpoint -> {out}"
+    )
+
+
+@click.command()
+@click.option(
+    "--checkpoints",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="A continual run folder.",
+)
+@click.option("--data", type=ModalityMap(), required=True, help="Held-out data: ct=DIR,mri=DIR,...")
+@click.option(
+    "--labels", type=ModalityMap(), default=None, help="Labelled CSVs for the probe: xray=labels.csv,..."
+)
+@click.option(
+    "--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Default: RUN/eval."
+)
+@click.option("--mask-repeats", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the fixed masks.")
+@click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
+@_THREADS
+def evaluate(checkpoints, data, labels, out, mask_repeats, batch_size, seed, device, threads) -> None:
+    """Held-out loss, forgetting and probe accuracy of every stage's checkpoint (Fig. 6b)."""
+    from invcoss.continual import read_run
+    from invcoss.continual_eval import evaluate_run
+    from invcoss.continual_probe import read_labelled_csv
+
+    _set_threads(threads)
+    try:
+        config = read_run(checkpoints)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    stray = sorted((set(data) | set(labels or {})) - set(config.order))
+    if stray:
+        raise UserError(f"{', '.join(stray)} not in the run's order {','.join(config.order)}")
+    stub = _model_stub(config)
+    try:
+        held_out = {m: _open_data(p, m, stub) for m, p in data.items()}
+        labelled = {}
+        for m, p in (labels or {}).items():
+            ndim = 3 if m in ("ct", "mri") else 2
+            labelled[m] = read_labelled_csv(
+                p, m, stub.config.img_size(ndim), channels=stub.config.in_chans(ndim), seed=seed
+            )
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    with _progress() as bar:
+        task = bar.add_task("evaluate", total=None, info="")
+        try:
+            table = evaluate_run(
+                checkpoints, held_out, labelled, repeats=mask_repeats, seed=seed, batch_size=batch_size,
+                device=_device(device),
+                on_progress=lambda done, total, what: bar.update(task, completed=done, total=total, info=what),
+            )  # fmt: skip
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    paths = table.write(out or checkpoints / "eval")
+    for r in table.rows:
+        probe = f" probe {r.probe_accuracy:.3f}" if r.probe_accuracy is not None else ""
+        click.echo(
+            f"stage {r.stage} {r.stage_modality:>9}: {r.modality:>9} loss {r.loss:.4f} forgetting {r.forgetting:+.4f}{probe}"
+        )
+    final = table.final()
+    earlier = [r.forgetting for m, r in final.items() if m != config.order[len(table.stage_labels()) - 1]]
+    stages = len({r.stage for r in table.rows})
+    mean = (
+        f"mean forgetting {sum(earlier) / len(earlier):+.4f}" if earlier else "no earlier modality to forget"
+    )
+    click.echo(
+        f"evaluated {stages} checkpoints of {config.method} on {len(held_out)} modalities: {mean}; "
+        f"wrote {paths['csv']} and {paths.get('png', paths['json'])}"
+    )
+
+
+@click.command()
+@click.argument("run", type=click.Path(file_okay=False, path_type=Path))
+def storage(run: Path) -> None:
+    """Bytes a run keeps between stages: real buffer (er), statistics (invcoss), checkpoint (Fig. 6a)."""
+    from invcoss.continual_eval import storage_report
+
+    try:
+        rows = storage_report(run)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if not rows:
+        raise UserError(f"{run} has no finished stage")
+    for r in rows:
+        share = f" ({r.replay_bytes / r.data_bytes:.2%} of its data)" if r.data_bytes else ""
+        click.echo(
+            f"stage {r.stage} {r.modality:>9}: {r.kept_after} {human_bytes(r.replay_bytes)}{share}, "
+            f"data {human_bytes(r.data_bytes or 0)}, checkpoint {human_bytes(r.checkpoint_bytes)}"
+        )
+    kept = sum(r.replay_bytes for r in rows)
+    click.echo(
+        f"{rows[0].method} keeps {human_bytes(kept)} of {rows[0].kept_after} for {len(rows)} stages "
+        f"+ {human_bytes(rows[-1].checkpoint_bytes)} checkpoint"
+    )
+
+
+@click.group()
+def experiment() -> None:
+    """Benchmark-style experiments on phantom data."""
+
+
+@experiment.command()
+@click.option(
+    "--out", type=click.Path(file_okay=False, path_type=Path), default=Path("forgetting"), show_default=True
+)
+@click.option("--size", type=click.Choice(["quick", "tiny"]), default="quick", show_default=True)
+@click.option("--methods", default="seq,er,invcoss", show_default=True, help="Methods to compare.")
+@click.option("--resume", is_flag=True, help="Continue the runs in --out.")
+@click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
+@_THREADS
+def forgetting(
+    out: Path, size: str, methods: str, resume: bool, device: str | None, threads: int | None
+) -> None:
+    """seq vs er vs invcoss on phantom CT, MRI and X-ray: forgetting and storage table."""
+    import dataclasses
+
+    _set_threads(threads)
+    from invcoss.experiment import ForgettingExperiment, run_forgetting_experiment
+
+    try:
+        exp = ForgettingExperiment.from_size(size)
+        exp = dataclasses.replace(exp, methods=tuple(m.strip() for m in methods.split(",") if m.strip()))
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    with _progress() as bar:
+        tasks: dict[str, int] = {}
+
+        def on_event(e) -> None:
+            if e.phase == "data":
+                key = "data"
+                info = f"{e.info['split']} {e.info['modality']}"
+            elif e.phase == "evaluate":
+                key, info = f"evaluate {e.method}", e.info["what"]
+            else:
+                ev = e.info["event"]
+                if ev.kind not in ("train", "invert"):
+                    return
+                key = f"{e.method} {'invert' if ev.kind == 'invert' else 'train'}"
+                i = ev.info
+                if ev.kind == "train":
+                    info = f"stage {ev.stage + 1} {ev.modality} epoch {i['epoch']}/{i['epochs']} mae {i['losses'].get('mae', float('nan')):.4f}"
+                else:
+                    info = f"stage {ev.stage + 1}: {i['source']} batch {i['batch'] + 1}/{i['batches']} step {i['step']}/{i['steps']}"
+            if key not in tasks:
+                tasks[key] = bar.add_task(key, total=None, info="")
+            bar.update(tasks[key], advance=1, info=info)
+
+        try:
+            result = run_forgetting_experiment(out, exp, resume=resume, device=device, on_event=on_event)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    click.echo(result.markdown(), nl=False)
+    mean = result.mean_forgetting()
+    parts = ", ".join(f"{m} {v:+.4f}" for m, v in mean.items())
+    click.echo(
+        f"mean forgetting over {', '.join(exp.base.order[:-1])}: {parts}; {len(exp.methods)} runs in "
+        f"{result.seconds:.0f} s -> {out / 'forgetting.md'}"
+    )
