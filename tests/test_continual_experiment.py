@@ -1,0 +1,67 @@
+"""``invcoss-cli experiment forgetting`` end to end at its tiny size."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from invcoss.cli import main
+from invcoss.continual_config import buffer_count
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tiny models gain nothing from a second intra-op thread, and one thread keeps the tests
+    fast on a busy shared machine, where spinning OpenMP threads slow every step several fold."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_experiment_forgetting_tiny_end_to_end(tmp_path):
+    out = tmp_path / "exp"
+    runner = CliRunner()
+    r = runner.invoke(main, ["experiment", "forgetting", "--size", "tiny", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("| method | modality | loss after its stage")
+    assert lines[-1].startswith("mean forgetting over ct: seq ") and "3 runs in" in lines[-1]
+    rows = list(csv.DictReader((out / "forgetting.csv").open()))
+    assert [(row["method"], row["modality"]) for row in rows] == [
+        (m, mod) for m in ("seq", "er", "invcoss") for mod in ("ct", "xray")
+    ]
+    by = {(row["method"], row["modality"]): row for row in rows}
+    for m in ("seq", "er", "invcoss"):
+        # All methods share stage 1 (same seed, same data): the same loss after it.
+        assert float(by[m, "ct"]["loss_after_own_stage"]) == pytest.approx(
+            float(by["seq", "ct"]["loss_after_own_stage"])
+        )
+        ct = by[m, "ct"]
+        assert float(ct["forgetting"]) == pytest.approx(
+            float(ct["loss_at_end"]) - float(ct["loss_after_own_stage"])
+        )
+        assert float(by[m, "xray"]["forgetting"]) == 0.0
+    assert int(by["seq", "ct"]["replay_bytes"]) == 0
+    assert int(by["er", "ct"]["replay_bytes"]) > int(by["invcoss", "ct"]["replay_bytes"]) > 0
+    summary = json.loads((out / "experiment.json").read_text())
+    assert set(summary["mean_forgetting"]) == {"seq", "er", "invcoss"}
+    assert summary["experiment"]["base"]["order"] == ["ct", "xray"]
+    assert Image.open(out / "retention.png").size == (840, 344)
+    # The synthetic replay of stage 2 has as many samples as er keeps.
+    stage = json.loads((out / "runs" / "invcoss" / "stage2_xray" / "stage.json").read_text())
+    train_ct = json.loads((out / "runs" / "er" / "stage1_ct" / "stage.json").read_text())["samples"]
+    assert stage["buffer"] == {"ct": buffer_count(train_ct, 0.10)}
+    # A second run refuses the folder without --resume, and with it re-evaluates the same table.
+    r = runner.invoke(main, ["experiment", "forgetting", "--size", "tiny", "--out", str(out)])
+    assert r.exit_code == 2 and "--resume" in r.output
+    before = (out / "forgetting.md").read_text()
+    r = runner.invoke(main, ["experiment", "forgetting", "--size", "tiny", "--out", str(out), "--resume"])
+    assert r.exit_code == 0, r.output
+    assert (out / "forgetting.md").read_text() == before
