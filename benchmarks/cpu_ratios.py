@@ -22,6 +22,7 @@ and :func:`cases` builds the rows, so other benchmark suites import them instead
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -201,13 +202,17 @@ def measure(case: Case, repeats: int) -> tuple[float, float]:
 
 
 def machine() -> str:
+    """CPU model, core count, threads, torch version and the load when the run started."""
     name = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
             name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{name}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+    return (
+        f"{name} ({os.cpu_count()} CPUs), {torch.get_num_threads()} threads, torch {torch.__version__}{load}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -232,8 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         ratio = te / tf
         need = THRESHOLDS[case.name]
         scale = 1e9
-        rate_e = f"{case.eager_work / te / scale:6.1f} {case.unit}"
-        rate_f = f"{case.fused_work / tf / scale:6.1f} {case.unit}"
+        rate_e = f"{case.eager_work / te / scale:6.2f} {case.unit}"
+        rate_f = f"{case.fused_work / tf / scale:6.2f} {case.unit}"
         mark = "" if ratio >= need else " <"
         print(
             f"| {case.name:<31}| {case.shape:<22}| {te * 1e3:8.2f} | {tf * 1e3:8.2f} | {ratio:5.1f}x"
