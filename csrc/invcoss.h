@@ -1,5 +1,6 @@
-// Shared declarations of the extension invcoss._C: op signatures (implemented per device in
-// *_cpu.cpp / *_cuda.cu), argument checks and the CPU threading policy.
+// Shared host-side declarations of the extension invcoss._C: argument checks, small tensor helpers
+// and the CPU threading policy. The op schemas are in ops.cpp; the CPU kernels in *_cpu.cpp; the
+// CUDA ops in cuda_api.cpp over the kernels of *_cuda.cu (cuda_launch.h).
 //
 // Accumulation: at::opmath_type<T>, i.e. fp32 for fp16/bf16/fp32 inputs and fp64 for fp64 inputs
 // (the backend contract in invcoss/ops/dispatch.py). Reductions are deterministic on both devices:

@@ -4,8 +4,9 @@
 // Layout: x is row-major, so a tile of kColTile adjacent columns is kColTile contiguous values in
 // every row. Each tile is owned by one thread and walked in blocks of kColRowBlock rows; a block
 // (64 rows x 4 KB of fp32) stays in L2, so its statistics are computed in two passes (sum, then the
-// sum of squared deviations from the block mean: no cancellation, no divide in the inner loop), and
-// consecutive blocks are merged with Chan et al.'s formula. The inner loops run along the columns,
+// sum of squared deviations from the block mean: no cancellation, no divide in the inner loop, and
+// both on values shifted by the tile's first row), and consecutive blocks are merged with Chan et
+// al.'s formula. The inner loops run along the columns,
 // contiguous and branch-free, and vectorise. A column is always reduced by one thread in one order,
 // so results do not depend on the thread count; the two norms of the stat-matching loss are summed
 // per tile and the tile partials are added in tile order.
