@@ -80,6 +80,6 @@ def info(kernels: bool) -> None:
     if kernels:
         from invcoss.kernels.aot import format_kernel_table, kernel_table
 
-        console.print(format_kernel_table(kernel_table()))
+        click.echo(format_kernel_table(kernel_table()))  # plain text: rich would wrap it when piped
     n_ok = sum(r["available"] for r in data["backends"].values())
     click.echo(f"invcoss {data['invcoss']}: {n_ok}/{len(data['backends'])} backends available")
