@@ -22,7 +22,8 @@ Run folder ``RUN``::
         stats.safetensors           per-block feature statistics of the stage's data
         buffer.safetensors          er: the real samples kept for later stages
         replay/<modality>.safetensors   invcoss: the synthetic samples replayed in this stage
-        stage.json                  losses per epoch, buffer sizes, data reads, timings; done flag
+        stage.json                  losses per epoch, buffer sizes, data sizes and reads, timings;
+                                    the done flag
         training_state.safetensors  while the stage trains (removed when it is done)
 
 Resuming (``resume=True``) skips finished stages without opening their data, continues a stage from
@@ -311,8 +312,6 @@ def run_continual(
             on_batch=lambda done, total, t=t, m=modality: emit("stats", t, m, done=done, total=total),
         )
         times["stats"] = time.perf_counter() - t0
-        # Without source files (a tensor given), the data's size is its float32 samples.
-        source_bytes = ds.source_bytes if ds.source_bytes is not None else len(ds) * math.prod(shape) * 4
         kept = 0
         if config.method == "er":
             kept = _keep_real_buffer(ds, folder, config, t, modality)
@@ -322,7 +321,9 @@ def run_continual(
             "modality": modality,
             "method": config.method,
             "samples": len(ds),
-            "source_bytes": source_bytes,
+            "source_bytes": ds.source_bytes,
+            # Uncompressed, as the buffer is kept: what storing all of it would take (Fig. 6a).
+            "sample_bytes": len(ds) * math.prod(shape) * 4,
             "history": history,
             "buffer": {m: int(b.shape[0]) for m, b in buffers.items()},
             "kept": kept,

@@ -189,7 +189,7 @@ def feature_distillation_loss(
         >>> from invcoss.models import create_model
         >>> m = create_model("vit_nano", img_size_2d=32)
         >>> t = copy.deepcopy(m).eval()
-        >>> float(feature_distillation_loss(m, t, torch.rand(2, 3, 32, 32))[0])
+        >>> feature_distillation_loss(m, t, torch.rand(2, 3, 32, 32))[0].item()
         0.0
     """
     if x.ndim not in (4, 5):
@@ -238,6 +238,8 @@ class AuditedDataset(Dataset):
     The continual runner reads the real data of stage ``t`` only through such a view and seals it
     when stage ``t`` ends, so a later read raises :class:`DataAccessError` instead of silently
     leaking earlier data into a data-free method; ``reads`` is recorded in the stage's summary.
+    With DataLoader workers (``num_workers > 0``) the reads happen in the workers' copies and are
+    not counted here; the seal still holds, because the workers end with the stage's epochs.
 
     Example:
         >>> ds = AuditedDataset(torch.zeros(3, 1, 2, 2), "ct")

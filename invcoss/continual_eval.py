@@ -261,8 +261,9 @@ class StorageRow:
 
     ``replay_bytes``: what the method keeps of that stage's data for later stages (``er``: the
     real buffer file; ``invcoss``: the statistics file; ``seq``: nothing). ``checkpoint_bytes``:
-    the stage's ``model.safetensors`` + ``config.json``. ``data_bytes``: the size of the stage's
-    real data (source files when known, else its float32 samples), for comparison.
+    the stage's ``model.safetensors`` + ``config.json``. ``data_bytes``: the stage's real data as
+    float32 samples, uncompressed like the buffer (the paper's Fig. 6a counts storage without
+    compression); ``source_bytes``: its source files when known (often compressed).
     """
 
     stage: int
@@ -270,7 +271,8 @@ class StorageRow:
     method: str
     replay_bytes: int
     checkpoint_bytes: int
-    data_bytes: int | None
+    data_bytes: int
+    source_bytes: int | None = None
 
     @property
     def kept_after(self) -> str:
@@ -289,7 +291,6 @@ def storage_report(run: str | os.PathLike) -> list[StorageRow]:
         summary = json.loads((folder / STAGE_NAME).read_text())
         replay = {"er": folder / BUFFER_NAME, "invcoss": folder / STATS_NAME}.get(config.method)
         checkpoint = sum((folder / n).stat().st_size for n in ("model.safetensors", "config.json"))
-        data_bytes = summary.get("source_bytes")
         rows.append(
             StorageRow(
                 stage=t + 1,
@@ -297,7 +298,8 @@ def storage_report(run: str | os.PathLike) -> list[StorageRow]:
                 method=config.method,
                 replay_bytes=replay.stat().st_size if replay is not None else 0,
                 checkpoint_bytes=checkpoint,
-                data_bytes=int(data_bytes) if data_bytes is not None else None,
+                data_bytes=int(summary["sample_bytes"]),
+                source_bytes=summary.get("source_bytes"),
             )
         )
     return rows

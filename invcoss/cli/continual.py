@@ -265,10 +265,11 @@ def storage(run: Path) -> None:
     if not rows:
         raise UserError(f"{run} has no finished stage")
     for r in rows:
-        share = f" ({r.replay_bytes / r.data_bytes:.2%} of its data)" if r.data_bytes else ""
+        source = f" (files {human_bytes(r.source_bytes)})" if r.source_bytes else ""
         click.echo(
-            f"stage {r.stage} {r.modality:>9}: {r.kept_after} {human_bytes(r.replay_bytes)}{share}, "
-            f"data {human_bytes(r.data_bytes or 0)}, checkpoint {human_bytes(r.checkpoint_bytes)}"
+            f"stage {r.stage} {r.modality:>9}: {r.kept_after} {human_bytes(r.replay_bytes)} = "
+            f"{r.replay_bytes / r.data_bytes:.2%} of its data {human_bytes(r.data_bytes)}{source}, "
+            f"checkpoint {human_bytes(r.checkpoint_bytes)}"
         )
     kept = sum(r.replay_bytes for r in rows)
     click.echo(
