@@ -58,8 +58,6 @@ __all__ = ["INTERLEAVES", "METHODS", "PROFILES", "ContinualConfig", "buffer_coun
 METHODS = ("seq", "er", "invcoss")
 INTERLEAVES = ("shuffle", "alternate")
 PROFILES = ("paper", "quick")
-_MODALITIES = ("ct", "mri", "xray", "pathology")
-_ALIASES = {"path": "pathology"}
 
 _PROFILE_VALUES = {
     "paper": dict(
@@ -83,13 +81,6 @@ def buffer_count(num_samples: int, fraction: float) -> int:
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     return max(1, min(num_samples, round(num_samples * fraction)))
-
-
-def _modality(name: str) -> str:
-    key = _ALIASES.get(str(name).lower(), str(name).lower())
-    if key not in _MODALITIES:
-        raise ValueError(f"unknown modality {name!r}; choose from ct, mri, xray, pathology (path)")
-    return key
 
 
 @dataclass(frozen=True)
@@ -158,7 +149,9 @@ class ContinualConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        order = tuple(_modality(m) for m in self.order)
+        from invcoss.inversion_config import canonical_modality
+
+        order = tuple(canonical_modality(m) for m in self.order)
         if not order:
             raise ValueError("order must name at least one modality")
         if len(set(order)) != len(order):

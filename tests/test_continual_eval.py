@@ -19,22 +19,13 @@ from invcoss.continual_plot import Panel, line_plot
 from invcoss.continual_probe import linear_probe, read_labelled_csv
 from invcoss.data import write_phantoms
 from invcoss.models import MAE, create_model
+from tests.test_continual_units import _one_thread  # noqa: F401  (autouse: one thread per module)
 
 TINY = dict(
     img_size_2d=32, img_size_3d=(16, 32, 32), epochs=2, batch_size=4, stats_batch_size=8,
     inversion_batch_size=2, inversion_steps=2, inversion_warmup_steps=2,
     inversion_overrides=(("upsample", 1),),  # the quick 3D generator's half size is too small at 32
 )  # fmt: skip
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tiny models gain nothing from a second intra-op thread, and one thread keeps the tests
-    fast on a busy shared machine, where spinning OpenMP threads slow every step several fold."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -6,22 +6,12 @@ import csv
 import json
 
 import pytest
-import torch
 from click.testing import CliRunner
 from PIL import Image
 
 from invcoss.cli import main
 from invcoss.continual_config import buffer_count
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tiny models gain nothing from a second intra-op thread, and one thread keeps the tests
-    fast on a busy shared machine, where spinning OpenMP threads slow every step several fold."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tests.test_continual_units import _one_thread  # noqa: F401  (autouse: one thread per module)
 
 
 @pytest.mark.slow

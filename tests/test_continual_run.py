@@ -16,6 +16,7 @@ from invcoss.continual_buffer import load_samples
 from invcoss.continual_config import ContinualConfig, buffer_count
 from invcoss.models import MAE
 from invcoss.stats import load_feature_stats
+from tests.test_continual_units import _one_thread  # noqa: F401  (autouse: one thread per module)
 
 TINY = dict(
     img_size_2d=32, img_size_3d=(16, 32, 32), epochs=2, batch_size=4, stats_batch_size=8,
@@ -23,16 +24,6 @@ TINY = dict(
     inversion_overrides=(("upsample", 1),),  # the quick 3D generator's half size is too small at 32
 )  # fmt: skip
 SHAPES = {"xray": (3, 32, 32), "pathology": (3, 32, 32), "ct": (1, 16, 32, 32), "mri": (1, 16, 32, 32)}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tiny models gain nothing from a second intra-op thread, and one thread keeps the tests
-    fast on a busy shared machine, where spinning OpenMP threads slow every step several fold."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_config(method: str, order=("xray", "ct"), **kw) -> ContinualConfig:

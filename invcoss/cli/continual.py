@@ -27,7 +27,7 @@ class ModalityMap(click.ParamType):
     def convert(self, value, param, ctx):
         if isinstance(value, dict):
             return value
-        from invcoss.continual_config import _modality
+        from invcoss.inversion_config import canonical_modality
 
         out: dict[str, Path] = {}
         for item in str(value).split(","):
@@ -37,7 +37,7 @@ class ModalityMap(click.ParamType):
             if not sep or not path.strip():
                 self.fail(f"expected modality=PATH pairs separated by commas, got {item!r}", param, ctx)
             try:
-                modality = _modality(key.strip())
+                modality = canonical_modality(key.strip())
             except ValueError as e:
                 self.fail(str(e), param, ctx)
             if modality in out:
@@ -49,10 +49,10 @@ class ModalityMap(click.ParamType):
 
 
 def _order(value: str) -> tuple[str, ...]:
-    from invcoss.continual_config import _modality
+    from invcoss.inversion_config import canonical_modality
 
     try:
-        return tuple(_modality(m.strip()) for m in value.split(",") if m.strip())
+        return tuple(canonical_modality(m.strip()) for m in value.split(",") if m.strip())
     except ValueError as e:
         raise UserError(f"--order: {e}") from None
 
