@@ -22,6 +22,8 @@
 namespace invcoss {
 namespace {
 
+constexpr int64_t kLanes = 16;  // interior values per vectorised step (two AVX registers of fp32)
+
 struct TvWeights {
   double w, h, d;  // factors of the W, H and D axes
 };
@@ -67,16 +69,29 @@ INVCOSS_CLONES double tv_rows(const T* INVCOSS_RESTRICT plane, const T* INVCOSS_
       gr[0] = T(tv_grad_point<A, kDepth>(A(r[0]), A(r[0]), A(r[std::min<int64_t>(1, last)]), A(u[0]), A(dn[0]),
                                           A(f[0]), A(b[0]), ww, wh, wd));
     }
-    A mid = A(0);
-#pragma omp simd reduction(+ : mid)
-    for (int64_t w = 1; w < last; ++w) {
-      mid += tv_sum_point<A, kDepth>(A(r[w]), A(r[w + 1]), A(dn[w]), A(b[w]), ww, wh, wd);
+    // The interior in groups of kLanes values with one accumulator per lane (an explicit lane
+    // array, not an OpenMP reduction, which GCC fails to vectorise for some of these loops).
+    A lanes[kLanes] = {};
+    int64_t w0 = 1;
+    for (; w0 + kLanes <= last; w0 += kLanes) {
+#pragma omp simd
+      for (int64_t j = 0; j < kLanes; ++j) {
+        const int64_t w = w0 + j;
+        lanes[j] += tv_sum_point<A, kDepth>(A(r[w]), A(r[w + 1]), A(dn[w]), A(b[w]), ww, wh, wd);
+        if constexpr (kGrad) {
+          gr[w] = T(tv_grad_point<A, kDepth>(A(r[w]), A(r[w - 1]), A(r[w + 1]), A(u[w]), A(dn[w]), A(f[w]),
+                                              A(b[w]), ww, wh, wd));
+        }
+      }
+    }
+    for (int64_t w = w0; w < last; ++w) {
+      lanes[0] += tv_sum_point<A, kDepth>(A(r[w]), A(r[w + 1]), A(dn[w]), A(b[w]), ww, wh, wd);
       if constexpr (kGrad) {
         gr[w] = T(tv_grad_point<A, kDepth>(A(r[w]), A(r[w - 1]), A(r[w + 1]), A(u[w]), A(dn[w]), A(f[w]), A(b[w]),
                                             ww, wh, wd));
       }
     }
-    row += mid;
+    for (int64_t j = 0; j < kLanes; ++j) row += lanes[j];
     if (last > 0) {
       row += tv_sum_point<A, kDepth>(A(r[last]), A(r[last]), A(dn[last]), A(b[last]), ww, wh, wd);
       if constexpr (kGrad) {
