@@ -32,8 +32,13 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q tests --doctest-modules invcoss
 
+# The extension's ratio table, then the pytest-benchmark suites (eager, torch.compile, every backend);
+# tables land in benchmarks/results/<machine>-cpu-<date>.{json,md}. BENCH_FLAGS=--bench-quick drops
+# the paper-size cases.
 bench: install
 	$(BIN)/python benchmarks/cpu_ratios.py
+	TORCHINDUCTOR_COMPILE_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider benchmarks \
+		-o python_files='bench_*.py' --bench-device cpu --bench-rounds 3 $(BENCH_FLAGS)
 
 bench-guard: install
 	$(BIN)/python benchmarks/cpu_ratios.py --guard
