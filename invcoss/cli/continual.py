@@ -70,6 +70,16 @@ _THREADS = click.option(
 )  # fmt: skip
 
 
+_INVERSION_STEPS = click.option(
+    "--inversion-steps", type=click.IntRange(min=1), default=None,
+    help="invcoss: steps per inversion batch (default: the inversion profile's).",
+)  # fmt: skip
+_INVERSION_WARMUP = click.option(
+    "--inversion-warmup-steps", type=click.IntRange(min=1), default=None,
+    help="invcoss: steps of a fresh generator's first batch (default: the inversion profile's).",
+)  # fmt: skip
+
+
 def _set_threads(threads: int | None) -> None:
     if threads:
         import torch
@@ -111,6 +121,11 @@ def _device(device: str | None):
 @click.option("--interleave", type=click.Choice(["shuffle", "alternate"]), default=None)
 @click.option(
     "--buffer-every", type=click.IntRange(min=1), default=None, help="Current batches per buffer batch."
+)
+@_INVERSION_STEPS
+@_INVERSION_WARMUP
+@click.option(
+    "--inversion-batch-size", type=click.IntRange(min=1), default=None, help="Default: the profile's."
 )
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
@@ -291,18 +306,28 @@ def experiment() -> None:
 @click.option("--methods", default="seq,er,invcoss", show_default=True, help="Methods to compare.")
 @click.option("--resume", is_flag=True, help="Continue the runs in --out.")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
+@_INVERSION_STEPS
+@_INVERSION_WARMUP
 @_THREADS
 def forgetting(
-    out: Path, size: str, methods: str, resume: bool, device: str | None, threads: int | None
+    out: Path,
+    size: str,
+    methods: str,
+    resume: bool,
+    device: str | None,
+    inversion_steps: int | None,
+    inversion_warmup_steps: int | None,
+    threads: int | None,
 ) -> None:
-    """seq vs er vs invcoss on phantom CT, MRI and X-ray: forgetting and storage table."""
+    """seq vs er vs invcoss on phantom X-ray, CT and MRI: forgetting and storage table."""
     import dataclasses
 
-    _set_threads(threads)
     from invcoss.experiment import ForgettingExperiment, run_forgetting_experiment
 
+    _set_threads(threads)
+    steps = {"inversion_steps": inversion_steps, "inversion_warmup_steps": inversion_warmup_steps}
     try:
-        exp = ForgettingExperiment.from_size(size)
+        exp = ForgettingExperiment.from_size(size, **{k: v for k, v in steps.items() if v is not None})
         exp = dataclasses.replace(exp, methods=tuple(m.strip() for m in methods.split(",") if m.strip()))
     except ValueError as e:
         raise UserError(str(e)) from None
