@@ -187,11 +187,12 @@ def continual(order, method, data, out, profile, resume, device, threads, **over
     ran = sum(1 for s in result.stages if s.epochs_run)
     last = {s.modality: s.history[-1]["mae"] for s in result.stages if s.history}
     losses = ", ".join(f"{m} {v:.4f}" for m, v in last.items())
-    what = {"er": "real buffer", "invcoss": "statistics", "seq": "nothing"}[method]
+    what = {"er": "real buffer", "invcoss": "statistics"}.get(method)
+    kept_text = f"{human_bytes(kept)} of {what} + the" if what else "no data, only the"
     click.echo(
         f"{method}: {len(result.stages)} stages {' -> '.join(config.order)} ({ran} trained now) in "
-        f"{result.seconds:.0f} s; last-epoch MAE loss {losses}; kept {human_bytes(kept)} of {what} "
-        f"+ {human_bytes(storage[-1].checkpoint_bytes)} checkpoint -> {out}"
+        f"{result.seconds:.0f} s; last-epoch MAE loss {losses}; kept {kept_text} "
+        f"{human_bytes(storage[-1].checkpoint_bytes)} checkpoint -> {out}"
     )
 
 
@@ -249,6 +250,8 @@ def evaluate(checkpoints, data, labels, out, mask_repeats, batch_size, seed, dev
             )  # fmt: skip
         except ValueError as e:
             raise UserError(str(e)) from None
+    if not table.rows:
+        raise UserError(f"no finished stage of {checkpoints} has seen {', '.join(held_out)} yet")
     paths = table.write(out or checkpoints / "eval")
     for r in table.rows:
         probe = f" probe {r.probe_accuracy:.3f}" if r.probe_accuracy is not None else ""
@@ -256,8 +259,9 @@ def evaluate(checkpoints, data, labels, out, mask_repeats, batch_size, seed, dev
             f"stage {r.stage} {r.stage_modality:>9}: {r.modality:>9} loss {r.loss:.4f} forgetting {r.forgetting:+.4f}{probe}"
         )
     final = table.final()
-    earlier = [r.forgetting for m, r in final.items() if m != config.order[len(table.stage_labels()) - 1]]
-    stages = len({r.stage for r in table.rows})
+    stages = max(r.stage for r in table.rows)
+    # The modality of the last evaluated stage cannot have been forgotten yet: leave it out.
+    earlier = [r.forgetting for m, r in final.items() if m != config.order[stages - 1]]
     mean = (
         f"mean forgetting {sum(earlier) / len(earlier):+.4f}" if earlier else "no earlier modality to forget"
     )
@@ -281,16 +285,19 @@ def storage(run: Path) -> None:
         raise UserError(f"{run} has no finished stage")
     for r in rows:
         source = f" (files {human_bytes(r.source_bytes)})" if r.source_bytes else ""
+        kept = (
+            f"{r.kept_after} {human_bytes(r.replay_bytes)} = {r.replay_bytes / r.data_bytes:.2%} of its data"
+            if r.replay_bytes
+            else "nothing of its data"
+        )
         click.echo(
-            f"stage {r.stage} {r.modality:>9}: {r.kept_after} {human_bytes(r.replay_bytes)} = "
-            f"{r.replay_bytes / r.data_bytes:.2%} of its data {human_bytes(r.data_bytes)}{source}, "
+            f"stage {r.stage} {r.modality:>9}: {kept} {human_bytes(r.data_bytes)}{source}, "
             f"checkpoint {human_bytes(r.checkpoint_bytes)}"
         )
-    kept = sum(r.replay_bytes for r in rows)
-    click.echo(
-        f"{rows[0].method} keeps {human_bytes(kept)} of {rows[0].kept_after} for {len(rows)} stages "
-        f"+ {human_bytes(rows[-1].checkpoint_bytes)} checkpoint"
-    )
+    total = sum(r.replay_bytes for r in rows)
+    checkpoint = human_bytes(rows[-1].checkpoint_bytes)
+    what = f"{human_bytes(total)} of {rows[0].kept_after} + " if total else "no data, only "
+    click.echo(f"{rows[0].method} keeps {what}the {checkpoint} checkpoint after {len(rows)} stages")
 
 
 @click.group()
@@ -362,6 +369,6 @@ def forgetting(
     mean = result.mean_forgetting()
     parts = ", ".join(f"{m} {v:+.4f}" for m, v in mean.items())
     click.echo(
-        f"mean forgetting over {', '.join(exp.base.order[:-1])}: {parts}; {len(exp.methods)} runs in "
+        f"mean forgetting over {', '.join(exp.base.order[:-1])}: {parts}; {len(exp.methods)} run{'s' if len(exp.methods) > 1 else ''} in "
         f"{result.seconds:.0f} s -> {out / 'forgetting.md'}"
     )
