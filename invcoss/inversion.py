@@ -76,8 +76,9 @@ class BatchResult:
         images: ``(B, C, *S)`` float32 CPU, in the model's input space.
         embeddings: ``(B, D)`` float32 CPU, ``model.embed`` of the images.
         curves: per step, ``step`` and every enabled term plus ``total``.
-        final: every enabled term on the final images (``rep`` against the pool before this
-            batch's push).
+        final: every enabled term on the final images, with the mask of step 1 (so ``final[k]``
+            and ``curves[k][0]`` measure the same thing before and after) and ``rep`` against the
+            pool before this batch's push.
         stat_loss: sum over blocks of the stat-matching loss of the final images.
         noise_stat_loss: the same for random noise of the same batch size.
         fresh_generator: this batch started a new generator.
@@ -314,9 +315,13 @@ class Inverter:
             opts = [self._opt_g, torch.optim.Adam([params], lr=c.lr_latent)]
         steps = c.warmup_steps if fresh else c.steps
         curves: dict[str, list[float]] = {"step": [], **{k: [] for k in c.losses}, "total": []}
+        # Step 1 and the final evaluation share a mask, so curves[k][0] and final[k] compare alike.
+        first_mask = torch.rand(size, self.num_patches, generator=rng).to(self.device)
         for step in range(steps):
-            noise = torch.rand(size, self.num_patches, generator=rng).to(self.device)
-            terms, _ = self.loss_terms(self._images(params), noise)
+            mask = (
+                first_mask if step == 0 else torch.rand(size, self.num_patches, generator=rng).to(self.device)
+            )
+            terms, _ = self.loss_terms(self._images(params), mask)
             total = self.weighted(terms)
             values = {k: float(v.detach()) for k, v in terms.items()} | {"total": float(total.detach())}
             if not all(math.isfinite(v) for v in values.values()):
@@ -339,7 +344,7 @@ class Inverter:
                 on_step(StepInfo(batch, num_batches, step + 1, steps, values))
         with torch.no_grad():
             x = self._images(params)
-            terms, emb = self.loss_terms(x, torch.rand(size, self.num_patches, generator=rng).to(self.device))
+            terms, emb = self.loss_terms(x, first_mask)
             final = {k: float(v) for k, v in terms.items()}
             stat = (
                 float(terms["norm"])

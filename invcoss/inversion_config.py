@@ -292,3 +292,18 @@ class InversionConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> InversionConfig:
+        """The inverse of :meth:`to_dict`, also after a JSON round trip (lists become tuples).
+
+        Example:
+            >>> c = InversionConfig.from_profile("quick", "mri")
+            >>> import json; InversionConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+            True
+        """
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - fields)
+        if unknown:
+            raise ValueError(f"unknown InversionConfig field(s) {unknown}; fields are {sorted(fields)}")
+        return cls(**values)
