@@ -1,0 +1,131 @@
+"""Rebuild the packaged default models: ``python -m invcoss.assets.build`` (what ``make assets`` runs).
+
+For each modality, with fixed seeds, the same steps as the commands a user runs::
+
+    invcoss-cli phantoms   --modality M --count N --out WORK/M/scans --seed 0
+    invcoss-cli preprocess --modality M --data WORK/M/scans --out WORK/M/cache --profile quick
+    invcoss-cli pretrain   --data WORK/M/cache --preset vit_nano --epochs E --batch-size 8 --lr 1e-3 --seed 0
+    invcoss-cli stats      --checkpoint ... --data WORK/M/cache --out stats.safetensors
+
+called through the library functions behind them, because the model is ``vit_nano`` at width 64
+(``embed_dim=64``), which the pretrain command has no option for. The narrower width keeps each
+checkpoint under 2 MB. The trained weights are rounded to float16 for storage, and the statistics
+are collected with the rounded weights, so they describe exactly the model that is loaded.
+Training on a CPU is deterministic for a given machine and torch build; another machine may differ
+in the last bits.
+
+Usage::
+
+    python -m invcoss.assets.build                      # all four modalities into invcoss/assets
+    python -m invcoss.assets.build --modality ct --epochs 2 --out /tmp/assets   # a quick try
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from invcoss.assets import ASSETS_DIR, STATS_NAME
+
+# Phantom files per modality: about 150-200 training samples each at the quick profile's sizes.
+RECIPES = {
+    "ct": {"count": 12},  # 64x160x160 at 2.5x1.6x1.6 mm → 13 windows of 16x96x96 each
+    "mri": {"count": 32},  # 48x128x128 → 5 windows each
+    "xray": {"count": 192},
+    "pathology": {"count": 192},
+}
+EMBED_DIM = 64
+EPOCHS = 30
+BATCH_SIZE = 8
+LR = 1e-3
+SEED = 0
+
+
+def build_one(modality: str, out: Path, work: Path, epochs: int = EPOCHS, log=print) -> dict:
+    """Train and store the packaged model of ``modality`` in ``out/<modality>``; returns its record."""
+    from invcoss.data import open_dataset, preprocess, write_phantoms
+    from invcoss.models import MAE, create_model
+    from invcoss.pretrain import PretrainConfig, pretrain
+    from invcoss.stats import collect_feature_stats
+
+    t0 = time.perf_counter()
+    recipe = RECIPES[modality]
+    scans, cache, ckpt = work / modality / "scans", work / modality / "cache", work / modality / "checkpoint"
+    shutil.rmtree(ckpt, ignore_errors=True)  # a scratch folder: always train from the start
+    write_phantoms(scans, modality, recipe["count"], seed=SEED)
+    report = preprocess(scans, cache, modality, "quick")
+    data = open_dataset(cache, modality)
+    torch.manual_seed(SEED)
+    model = create_model("vit_nano", name="vit_nano_w64", embed_dim=EMBED_DIM)
+    config = PretrainConfig(epochs=epochs, batch_size=BATCH_SIZE, lr=LR, seed=SEED)
+    log(f"{modality}: {report.samples} samples from {recipe['count']} phantoms; training {epochs} epochs")
+    result = pretrain(model, data, ckpt, config, modality=modality, device="cpu")
+    target = out / modality
+    target.mkdir(parents=True, exist_ok=True)
+    model.half().save_pretrained(target)  # float16 on disk; from_pretrained loads float32
+    stored = MAE.from_pretrained(target).eval()
+    stats = collect_feature_stats(stored, data, modality=modality, batch_size=16, out=target / STATS_NAME)
+    record = {
+        "modality": modality,
+        "model": {"preset": "vit_nano", "overrides": {"embed_dim": EMBED_DIM}, "name": stored.config.name},
+        "weights_dtype": "float16",
+        "data": {
+            "phantoms": recipe["count"],
+            "phantom_seed": SEED,
+            "profile": "quick",
+            "samples": report.samples,
+            "sample_shape": list(data.sample_shape),
+        },
+        "pretrain": {
+            "epochs": epochs,
+            "batch_size": BATCH_SIZE,
+            "lr": LR,
+            "seed": SEED,
+            "loss_first_epoch": result.losses[0],
+            "loss_last_epoch": result.losses[-1],
+            "seconds": round(result.seconds, 1),
+        },
+        "stats": {
+            "count": stats.count,
+            "blocks": stats.num_layers,
+            "tokens_x_width": list(stats.mean[0].shape),
+        },
+        "torch": torch.__version__,
+        "command": f"python -m invcoss.assets.build --modality {modality} --epochs {epochs}",
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    (target / "asset.json").write_text(json.dumps(record, indent=2) + "\n")
+    log(
+        f"{modality}: loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f} in {result.seconds:.0f} s; "
+        + ", ".join(f"{p.name} {p.stat().st_size / 1e6:.2f} MB" for p in sorted(target.iterdir()))
+    )
+    return record
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Rebuild the packaged default models (fixed seeds).")
+    parser.add_argument("--modality", choices=[*RECIPES, "all"], default="all")
+    parser.add_argument("--out", type=Path, default=ASSETS_DIR, help="default: the package's assets folder")
+    parser.add_argument("--epochs", type=int, default=EPOCHS)
+    parser.add_argument("--work", type=Path, default=None, help="keep phantoms, caches and checkpoints here")
+    args = parser.parse_args(argv)
+    modalities = list(RECIPES) if args.modality == "all" else [args.modality]
+    work = args.work or Path(tempfile.mkdtemp(prefix="invcoss-assets-"))
+    try:
+        for m in modalities:
+            build_one(m, args.out, work, args.epochs)
+    finally:
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+    total = sum(p.stat().st_size for m in modalities for p in (args.out / m).iterdir())
+    print(f"built {len(modalities)} packaged model(s) into {args.out}: {total / 1e6:.2f} MB")
+
+
+if __name__ == "__main__":
+    main()
