@@ -15,7 +15,7 @@ CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda-13.0 /usr/local/cuda))
 export CUDA_HOME
 export MAX_JOBS ?= 2
 
-.PHONY: install demo test bench bench-guard lint clean
+.PHONY: install demo assets test bench bench-guard lint clean
 
 install: $(STAMP)
 
@@ -26,8 +26,14 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	$(BIN)/pip install -q --no-build-isolation -e '.[dev]' $(QUIET)
 	touch $(STAMP)
 
+# The main job: invert the packaged CT model into synthetic volumes (out/demo), a few minutes on a CPU.
 demo: install
-	$(BIN)/invcoss-cli info
+	rm -rf out/demo
+	$(BIN)/invcoss-cli invert --modality ct --out out/demo
+
+# Rebuild the packaged default models (invcoss/assets/<modality>/) from phantoms, with fixed seeds.
+assets: install
+	$(BIN)/python -m invcoss.assets.build
 
 test: install
 	$(BIN)/python -m pytest -q tests --doctest-modules invcoss

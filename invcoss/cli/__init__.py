@@ -27,6 +27,7 @@ def _register() -> None:
     from invcoss.cli.continual import continual, evaluate, experiment, storage
     from invcoss.cli.data import phantoms, preprocess, pretrain, stats
     from invcoss.cli.info import info
+    from invcoss.cli.invert import invert
 
     main.add_command(info)
     main.add_command(phantoms)
@@ -38,6 +39,7 @@ def _register() -> None:
     main.add_command(evaluate)
     main.add_command(storage)
     main.add_command(experiment)
+    main.add_command(invert)
 
 
 _register()

@@ -1,0 +1,275 @@
+"""``invcoss-cli invert``: a frozen model and its feature statistics → synthetic samples (Stage 1).
+
+A thin layer over :class:`invcoss.inversion.Inverter`. Without ``--checkpoint`` it inverts the
+model packaged with invcoss for the modality (:mod:`invcoss.assets`). Everything that can be wrong
+with the input (an unknown modality, a missing checkpoint, statistics of another model or
+modality, an occupied output folder, a missing reference) is found before anything is written and
+exits with code 2 and a one-line message.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from invcoss.cli.data import UserError
+
+MODALITIES = ["ct", "mri", "xray", "path", "pathology"]
+LOSSES = ["task", "norm", "img", "rep"]
+
+
+def _device(name: str | None):
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise UserError(f"unknown device {name!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA device is available here")
+    return device
+
+
+def _load(modality: str, checkpoint: Path | None, stats_path: Path | None):
+    """``(model, stats, sources)``; a UserError for anything missing or mismatched."""
+    from invcoss.assets import STATS_NAME, default_model_dir
+    from invcoss.models import MAE
+    from invcoss.stats import load_feature_stats
+
+    if checkpoint is None:
+        try:
+            checkpoint = default_model_dir(modality)
+        except FileNotFoundError as e:
+            raise UserError(str(e)) from None
+        source = f"packaged {modality} model ({checkpoint})"
+    else:
+        if not checkpoint.is_dir():
+            raise UserError(f"checkpoint {checkpoint} does not exist or is not a folder")
+        source = str(checkpoint)
+    try:
+        model = MAE.from_pretrained(checkpoint).float()
+    except (ValueError, OSError) as e:
+        raise UserError(f"cannot load checkpoint {checkpoint}: {e}") from None
+    if stats_path is None:
+        stats_path = checkpoint / STATS_NAME
+        if not stats_path.is_file():
+            raise UserError(
+                f"no feature statistics: {checkpoint} has no {STATS_NAME}; give --stats FILE "
+                "(`invcoss-cli stats` makes one)"
+            )
+    elif not stats_path.is_file():
+        raise UserError(f"statistics file {stats_path} does not exist")
+    try:
+        stats = load_feature_stats(stats_path, model, modality=modality)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return model, stats, {"model": source, "stats": str(stats_path)}
+
+
+def _parse_settings(settings: tuple[str, ...]) -> dict:
+    """``("alpha_rep=1.0", "generator_channels=16,8,8,4")`` → ``{"alpha_rep": 1.0, ...}``.
+
+    A value is read as JSON when it parses (numbers, ``null``, ``true``), a comma list as a tuple
+    of such values, anything else as a string.
+    """
+    import json
+
+    def value(text: str):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            return text
+
+    out = {}
+    for item in settings:
+        name, sep, text = item.partition("=")
+        if not sep or not name.strip():
+            raise UserError(f"--set expects FIELD=VALUE, got {item!r}")
+        parts = text.split(",")
+        out[name.strip()] = tuple(value(p.strip()) for p in parts) if len(parts) > 1 else value(text.strip())
+    return out
+
+
+def _progress():
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    # On stderr and transient, so stdout carries only the report and the summary line.
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
+
+
+@click.command()
+@click.option("--modality", type=click.Choice(MODALITIES), required=True, help="What to synthesise.")
+@click.option(
+    "--checkpoint",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="A model folder (pretrain output). Default: the model packaged for --modality.",
+)
+@click.option(
+    "--stats",
+    "stats_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Feature statistics of the model. Default: stats.safetensors in the checkpoint folder.",
+)
+@click.option("--num-samples", type=click.IntRange(min=1), default=None, help="Default: two batches.")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Output folder (new or empty, or the run to --resume). Default: ./inversion-MODALITY.",
+)
+@click.option("--profile", type=click.Choice(["quick", "paper"]), default="quick", show_default=True)
+@click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
+@click.option(
+    "--backend", default=None, help="invcoss.ops backend: torch, triton, cpu, cuda (default: fastest)."
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="CPU threads of torch (default: torch's choice).",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue the run in --out after its last finished batch.")
+@click.option(
+    "--generator",
+    type=click.Choice(["invunet", "bottomup", "pixels"]),
+    default="invunet",
+    show_default=True,
+    help="InvUNet (the paper's), the bottom-up baseline, or pixels (no generator).",
+)
+@click.option(
+    "--without",
+    "disabled",
+    type=click.Choice(LOSSES),
+    multiple=True,
+    help="Switch a loss term off (repeatable).",
+)
+@click.option(
+    "--set",
+    "settings",
+    multiple=True,
+    metavar="FIELD=VALUE",
+    help="Override any InversionConfig field, e.g. --set alpha_rep=1.0 --set generator_channels=16,8,8,4.",
+)
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Override the profile's.")
+@click.option(
+    "--steps", type=click.IntRange(min=1), default=None, help="Steps per batch (profile's by default)."
+)
+@click.option("--warmup-steps", type=click.IntRange(min=1), default=None, help="Steps for a fresh generator.")
+@click.option(
+    "--reference",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Real scans or a cache of the modality: adds real-data columns and the Frechet distance.",
+)
+@click.option(
+    "--compare-rep", is_flag=True, help="Also invert with L_rep toggled and report both diversities."
+)
+def invert(
+    modality: str,
+    checkpoint: Path | None,
+    stats_path: Path | None,
+    num_samples: int | None,
+    out: Path | None,
+    profile: str,
+    device: str | None,
+    backend: str | None,
+    threads: int | None,
+    seed: int,
+    resume: bool,
+    generator: str,
+    disabled: tuple[str, ...],
+    settings: tuple[str, ...],
+    batch_size: int | None,
+    steps: int | None,
+    warmup_steps: int | None,
+    reference: Path | None,
+    compare_rep: bool,
+) -> None:
+    """Invert a frozen model into synthetic samples that match its feature statistics (Eq. 6)."""
+    from invcoss.inversion import Inverter, NonFiniteLossError
+    from invcoss.inversion_config import InversionConfig, canonical_modality
+    from invcoss.inversion_io import RunFolderError
+    from invcoss.inversion_report import format_report, reference_batches
+    from invcoss.ops import available_backends
+
+    modality = canonical_modality(modality)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    dev = _device(device)
+    if backend is not None and backend not in available_backends():
+        raise UserError(
+            f"backend {backend!r} is not available here; available: {', '.join(available_backends())}"
+        )
+    model, stats, sources = _load(modality, checkpoint, stats_path)
+    overrides = {"seed": seed, "generator": generator}
+    for name, value in (("batch_size", batch_size), ("steps", steps), ("warmup_steps", warmup_steps)):
+        if value is not None:
+            overrides[name] = value
+    if disabled:
+        overrides["losses"] = tuple(t for t in LOSSES if t not in disabled)
+    overrides |= _parse_settings(settings)
+    try:
+        config = InversionConfig.from_profile(profile, modality, **overrides)
+        inverter = Inverter(model, stats, config, device=dev, backend=backend)
+    except (ValueError, TypeError) as e:
+        raise UserError(str(e)) from None
+    real = None
+    if reference is not None:
+        try:
+            real = reference_batches(inverter, reference, limit=256)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        sources["reference"] = str(reference)
+    num_samples = num_samples or 2 * config.batch_size
+    out = out or Path(f"inversion-{modality}")
+    sizes = inverter.batch_sizes(num_samples)
+    total_steps = sum(config.steps_for(b) for b in range(len(sizes)))
+    with _progress() as bar:
+        task = bar.add_task("invert", total=total_steps, info="")
+        offsets = [sum(config.steps_for(i) for i in range(b)) for b in range(len(sizes))]
+
+        def on_step(s) -> None:
+            losses = " ".join(f"{k} {v:.4g}" for k, v in s.losses.items())
+            info = f"batch {s.batch + 1}/{s.num_batches} step {s.step}/{s.steps} {losses}"
+            bar.update(task, completed=offsets[s.batch] + s.step, info=info)
+
+        try:
+            result = inverter.run(
+                num_samples,
+                out,
+                resume=resume,
+                on_step=on_step,
+                sources=sources,
+                reference=real,
+                compare_rep=compare_rep,
+            )
+        except RunFolderError as e:
+            raise UserError(str(e)) from None
+        except NonFiniteLossError as e:
+            raise click.ClickException(str(e)) from None
+    for line in format_report(result.quality):
+        click.echo(line)
+    kind = "volumes" if config.ndim == 3 else "images"
+    q = result.quality["stat_loss"]
+    done = f"{result.batches_run} of {len(sizes)} batches run" if resume else f"{len(sizes)} batches"
+    click.echo(
+        f"wrote {len(result.files)} synthetic {modality} {kind} to {out} ({done}, {result.seconds:.0f} s); "
+        f"stat-matching loss {q['synthetic']:.4g} vs {q['noise']:.4g} for noise"
+    )
