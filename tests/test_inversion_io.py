@@ -1,0 +1,209 @@
+"""Files of an inversion run: formats, manifest, determinism, resume after an interruption, guards."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import invcoss.data
+from invcoss.data import read_nifti
+from invcoss.inversion import Inverter, NonFiniteLossError
+from invcoss.inversion_config import InversionConfig
+from invcoss.inversion_io import RunFolderError
+from invcoss.models import create_model
+from invcoss.stats import collect_feature_stats
+
+SIZES = {"img_size_2d": 32, "img_size_3d": (16, 32, 32)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # Tiny tensors: one thread avoids OpenMP start-up costs and oversubscription on a shared 2-core runner.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return create_model("vit_nano", **SIZES)
+
+
+def _stats(model, modality: str):
+    g = torch.Generator().manual_seed(1)
+    x = (
+        torch.rand(6, 3, 32, 32, generator=g)
+        if modality == "xray"
+        else torch.rand(6, 1, 16, 32, 32, generator=g) * 2 - 1
+    )
+    return collect_feature_stats(model, x, modality=modality)
+
+
+@pytest.fixture(scope="module")
+def ct_stats(model):
+    return _stats(model, "ct")
+
+
+def ct_config(**kw) -> InversionConfig:
+    base = dict(
+        modality="ct", batch_size=2, steps=2, warmup_steps=3, generator_every=2, latent_dim=8,
+        generator_channels=(8, 8, 4, 4),
+    )  # fmt: skip
+    return InversionConfig(**(base | kw))
+
+
+def files_of(out) -> dict[str, bytes]:
+    """Every file of a run folder except the manifest and preview (which carry timings), by relative path."""
+    return {
+        str(p.relative_to(out)): p.read_bytes()
+        for p in sorted(out.rglob("*"))
+        if p.is_file() and p.name not in ("manifest.json", "preview.png")
+    }
+
+
+def test_3d_run_writes_float32_nifti_with_spacing_and_a_manifest(tmp_path, model, ct_stats):
+    inv = Inverter(model, ct_stats, ct_config(), backend="torch")
+    result = inv.run(5, tmp_path / "run")
+    out = tmp_path / "run"
+    names = [f"samples/ct_{i:05d}.nii.gz" for i in range(5)]
+    assert sorted(files_of(out)) == names  # no state, no temporary file left
+    assert [p.relative_to(out).as_posix() for p in result.files] == names
+    expected_spacing = (24.0 / 16, 384.0 / 32, 384.0 / 32)  # the nominal CT field of view
+    memory = Inverter(model, ct_stats, ct_config(), backend="torch").generate(5).images
+    for i, p in enumerate(result.files):
+        img = nib.load(p)
+        assert img.get_data_dtype() == np.float32
+        assert np.allclose(np.diag(img.affine)[:3], expected_spacing[::-1])  # (W, H, D) axes
+        vol = read_nifti(p)
+        assert vol.spacing == pytest.approx(expected_spacing)
+        np.testing.assert_array_equal(vol.array, memory[i, 0].numpy())  # what the model saw, exactly
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["complete"] and m["num_batches"] == 3 and m["resume_state"] is None
+    assert [len(b["samples"]) for b in m["batches"]] == [2, 2, 1]
+    assert [b["steps"] for b in m["batches"]] == [3, 2, 3]  # fresh generators at batches 0 and 2
+    assert InversionConfig.from_dict(m["identity"]["config"]) == inv.config
+    assert len(m["identity"]["model"]["weights_sha256"]) == 64 and len(m["identity"]["stats_sha256"]) == 64
+    for b in m["batches"]:
+        assert set(b["curves"]) == {"step", "task", "norm", "img", "rep", "total"}
+        assert len(b["curves"]["norm"]) == b["steps"] and b["seconds"] > 0
+        assert b["stat_loss"] > 0 and b["noise_stat_loss"] > 0
+    q = m["quality"]
+    assert q["num_samples"] == 5 and q["stat_loss"]["synthetic"] == pytest.approx(
+        np.mean([b["stat_loss"] for b in m["batches"]])
+    )
+    assert -1 <= q["mean_pairwise_cosine"]["synthetic"] <= 1
+    with Image.open(out / "preview.png") as im:  # 5 central slices on a 3x2 grid with 2-pixel gaps
+        assert im.size == (3 * 32 + 4, 2 * 32 + 2) and im.mode == "L"
+
+
+def test_2d_run_writes_float_arrays_and_png_copies(tmp_path, model):
+    stats = _stats(model, "xray")
+    config = InversionConfig(
+        modality="xray", batch_size=2, steps=2, warmup_steps=2, generator_every=1, latent_dim=8,
+        generator_channels=(8, 8, 4),
+    )  # fmt: skip
+    result = Inverter(model, stats, config, backend="torch").run(3, tmp_path)
+    memory = Inverter(model, stats, config, backend="torch").generate(3).images
+    for i in range(3):
+        a = np.load(tmp_path / f"samples/xray_{i:05d}.npy")
+        assert a.dtype == np.float32 and a.shape == (3, 32, 32)
+        np.testing.assert_array_equal(a, memory[i].numpy())
+        assert np.array_equal(a[0], a[1]) and np.array_equal(a[0], a[2])  # grey, replicated
+        with Image.open(tmp_path / f"png/xray_{i:05d}.png") as im:
+            assert im.mode == "L" and im.size == (32, 32)
+            assert np.abs(np.asarray(im) / 255.0 - a[0]).max() <= 0.5 / 255 + 1e-6
+    assert len(result.files) == 3
+
+
+def test_same_seed_same_bytes_other_seed_other_samples(tmp_path, model, ct_stats):
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        Inverter(model, ct_stats, ct_config(seed=seed), backend="torch").run(3, tmp_path / name)
+    a, b, c = (files_of(tmp_path / n) for n in "abc")
+    assert a == b
+    assert sorted(a) == sorted(c) and all(a[k] != c[k] for k in a)
+
+
+def test_resume_after_an_interrupt_mid_batch(tmp_path, model, ct_stats):
+    Inverter(model, ct_stats, ct_config(), backend="torch").run(5, tmp_path / "whole")
+
+    def interrupt(info) -> None:
+        if info.batch == 1 and info.step == 1:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        Inverter(model, ct_stats, ct_config(), backend="torch").run(5, out, on_step=interrupt)
+    m = json.loads((out / "manifest.json").read_text())
+    assert len(m["batches"]) == 1 and not m["complete"]
+    assert (out / m["resume_state"]).is_file()
+    first = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (out / "samples").iterdir()}
+    assert sorted(first) == ["ct_00000.nii.gz", "ct_00001.nii.gz"]
+    with pytest.raises(RunFolderError, match="--resume"):
+        Inverter(model, ct_stats, ct_config(), backend="torch").run(5, out)
+    result = Inverter(model, ct_stats, ct_config(), backend="torch").run(5, out, resume=True)
+    assert result.batches_run == 2
+    assert files_of(out) == files_of(tmp_path / "whole")  # same files, same bytes, no state left
+    for name, stamp in first.items():  # finished batches are never rewritten
+        p = out / "samples" / name
+        assert (p.stat().st_ino, p.stat().st_mtime_ns) == stamp
+    again = Inverter(model, ct_stats, ct_config(), backend="torch").run(5, out, resume=True)
+    assert again.batches_run == 0 and files_of(out) == files_of(tmp_path / "whole")
+
+
+def test_resume_after_a_kill_while_writing_a_batch(tmp_path, model, ct_stats, monkeypatch):
+    Inverter(model, ct_stats, ct_config(), backend="torch").run(5, tmp_path / "whole")
+    out = tmp_path / "cut"
+    real_write, calls = invcoss.data.write_nifti, []
+
+    def dying_write(path, *args, **kw):
+        calls.append(path)
+        if len(calls) == 4:  # the second file of batch 1: leave a half-written temporary file, die
+            (path.parent / f".{path.name}.x1y2.tmp").write_bytes(b"\x1f\x8b half")
+            raise KeyboardInterrupt
+        return real_write(path, *args, **kw)
+
+    monkeypatch.setattr(invcoss.data, "write_nifti", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        Inverter(model, ct_stats, ct_config(), backend="torch").run(5, out)
+    monkeypatch.setattr(invcoss.data, "write_nifti", real_write)
+    assert len(json.loads((out / "manifest.json").read_text())["batches"]) == 1
+    assert (out / "samples" / "ct_00002.nii.gz").is_file()  # written, but its batch is unfinished
+    Inverter(model, ct_stats, ct_config(), backend="torch").run(5, out, resume=True)
+    assert files_of(out) == files_of(tmp_path / "whole")
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_resume_refuses_another_configuration(tmp_path, model, ct_stats):
+    out = tmp_path / "run"
+    Inverter(model, ct_stats, ct_config(), backend="torch").run(2, out)
+    before = files_of(out)
+    with pytest.raises(RunFolderError, match=r"config\.seed"):
+        Inverter(model, ct_stats, ct_config(seed=3), backend="torch").run(2, out, resume=True)
+    with pytest.raises(RunFolderError, match="num_samples"):
+        Inverter(model, ct_stats, ct_config(), backend="torch").run(3, out, resume=True)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine\n")
+    with pytest.raises(RunFolderError, match="not empty"):
+        Inverter(model, ct_stats, ct_config(), backend="torch").run(2, tmp_path / "other")
+    assert files_of(out) == before and sorted(p.name for p in (tmp_path / "other").iterdir()) == ["notes.txt"]
+
+
+def test_a_non_finite_loss_stops_the_batch_and_writes_none_of_it(tmp_path, model, ct_stats):
+    inv = Inverter(model, ct_stats, ct_config(), backend="torch")
+
+    def poison(result) -> None:  # after batch 0 is written, the statistics become infinite
+        inv.targets[0] = (inv.targets[0][0], torch.full_like(inv.targets[0][1], float("inf")))
+
+    with pytest.raises(NonFiniteLossError, match=r"batch 1, step 1/2: the loss is not finite.*norm=inf"):
+        inv.run(4, tmp_path, on_batch=poison)
+    m = json.loads((tmp_path / "manifest.json").read_text())
+    assert len(m["batches"]) == 1
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["ct_00000.nii.gz", "ct_00001.nii.gz"]
+    assert len(inv.pool) == 2  # the failed batch pushed nothing into the pool
