@@ -18,7 +18,7 @@ import io
 import json
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -117,12 +117,13 @@ class RetentionRow:
 
 @dataclass
 class RetentionTable:
-    """All scores of one run, with the run's method and order."""
+    """All scores of one run, with the run's method and order and the scoring ``settings``."""
 
     run: Path
     method: str
     order: tuple[str, ...]
     rows: list[RetentionRow]
+    settings: dict = field(default_factory=dict)
 
     def final(self) -> dict[str, RetentionRow]:
         """Per modality, its row at the last evaluated stage."""
@@ -157,7 +158,7 @@ class RetentionTable:
             "json": atomic_write_json(
                 out / "retention.json",
                 {"run": str(self.run), "method": self.method, "order": list(self.order),
-                 "rows": [asdict(r) for r in self.rows]},
+                 "settings": self.settings, "rows": [asdict(r) for r in self.rows]},
             ),
         }  # fmt: skip
         modalities = list(dict.fromkeys(r.modality for r in self.rows))
@@ -252,7 +253,11 @@ def evaluate_run(
             done += 1
             if on_progress is not None:
                 on_progress(done, jobs, f"stage {t + 1} {m}")
-    return RetentionTable(run, config.method, config.order, rows)
+    settings = {
+        "mask_ratio": mask_ratio, "repeats": repeats, "seed": seed,
+        "samples": {m: len(data[m]) for m in data}, "probe": {m: str(s.source) for m, s in labelled.items()},
+    }  # fmt: skip
+    return RetentionTable(run, config.method, config.order, rows, settings)
 
 
 @dataclass

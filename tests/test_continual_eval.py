@@ -88,7 +88,15 @@ def test_evaluate_scores_seen_modalities_and_forgetting(runs, tmp_path):
         and float(rows[1]["forgetting"]) == pytest.approx(ct_end.forgetting)
     )
     assert Image.open(paths["png"]).size[0] > 0
-    assert json.loads(paths["json"].read_text())["order"] == ["ct", "xray"]
+    saved = json.loads(paths["json"].read_text())
+    assert saved["order"] == ["ct", "xray"]
+    assert saved["settings"] == {
+        "mask_ratio": 0.75,
+        "repeats": 1,
+        "seed": 0,
+        "samples": {"ct": 5, "xray": 5},
+        "probe": {},
+    }
     with pytest.raises(ValueError, match="mri not in the run's order"):
         evaluate_run(root / "seq", {"mri": test["ct"]})
 
