@@ -41,7 +41,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -441,22 +440,3 @@ class Inverter:
                 moments.setdefault(int(i), {})[name] = v.to(self.device) if name != "step" else v
         groups = self._opt_g.state_dict()["param_groups"]
         self._opt_g.load_state_dict({"state": moments, "param_groups": groups})
-
-
-def model_digest(model: nn.Module) -> str:
-    """sha256 of a model's weights (names, dtypes, shapes and bytes, in name order)."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        a = t.detach().cpu().contiguous()
-        h.update(f"{name}:{a.dtype}:{tuple(a.shape)};".encode())
-        h.update(a.view(torch.uint8).numpy().tobytes() if a.numel() else b"")
-    return h.hexdigest()
-
-
-def targets_digest(targets: Sequence[tuple[Tensor, Tensor]]) -> str:
-    """sha256 of the statistics targets (float32 bytes of every block's mean and variance)."""
-    h = hashlib.sha256()
-    for m, v in targets:
-        for t in (m, v):
-            h.update(np.ascontiguousarray(t.detach().float().cpu().numpy()).tobytes())
-    return h.hexdigest()

@@ -21,6 +21,7 @@ rewrites those; samples of an unfinished batch (a run killed while writing) are 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 
 from invcoss.data.atomic import atomic_save_npy, atomic_write_bytes, atomic_write_json
-from invcoss.inversion import BatchResult, Inverter, StepInfo, model_digest, targets_digest
+from invcoss.inversion import BatchResult, Inverter, StepInfo
 
 __all__ = [
     "MANIFEST",
@@ -41,7 +42,9 @@ __all__ = [
     "RunFolderError",
     "read_samples",
     "run_inversion",
+    "model_digest",
     "sample_paths",
+    "targets_digest",
     "write_preview",
 ]
 
@@ -147,6 +150,25 @@ def write_preview(path: Path, inv: Inverter, paths: list[Path]) -> Path | None:
         r, q = divmod(i, cols)
         canvas[:, r * (h + gap) : r * (h + gap) + h, q * (w + gap) : q * (w + gap) + w] = x[i]
     return write_png(path, canvas)
+
+
+def model_digest(model: torch.nn.Module) -> str:
+    """sha256 of a model's weights (names, dtypes, shapes and bytes, in name order)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        a = t.detach().cpu().contiguous()
+        h.update(f"{name}:{a.dtype}:{tuple(a.shape)};".encode())
+        h.update(a.view(torch.uint8).numpy().tobytes() if a.numel() else b"")
+    return h.hexdigest()
+
+
+def targets_digest(targets: list[tuple[torch.Tensor, torch.Tensor]]) -> str:
+    """sha256 of the statistics targets (float32 bytes of every block's mean and variance)."""
+    h = hashlib.sha256()
+    for m, v in targets:
+        for t in (m, v):
+            h.update(np.ascontiguousarray(t.detach().float().cpu().numpy()).tobytes())
+    return h.hexdigest()
 
 
 def _identity(inv: Inverter, num_samples: int) -> dict:

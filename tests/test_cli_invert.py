@@ -20,18 +20,9 @@ from invcoss.cli import main
 from invcoss.data import read_nifti
 from invcoss.models import create_model
 from invcoss.stats import collect_feature_stats
+from tests.test_inversion import _one_thread  # noqa: F401  (autouse: one torch thread)
 
 FAST = ["--steps", "2", "--warmup-steps", "3"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # One thread here and in the killed subprocess: results are bitwise reproducible for a given
-    # thread count only (reductions split differently), and small tensors gain nothing from two.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture

@@ -24,7 +24,9 @@ from invcoss.stats import collect_feature_stats
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
-    # Tiny tensors: one thread avoids OpenMP start-up costs and oversubscription on a shared 2-core runner.
+    # Small tensors gain nothing from a second thread, and two threads on a busy 2-core runner are
+    # many times slower (OpenMP oversubscription). Results are bitwise reproducible only for a given
+    # thread count, so the CLI tests run their subprocess with one thread too.
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

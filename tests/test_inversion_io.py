@@ -17,17 +17,9 @@ from invcoss.inversion_config import InversionConfig
 from invcoss.inversion_io import RunFolderError
 from invcoss.models import create_model
 from invcoss.stats import collect_feature_stats
+from tests.test_inversion import _one_thread  # noqa: F401  (autouse: one torch thread)
 
 SIZES = {"img_size_2d": 32, "img_size_3d": (16, 32, 32)}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny tensors: one thread avoids OpenMP start-up costs and oversubscription on a shared 2-core runner.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from invcoss.cli.data import UserError
+from invcoss.cli.data import UserError, _progress
 
 MODALITIES = ["ct", "mri", "xray", "path", "pathology"]
 LOSSES = ["task", "norm", "img", "rep"]
@@ -91,22 +91,6 @@ def _parse_settings(settings: tuple[str, ...]) -> dict:
         parts = text.split(",")
         out[name.strip()] = tuple(value(p.strip()) for p in parts) if len(parts) > 1 else value(text.strip())
     return out
-
-
-def _progress():
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    # On stderr and transient, so stdout carries only the report and the summary line.
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-        transient=True,
-    )
 
 
 @click.command()
