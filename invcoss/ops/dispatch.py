@@ -197,7 +197,9 @@ def resolve(backend: str | None, device: torch.device, op: str) -> ModuleType:
     info = _REGISTRY[name]
     reason = unavailable_reason(name)
     if reason is not None:
-        raise RuntimeError(f"{op}: backend {name!r} is not available: {reason}. To get it: {info.install_hint}")
+        raise RuntimeError(
+            f"{op}: backend {name!r} is not available: {reason}. To get it: {info.install_hint}"
+        )
     if device.type not in info.devices:
         raise ValueError(
             f"{op}: backend {name!r} runs on {'/'.join(info.devices)} tensors, got tensors on {device.type}"
