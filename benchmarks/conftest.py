@@ -21,6 +21,13 @@ from invcoss import benchmark as bm
 
 RESULTS = Path(__file__).parent / "results"
 _ROWS: list[bm.Row] = []
+_INVERSION_ROWS: list[dict] = []
+
+
+@pytest.fixture
+def inversion_rows() -> list[dict]:
+    """Rows of :func:`invcoss.benchmark.time_inversion`, written with the op tables at the end."""
+    return _INVERSION_ROWS
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -97,7 +104,7 @@ def pytest_benchmark_update_json(config, benchmarks, output_json) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    if not _ROWS:
+    if not (_ROWS or _INVERSION_ROWS):
         return
     rows = bm.add_ratios(list(_ROWS))
     device = session.config.getoption("--bench-device")
@@ -117,9 +124,13 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         "cpu_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name() if device == "cuda" and torch.cuda.is_available() else None,
     }
-    base.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": bm.rows_to_dicts(rows)}, indent=1))
+    base.with_suffix(".json").write_text(
+        json.dumps({"meta": meta, "rows": bm.rows_to_dicts(rows), "inversion": _INVERSION_ROWS}, indent=1)
+    )
     title = f"{machine} ({device}, {meta['gpu'] or str(meta['cpu_threads']) + ' threads'}), torch {torch.__version__}, {stamp}"
-    md = bm.to_markdown(rows, title, peaks)
+    md = bm.to_markdown(rows, title, peaks) if rows else ""
+    if _INVERSION_ROWS:
+        md += "\n" + bm.inversion_markdown(_INVERSION_ROWS, "inversion step")
     base.with_suffix(".md").write_text(md)
     print("\n" + md + f"\nwritten: {base}.json, {base}.md")
 

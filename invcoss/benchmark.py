@@ -352,3 +352,133 @@ def to_markdown(rows: list[Row], title: str = "", peaks: dict[str, float] | None
 
 def rows_to_dicts(rows: list[Row]) -> list[dict]:
     return [asdict(r) for r in rows]
+
+
+# ---- the inversion step -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InversionProfile:
+    """One inversion workload: a model preset, a modality, a batch size and the generator."""
+
+    name: str
+    modality: str
+    preset: str
+    batch_size: int
+    img_size: tuple[int, ...]
+    profile: str = "paper"  # the InversionConfig profile whose generator settings are used
+    overrides: tuple[tuple[str, object], ...] = ()
+
+
+INVERSION_PROFILES: dict[str, InversionProfile] = {
+    # The paper's settings (Appendix C): vit_base, 3D batch 48 at 16x192x192, 2D batch 320 at 224.
+    "3d-paper": InversionProfile("3d-paper", "ct", "vit_base", 48, (16, 192, 192)),
+    "2d-paper": InversionProfile("2d-paper", "xray", "vit_base", 320, (224, 224)),
+    # The same loops at a size a 2-core CPU times in seconds (the quick profile's generator).
+    "3d-reduced": InversionProfile("3d-reduced", "ct", "vit_nano", 2, (16, 96, 96), "quick"),
+    "2d-reduced": InversionProfile("2d-reduced", "xray", "vit_nano", 8, (112, 112), "quick"),
+}
+
+
+def inversion_setup(profile: InversionProfile, device: torch.device | str, backend: str, seed: int = 0):
+    """An :class:`~invcoss.inversion.Inverter` of ``profile`` and its first batch, ready to step.
+
+    The model has random weights and the statistics are random (the cost of a step does not depend
+    on their values). Returns ``(inverter, step)`` where ``step()`` runs one optimisation step and
+    returns its loss values (reading them synchronises the device).
+    """
+    from invcoss.inversion import Inverter
+    from invcoss.inversion_config import InversionConfig
+    from invcoss.models import create_model
+
+    ndim = len(profile.img_size)
+    size_kw = {"img_size_2d": profile.img_size} if ndim == 2 else {"img_size_3d": profile.img_size}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = create_model(profile.preset, **size_kw)
+    cfg = model.config
+    g = torch.Generator().manual_seed(seed)
+    shape = (cfg.num_patches(ndim) + 1, cfg.embed_dim)
+    stats = [
+        (0.1 * torch.randn(shape, generator=g), 0.5 + torch.rand(shape, generator=g))
+        for _ in range(cfg.depth)
+    ]
+    config = InversionConfig.from_profile(
+        profile.profile, profile.modality, batch_size=profile.batch_size, seed=seed, **dict(profile.overrides)
+    )
+    inv = Inverter(model, stats, config, device=device, backend=backend)
+    inv.start(4 * profile.batch_size)
+    inv.pool.push(0.1 * torch.randn(2 * profile.batch_size, cfg.embed_dim, generator=g).to(inv.device))
+    params, opts, _, rng = inv.begin_batch(0, profile.batch_size)
+    mask = inv.random_mask(profile.batch_size, rng)
+    return inv, lambda: inv.step(params, opts, mask)
+
+
+def time_inversion(
+    profile: InversionProfile,
+    device: torch.device | str,
+    backends: list[str],
+    steps: int = 3,
+    warmup: int = 1,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict]:
+    """Steps per second of the inversion step of ``profile`` for each backend, in one run.
+
+    Each backend gets its own inverter with the same seed (so the same model, statistics, latents
+    and mask); the first ``warmup`` steps (kernel compilation, autotuning, allocator growth) are not
+    timed, then the backends take one step each in turn, ``steps`` times. ``ratio`` is the step time of ``backends[0]`` (the reference) over this backend's.
+    """
+    if not backends or len(set(backends)) != len(backends):
+        raise ValueError(f"backends must be distinct and at least one, got {backends}")
+    device = torch.device(device)
+    runs = []
+    for backend in backends:
+        if progress:
+            progress(f"{profile.name} {backend}: set-up and {warmup} untimed step(s)")
+        inv, step = inversion_setup(profile, device, backend)
+        time_fn(step, device, 0, warmup)
+        runs.append((backend, step))
+    # Round-robin, one step of each backend in turn, so a machine getting busier slows all alike.
+    times: dict[str, list[float]] = {b: [] for b in backends}
+    for i in range(steps):
+        if progress:
+            progress(f"{profile.name}: timed round {i + 1}/{steps}")
+        for backend, step in runs:
+            times[backend] += time_fn(step, device, 1, 0)
+    rows = []
+    for backend in backends:
+        med = statistics.median(times[backend])
+        rows.append(
+            {
+                "profile": profile.name,
+                "model": profile.preset,
+                "batch": profile.batch_size,
+                "input": "x".join(map(str, profile.img_size)),
+                "backend": backend,
+                "device": str(device),
+                "median_ms": med,
+                "steps_per_s": 1e3 / med,
+                "times_ms": times[backend],
+            }
+        )
+    del runs
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    for r in rows:
+        r["ratio"] = rows[0]["median_ms"] / r["median_ms"]
+    return rows
+
+
+def inversion_markdown(rows: list[dict], title: str = "") -> str:
+    """A Markdown table of :func:`time_inversion` rows."""
+    lines = [f"### {title}", ""] if title else []
+    lines += [
+        "| profile | model | batch | input | backend | median ms/step | steps/s | x reference |",
+        "|---|---|---:|---|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['profile']} | {r['model']} | {r['batch']} | {r['input']} | {r['backend']} | "
+            f"{r['median_ms']:.1f} | {r['steps_per_s']:.3f} | {r['ratio']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"

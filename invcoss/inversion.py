@@ -249,7 +249,8 @@ class Inverter:
         return math.ceil(num_samples / self.config.batch_size)
 
     # -- losses ----------------------------------------------------------------------------------
-    def _images(self, params: Tensor) -> Tensor:
+    def images(self, params: Tensor) -> Tensor:
+        """Model inputs ``(B, C, *S)`` from latents (through the generator) or from pixels."""
         if self.config.generator == "pixels":
             act = torch.tanh if self.space.activation == "tanh" else torch.sigmoid
             raw = act(params)
@@ -289,6 +290,49 @@ class Inverter:
         return sum(weights[k] * v for k, v in terms.items())
 
     # -- one batch -------------------------------------------------------------------------------
+    def begin_batch(
+        self, batch: int, size: int
+    ) -> tuple[Tensor, list[torch.optim.Optimizer], bool, torch.Generator]:
+        """The trainable inputs of batch ``batch``: ``(params, optimizers, fresh, rng)``.
+
+        ``params`` are the latents z (or the pixels with ``generator="pixels"``), drawn from the
+        batch's own seed; ``optimizers`` hold the generator's Adam (carried across the batches of
+        one generator) and the one of ``params``; ``fresh`` says the generator is new, so the batch
+        takes ``warmup_steps``; ``rng`` draws the batch's masks.
+        """
+        c = self.config
+        fresh = self._ensure_generator(batch)
+        rng = torch.Generator().manual_seed(derive_seed(c.seed, "batch", batch))
+        if c.generator == "pixels":
+            init = torch.randn((size, self.space.channels, *self.generated_size), generator=rng)
+            params = init.to(self.device).requires_grad_()
+            return params, [torch.optim.Adam([params], lr=c.lr_pixels)], fresh, rng
+        params = torch.randn(size, c.latent_dim, generator=rng).to(self.device).requires_grad_()
+        return params, [self._opt_g, torch.optim.Adam([params], lr=c.lr_latent)], fresh, rng
+
+    def random_mask(self, size: int, rng: torch.Generator) -> Tensor:
+        """MAE masking noise ``(size, num_patches)`` on the device, drawn on the CPU from ``rng``."""
+        return torch.rand(size, self.num_patches, generator=rng).to(self.device)
+
+    def step(self, params: Tensor, opts: Sequence[torch.optim.Optimizer], mask: Tensor) -> dict[str, float]:
+        """One optimisation step of Eq. 6; returns every enabled term and ``total`` before the step.
+
+        When a value is not finite nothing is updated (the caller decides what to do). Reading the
+        values synchronises the device, so timing consecutive calls measures whole steps (this is
+        what ``benchmarks/inversion_step.py`` does).
+        """
+        terms, _ = self.loss_terms(self.images(params), mask)
+        total = self.weighted(terms)
+        values = {k: float(v.detach()) for k, v in terms.items()} | {"total": float(total.detach())}
+        if not all(math.isfinite(v) for v in values.values()):
+            return values
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
+        total.backward()
+        for opt in opts:
+            opt.step()
+        return values
+
     def invert_batch(
         self, batch: int, size: int, num_batches: int = 1, on_step: Callable[[StepInfo], None] | None = None
     ) -> BatchResult:
@@ -303,26 +347,14 @@ class Inverter:
         c = self.config
         t0 = time.perf_counter()
         saved = self.state_tensors()  # to restore on a non-finite loss
-        fresh = self._ensure_generator(batch)
-        rng = torch.Generator().manual_seed(derive_seed(c.seed, "batch", batch))
-        if c.generator == "pixels":
-            init = torch.randn((size, self.space.channels, *self.generated_size), generator=rng)
-            params = init.to(self.device).requires_grad_()
-            opts = [torch.optim.Adam([params], lr=c.lr_pixels)]
-        else:
-            params = torch.randn(size, c.latent_dim, generator=rng).to(self.device).requires_grad_()
-            opts = [self._opt_g, torch.optim.Adam([params], lr=c.lr_latent)]
+        params, opts, fresh, rng = self.begin_batch(batch, size)
         steps = c.warmup_steps if fresh else c.steps
         curves: dict[str, list[float]] = {"step": [], **{k: [] for k in c.losses}, "total": []}
         # Step 1 and the final evaluation share a mask, so curves[k][0] and final[k] compare alike.
-        first_mask = torch.rand(size, self.num_patches, generator=rng).to(self.device)
+        first_mask = self.random_mask(size, rng)
         for step in range(steps):
-            mask = (
-                first_mask if step == 0 else torch.rand(size, self.num_patches, generator=rng).to(self.device)
-            )
-            terms, _ = self.loss_terms(self._images(params), mask)
-            total = self.weighted(terms)
-            values = {k: float(v.detach()) for k, v in terms.items()} | {"total": float(total.detach())}
+            mask = first_mask if step == 0 else self.random_mask(size, rng)
+            values = self.step(params, opts, mask)
             if not all(math.isfinite(v) for v in values.values()):
                 self.load_state_tensors(saved)
                 bad = ", ".join(f"{k}={v}" for k, v in values.items())
@@ -331,18 +363,13 @@ class Inverter:
                     "nothing of this batch was written. Lower lr_generator/lr_latent or check the "
                     "statistics file"
                 )
-            for opt in opts:
-                opt.zero_grad(set_to_none=True)
-            total.backward()
-            for opt in opts:
-                opt.step()
             curves["step"].append(step + 1)
             for k, v in values.items():
                 curves[k].append(v)
             if on_step is not None:
                 on_step(StepInfo(batch, num_batches, step + 1, steps, values))
         with torch.no_grad():
-            x = self._images(params)
+            x = self.images(params)
             terms, emb = self.loss_terms(x, first_mask)
             final = {k: float(v) for k, v in terms.items()}
             stat = (

@@ -1,5 +1,6 @@
 """The benchmark core: rows, ratios and tables on tiny cases (no timing is asserted)."""
 
+import pytest
 import torch
 
 from invcoss import benchmark as bm
@@ -50,3 +51,41 @@ def test_every_provider_computes_the_same_loss():
 def test_work_counts():
     assert bm.work(bm.Case("tv", (2, 3, 4, 5)), "fwd+bwd", 4) == (2 * 120 * 4, None)
     assert bm.work(bm.Case("repulsive_pool", (2, 100, 8)), "fwd", 4) == (None, 2.0 * 2 * 8 * 8)
+
+
+TINY_INVERSION = bm.InversionProfile(
+    "tiny",
+    "xray",
+    "vit_nano",
+    2,
+    (32, 32),
+    "quick",
+    (("generator_channels", (8, 8, 4)), ("latent_dim", 8)),
+)
+
+
+def test_inversion_step_is_the_engine_step_and_backends_agree():
+    backends = ["torch"] + [b for b in ("cpu",) if b in bm.ops.available_backends()]
+    values = {}
+    for backend in backends:
+        inv, step = bm.inversion_setup(TINY_INVERSION, "cpu", backend)
+        assert inv.config.batch_size == 2 and inv.pool.size == 4
+        first, second = step(), step()
+        assert set(first) == {"task", "norm", "img", "rep", "total"}
+        assert first["total"] != second["total"]  # the step updates the generator and the latents
+        values[backend] = first
+    for backend in backends[1:]:  # same seed, same model: the fused losses give the same values
+        for k, v in values["torch"].items():
+            assert abs(values[backend][k] - v) <= 1e-4 * max(1.0, abs(v)), (backend, k)
+
+
+def test_time_inversion_rows_and_table():
+    backends = ["torch"] + [b for b in ("cpu",) if b in bm.ops.available_backends()]
+    rows = bm.time_inversion(TINY_INVERSION, "cpu", backends, steps=2, warmup=1)
+    assert [r["backend"] for r in rows] == backends
+    assert rows[0]["ratio"] == 1.0 and all(r["ratio"] > 0 for r in rows)
+    assert all(len(r["times_ms"]) == 2 and r["steps_per_s"] > 0 for r in rows)
+    md = bm.inversion_markdown(rows, "tiny")
+    assert md.startswith("### tiny") and md.count("| tiny | vit_nano | 2 | 32x32 |") == len(backends)
+    with pytest.raises(ValueError, match="backends must be distinct"):
+        bm.time_inversion(TINY_INVERSION, "cpu", ["torch", "torch"])

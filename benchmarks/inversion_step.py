@@ -1,0 +1,83 @@
+"""Steps per second of an inversion step: the fused ops against the same loop on the reference ops.
+
+Usage::
+
+    python benchmarks/inversion_step.py [--device cpu|cuda] [--profile NAME ...] [--steps N]
+                                        [--out FILE.md] [--deadline SECONDS]
+
+One step is what :meth:`invcoss.inversion.Inverter.step` does in a real run: the generator makes
+the batch, the frozen MAE scores it (L_task, masked) and yields its block features (L_norm, one
+stat-matching loss per block), then TV (L_img) and the repulsive pool (L_rep), backward through all
+of it, and Adam. Only the backend of the three InvCoSS losses changes between rows, so the ratio
+shows what the fused ops save in the whole loop. Profiles (``invcoss.benchmark.INVERSION_PROFILES``):
+on CPU the reduced ones by default, on CUDA the paper's (vit_base; 3D batch 48 at 16x192x192, 2D
+batch 320 at 224x224). ``--deadline`` stops starting new rows after that many seconds, so a
+time-limited GPU session still writes what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from invcoss import benchmark as bm
+from invcoss import ops
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument(
+        "--profile", action="append", choices=sorted(bm.INVERSION_PROFILES), help="repeatable"
+    )
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per row (default 3)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per row (default 1)")
+    parser.add_argument("--out", type=Path, help="write the table to OUT (Markdown) and OUT with .json")
+    parser.add_argument("--deadline", type=float, default=None, help="seconds after which no new row starts")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            parser.error("--device cuda asked for, but torch sees no CUDA device")
+        torch.backends.cuda.matmul.allow_tf32 = True  # the same for every row
+        torch.backends.cudnn.allow_tf32 = True
+    if args.steps < 1 or args.warmup < 0:
+        parser.error(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
+    names = args.profile or (
+        ["3d-paper", "2d-paper"] if device.type == "cuda" else ["3d-reduced", "2d-reduced"]
+    )
+    kernels = ("cpu",) if device.type == "cpu" else ("triton", "cuda")
+    backends = ["torch"] + [b for b in kernels if b in ops.available_backends()]
+    t0 = time.monotonic()
+    rows = []
+    for name in names:
+        if args.deadline is not None and time.monotonic() - t0 > args.deadline:
+            print(f"deadline of {args.deadline:.0f} s reached: {name} not measured", file=sys.stderr)
+            break
+        rows += bm.time_inversion(
+            bm.INVERSION_PROFILES[name],
+            device,
+            backends,
+            steps=args.steps,
+            warmup=args.warmup,
+            progress=lambda s: print(f"timing {s}", file=sys.stderr, flush=True),
+        )
+    where = (
+        torch.cuda.get_device_name() if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    )
+    md = bm.inversion_markdown(rows, f"inversion step ({where}), torch {torch.__version__}")
+    print(md)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(md)
+        args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
