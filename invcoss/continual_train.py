@@ -68,10 +68,10 @@ def train_stage(
     from invcoss.pretrain import (
         STATE_NAME,
         PretrainConfig,
-        _load_state,
-        _optimizer,
-        _save_state,
         learning_rate,
+        load_state,
+        make_optimizer,
+        save_state,
     )
 
     folder = Path(folder)
@@ -91,12 +91,12 @@ def train_stage(
         amp=config.amp,
         num_workers=config.num_workers,
     )
-    opt = _optimizer(model, schedule_config)
+    opt = make_optimizer(model, schedule_config)
     meta = {"model": dataclasses.asdict(model.config), "stage": stage, "modality": modality}
     history: list[dict] = []
     start = 0
     if (folder / STATE_NAME).exists():
-        start, _, saved = _load_state(folder, model, opt, device)
+        start, _, saved = load_state(folder, model, opt, device)
         history = saved["history"]
     else:
         torch.manual_seed(stage_seed)
@@ -164,5 +164,5 @@ def train_stage(
         history.append(
             {"epoch": epoch + 1, "steps": len(schedule)} | {k: s / n for k, (s, n) in sums.items()}
         )
-        _save_state(folder, model, opt, epoch + 1, [h["mae"] for h in history], meta | {"history": history})
+        save_state(folder, model, opt, epoch + 1, [h["mae"] for h in history], meta | {"history": history})
     return history, config.epochs - start

@@ -105,8 +105,11 @@ class PretrainResult:
     seconds: float
 
 
-def _optimizer(model: nn.Module, config: PretrainConfig) -> torch.optim.AdamW:
-    # No weight decay on biases, norms, tokens and position tables (1-D or token parameters), as MAE.
+def make_optimizer(model: nn.Module, config: PretrainConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters of ``model`` with the MAE weight-decay split.
+
+    No weight decay on biases, norms, tokens and position tables (1-D or ``*token`` parameters).
+    """
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -119,7 +122,11 @@ def _optimizer(model: nn.Module, config: PretrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas)
 
 
-def _save_state(out: Path, model, opt, epoch: int, losses: list[float], meta: dict) -> None:
+def save_state(out: Path, model, opt, epoch: int, losses: list[float], meta: dict) -> None:
+    """Write ``out/STATE_NAME`` atomically: model, AdamW moments, RNG states, epoch, losses, meta.
+
+    A crash while writing leaves the previous file whole, so a resumed run loses at most one epoch.
+    """
     from safetensors.torch import save
 
     tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -137,7 +144,8 @@ def _save_state(out: Path, model, opt, epoch: int, losses: list[float], meta: di
     atomic_write_bytes(out / STATE_NAME, save(tensors, metadata=metadata))
 
 
-def _load_state(out: Path, model, opt, device: torch.device) -> tuple[int, list[float], dict]:
+def load_state(out: Path, model, opt, device: torch.device) -> tuple[int, list[float], dict]:
+    """Restore what :func:`save_state` wrote into ``model`` and ``opt``; ``(epoch, losses, meta)``."""
     from safetensors import safe_open
 
     path = out / STATE_NAME
@@ -213,7 +221,7 @@ def pretrain(
         else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     )
     model.to(device)
-    opt = _optimizer(model, config)
+    opt = make_optimizer(model, config)
     run_meta = {
         "model": dataclasses.asdict(model.config),
         "pretrain": dataclasses.asdict(config),
@@ -226,7 +234,7 @@ def pretrain(
             raise ValueError(
                 f"{out} already holds a training run; pass resume=True (--resume) or use a new folder"
             )
-        start_epoch, losses, saved = _load_state(out, model, opt, device)
+        start_epoch, losses, saved = load_state(out, model, opt, device)
         mismatch = [
             k
             for k in ("model", "modality")
@@ -285,7 +293,7 @@ def pretrain(
                 )
         losses.append(total / max(count, 1))
         model.save_pretrained(out)
-        _save_state(out, model, opt, epoch + 1, losses, run_meta)
+        save_state(out, model, opt, epoch + 1, losses, run_meta)
         atomic_write_json(out / SUMMARY_NAME, run_meta | {"epochs_done": epoch + 1, "losses": losses})
     return PretrainResult(
         out=out,

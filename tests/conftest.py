@@ -16,3 +16,17 @@ import torch  # noqa: E402
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module (use with ``pytestmark = pytest.mark.usefixtures(...)``).
+
+    Small models gain nothing from a second thread, and two threads on a busy 2-core runner are many
+    times slower (OpenMP oversubscription). Results are bitwise reproducible only for a given thread
+    count, so the CLI tests run their subprocesses with one thread too.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

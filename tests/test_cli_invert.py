@@ -20,7 +20,8 @@ from invcoss.cli import main
 from invcoss.data import read_nifti
 from invcoss.models import create_model
 from invcoss.stats import collect_feature_stats
-from tests.test_inversion import _one_thread  # noqa: F401  (autouse: one torch thread)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 FAST = ["--steps", "2", "--warmup-steps", "3"]
 

@@ -19,7 +19,8 @@ from invcoss.continual_plot import Panel, line_plot
 from invcoss.continual_probe import linear_probe, read_labelled_csv
 from invcoss.data import write_phantoms
 from invcoss.models import MAE, create_model
-from tests.test_continual_units import _one_thread  # noqa: F401  (autouse: one thread per module)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = dict(
     img_size_2d=32, img_size_3d=(16, 32, 32), epochs=2, batch_size=4, stats_batch_size=8,

@@ -11,7 +11,8 @@ from PIL import Image
 
 from invcoss.cli import main
 from invcoss.continual_config import buffer_count
-from tests.test_continual_units import _one_thread  # noqa: F401  (autouse: one thread per module)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.slow

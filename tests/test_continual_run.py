@@ -16,7 +16,8 @@ from invcoss.continual_buffer import load_samples
 from invcoss.continual_config import ContinualConfig, buffer_count
 from invcoss.models import MAE
 from invcoss.stats import load_feature_stats
-from tests.test_continual_units import _one_thread  # noqa: F401  (autouse: one thread per module)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = dict(
     img_size_2d=32, img_size_3d=(16, 32, 32), epochs=2, batch_size=4, stats_batch_size=8,

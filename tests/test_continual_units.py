@@ -23,17 +23,9 @@ from invcoss.continual_buffer import (
 from invcoss.continual_config import ContinualConfig, buffer_count
 from invcoss.models import create_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SMALL = {"img_size_2d": 32, "img_size_3d": (16, 32, 32)}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tiny models gain nothing from a second intra-op thread, and one thread keeps the tests
-    fast on a busy shared machine, where spinning OpenMP threads slow every step several fold."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize(

@@ -21,16 +21,7 @@ from invcoss.models import create_model
 from invcoss.pretrain import PretrainConfig, pretrain
 from invcoss.stats import collect_feature_stats
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Small tensors gain nothing from a second thread, and two threads on a busy 2-core runner are
-    # many times slower (OpenMP oversubscription). Results are bitwise reproducible only for a given
-    # thread count, so the CLI tests run their subprocess with one thread too.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def ct_windows() -> torch.Tensor:

@@ -17,7 +17,8 @@ from invcoss.inversion_config import InversionConfig
 from invcoss.inversion_io import RunFolderError
 from invcoss.models import create_model
 from invcoss.stats import collect_feature_stats
-from tests.test_inversion import _one_thread  # noqa: F401  (autouse: one torch thread)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SIZES = {"img_size_2d": 32, "img_size_3d": (16, 32, 32)}
 

@@ -59,10 +59,12 @@ def stat_matching(x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
 
 
 def _safe_norm(v: Tensor) -> Tensor:
-    # torch.linalg.norm has a NaN gradient at 0; the spec asks for a zero gradient there.
+    # torch.linalg.norm has a NaN gradient at 0; the spec asks for a zero gradient there. Only an
+    # exact 0 is special-cased, so a NaN or inf in v still comes out as NaN or inf.
     sq = v.square().sum()
-    safe = torch.where(sq > 0, sq, torch.ones_like(sq))
-    return torch.where(sq > 0, safe.sqrt(), torch.zeros_like(sq))
+    zero = sq == 0
+    safe = torch.where(zero, torch.ones_like(sq), sq)
+    return torch.where(zero, torch.zeros_like(sq), safe.sqrt())
 
 
 def _normalise(v: Tensor, eps: float) -> Tensor:
