@@ -62,6 +62,20 @@ INVCOSS_CLONES A epilogue_row(const A* INVCOSS_RESTRICT y, const A* INVCOSS_REST
   return q;
 }
 
+// q[i] += sum_j s[i * stride + j]^2 for j < cols (the squared cosines of one pool tile).
+template <typename A>
+void add_row_sq_sums(const A* s, double* q, int64_t rows, int64_t cols, int64_t stride) {
+  const int nt = cpu_threads(rows * cols);
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t i = 0; i < rows; ++i) {
+    const A* INVCOSS_RESTRICT row = s + i * stride;
+    A ss = A(0);
+#pragma omp simd reduction(+ : ss)
+    for (int64_t j = 0; j < cols; ++j) ss += row[j] * row[j];
+    q[i] += double(ss);
+  }
+}
+
 // The normalised batch and its norms, in the accumulation type.
 struct NormalisedRows {
   at::Tensor hh, norm, proj;
@@ -134,6 +148,7 @@ std::tuple<at::Tensor, at::Tensor> repulsive_gram_cpu(const at::Tensor& h_in, co
   return out;
 }
 
+// Without a gradient the direct path skips the second matmul (see below): half the flops.
 std::tuple<at::Tensor, at::Tensor> repulsive_direct_cpu(const at::Tensor& h_in, const at::Tensor& pool_in,
                                                         double eps, bool with_grad) {
   const char* op = "repulsive_direct";
@@ -146,10 +161,28 @@ std::tuple<at::Tensor, at::Tensor> repulsive_direct_cpu(const at::Tensor& h_in, 
     using A = at::opmath_type<scalar_t>;
     const NormalisedRows n = normalise_batch<scalar_t, A>(h, eps);
     const at::Tensor pool = pool_in.to(n.hh.scalar_type()).contiguous();
-    at::Tensor y = at::zeros({B, D}, n.hh.options());
     const int64_t tile = std::min(kPoolTile, P);
     at::Tensor pp = at::empty({tile, D}, n.hh.options());
     at::Tensor sim = at::empty({B, tile}, n.hh.options());
+    if (!with_grad) {
+      // The loss alone is sum_ij cos_ij^2: one matmul per tile and a squared sum, no Y = C P^.
+      std::vector<double> q(static_cast<size_t>(B), 0.0);
+      for (int64_t p0 = 0; p0 < P; p0 += tile) {
+        const int64_t tp = std::min(tile, P - p0);
+        at::Tensor pp_t = pp.narrow(0, 0, tp), sim_t = sim.narrow(1, 0, tp);
+        normalise_rows<A, A>(pool.const_data_ptr<A>() + p0 * D, pp_t.mutable_data_ptr<A>(), tp, D, A(eps),
+                             nullptr, nullptr);
+        at::mm_out(sim_t, n.hh, pp_t.t());  // (B, tp) cosines, rows `tile` apart
+        add_row_sq_sums<A>(sim.const_data_ptr<A>(), q.data(), B, tp, tile);
+      }
+      double total = 0.0;
+      for (int64_t i = 0; i < B; ++i) total += q[i];
+      at::Tensor loss = at::empty({}, n.hh.options());
+      loss.fill_(A(total / (double(B) * double(P))));
+      out = {loss, at::empty({0}, h.options())};
+      return;
+    }
+    at::Tensor y = at::zeros({B, D}, n.hh.options());
     for (int64_t p0 = 0; p0 < P; p0 += tile) {
       const int64_t tp = std::min(tile, P - p0);
       at::Tensor pp_t = pp.narrow(0, 0, tp), sim_t = sim.narrow(1, 0, tp);

@@ -260,6 +260,13 @@ def test_repulsive_direct(b, p, d, dtype):
     loss.backward()
     assert h.grad.dtype == dtype
     _close(h.grad, ref_grad, dtype)
+    with torch.no_grad():  # the loss-only path: sum of squared cosines, no second matmul
+        h0 = h.detach().clone()
+        h0[0] = 0.0  # a zero row has zero cosines
+        fwd_only = ops.repulsive_cosine_loss(h0, pool, backend="cpu")
+    ref_zero, _ = repulsive_ref(to_np(h0), to_np(pool))
+    assert fwd_only.dtype == _acc(dtype)
+    _close(fwd_only, ref_zero, dtype)
 
 
 def test_repulsive_direct_strided_zero_row_and_empty_pool():
