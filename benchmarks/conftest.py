@@ -1,7 +1,8 @@
 """pytest-benchmark suites: every provider of every case, side by side in one run.
 
 Options: ``--bench-device cpu|cuda`` (default cpu), ``--bench-quick`` (drops the paper-size cases
-on CPU), ``--bench-rounds N``. At the end of the session the rows, with their speed-ups against the
+on CPU), ``--bench-rounds N``, ``--bench-deadline S`` (skip the rows that would start after S
+seconds, so a time-limited run still writes its tables). At the end of the session the rows, with their speed-ups against the
 eager reference and torch.compile, are written to ``benchmarks/results/<machine>-<date>.{json,md}``
 and printed.
 """
@@ -36,6 +37,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--bench-quick", action="store_true", help="skip the paper-size cases on CPU")
     group.addoption("--bench-rounds", type=int, default=5, help="timed rounds per row")
     group.addoption("--bench-results", default=str(RESULTS), help="folder for the JSON and Markdown tables")
+    group.addoption(
+        "--bench-deadline",
+        type=float,
+        default=None,
+        help="seconds after the session start from which the remaining rows are skipped (the tables "
+        "of what ran are still written; for time-limited GPU sessions)",
+    )
+
+
+_START = time.monotonic()
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -67,7 +78,11 @@ def run_case(benchmark, request):
     device = torch.device(request.config.getoption("--bench-device"))
     rounds = request.config.getoption("--bench-rounds")
 
+    deadline = request.config.getoption("--bench-deadline")
+
     def run(case: bm.Case, mode: str, provider: str) -> bm.Row:
+        if deadline is not None and time.monotonic() - _START > deadline:
+            pytest.skip(f"--bench-deadline {deadline:.0f} s reached")
         key = (case, str(device))
         if key not in _INPUTS:  # one set of inputs per case, shared by every provider and mode
             _INPUTS.clear()
