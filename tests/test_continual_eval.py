@@ -19,14 +19,9 @@ from invcoss.continual_plot import Panel, line_plot
 from invcoss.continual_probe import linear_probe, read_labelled_csv
 from invcoss.data import write_phantoms
 from invcoss.models import MAE, create_model
+from tests.test_continual_run import TINY  # the tiny run settings shared by the continual tests
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-TINY = dict(
-    img_size_2d=32, img_size_3d=(16, 32, 32), epochs=2, batch_size=4, stats_batch_size=8,
-    inversion_batch_size=2, inversion_steps=2, inversion_warmup_steps=2,
-    inversion_overrides=(("upsample", 1),),  # the quick 3D generator's half size is too small at 32
-)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
