@@ -224,10 +224,25 @@ std::tuple<at::Tensor, at::Tensor> repulsive_direct_cuda(const at::Tensor& h_in,
     using A = at::opmath_type<scalar_t>;
     const NormalisedRows n = normalise_batch<scalar_t>(h, eps);
     const at::Tensor pool = pool_in.to(n.hh.scalar_type()).contiguous();
-    at::Tensor y = at::zeros({B, D}, n.hh.options());
     const int64_t tile = std::min(kPoolTile, P);
     at::Tensor pp = at::empty({tile, D}, n.hh.options());
     at::Tensor sim = at::empty({B, tile}, n.hh.options());
+    if (!with_grad) {
+      // The loss alone is sum_ij cos_ij^2: one matmul per tile and a squared sum (ATen's reduction,
+      // deterministic), no Y = C P^, half the flops.
+      at::Tensor total = at::zeros({}, n.hh.options().dtype(at::kDouble));
+      for (int64_t p0 = 0; p0 < P; p0 += tile) {
+        const int64_t tp = std::min(tile, P - p0);
+        at::Tensor pp_t = pp.narrow(0, 0, tp), sim_t = sim.narrow(1, 0, tp);
+        cuda::normalise_rows<A>(pool.const_data_ptr<A>() + p0 * D, pp_t.mutable_data_ptr<A>(), tp, D, eps, nullptr,
+                                nullptr);
+        at::mm_out(sim_t, n.hh, pp_t.t());
+        total.add_(sim_t.square().sum(at::kDouble));
+      }
+      out = {total.div(double(B) * double(P)).to(n.hh.scalar_type()), at::empty({0}, h.options())};
+      return;
+    }
+    at::Tensor y = at::zeros({B, D}, n.hh.options());
     for (int64_t p0 = 0; p0 < P; p0 += tile) {
       const int64_t tp = std::min(tile, P - p0);
       at::Tensor pp_t = pp.narrow(0, 0, tp), sim_t = sim.narrow(1, 0, tp);

@@ -95,6 +95,8 @@ def test_repulsive(backend, bpd, dtype):
     _check(loss, ref, dtype, b * p * d)
     loss.backward(), ref.backward()
     _check(h.grad, hr.grad, dtype, b * p * d)
+    with torch.no_grad():  # the loss-only path (no gradient computed)
+        _check(ops.repulsive_cosine_loss(h, pool, backend=backend), ref, dtype, b * p * d)
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
