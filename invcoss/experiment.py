@@ -102,6 +102,9 @@ class ForgettingExperiment:
             >>> e = ForgettingExperiment.from_size("tiny")
             >>> e.base.order, e.base.img_size_3d, e.methods
             (('ct', 'xray'), (16, 32, 32), ('seq', 'er', 'invcoss'))
+            >>> q = ForgettingExperiment.from_size("quick", inversion_steps=30)
+            >>> q.base.order, q.base.inversion_warmup_steps, q.base.inversion_steps
+            (('xray', 'ct', 'mri'), 200, 30)
         """
         if size not in _SIZES:
             raise ValueError(f"unknown experiment size {size!r}; choose one of {sorted(_SIZES)}")

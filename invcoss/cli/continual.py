@@ -72,11 +72,11 @@ _THREADS = click.option(
 
 _INVERSION_STEPS = click.option(
     "--inversion-steps", type=click.IntRange(min=1), default=None,
-    help="invcoss: steps per inversion batch (default: the inversion profile's).",
+    help="invcoss: steps per inversion batch (default: the inversion profile's; 100 in experiment forgetting).",
 )  # fmt: skip
 _INVERSION_WARMUP = click.option(
     "--inversion-warmup-steps", type=click.IntRange(min=1), default=None,
-    help="invcoss: steps of a fresh generator's first batch (default: the inversion profile's).",
+    help="invcoss: steps of a fresh generator's first batch (default: the inversion profile's; 200 in experiment forgetting).",
 )  # fmt: skip
 
 
