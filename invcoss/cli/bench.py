@@ -14,28 +14,44 @@ import click
     "--family",
     "families",
     multiple=True,
-    help="Only these op families (tv, stat_matching, welford, repulsive_direct, repulsive_pool).",
+    help="Only these (tv, stat_matching, welford, repulsive_direct, repulsive_pool, inversion); "
+    "default: all of them.",
 )
 @click.option("--reps", default=5, show_default=True, help="Timed repetitions per row.")
+@click.option(
+    "--steps",
+    default=3,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Timed inversion steps per backend (after one untimed step).",
+)
 @click.option(
     "--out",
     type=click.Path(path_type=Path),
     help="Also write the rows as JSON and Markdown to OUT.json / OUT.md.",
 )
-def bench(device: str, quick: bool, families: tuple[str, ...], reps: int, out: Path | None) -> None:
-    """Time every op for every provider (eager, torch.compile, kernels) and print the ratios."""
+def bench(
+    device: str, quick: bool, families: tuple[str, ...], reps: int, steps: int, out: Path | None
+) -> None:
+    """Time every op for every provider (eager, torch.compile, kernels) and print the ratios.
+
+    Then the inversion step (family ``inversion``): steps/s of the whole loop with each fused backend
+    against the reference ops, at the reduced size on CPU and the paper's on CUDA, as
+    ``benchmarks/inversion_step.py`` measures it.
+    """
     import json
 
     import torch
     from rich.console import Console
 
     from invcoss import benchmark as bm
+    from invcoss import ops
 
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise click.UsageError("--device cuda asked for, but torch sees no CUDA device")
     cases = bm.cpu_cases(full=not quick) if dev.type == "cpu" else bm.gpu_cases()
-    known = {c.family for c in cases}
+    known = {c.family for c in cases} | {"inversion"}
     unknown = set(families) - known
     if unknown:
         raise click.UsageError(
@@ -43,23 +59,41 @@ def bench(device: str, quick: bool, families: tuple[str, ...], reps: int, out: P
         )
     if families:
         cases = [c for c in cases if c.family in families]
+    with_inversion = not families or "inversion" in families
     console = Console()
+    rows, inversion_rows = [], []
     with console.status("benchmarking") as status:
-        rows = bm.run_suite(
-            dev, cases=cases, reps=reps, progress=lambda s: status.update(f"benchmarking {s}")
-        )
-    md = bm.to_markdown(rows, f"{device}, torch {torch.__version__}")
+        if cases:
+            rows = bm.run_suite(
+                dev, cases=cases, reps=reps, progress=lambda s: status.update(f"benchmarking {s}")
+            )
+        if with_inversion:
+            kernels = ("cpu",) if dev.type == "cpu" else ("triton", "cuda")
+            backends = ["torch"] + [b for b in kernels if b in ops.available_backends()]
+            names = ("3d-paper", "2d-paper") if dev.type == "cuda" else ("3d-reduced", "2d-reduced")
+            for name in names:
+                inversion_rows += bm.time_inversion(
+                    bm.INVERSION_PROFILES[name],
+                    dev,
+                    backends,
+                    steps=steps,
+                    progress=lambda s: status.update(f"benchmarking the inversion step: {s}"),
+                )
+    md = bm.to_markdown(rows, f"{device}, torch {torch.__version__}") if rows else ""
+    if inversion_rows:
+        md += ("\n" if md else "") + bm.inversion_markdown(inversion_rows, "inversion step")
     click.echo(md)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(bm.rows_to_dicts(rows), indent=1))
+        payload = {"rows": bm.rows_to_dicts(rows), "inversion": inversion_rows}
+        out.with_suffix(".json").write_text(json.dumps(payload, indent=1))
         out.with_suffix(".md").write_text(md)
     best = max(
         (r for r in rows if r.provider not in ("eager", "compile")),
         key=lambda r: r.ratio_eager or 0,
         default=None,
     )
-    summary = f"{len(rows)} rows on {device}"
+    summary = f"{len(rows)} op rows and {len(inversion_rows)} inversion-step rows on {device}"
     if best is not None:
         summary += (
             f"; best speed-up {best.ratio_eager:.1f}x vs eager ({best.case} {best.mode}, {best.provider})"
