@@ -56,3 +56,14 @@ def test_experiment_forgetting_tiny_end_to_end(tmp_path):
     r = runner.invoke(main, ["experiment", "forgetting", "--size", "tiny", "--out", str(out), "--resume"])
     assert r.exit_code == 0, r.output
     assert (out / "forgetting.md").read_text() == before
+
+
+def test_experiment_forgetting_passes_the_buffer_weights(tmp_path):
+    out = tmp_path / "exp"
+    args = ["experiment", "forgetting", "--size", "tiny", "--out", str(out), "--methods", "invcoss"]
+    r = CliRunner().invoke(main, [*args, "--buffer-mae-weight", "0", "--distill-weight", "2.5"])
+    assert r.exit_code == 0, r.output
+    base = json.loads((out / "experiment.json").read_text())["experiment"]["base"]
+    assert (base["buffer_mae_weight"], base["distill_weight"], base["method"]) == (0.0, 2.5, "invcoss")
+    r = CliRunner().invoke(main, [*args, "--resume", "--buffer-mae-weight", "-1"])
+    assert r.exit_code == 2 and "buffer_mae_weight" in r.output and "Traceback" not in r.output

@@ -313,6 +313,8 @@ def experiment() -> None:
 @click.option("--methods", default="seq,er,invcoss", show_default=True, help="Methods to compare.")
 @click.option("--resume", is_flag=True, help="Continue the runs in --out.")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
+@click.option("--distill-weight", type=float, default=None, help="Feature distillation weight (1).")
+@click.option("--buffer-mae-weight", type=float, default=None, help="MAE weight on buffer batches (0: off).")
 @_INVERSION_STEPS
 @_INVERSION_WARMUP
 @_THREADS
@@ -322,6 +324,8 @@ def forgetting(
     methods: str,
     resume: bool,
     device: str | None,
+    distill_weight: float | None,
+    buffer_mae_weight: float | None,
     inversion_steps: int | None,
     inversion_warmup_steps: int | None,
     threads: int | None,
@@ -332,9 +336,14 @@ def forgetting(
     from invcoss.experiment import ForgettingExperiment, run_forgetting_experiment
 
     _set_threads(threads)
-    steps = {"inversion_steps": inversion_steps, "inversion_warmup_steps": inversion_warmup_steps}
+    overrides = {
+        "inversion_steps": inversion_steps,
+        "inversion_warmup_steps": inversion_warmup_steps,
+        "distill_weight": distill_weight,
+        "buffer_mae_weight": buffer_mae_weight,
+    }
     try:
-        exp = ForgettingExperiment.from_size(size, **{k: v for k, v in steps.items() if v is not None})
+        exp = ForgettingExperiment.from_size(size, **{k: v for k, v in overrides.items() if v is not None})
         exp = dataclasses.replace(exp, methods=tuple(m.strip() for m in methods.split(",") if m.strip()))
     except ValueError as e:
         raise UserError(str(e)) from None
