@@ -407,8 +407,11 @@ def inversion_setup(profile: InversionProfile, device: torch.device | str, backe
         profile.profile, profile.modality, batch_size=profile.batch_size, seed=seed, **dict(profile.overrides)
     )
     inv = Inverter(model, stats, config, device=device, backend=backend)
-    inv.start(4 * profile.batch_size)
-    inv.pool.push(0.1 * torch.randn(2 * profile.batch_size, cfg.embed_dim, generator=g).to(inv.device))
+    # A run in its middle: the pool holds more features than their dimension, so RepulsivePool takes
+    # its Gram path, as it does for most of a paper-size run (its capacity is the samples requested).
+    filled = 2 * max(profile.batch_size, cfg.embed_dim)
+    inv.start(2 * filled)
+    inv.pool.push(0.1 * torch.randn(filled, cfg.embed_dim, generator=g).to(inv.device))
     params, opts, _, rng = inv.begin_batch(0, profile.batch_size)
     mask = inv.random_mask(profile.batch_size, rng)
     return inv, lambda: inv.step(params, opts, mask)
@@ -426,7 +429,8 @@ def time_inversion(
 
     Each backend gets its own inverter with the same seed (so the same model, statistics, latents
     and mask); the first ``warmup`` steps (kernel compilation, autotuning, allocator growth) are not
-    timed, then the backends take one step each in turn, ``steps`` times. ``ratio`` is the step time of ``backends[0]`` (the reference) over this backend's.
+    timed, then the backends take one step each in turn, ``steps`` times. ``ratio`` is the step
+    time of ``backends[0]`` (the reference) over this backend's.
     """
     if not backends or len(set(backends)) != len(backends):
         raise ValueError(f"backends must be distinct and at least one, got {backends}")
