@@ -10,23 +10,17 @@ import pytest
 import torch
 
 from invcoss import benchmark as bm
-from invcoss import ops
-
-
-def _profiles(device: str) -> list[str]:
-    return ["3d-paper", "2d-paper"] if device == "cuda" else ["3d-reduced", "2d-reduced"]
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "profile_name" in metafunc.fixturenames:
         device = metafunc.config.getoption("--bench-device")
-        metafunc.parametrize("profile_name", _profiles(device))
+        metafunc.parametrize("profile_name", bm.inversion_profiles_for(device))
 
 
 def test_inversion_step(profile_name, benchmark, request, inversion_rows):
     device = torch.device(request.config.getoption("--bench-device"))
-    kernels = ("cpu",) if device.type == "cpu" else ("triton", "cuda")
-    backends = ["torch"] + [b for b in kernels if b in ops.available_backends()]
+    backends = ["torch"] + bm.kernel_backends(device)
     steps = max(3, request.config.getoption("--bench-rounds"))
     rows: list[dict] = []
     benchmark.pedantic(

@@ -26,7 +26,6 @@ from pathlib import Path
 import torch
 
 from invcoss import benchmark as bm
-from invcoss import ops
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,11 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.allow_tf32 = True
     if args.steps < 1 or args.warmup < 0:
         parser.error(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
-    names = args.profile or (
-        ["3d-paper", "2d-paper"] if device.type == "cuda" else ["3d-reduced", "2d-reduced"]
-    )
-    kernels = ("cpu",) if device.type == "cpu" else ("triton", "cuda")
-    backends = ["torch"] + [b for b in kernels if b in ops.available_backends()]
+    names = args.profile or bm.inversion_profiles_for(device)
+    backends = ["torch"] + bm.kernel_backends(device)
     t0 = time.monotonic()
     rows = []
     for name in names:

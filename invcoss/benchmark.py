@@ -95,8 +95,13 @@ def gpu_cases() -> list[Case]:
 
 def providers_for(device: torch.device) -> list[str]:
     """eager and compile of the reference, then every kernel backend that runs on ``device``."""
-    kernels = ("cpu",) if device.type == "cpu" else ("triton", "cuda")
-    return ["eager", "compile"] + [b for b in kernels if b in ops.available_backends()]
+    return ["eager", "compile"] + kernel_backends(device)
+
+
+def kernel_backends(device: torch.device | str) -> list[str]:
+    """The fused backends available here that run on ``device`` (cpu; or triton and cuda)."""
+    kernels = ("cpu",) if torch.device(device).type == "cpu" else ("triton", "cuda")
+    return [b for b in kernels if b in ops.available_backends()]
 
 
 def make_inputs(case: Case, device: torch.device, dtype: torch.dtype, seed: int = 0) -> dict:
@@ -378,6 +383,13 @@ INVERSION_PROFILES: dict[str, InversionProfile] = {
     "3d-reduced": InversionProfile("3d-reduced", "ct", "vit_nano", 2, (16, 96, 96), "quick"),
     "2d-reduced": InversionProfile("2d-reduced", "xray", "vit_nano", 8, (112, 112), "quick"),
 }
+
+
+def inversion_profiles_for(device: torch.device | str) -> list[str]:
+    """The inversion profiles timed by default: the paper's on CUDA, the reduced ones elsewhere."""
+    if torch.device(device).type == "cuda":
+        return ["3d-paper", "2d-paper"]
+    return ["3d-reduced", "2d-reduced"]
 
 
 def inversion_setup(profile: InversionProfile, device: torch.device | str, backend: str, seed: int = 0):

@@ -65,7 +65,7 @@ TINY_INVERSION = bm.InversionProfile(
 
 
 def test_inversion_step_is_the_engine_step_and_backends_agree():
-    backends = ["torch"] + [b for b in ("cpu",) if b in bm.ops.available_backends()]
+    backends = ["torch"] + bm.kernel_backends("cpu")
     values = {}
     for backend in backends:
         inv, step = bm.inversion_setup(TINY_INVERSION, "cpu", backend)
@@ -80,7 +80,7 @@ def test_inversion_step_is_the_engine_step_and_backends_agree():
 
 
 def test_time_inversion_rows_and_table():
-    backends = ["torch"] + [b for b in ("cpu",) if b in bm.ops.available_backends()]
+    backends = ["torch"] + bm.kernel_backends("cpu")
     rows = bm.time_inversion(TINY_INVERSION, "cpu", backends, steps=2, warmup=1)
     assert [r["backend"] for r in rows] == backends
     assert rows[0]["ratio"] == 1.0 and all(r["ratio"] > 0 for r in rows)

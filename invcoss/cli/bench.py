@@ -45,7 +45,6 @@ def bench(
     from rich.console import Console
 
     from invcoss import benchmark as bm
-    from invcoss import ops
 
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -68,10 +67,8 @@ def bench(
                 dev, cases=cases, reps=reps, progress=lambda s: status.update(f"benchmarking {s}")
             )
         if with_inversion:
-            kernels = ("cpu",) if dev.type == "cpu" else ("triton", "cuda")
-            backends = ["torch"] + [b for b in kernels if b in ops.available_backends()]
-            names = ("3d-paper", "2d-paper") if dev.type == "cuda" else ("3d-reduced", "2d-reduced")
-            for name in names:
+            backends = ["torch"] + bm.kernel_backends(dev)
+            for name in bm.inversion_profiles_for(dev):
                 inversion_rows += bm.time_inversion(
                     bm.INVERSION_PROFILES[name],
                     dev,
