@@ -1,15 +1,19 @@
-"""Build of the optional extension ``invcoss._C`` from ``csrc/``; all metadata is in pyproject.toml.
+"""Build of the optional extension ``invcoss._C`` from ``csrc/``; the metadata is in pyproject.toml,
+except the license (see ``license_metadata``).
 
 * The CPU kernels (``csrc/*.cpp``, OpenMP) are always built.
 * The CUDA kernels (``csrc/*.cu``) are added when torch is a CUDA build and nvcc is found under
   ``CUDA_HOME`` (a GPU is not needed to compile them). ``INVCOSS_NO_CUDA=1`` skips them.
 * ``TORCH_CUDA_ARCH_LIST`` defaults to "8.0;9.0" (A100, H100/H200); ``MAX_JOBS`` bounds ninja.
-* Without torch at build time nothing is built, and the package runs on the torch/Triton backends.
+* Without torch at build time, or with ``INVCOSS_NO_EXTENSION=1``, nothing is built, and the package
+  runs on the torch/Triton backends (``python setup.py build_ext --inplace`` can add the extension
+  to such an editable install later, as the GPU check does while its Triton kernels compile).
 """
 
 import os
 from pathlib import Path
 
+import setuptools
 from setuptools import setup
 
 
@@ -26,7 +30,21 @@ def cuda_missing(torch_cuda: str | None, cuda_home: str | None) -> str:
     return ""
 
 
+def license_metadata() -> dict:
+    """The SPDX license in the form this setuptools accepts (pyproject.toml declares it dynamic).
+
+    setuptools >= 77 writes it as ``License-Expression`` (PEP 639); older ones reject a plain-string
+    ``project.license`` and only know ``License``. The table form ``{text = ...}``, which both accept,
+    is deprecated from 77 on and due to stop working. The LICENSE file ships in every case.
+    """
+    major = int(setuptools.__version__.split(".")[0])
+    return {"license_expression": "Apache-2.0"} if major >= 77 else {"license": "Apache-2.0"}
+
+
 def extension_modules() -> tuple[list, dict]:
+    if os.environ.get("INVCOSS_NO_EXTENSION", "0") == "1":
+        print("invcoss: building no extension (INVCOSS_NO_EXTENSION=1)")
+        return [], {}
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
@@ -59,4 +77,4 @@ def extension_modules() -> tuple[list, dict]:
 
 if __name__ == "__main__":  # pip runs this file as __main__; tests import cuda_missing from it
     ext_modules, cmdclass = extension_modules()
-    setup(ext_modules=ext_modules, cmdclass=cmdclass)
+    setup(ext_modules=ext_modules, cmdclass=cmdclass, **license_metadata())

@@ -28,12 +28,36 @@ BUILT = list(Path(invcoss.__file__).parent.glob("_C.*"))
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _cuda_missing(torch_cuda, cuda_home) -> str:
-    """setup.py's own decision whether to build the CUDA kernels."""
+def _setup_py():
     spec = importlib.util.spec_from_file_location("invcoss_setup", ROOT / "setup.py")
     setup_py = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(setup_py)  # defines functions only when not run as __main__
-    return setup_py.cuda_missing(torch_cuda, cuda_home)
+    return setup_py
+
+
+def _cuda_missing(torch_cuda, cuda_home) -> str:
+    """setup.py's own decision whether to build the CUDA kernels."""
+    return _setup_py().cuda_missing(torch_cuda, cuda_home)
+
+
+def test_no_extension_opt_out(monkeypatch):
+    # The GPU check installs the package first without the extension, then builds it in place.
+    monkeypatch.setenv("INVCOSS_NO_EXTENSION", "1")
+    assert _setup_py().extension_modules() == ([], {})
+    monkeypatch.setenv("INVCOSS_NO_EXTENSION", "0")
+    modules, cmdclass = _setup_py().extension_modules()
+    assert [m.name for m in modules] == ["invcoss._C"] and "build_ext" in cmdclass
+
+
+def test_license_metadata_fits_the_setuptools_in_use(monkeypatch):
+    # SPDX as License-Expression from setuptools 77 on; the older License field before it.
+    import setuptools
+
+    setup_py = _setup_py()
+    monkeypatch.setattr(setuptools, "__version__", "75.8.0")
+    assert setup_py.license_metadata() == {"license": "Apache-2.0"}
+    monkeypatch.setattr(setuptools, "__version__", "84.2.1")
+    assert setup_py.license_metadata() == {"license_expression": "Apache-2.0"}
 
 
 def test_a_built_module_imports():
