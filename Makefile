@@ -15,7 +15,7 @@ CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda-13.0 /usr/local/cuda))
 export CUDA_HOME
 export MAX_JOBS ?= 2
 
-.PHONY: install demo assets test bench bench-guard lint clean
+.PHONY: install demo assets test bench bench-guard gpu-rehearse lint clean
 
 install: $(STAMP)
 
@@ -48,6 +48,11 @@ bench: install
 
 bench-guard: install
 	$(BIN)/python benchmarks/cpu_ratios.py --guard
+
+# The GPU check's every step on this CPU (Triton through the interpreter, tiny sizes), in about a
+# minute; tests/test_gpu_check.py runs the same in `make test`. On a GPU: bash benchmarks/gpu_check.sh
+gpu-rehearse: install
+	OUT=out/gpu-rehearsal PYTHON=$(BIN)/python bash benchmarks/gpu_check.sh --rehearse
 
 lint: install
 	$(BIN)/ruff check invcoss kernels tests benchmarks

@@ -25,7 +25,8 @@ def test_run_suite_rows_and_ratios():
     assert len(rows) == n_modes * len({r.provider for r in rows})
     for r in rows:
         assert r.median_ms > 0 and r.p20_ms <= r.p80_ms
-        assert (r.gbps is None) != (r.tflops is None)  # bytes for memory-bound ops, flops for matmuls
+        assert r.gbps is not None  # every op moves bytes; the repulsive losses also count flops
+        assert (r.tflops is not None) == r.family.startswith("repulsive")
         if r.provider == "eager":
             assert r.ratio_eager == 1.0
     md = bm.to_markdown(rows, "tiny")
@@ -49,8 +50,19 @@ def test_every_provider_computes_the_same_loss():
 
 
 def test_work_counts():
-    assert bm.work(bm.Case("tv", (2, 3, 4, 5)), "fwd+bwd", 4) == (2 * 120 * 4, None)
-    assert bm.work(bm.Case("repulsive_pool", (2, 100, 8)), "fwd", 4) == (None, 2.0 * 2 * 8 * 8)
+    # TV forward+backward: x read in forward, x read again and the gradient written in backward.
+    assert bm.work(bm.Case("tv", (2, 3, 4, 5)), "fwd+bwd", 4) == (3 * 120 * 4, None)
+    assert bm.work(bm.Case("tv", (2, 3, 4, 5)), "fwd", 2) == (120 * 2, None)
+    assert bm.work(bm.Case("welford", (2, 3)), "fwd", 2) == (6 * 2, None)
+    # The Gram path: h (B, D) and G (D, D, fp32) read; 2 B D^2 flops, the gradient reuses G h^.
+    assert bm.work(bm.Case("repulsive_pool", (2, 100, 8)), "fwd", 4) == (2 * 8 * 4 + 64 * 4, 2.0 * 2 * 8 * 8)
+    assert bm.work(bm.Case("repulsive_pool", (2, 100, 8)), "fwd+bwd", 4)[1] == 2.0 * 2 * 8 * 8
+    # The direct path: h and the pool read (twice with backward, plus the gradient written).
+    assert bm.work(bm.Case("repulsive_direct", (2, 100, 8)), "fwd", 2) == (102 * 8 * 2, 2.0 * 2 * 100 * 8)
+    assert bm.work(bm.Case("repulsive_direct", (2, 100, 8)), "fwd+bwd", 2) == (
+        (2 * 102 * 8 + 2 * 8) * 2,
+        4.0 * 2 * 100 * 8,
+    )
 
 
 TINY_INVERSION = bm.InversionProfile(

@@ -53,6 +53,8 @@ class Row:
     p80_ms: float
     gbps: float | None = None
     tflops: float | None = None
+    nbytes: float | None = None  # the minimum traffic of one call (see :func:`work`)
+    flops: float | None = None
     ratio_eager: float | None = None
     ratio_compile: float | None = None
     extra: dict = field(default_factory=dict)
@@ -115,7 +117,8 @@ def make_inputs(case: Case, device: torch.device, dtype: torch.dtype, seed: int 
         return {"x": rand(*case.shape).clamp_(-1, 1)}
     if case.family in ("stat_matching", "welford"):
         b, *feat = case.shape
-        return {"x": rand(b, *feat), "mean": rand(*feat) * 0.1, "var": rand(*feat).abs()}
+        # The target statistics stay fp32, as stored statistics are; only the features change dtype.
+        return {"x": rand(b, *feat), "mean": rand(*feat).float() * 0.1, "var": rand(*feat).float().abs()}
     b, p, d = case.shape
     return {"h": rand(b, d), "pool": rand(p, d)}
 
@@ -206,21 +209,37 @@ def _with_grad(f: Callable[[Tensor], Tensor], arg: Tensor, backward: bool) -> Ca
 
 
 def work(case: Case, mode: str, itemsize: int) -> tuple[float | None, float | None]:
-    """(bytes that must move, flops) of one call: the minimum traffic of a fused kernel."""
+    """(bytes, flops) that any implementation of one call must move or compute, at the least.
+
+    ``itemsize`` is the element size of the inputs (the gradient has the input's dtype). Forward and
+    backward are separate calls under autograd, so ``fwd+bwd`` counts what each must do:
+
+    - tv: forward reads x; backward reads x again and writes the gradient (3 passes in all). A
+      design that keeps a gradient from the forward pass moves more, not less.
+    - stat_matching: the same three passes (the statistics vectors are negligible).
+    - welford: reads the batch once.
+    - repulsive_direct: reads h and the pool; the cosine matrix ``h^ p^T`` is ``2 B P D`` flops and
+      the gradient ``c p^`` another ``2 B P D``; backward reads both again and writes the gradient.
+    - repulsive_pool (the Gram path): ``h^ G h^`` is ``2 B D^2`` flops; the gradient reuses ``G h^``
+      (a saved ``(B, D)``), so fwd+bwd needs no more matmul flops; G is read as fp32.
+    """
     fam, shape = case.family, case.shape
     numel = 1
     for s in shape:
         numel *= s
-    if fam == "tv":  # read x; with backward also write the gradient
-        return numel * itemsize * (2 if mode == "fwd+bwd" else 1), None
-    if fam == "stat_matching":  # read x; backward reads x again and writes the gradient
-        return numel * itemsize * (3 if mode == "fwd+bwd" else 1), None
+    passes = 3 if mode == "fwd+bwd" else 1
+    if fam in ("tv", "stat_matching"):
+        return float(numel * itemsize * passes), None
     if fam == "welford":
-        return numel * itemsize, None
+        return float(numel * itemsize), None
     b, p, d = shape
-    if fam == "repulsive_pool":  # the Gram path: h^ G h^ (and G h^ again for the gradient)
-        return None, 2.0 * b * d * d * (2 if mode == "fwd+bwd" else 1)
-    return None, 2.0 * b * p * d * (2 if mode == "fwd+bwd" else 1)
+    if fam == "repulsive_pool":
+        nbytes = b * d * itemsize * passes + d * d * 4 * (2 if mode == "fwd+bwd" else 1)
+        return float(nbytes), 2.0 * b * d * d
+    reads = (b + p) * d * itemsize
+    if mode == "fwd+bwd":
+        return float(2 * reads + b * d * itemsize), 4.0 * b * p * d
+    return float(reads), 2.0 * b * p * d
 
 
 def time_fn(fn: Callable[[], object], device: torch.device, reps: int, warmup: int = 1) -> list[float]:
@@ -236,6 +255,43 @@ def time_fn(fn: Callable[[], object], device: torch.device, reps: int, warmup: i
         sync()
         out.append((time.perf_counter() - t0) * 1e3)
     return out
+
+
+# Bytes zeroed between timed GPU calls: several times the 50-60 MB L2 of an H100/H200, so every
+# timed call starts with its inputs in HBM (as triton.testing.do_bench does).
+L2_FLUSH_BYTES = 256 << 20
+
+
+def time_cuda(
+    fn: Callable[[], object], device: torch.device, reps: int, warmup: int = 1, flush: bool = True
+) -> list[float]:
+    """Device times in ms of ``reps`` calls, from CUDA events, each after an L2 flush.
+
+    Events bracket each call on the stream, so the times are what the GPU spent (host launch
+    overhead shows only when it starves the GPU); the flush (a 256 MB memset, outside the events)
+    evicts the inputs from L2 so each call reads them from HBM.
+    """
+    cache = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device=device) if flush else None
+    for _ in range(warmup):
+        fn()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    torch.cuda.synchronize(device)
+    for start, end in zip(starts, ends):
+        if cache is not None:
+            cache.zero_()
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize(device)
+    return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+
+
+def time_calls(fn: Callable[[], object], device: torch.device, reps: int, warmup: int = 1) -> list[float]:
+    """Times in ms of ``reps`` calls: CUDA events after an L2 flush on a GPU, wall clock elsewhere."""
+    if device.type == "cuda":
+        return time_cuda(fn, device, reps, warmup)
+    return time_fn(fn, device, reps, warmup)
 
 
 def make_row(
@@ -258,14 +314,17 @@ def make_row(
         p80_ms=qs[3],
         gbps=nbytes / med / 1e6 if nbytes else None,
         tflops=flops / med / 1e9 if flops else None,
+        nbytes=nbytes,
+        flops=flops,
     )
 
 
 def add_ratios(rows: list[Row]) -> list[Row]:
-    """Fill each row's speed-up against eager and against torch.compile of the same case and mode."""
-    base = {(r.case, r.mode, r.provider): r.median_ms for r in rows}
+    """Fill each row's speed-up against eager and torch.compile of the same case, mode and dtype."""
+    base = {(r.case, r.mode, r.dtype, r.provider): r.median_ms for r in rows}
     for r in rows:
-        eager, comp = base.get((r.case, r.mode, "eager")), base.get((r.case, r.mode, "compile"))
+        eager = base.get((r.case, r.mode, r.dtype, "eager"))
+        comp = base.get((r.case, r.mode, r.dtype, "compile"))
         r.ratio_eager = eager / r.median_ms if eager else None
         r.ratio_compile = comp / r.median_ms if comp else None
     return rows
@@ -292,7 +351,9 @@ def run_suite(
                     progress(f"{case.name} {mode} {provider}")
                 fn = build(case, provider, mode, inputs)
                 warmup = 2 if provider == "compile" else 1
-                rows.append(make_row(case, provider, mode, device, dtype, time_fn(fn, device, reps, warmup)))
+                rows.append(
+                    make_row(case, provider, mode, device, dtype, time_calls(fn, device, reps, warmup))
+                )
         del inputs
     return add_ratios(rows)
 
@@ -307,33 +368,34 @@ def measure_peaks(device: torch.device | str, reps: int = 20) -> dict[str, float
     n = (1 << 30) // 4 if device.type == "cuda" else (1 << 26)
     src = torch.empty(n, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
-    copy_ms = statistics.median(time_fn(lambda: dst.copy_(src), device, reps, warmup=3))
+    copy_ms = statistics.median(time_calls(lambda: dst.copy_(src), device, reps, warmup=3))
     if device.type == "cuda":
         m, dtype = 8192, torch.bfloat16
     else:
         m, dtype = 2048, torch.float32
     a = torch.randn(m, m, device=device, dtype=dtype)
     b = torch.randn(m, m, device=device, dtype=dtype)
-    mm_ms = statistics.median(time_fn(lambda: a @ b, device, max(3, reps // 4), warmup=2))
+    mm_ms = statistics.median(time_calls(lambda: a @ b, device, max(3, reps // 4), warmup=2))
     return {"copy_gbps": 2 * n * 4 / copy_ms / 1e6, "bf16_tflops": 2 * m**3 / mm_ms / 1e9}
 
 
 def to_markdown(rows: list[Row], title: str = "", peaks: dict[str, float] | None = None) -> str:
-    """A Markdown table of rows (one line per case, mode and provider).
+    """A Markdown table of rows (one line per case, mode, dtype and provider).
 
-    With ``peaks`` (from :func:`measure_peaks`) it adds each row's fraction of the measured copy
-    bandwidth (memory-bound ops) or of the measured matmul peak (the repulsive loss).
+    With ``peaks`` (from :func:`measure_peaks`) it adds each row's minimum traffic as a fraction of
+    the measured copy bandwidth, and its minimum flops as a fraction of the measured bf16 matmul rate.
     """
     lines = [f"### {title}", ""] if title else []
     if peaks:
         lines += [
-            f"Measured roofs: copy {peaks['copy_gbps']:.0f} GB/s, matmul {peaks['bf16_tflops']:.1f} TFLOP/s.",
+            f"Measured roofs: copy {peaks['copy_gbps']:.0f} GB/s, bf16 matmul "
+            f"{peaks['bf16_tflops']:.1f} TFLOP/s.",
             "",
         ]
-    head = "| case | mode | provider | median ms | GB/s | TFLOP/s | x eager | x compile |"
-    rule = "|---|---|---|---:|---:|---:|---:|---:|"
+    head = "| case | mode | dtype | provider | median ms | GB/s | TFLOP/s | x eager | x compile |"
+    rule = "|---|---|---|---|---:|---:|---:|---:|---:|"
     if peaks:
-        head, rule = head + " % roof |", rule + "---:|"
+        head, rule = head + " % copy | % bf16 |", rule + "---:|---:|"
     lines += [head, rule]
 
     def fmt(v: float | None, spec: str) -> str:
@@ -341,16 +403,13 @@ def to_markdown(rows: list[Row], title: str = "", peaks: dict[str, float] | None
 
     for r in rows:
         line = (
-            f"| {r.case} | {r.mode} | {r.provider} | {r.median_ms:.3f} | {fmt(r.gbps, '.1f')} | "
+            f"| {r.case} | {r.mode} | {r.dtype} | {r.provider} | {r.median_ms:.3f} | {fmt(r.gbps, '.1f')} | "
             f"{fmt(r.tflops, '.3f')} | {fmt(r.ratio_eager, '.2f')} | {fmt(r.ratio_compile, '.2f')} |"
         )
         if peaks:
-            roof = (
-                100 * r.gbps / peaks["copy_gbps"]
-                if r.gbps is not None
-                else 100 * r.tflops / peaks["bf16_tflops"]
-            )
-            line += f" {roof:.0f} |"
+            copy = None if r.gbps is None else 100 * r.gbps / peaks["copy_gbps"]
+            mm = None if r.tflops is None else 100 * r.tflops / peaks["bf16_tflops"]
+            line += f" {fmt(copy, '.0f')} | {fmt(mm, '.0f')} |"
         lines.append(line)
     return "\n".join(lines) + "\n"
 

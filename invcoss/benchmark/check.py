@@ -1,0 +1,475 @@
+"""The steps of the GPU check (``benchmarks/gpu_check.sh``), one command each, records as they go.
+
+Usage::
+
+    python -m invcoss.benchmark.check STEP --out DIR [--rehearse] [--deadline S] [--jobs N]
+
+Steps, in the order the script runs them (most valuable first):
+
+- ``env``: the machine, versions and backends, one line in ``meta.jsonl``; exits 3 with one clear
+  line when a backend the device should have (``cuda`` and ``triton`` on a GPU) is missing.
+- ``warm``: compiles, in parallel on every core, every Triton kernel specialisation and autotune
+  configuration the later steps use, by running them once in worker processes: the device tests
+  (sharded), every benchmark case in each dtype and mode, the torch.compile rows and the inversion
+  step. Compiled kernels (and, with ``TRITON_CACHE_AUTOTUNING=1``, the autotuner's choices) land
+  in the on-disk caches the later steps read, so nothing is compiled on their clock.
+- ``roofs``: the device-to-device copy bandwidth and the bf16 matmul rate, one line each.
+- ``sweep``: every op case in fp32 and bf16, forward and forward+backward, for the eager reference
+  and every kernel backend; timed with CUDA events after an L2 flush (:func:`invcoss.benchmark.time_cuda`).
+- ``compile``: the same rows for ``torch.compile`` of the reference.
+- ``inversion``: steps/s of the whole inversion step, fused ops against the reference ops.
+
+``--rehearse`` runs the same mechanics on this CPU: Triton under the interpreter, tiny cases, the
+``cpu`` backend in place of ``cuda``. ``--deadline`` (default: ``INVCOSS_STEP_DEADLINE`` from the
+script) stops starting new rows after that many seconds; each row is appended to its JSON-lines
+file (:mod:`invcoss.benchmark.records`) the moment it is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+
+from invcoss.benchmark.records import FILES, append_record
+
+STEPS = ("env", "warm", "roofs", "sweep", "compile", "inversion")
+DTYPES = ("float32", "bfloat16")
+# The device tests; the rehearsal runs them on CPU tensors (tests/test_gpu_ops.py reads the device).
+DEVICE_TESTS = ("tests/test_gpu_ops.py",)
+
+
+def check_cases(rehearse: bool):
+    """The op cases of the sweep: the paper's shapes and larger, most valuable first.
+
+    On a GPU every fp32 input but one is several times the 50-60 MB L2 of an H200 (and each timed
+    call starts after an L2 flush anyway); the rehearsal uses tiny shapes the interpreter runs fast.
+    """
+    from invcoss.benchmark import Case
+
+    if rehearse:
+        return [
+            Case("tv", (2, 1, 3, 8, 8)),
+            Case("stat_matching", (4, 5, 8)),
+            Case("welford", (4, 5, 8), modes=("fwd",)),
+            Case("repulsive_direct", (3, 6, 4)),
+            Case("repulsive_pool", (3, 9, 4)),
+        ]
+    return [
+        Case("tv", (48, 1, 16, 192, 192), "paper"),  # 113 MB fp32
+        Case("stat_matching", (320, 197, 768), "paper"),  # 194 MB
+        Case("repulsive_direct", (320, 100_000, 768)),  # pool 307 MB
+        Case("repulsive_pool", (320, 100_000, 768)),
+        Case("welford", (320, 197, 768), modes=("fwd",)),
+        Case("tv", (320, 3, 224, 224), "paper"),  # 193 MB
+        Case("stat_matching", (48, 145, 768), "paper"),  # 21 MB: L2-sized, flushed before each call
+        Case("repulsive_direct", (320, 16384, 768)),
+        Case("tv", (128, 1, 16, 192, 192), "large"),  # 302 MB
+    ]
+
+
+def compile_cases(rehearse: bool):
+    """The cases of the torch.compile rows: all of them, or one in the rehearsal (inductor's C++
+    compile of each graph takes seconds on a CPU)."""
+    cases = check_cases(rehearse)
+    return cases[:1] if rehearse else cases
+
+
+def device_for(rehearse: bool):
+    import torch
+
+    return torch.device("cpu" if rehearse else "cuda")
+
+
+def required_backends(rehearse: bool) -> list[str]:
+    """The fused backends the check's device must have (the rehearsal's stand-ins on CPU)."""
+    return ["cpu", "triton"] if rehearse else ["cuda", "triton"]
+
+
+class Clock:
+    """Seconds left before ``deadline`` (None: no limit); steps stop starting rows when it runs out."""
+
+    def __init__(self, deadline: float | None) -> None:
+        self.t0 = time.monotonic()
+        self.deadline = deadline
+
+    def left(self) -> float:
+        return float("inf") if self.deadline is None else self.deadline - (time.monotonic() - self.t0)
+
+    def expired(self) -> bool:
+        return self.left() <= 0
+
+
+# ---- env -------------------------------------------------------------------------------------------
+
+
+def step_env(args: argparse.Namespace) -> int:
+    import torch
+
+    from invcoss.cli.info import collect_info
+    from invcoss.ops.dispatch import unavailable_reason
+
+    info = collect_info()
+    device = device_for(args.rehearse)
+    record = {"step": "env", "rehearse": args.rehearse, "date": time.strftime("%Y-%m-%d %H:%M:%S"), **info}
+    record["commit"] = _git_commit()
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            print("gpu_check: FAILED: torch sees no CUDA device", flush=True)
+            append_record(args.out / FILES["meta"], {**record, "error": "no CUDA device"})
+            return 3
+        props = torch.cuda.get_device_properties(device)
+        record["gpu"] = {
+            "name": props.name,
+            "sms": props.multi_processor_count,
+            "memory_gib": round(props.total_memory / 2**30, 1),
+            "l2_mb": round(getattr(props, "L2_cache_size", 0) / 2**20, 1),
+            "capability": f"{props.major}.{props.minor}",
+        }
+    wanted = required_backends(args.rehearse)
+    if args.skip_extension:  # the first env step runs while the extension is still to be built
+        wanted = [b for b in wanted if b == "triton"]
+    missing = {b: unavailable_reason(b) for b in wanted}
+    missing = {b: why for b, why in missing.items() if why is not None}
+    record["missing_backends"] = missing
+    append_record(args.out / FILES["meta"], record)
+    print(f"{info['torch']=} {info['triton']=} backends={info['backends']}", flush=True)
+    if missing:
+        why = "; ".join(f"{b}: {w}" for b, w in missing.items())
+        print(f"gpu_check: FAILED: backend(s) missing on {device.type}: {why}", flush=True)
+        return 3
+    return 0
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+# ---- warm ------------------------------------------------------------------------------------------
+
+
+def warm_jobs(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
+    """``(label, command)`` of every warm-up job, in the order they start.
+
+    The timed steps' kernels first (the sweep's Triton rows and the inversion step), beside the
+    device tests in half as many shards as workers; the torch.compile graphs last (the step after
+    the timed sweep, and the longest compiles). The extension may still be building meanwhile, so
+    only the Triton tests warm up (the CUDA kernels are compiled already once it exists).
+    """
+    py = sys.executable
+    base = [py, "-m", "invcoss.benchmark.check"]
+    common = ["--out", str(args.out)] + (["--rehearse"] if args.rehearse else [])
+    cases = check_cases(args.rehearse)
+    timed = [
+        (f"sweep {case.name} triton", base + ["warm-case", case.name, "--providers", "triton"] + common)
+        for case in cases
+    ]
+    timed.append(("inversion triton", base + ["warm-inversion", "all"] + common))
+    ids = collect_test_ids("triton")
+    n_shards = max(1, min(args.jobs // 2 or 1, len(ids)))
+    shards = []
+    for i in range(n_shards):
+        part = ids[i::n_shards]
+        cmd = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "invcoss.benchmark.pytest_records"]
+        cmd += ["--records", str(args.out / FILES["tests"]), "--records-step", "warm", *part]
+        shards.append((f"tests shard {i + 1}/{n_shards} ({len(part)} tests)", cmd))
+    jobs = []
+    for i in range(max(len(timed), len(shards))):  # interleaved: both kinds start at once
+        jobs += timed[i : i + 1] + shards[i : i + 1]
+    for case in compile_cases(args.rehearse):
+        jobs.append(
+            (f"sweep {case.name} compile", base + ["warm-case", case.name, "--providers", "compile"] + common)
+        )
+    return jobs
+
+
+def collect_test_ids(keyword: str) -> list[str]:
+    """Node ids of the device tests matching the pytest ``-k`` expression ``keyword``."""
+    cmd = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"]
+    proc = subprocess.run([*cmd, *DEVICE_TESTS, "-k", keyword], capture_output=True, text=True)
+    return [line.strip() for line in proc.stdout.splitlines() if "::" in line]
+
+
+def step_warm(args: argparse.Namespace) -> int:
+    clock = Clock(args.deadline)
+    jobs = warm_jobs(args)
+    print(f"warm: {len(jobs)} jobs on {args.jobs} workers", flush=True)
+
+    # Several compiling processes share the cores: inductor's own worker pools stay small.
+    env = {
+        **os.environ,
+        "TORCHINDUCTOR_COMPILE_THREADS": os.environ.get("TORCHINDUCTOR_COMPILE_THREADS", "2"),
+    }
+
+    def run(job: tuple[str, list[str]]) -> int:
+        label, cmd = job
+        left = clock.left()
+        if left <= 1:
+            append_record(args.out / FILES["tests"], {"step": "warm", "job": label, "rc": None, "seconds": 0})
+            return -1
+        t0 = time.monotonic()
+        try:
+            timeout = None if left == float("inf") else left
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+            rc, tail = proc.returncode, (proc.stdout + proc.stderr).strip().splitlines()[-3:]
+        except subprocess.TimeoutExpired:
+            rc, tail = -9, ["killed at the step's deadline"]
+        seconds = round(time.monotonic() - t0, 1)
+        append_record(
+            args.out / FILES["tests"],
+            {"step": "warm", "job": label, "rc": rc, "seconds": seconds, "tail": tail},
+        )
+        print(f"warm: {label}: exit {rc} after {seconds} s", flush=True)
+        return rc
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        codes = list(pool.map(run, jobs))
+    # A failing test is the tests step's business; a job that could not run at all is the warm step's.
+    broken = [label for (label, _), rc in zip(jobs, codes) if rc not in (0, 1)]
+    if broken:
+        print(f"warm: {len(broken)} job(s) did not complete: {', '.join(broken)}", flush=True)
+    return 1 if broken else 0
+
+
+def step_warm_case(args: argparse.Namespace) -> int:
+    """Run one case once for each provider, dtype and mode (compiles and autotunes its kernels)."""
+    import torch
+
+    from invcoss import benchmark as bm
+
+    cases = {c.name: c for c in check_cases(args.rehearse)}
+    if args.name not in cases:
+        print(f"warm-case: unknown case {args.name!r}; expected one of {', '.join(cases)}", flush=True)
+        return 2
+    case = cases[args.name]
+    device = device_for(args.rehearse)
+    for dtype in args.dtypes:
+        inputs = bm.make_inputs(case, device, getattr(torch, dtype))
+        for mode in case.modes:
+            for provider in args.providers:
+                fn = bm.build(case, provider, mode, inputs)
+                fn(), fn()
+    return 0
+
+
+def step_warm_inversion(args: argparse.Namespace) -> int:
+    """One Triton inversion step of every profile the inversion step times, one after another."""
+    import torch
+
+    from invcoss import benchmark as bm
+
+    device = device_for(args.rehearse)
+    for name in inversion_profiles(args.rehearse):
+        profile = bm.INVERSION_PROFILES.get(name) or _rehearsal_profile()
+        inv, step = bm.inversion_setup(profile, device, "triton")
+        step(), step()
+        del inv, step
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return 0
+
+
+# ---- roofs, sweep, compile, inversion -----------------------------------------------------------
+
+
+def step_roofs(args: argparse.Namespace) -> int:
+    """Measure the copy bandwidth and the bf16 matmul rate; one record each."""
+    import statistics
+
+    import torch
+
+    from invcoss import benchmark as bm
+
+    device = device_for(args.rehearse)
+    # 1 GiB copied (2 GiB moved) on a GPU, far beyond its L2; 64 MB in the rehearsal.
+    n = (1 << 28) if device.type == "cuda" else (1 << 24)
+    src = torch.empty(n, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    ms = statistics.median(bm.time_calls(lambda: dst.copy_(src), device, reps=20, warmup=3))
+    append_record(
+        args.out / FILES["roofs"],
+        {
+            "roof": "copy_gbps",
+            "value": 2 * n * 4 / ms / 1e6,
+            "bytes": 2 * n * 4,
+            "median_ms": ms,
+            "device": str(device),
+        },
+    )
+    m, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (512, torch.float32)
+    a, b = (torch.randn(m, m, device=device, dtype=dtype) for _ in range(2))
+    ms = statistics.median(bm.time_calls(lambda: a @ b, device, reps=10, warmup=3))
+    append_record(
+        args.out / FILES["roofs"],
+        {
+            "roof": "bf16_tflops",
+            "value": 2 * m**3 / ms / 1e9,
+            "flops": 2 * m**3,
+            "median_ms": ms,
+            "dtype": str(dtype),
+        },
+    )
+    return 0
+
+
+def step_sweep(args: argparse.Namespace) -> int:
+    """Time every (case, dtype, mode, provider) and append each row the moment it is measured."""
+    import torch
+
+    from invcoss import benchmark as bm
+
+    clock = Clock(args.deadline)
+    device = device_for(args.rehearse)
+    providers = args.providers or ["eager"] + [b for b in required_backends(args.rehearse)]
+    from invcoss import ops
+
+    available = set(ops.available_backends()) | {"eager", "compile"}
+    unknown = [p for p in providers if p not in available]
+    if unknown:
+        print(f"gpu_check: FAILED: provider(s) {unknown} not available on {device}", flush=True)
+        return 3
+    reps = args.reps or (20 if device.type == "cuda" else 3)
+    done = skipped = 0
+    cases = compile_cases(args.rehearse) if args.step == "compile" else check_cases(args.rehearse)
+    for case in cases:
+        for dtype_name in args.dtypes:
+            dtype = getattr(torch, dtype_name)
+            inputs = None
+            for mode in case.modes:
+                for provider in providers:
+                    if clock.expired():
+                        skipped += 1
+                        continue
+                    if inputs is None:
+                        inputs = bm.make_inputs(case, device, dtype)
+                    fn = bm.build(case, provider, mode, inputs)
+                    warmup = 2 if provider == "compile" else 1
+                    times = bm.time_calls(fn, device, reps, warmup)
+                    row = bm.make_row(case, provider, mode, device, dtype, times)
+                    record = {"step": args.step, **asdict(row), "times_ms": times}
+                    append_record(args.out / FILES["bench"], record)
+                    done += 1
+                    print(f"{row.case} {mode} {dtype_name} {provider}: {row.median_ms:.3f} ms", flush=True)
+            del inputs
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    if skipped:
+        print(f"{args.step}: deadline reached, {skipped} row(s) not measured", flush=True)
+    if done == 0:
+        print(f"gpu_check: FAILED: step {args.step} measured no row", flush=True)
+        return 1
+    return 0
+
+
+# A profile the interpreter steps through in seconds (the tiny one of tests/test_benchmark.py).
+def _rehearsal_profile():
+    from invcoss.benchmark import InversionProfile
+
+    return InversionProfile(
+        "rehearsal",
+        "xray",
+        "vit_nano",
+        2,
+        (32, 32),
+        "quick",
+        (("generator_channels", (8, 8, 4)), ("latent_dim", 8)),
+    )
+
+
+def inversion_profiles(rehearse: bool) -> list[str]:
+    from invcoss import benchmark as bm
+
+    return ["rehearsal"] if rehearse else bm.inversion_profiles_for("cuda")
+
+
+def step_inversion(args: argparse.Namespace) -> int:
+    import torch
+
+    from invcoss import benchmark as bm
+
+    clock = Clock(args.deadline)
+    device = device_for(args.rehearse)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # the same for every row
+        torch.backends.cudnn.allow_tf32 = True
+    backends = ["torch"] + required_backends(args.rehearse)
+    done = 0
+    for name in inversion_profiles(args.rehearse):
+        if clock.expired():
+            print(f"inversion: deadline reached, {name} not measured", flush=True)
+            continue
+        profile = bm.INVERSION_PROFILES.get(name) or _rehearsal_profile()
+        rows = bm.time_inversion(
+            profile,
+            device,
+            backends,
+            steps=args.steps,
+            warmup=1,
+            progress=lambda s: print(f"timing {s}", flush=True),
+        )
+        for row in rows:
+            append_record(args.out / FILES["inversion"], {"step": "inversion", **row})
+        done += len(rows)
+    if done == 0:
+        print("gpu_check: FAILED: step inversion measured no row", flush=True)
+        return 1
+    return 0
+
+
+# ---- command line -----------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("step", choices=(*STEPS, "warm-case", "warm-inversion"))
+    parser.add_argument("name", nargs="?", help="the case (warm-case) or profile (warm-inversion)")
+    parser.add_argument("--out", type=Path, required=True, help="folder of the JSON-lines records")
+    parser.add_argument("--rehearse", action="store_true", help="the same mechanics on CPU, tiny sizes")
+    parser.add_argument(
+        "--deadline", type=float, default=_env_deadline(), help="seconds before no new row starts"
+    )
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="warm: parallel processes")
+    parser.add_argument("--dtypes", type=lambda s: s.split(","), default=list(DTYPES))
+    parser.add_argument("--providers", type=lambda s: s.split(","), default=None)
+    parser.add_argument("--reps", type=int, default=None, help="timed calls per row")
+    parser.add_argument("--steps", type=int, default=3, help="inversion: timed steps per backend")
+    parser.add_argument(
+        "--skip-extension", action="store_true", help="env: do not require the extension's backend yet"
+    )
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.step == "compile":
+        args.providers = ["compile"]
+    if args.step in ("warm-case", "warm-inversion") and not args.name:
+        parser.error(f"{args.step} needs a name")
+    if args.step == "warm-case" and not args.providers:
+        parser.error("warm-case needs --providers")
+    handler = {
+        "env": step_env,
+        "warm": step_warm,
+        "warm-case": step_warm_case,
+        "warm-inversion": step_warm_inversion,
+        "roofs": step_roofs,
+        "sweep": step_sweep,
+        "compile": step_sweep,
+        "inversion": step_inversion,
+    }[args.step]
+    return handler(args)
+
+
+def _env_deadline() -> float | None:
+    value = os.environ.get("INVCOSS_STEP_DEADLINE")
+    return float(value) if value else None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
