@@ -50,6 +50,7 @@ fi
 LOG="$OUT/gpu_check.log"
 : > "$LOG"
 failed=0
+LAST_RC=0
 T0=$SECONDS
 
 meta() { # meta NAME RC SECONDS: one line per step in meta.jsonl
@@ -71,6 +72,7 @@ step() { # step NAME LIMIT COMMAND...: run under min(LIMIT, what the budget has 
   # Python steps stop starting new rows a few seconds before the kill.
   INVCOSS_STEP_DEADLINE=$((limit > 20 ? limit - 8 : limit - 2)) timeout -k 5 "$limit" "$@" 2>&1 | tee -a "$LOG" | tail -n 8
   local rc=${PIPESTATUS[0]}
+  LAST_RC=$rc
   echo "== $name: exit $rc after $((SECONDS - t)) s" | tee -a "$LOG"
   meta "$name" "$rc" $((SECONDS - t))
   if [ "$rc" -ne 0 ]; then
@@ -92,6 +94,11 @@ else
   # builds in place in the background (sm_90 only) while the Triton kernels compile.
   step install 60 env INVCOSS_NO_EXTENSION=1 "$PY" -m pip install --no-deps --no-build-isolation -e .
   step env 30 "${CHECK[@]}" env --out "$OUT" --skip-extension "${FLAGS[@]}"
+  if [ "$LAST_RC" = 4 ]; then # no CUDA device: nothing else can run
+    RESERVE=0 step report 12 "$PY" -m invcoss.benchmark.report "$OUT"
+    echo "gpu_check: $failed step(s) failed; stopped: no CUDA device" | tee -a "$LOG"
+    exit "$failed"
+  fi
   # Its log and exit status wait outside $OUT (only the check's seven files belong there).
   SCRATCH=$(mktemp -d)
   (timeout 170 "$PY" setup.py -q build_ext --inplace > "$SCRATCH/build.log" 2>&1; echo $? > "$SCRATCH/build.rc") &

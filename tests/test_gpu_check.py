@@ -55,7 +55,7 @@ def test_rehearsal_records_every_row(rehearsal):
         r["test"].endswith("[triton]") or "-triton]" in r["test"] for r in tests if r["outcome"] == "passed"
     )
     warm = [r for r in records.records_of(out, "tests", step="warm") if "job" in r]
-    assert warm and all(r["rc"] == 0 for r in warm)
+    assert warm and all(r["rc"] == 0 and r["ok"] for r in warm)
     assert {r["roof"] for r in records.read_records(out / "roofs.jsonl")} == {"copy_gbps", "bf16_tflops"}
     rows = records.read_records(out / "bench.jsonl")
     measured = {(r["case"], r["mode"], r["dtype"], r["provider"]) for r in rows}
@@ -184,7 +184,7 @@ def test_a_missing_backend_device_backend_is_a_failing_test_not_an_empty_set(tmp
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_env_step_fails_loudly_without_the_device(tmp_path, capsys):
-    assert check.main(["env", "--out", str(tmp_path)]) == 3
+    assert check.main(["env", "--out", str(tmp_path)]) == 4
     assert "gpu_check: FAILED: torch sees no CUDA device" in capsys.readouterr().out
     assert records.read_records(tmp_path / "meta.jsonl")[0]["error"] == "no CUDA device"
 

@@ -54,7 +54,7 @@ def tests_summary(records: list[dict]) -> str:
         )
     jobs = [r for r in records if "job" in r]
     if jobs:
-        ok = sum(1 for r in jobs if r.get("rc") in (0, 1))
+        ok = sum(1 for r in jobs if r.get("ok"))
         slow = max((r.get("seconds", 0) for r in jobs), default=0)
         lines += ["", f"Warm-up: {ok} of {len(jobs)} jobs completed (the longest took {slow:.0f} s)."]
     failed = [r for r in records if "test" in r and r["outcome"] in ("failed", "error")]
