@@ -18,8 +18,8 @@ from click.testing import CliRunner
 from invcoss.assets import available, default_model_dir
 from invcoss.cli import main
 from invcoss.data import read_nifti
+from invcoss.feature_stats import collect_feature_stats
 from invcoss.models import create_model
-from invcoss.stats import collect_feature_stats
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

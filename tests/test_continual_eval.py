@@ -13,10 +13,10 @@ from PIL import Image
 
 from invcoss.cli import main
 from invcoss.continual import run_continual, stage_dir
-from invcoss.continual_config import ContinualConfig
-from invcoss.continual_eval import evaluate_run, reconstruction_loss, storage_report
-from invcoss.continual_plot import Panel, line_plot
-from invcoss.continual_probe import linear_probe, read_labelled_csv
+from invcoss.continual.config import ContinualConfig
+from invcoss.continual.eval import evaluate_run, reconstruction_loss, storage_report
+from invcoss.continual.plot import Panel, line_plot
+from invcoss.continual.probe import linear_probe, read_labelled_csv
 from invcoss.data import write_phantoms
 from invcoss.models import MAE, create_model
 from tests.test_continual_run import TINY  # the tiny run settings shared by the continual tests

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from invcoss.cli import main
-from invcoss.continual_config import buffer_count
+from invcoss.continual.config import buffer_count
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -12,10 +12,10 @@ from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
 from invcoss.continual import run_continual, stage_dir
-from invcoss.continual_buffer import load_samples
-from invcoss.continual_config import ContinualConfig, buffer_count
+from invcoss.continual.config import ContinualConfig, buffer_count
+from invcoss.continual.replay import load_samples
+from invcoss.feature_stats import load_feature_stats
 from invcoss.models import MAE
-from invcoss.stats import load_feature_stats
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

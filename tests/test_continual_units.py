@@ -9,7 +9,8 @@ from collections import Counter
 import pytest
 import torch
 
-from invcoss.continual_buffer import (
+from invcoss.continual.config import ContinualConfig, buffer_count
+from invcoss.continual.replay import (
     CURRENT,
     AuditedDataset,
     DataAccessError,
@@ -20,7 +21,6 @@ from invcoss.continual_buffer import (
     replay_loss,
     save_samples,
 )
-from invcoss.continual_config import ContinualConfig, buffer_count
 from invcoss.models import create_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")

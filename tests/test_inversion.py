@@ -14,12 +14,13 @@ import torch.nn.functional as F
 
 from invcoss.assets import load_default
 from invcoss.data import ct_phantom
+from invcoss.feature_stats import collect_feature_stats
 from invcoss.inversion import Inverter
-from invcoss.inversion_config import InversionConfig, canonical_modality
-from invcoss.inversion_report import frechet_distance, mean_pairwise_cosine
+from invcoss.inversion.config import InversionConfig
+from invcoss.inversion.report import frechet_distance, mean_pairwise_cosine
+from invcoss.modality import canonical_modality
 from invcoss.models import create_model
 from invcoss.pretrain import PretrainConfig, pretrain
-from invcoss.stats import collect_feature_stats
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

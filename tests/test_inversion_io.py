@@ -11,12 +11,13 @@ import torch
 from PIL import Image
 
 import invcoss.data
+import invcoss.inversion.files
 from invcoss.data import read_nifti
+from invcoss.feature_stats import collect_feature_stats
 from invcoss.inversion import Inverter, NonFiniteLossError
-from invcoss.inversion_config import InversionConfig
-from invcoss.inversion_io import RunFolderError
+from invcoss.inversion.config import InversionConfig
+from invcoss.inversion.run import RunFolderError
 from invcoss.models import create_model
-from invcoss.stats import collect_feature_stats
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -162,10 +163,10 @@ def test_resume_after_a_kill_while_writing_a_batch(tmp_path, model, ct_stats, mo
             raise KeyboardInterrupt
         return real_write(path, *args, **kw)
 
-    monkeypatch.setattr(invcoss.data, "write_nifti", dying_write)
+    monkeypatch.setattr(invcoss.inversion.files, "write_nifti", dying_write)
     with pytest.raises(KeyboardInterrupt):
         Inverter(model, ct_stats, ct_config(), backend="torch").run(5, out)
-    monkeypatch.setattr(invcoss.data, "write_nifti", real_write)
+    monkeypatch.setattr(invcoss.inversion.files, "write_nifti", real_write)
     assert len(json.loads((out / "manifest.json").read_text())["batches"]) == 1
     assert (out / "samples" / "ct_00002.nii.gz").is_file()  # written, but its batch is unfinished
     Inverter(model, ct_stats, ct_config(), backend="torch").run(5, out, resume=True)

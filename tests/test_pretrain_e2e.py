@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 
 from invcoss.cli import main
 from invcoss.data import CachedDataset
+from invcoss.feature_stats import load_feature_stats
 from invcoss.models import MAE, create_model
 from invcoss.pretrain import PretrainConfig, learning_rate, pretrain
-from invcoss.stats import load_feature_stats
 
 SMALL = {"img_size_2d": 32}
 

@@ -8,8 +8,8 @@ from safetensors.torch import save_file
 
 from invcoss.data import preprocess, write_phantoms
 from invcoss.data.datasets import CachedDataset
+from invcoss.feature_stats import FeatureStats, collect_feature_stats, config_hash, load_feature_stats
 from invcoss.models import create_model
-from invcoss.stats import FeatureStats, collect_feature_stats, config_hash, load_feature_stats
 
 SMALL = {"img_size_2d": 32, "img_size_3d": (16, 32, 32)}  # 4 patches + class token in 2D and 3D
 

@@ -5,7 +5,7 @@ Each folder ``invcoss/assets/<modality>/`` (``ct``, ``mri``, ``xray``, ``patholo
 - ``config.json`` + ``model.safetensors``: a checkpoint (``MAE.from_pretrained`` reads it; the
   weights are stored in float16 and loaded as float32);
 - ``stats.safetensors``: its per-block feature statistics over the phantom data it was trained on
-  (:func:`invcoss.stats.load_feature_stats`);
+  (:func:`invcoss.feature_stats.load_feature_stats`);
 - ``asset.json``: how it was made (seeds, data, epochs, losses).
 
 The model is the ``vit_nano`` preset at width 64 (``embed_dim=64``; the checkpoint records every
@@ -22,6 +22,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from invcoss.feature_stats import load_feature_stats
+from invcoss.modality import canonical_modality
+from invcoss.models import MAE
+
 __all__ = ["ASSETS_DIR", "available", "default_model_dir", "load_default"]
 
 ASSETS_DIR = Path(__file__).resolve().parent
@@ -35,7 +39,6 @@ def default_model_dir(modality: str) -> Path:
         ValueError: an unknown modality.
         FileNotFoundError: the folder is missing (rebuild with ``make assets``).
     """
-    from invcoss.inversion_config import canonical_modality
 
     folder = ASSETS_DIR / canonical_modality(modality)
     if not (folder / "model.safetensors").is_file():
@@ -52,8 +55,6 @@ def available() -> list[str]:
 
 def load_default(modality: str):
     """``(model, stats)``: the packaged MAE of ``modality`` (float32, eval mode) and its statistics."""
-    from invcoss.models import MAE
-    from invcoss.stats import load_feature_stats
 
     folder = default_model_dir(modality)
     model = MAE.from_pretrained(folder).float().eval()

@@ -32,6 +32,10 @@ from pathlib import Path
 import torch
 
 from invcoss.assets import ASSETS_DIR, STATS_NAME
+from invcoss.data import open_dataset, preprocess, write_phantoms
+from invcoss.feature_stats import collect_feature_stats
+from invcoss.models import MAE, create_model
+from invcoss.pretrain import PretrainConfig, pretrain
 
 # Phantom files per modality: about 150-200 training samples each at the quick profile's sizes.
 RECIPES = {
@@ -49,10 +53,6 @@ SEED = 0
 
 def build_one(modality: str, out: Path, work: Path, epochs: int = EPOCHS, log=print) -> dict:
     """Train and store the packaged model of ``modality`` in ``out/<modality>``; returns its record."""
-    from invcoss.data import open_dataset, preprocess, write_phantoms
-    from invcoss.models import MAE, create_model
-    from invcoss.pretrain import PretrainConfig, pretrain
-    from invcoss.stats import collect_feature_stats
 
     t0 = time.perf_counter()
     recipe = RECIPES[modality]

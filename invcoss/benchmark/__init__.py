@@ -18,6 +18,9 @@ import torch
 from torch import Tensor
 
 from invcoss import ops
+from invcoss.inversion import Inverter
+from invcoss.inversion.config import InversionConfig
+from invcoss.models import create_model
 from invcoss.ops import backend_torch as ref
 
 MODES = ("fwd", "fwd+bwd")
@@ -458,9 +461,6 @@ def inversion_setup(profile: InversionProfile, device: torch.device | str, backe
     on their values). Returns ``(inverter, step)`` where ``step()`` runs one optimisation step and
     returns its loss values (reading them synchronises the device).
     """
-    from invcoss.inversion import Inverter
-    from invcoss.inversion_config import InversionConfig
-    from invcoss.models import create_model
 
     ndim = len(profile.img_size)
     size_kw = {"img_size_2d": profile.img_size} if ndim == 2 else {"img_size_3d": profile.img_size}

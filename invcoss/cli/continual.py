@@ -1,7 +1,7 @@
 """``invcoss-cli continual | evaluate | storage | experiment forgetting``: Stage 2 and its evidence.
 
-Thin layers over :mod:`invcoss.continual`, :mod:`invcoss.continual_eval` and
-:mod:`invcoss.experiment`, with progress bars on stderr and a one-line summary on stdout. A user
+Thin layers over :mod:`invcoss.continual`, :mod:`invcoss.continual.eval` and
+:mod:`invcoss.continual.experiment`, with progress bars on stderr and a one-line summary on stdout. A user
 error (unknown modality, missing folder, an existing run without ``--resume``, data of the wrong
 size) exits with code 2 and a message, no traceback.
 """
@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from invcoss.cli.data import Dims, UserError, _open_data, _progress, human_bytes
+from invcoss.modality import canonical_modality, get_modality
 
 _METHODS = click.Choice(["seq", "er", "invcoss"])
 _PROFILES = click.Choice(["quick", "paper"])
@@ -27,8 +28,6 @@ class ModalityMap(click.ParamType):
     def convert(self, value, param, ctx):
         if isinstance(value, dict):
             return value
-        from invcoss.inversion_config import canonical_modality
-
         out: dict[str, Path] = {}
         for item in str(value).split(","):
             if not item.strip():
@@ -49,8 +48,6 @@ class ModalityMap(click.ParamType):
 
 
 def _order(value: str) -> tuple[str, ...]:
-    from invcoss.inversion_config import canonical_modality
-
     try:
         return tuple(canonical_modality(m.strip()) for m in value.split(",") if m.strip())
     except ValueError as e:
@@ -133,9 +130,9 @@ def _device(device: str | None):
 def continual(order, method, data, out, profile, resume, device, threads, **overrides) -> None:
     """Continual pre-training over modalities with seq, er or invcoss replay (Algorithm 1)."""
     from invcoss.continual import run_continual
-    from invcoss.continual_buffer import DataAccessError
-    from invcoss.continual_config import ContinualConfig
-    from invcoss.continual_eval import storage_report
+    from invcoss.continual.config import ContinualConfig
+    from invcoss.continual.eval import storage_report
+    from invcoss.continual.replay import DataAccessError
     from invcoss.inversion import NonFiniteLossError
 
     _set_threads(threads)
@@ -218,8 +215,8 @@ def continual(order, method, data, out, profile, resume, device, threads, **over
 def evaluate(checkpoints, data, labels, out, mask_repeats, batch_size, seed, device, threads) -> None:
     """Held-out loss, forgetting and probe accuracy of every stage's checkpoint (Fig. 6b)."""
     from invcoss.continual import read_run
-    from invcoss.continual_eval import evaluate_run
-    from invcoss.continual_probe import read_labelled_csv
+    from invcoss.continual.eval import evaluate_run
+    from invcoss.continual.probe import read_labelled_csv
 
     _set_threads(threads)
     try:
@@ -234,7 +231,7 @@ def evaluate(checkpoints, data, labels, out, mask_repeats, batch_size, seed, dev
         held_out = {m: _open_data(p, m, stub) for m, p in data.items()}
         labelled = {}
         for m, p in (labels or {}).items():
-            ndim = 3 if m in ("ct", "mri") else 2
+            ndim = get_modality(m).ndim
             labelled[m] = read_labelled_csv(
                 p, m, stub.config.img_size(ndim), channels=stub.config.in_chans(ndim), seed=seed
             )
@@ -275,7 +272,7 @@ def evaluate(checkpoints, data, labels, out, mask_repeats, batch_size, seed, dev
 @click.argument("run", type=click.Path(file_okay=False, path_type=Path))
 def storage(run: Path) -> None:
     """Bytes a run keeps between stages: real buffer (er), statistics (invcoss), checkpoint (Fig. 6a)."""
-    from invcoss.continual_eval import storage_report
+    from invcoss.continual.eval import storage_report
 
     try:
         rows = storage_report(run)
@@ -333,7 +330,7 @@ def forgetting(
     """seq vs er vs invcoss on phantom X-ray, CT and MRI: forgetting and storage table."""
     import dataclasses
 
-    from invcoss.experiment import ForgettingExperiment, run_forgetting_experiment
+    from invcoss.continual.experiment import ForgettingExperiment, run_forgetting_experiment
 
     _set_threads(threads)
     overrides = {

@@ -1,7 +1,7 @@
 """``invcoss-cli phantoms | preprocess | pretrain | stats``: from scans to a model and its statistics.
 
 Each command is a thin layer over the library (:mod:`invcoss.data`, :mod:`invcoss.pretrain`,
-:mod:`invcoss.stats`) with a progress bar and a one-line summary. A user error (missing folder,
+:mod:`invcoss.feature_stats`) with a progress bar and a one-line summary. A user error (missing folder,
 unreadable file under ``--strict``, mismatched cache) exits with code 2 and a message, no traceback.
 """
 
@@ -11,7 +11,8 @@ from pathlib import Path
 
 import click
 
-MODALITY_CHOICE = click.Choice(["ct", "mri", "xray", "pathology"])
+from invcoss.cli.options import MODALITY
+from invcoss.modality import get_modality
 
 
 class UserError(click.ClickException):
@@ -63,7 +64,7 @@ class Dims(click.ParamType):
 
 
 @click.command()
-@click.option("--modality", type=MODALITY_CHOICE, required=True, help="Kind of phantom.")
+@click.option("--modality", type=MODALITY, required=True, help="Kind of phantom.")
 @click.option("--count", type=click.IntRange(min=1), default=8, show_default=True, help="Number of files.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Output folder.")
 @click.option(
@@ -108,7 +109,7 @@ def phantoms(
 
 
 @click.command()
-@click.option("--modality", type=MODALITY_CHOICE, required=True)
+@click.option("--modality", type=MODALITY, required=True)
 @click.option(
     "--data", type=click.Path(path_type=Path), required=True, help="Folder of scans (searched recursively)."
 )
@@ -159,7 +160,7 @@ def _open_data(path: Path, modality: str | None, model, strict: bool = False):
             raise UserError(
                 f"{path} is not a preprocessed cache: give --modality to read it as a folder of scans"
             )
-        ndim = 3 if modality in ("ct", "mri") else 2
+        ndim = get_modality(modality).ndim
         config = config_for_input(modality, model.config.img_size(ndim), channels=model.config.in_chans(ndim))
     ds = open_dataset(path, modality, config=config, strict=strict)
     ndim = len(ds.sample_shape) - 1
@@ -173,7 +174,7 @@ def _open_data(path: Path, modality: str | None, model, strict: bool = False):
 
 
 @click.command()
-@click.option("--modality", type=MODALITY_CHOICE, default=None, help="Required when --data is a raw folder.")
+@click.option("--modality", type=MODALITY, default=None, help="Required when --data is a raw folder.")
 @click.option("--data", type=click.Path(path_type=Path), required=True, help="A cache or a folder of scans.")
 @click.option("--preset", default="vit_nano", show_default=True, help="Model preset (see invcoss.models).")
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
@@ -245,7 +246,7 @@ def pretrain(
     "--checkpoint", type=click.Path(path_type=Path), required=True, help="A pretrain output folder."
 )
 @click.option("--data", type=click.Path(path_type=Path), required=True, help="A cache or a folder of scans.")
-@click.option("--modality", type=MODALITY_CHOICE, default=None, help="Required when --data is a raw folder.")
+@click.option("--modality", type=MODALITY, default=None, help="Required when --data is a raw folder.")
 @click.option(
     "--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Output .safetensors."
 )
@@ -257,8 +258,8 @@ def stats(
     """Collect per-block feature statistics of a checkpoint over its data (Appendix B.2)."""
     import torch
 
+    from invcoss.feature_stats import collect_feature_stats
     from invcoss.models import MAE
-    from invcoss.stats import collect_feature_stats
 
     try:
         model = MAE.from_pretrained(checkpoint)

@@ -14,8 +14,8 @@ from pathlib import Path
 import click
 
 from invcoss.cli.data import UserError, _progress
+from invcoss.cli.options import MODALITY
 
-MODALITIES = ["ct", "mri", "xray", "path", "pathology"]
 LOSSES = ["task", "norm", "img", "rep"]
 
 
@@ -36,8 +36,8 @@ def _device(name: str | None):
 def _load(modality: str, checkpoint: Path | None, stats_path: Path | None):
     """``(model, stats, sources)``; a UserError for anything missing or mismatched."""
     from invcoss.assets import STATS_NAME, default_model_dir
+    from invcoss.feature_stats import load_feature_stats
     from invcoss.models import MAE
-    from invcoss.stats import load_feature_stats
 
     if checkpoint is None:
         try:
@@ -94,7 +94,7 @@ def _parse_settings(settings: tuple[str, ...]) -> dict:
 
 
 @click.command()
-@click.option("--modality", type=click.Choice(MODALITIES), required=True, help="What to synthesise.")
+@click.option("--modality", type=MODALITY, required=True, help="What to synthesise.")
 @click.option(
     "--checkpoint",
     type=click.Path(path_type=Path),
@@ -186,12 +186,11 @@ def invert(
 ) -> None:
     """Invert a frozen model into synthetic samples that match its feature statistics (Eq. 6)."""
     from invcoss.inversion import Inverter, NonFiniteLossError
-    from invcoss.inversion_config import InversionConfig, canonical_modality
-    from invcoss.inversion_io import RunFolderError
-    from invcoss.inversion_report import format_report, reference_batches
+    from invcoss.inversion.config import InversionConfig
+    from invcoss.inversion.report import format_report, reference_batches
+    from invcoss.inversion.run import RunFolderError
     from invcoss.ops import available_backends
 
-    modality = canonical_modality(modality)
     if threads is not None:
         import torch
 

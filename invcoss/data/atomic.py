@@ -1,4 +1,4 @@
-"""Atomic file output: write to a temporary file in the target folder, then rename over the target.
+"""Atomic file output, the one writer of every file invcoss makes: a temporary file, then a rename.
 
 A crash or an interrupt leaves either the old file or the new one, never half of one, so a resumed
 run can trust every file it finds.
@@ -10,6 +10,7 @@ import io
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,35 @@ def _umask() -> int:
     return mask
 
 
+def atomic_write_file(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Have ``write(tmp)`` write a temporary file beside ``path``, then rename it over ``path``.
+
+    For writers that take a file name (safetensors, NIfTI); the file is synced before the rename
+    and gets the permissions a plain ``open()`` would give it (mkstemp's are private, 0600).
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> p = atomic_write_file(pathlib.Path(tempfile.mkdtemp()) / "a.txt", lambda t: open(t, "w").write("hi"))
+        >>> p.read_text()
+        'hi'
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (temporary file in the same folder, then rename).
 
@@ -31,22 +61,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         >>> p.read_bytes()
         b'abc'
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp makes the file private (0600); give it the permissions a plain open() would.
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+
+    return atomic_write_file(path, write)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:

@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from invcoss.data.writers import write_nifti, write_png
+from invcoss.modality import modality_names
 
-PHANTOM_MODALITIES = ("ct", "mri", "xray", "pathology")
+PHANTOM_MODALITIES = modality_names()
 DEFAULT_SIZES = {"ct": (64, 160, 160), "mri": (48, 128, 128), "xray": (256, 256), "pathology": (512, 512)}
 DEFAULT_SPACING = {"ct": (2.5, 1.6, 1.6), "mri": (1.5, 1.25, 1.25)}
 _MODALITY_CODE = {m: i for i, m in enumerate(PHANTOM_MODALITIES)}

@@ -51,10 +51,11 @@ from invcoss.data.transforms import (
     ZScore,
     resampled_shape,
 )
+from invcoss.modality import modality_names
 
-MODALITIES = ("ct", "mri", "xray", "pathology")
+MODALITIES = modality_names()
 PROFILES = ("paper", "quick")
-VOLUME_MODALITIES = ("ct", "mri")
+VOLUME_MODALITIES = modality_names(ndim=3)
 
 
 @dataclass(frozen=True)

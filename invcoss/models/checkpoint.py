@@ -23,8 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -32,6 +31,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+
+from invcoss.data.atomic import atomic_write_file
 
 __all__ = [
     "CONFIG_NAME",
@@ -82,19 +83,6 @@ def config_differences(
         if f.name not in ignore and a != b:
             rows.append(f"{f.name}: {labels[0]} {a!r}, {labels[1]} {b!r}")
     return rows
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _read_header(directory: Path) -> dict[str, Any]:
@@ -218,14 +206,14 @@ class PretrainedMixin:
         header = {"model_type": type(self).__name__, "format_version": FORMAT_VERSION, "config": config}
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         metadata = {"format": "pt", "model_type": header["model_type"], "config": json.dumps(config)}
-        _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, p, metadata=metadata))
+        atomic_write_file(directory / WEIGHTS_NAME, lambda p: save_file(state, p, metadata=metadata))
 
         def write_json(p: str) -> None:
             with open(p, "w", encoding="utf-8") as f:
                 json.dump(header, f, indent=2, sort_keys=True)
                 f.write("\n")
 
-        _atomic_write(directory / CONFIG_NAME, write_json)
+        atomic_write_file(directory / CONFIG_NAME, write_json)
         return directory
 
     @classmethod

@@ -3,28 +3,18 @@
 :func:`run_continual` trains one MAE through ``config.order``, one stage per modality. Stage ``T``
 starts from the model of stage ``T-1`` and trains on single-modality batches: the current data
 with the MAE loss, and the buffer with feature distillation against the frozen stage ``T-1`` model
-(plus an optional MAE term and mixup, :mod:`invcoss.continual_buffer`). The buffer depends on the
-method (:mod:`invcoss.continual_config`): nothing (``seq``), real samples kept from earlier stages
+(plus an optional MAE term and mixup, :mod:`invcoss.continual.replay`). The buffer depends on the
+method (:mod:`invcoss.continual.config`): nothing (``seq``), real samples kept from earlier stages
 (``er``), or samples inverted at the start of the stage from the stage ``T-1`` model and each
 earlier stage's stored statistics (``invcoss``, :class:`invcoss.inversion.Inverter`).
 
 Every stage ends by saving the checkpoint (encoder *and* decoder: the next inversion's L_task needs
 the decoder) and collecting the feature statistics of its data (Appendix B.2). ``er`` also keeps its
 random buffer fraction of the stage's samples. The real data of a stage is opened when the stage
-starts and read only through an :class:`~invcoss.continual_buffer.AuditedDataset` that is sealed
+starts and read only through an :class:`~invcoss.continual.replay.AuditedDataset` that is sealed
 when the stage ends: a later read raises, and the number of reads is recorded per stage.
 
-Run folder ``RUN``::
-
-    continual.json                  the configuration and the stage folders
-    stage1_ct/                      one folder per stage, named stage<k>_<modality>
-        config.json model.safetensors   the checkpoint (MAE.from_pretrained(folder))
-        stats.safetensors           per-block feature statistics of the stage's data
-        buffer.safetensors          er: the real samples kept for later stages
-        replay/<modality>.safetensors   invcoss: the synthetic samples replayed in this stage
-        stage.json                  losses per epoch, buffer sizes, data sizes and reads, timings;
-                                    the done flag
-        training_state.safetensors  while the stage trains (removed when it is done)
+The run folder's layout: :mod:`invcoss.continual.layout`.
 
 Resuming (``resume=True``) skips finished stages without opening their data, continues a stage from
 its last finished epoch (model, AdamW moments and RNG state), and reuses synthetic samples already
@@ -34,7 +24,6 @@ written. Each file is written atomically.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -44,36 +33,29 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from invcoss.continual_buffer import AuditedDataset, load_samples, save_samples
-from invcoss.continual_config import ContinualConfig, buffer_count
-from invcoss.continual_train import train_stage
+from invcoss.continual.config import ContinualConfig, buffer_count
+from invcoss.continual.layout import (
+    BUFFER_NAME,
+    REPLAY_DIR,
+    RUN_FORMAT,
+    RUN_NAME,
+    STAGE_NAME,
+    STATS_NAME,
+    StageSummary,
+    read_run,
+    stage_dir,
+    stage_done,
+)
+from invcoss.continual.replay import AuditedDataset, load_samples, save_samples
+from invcoss.continual.train import train_stage
 from invcoss.data.atomic import atomic_write_json
+from invcoss.feature_stats import collect_feature_stats, load_feature_stats
+from invcoss.inversion.engine import derive_seed
+from invcoss.inversion.run import Inverter
+from invcoss.models import MAE, create_model
 from invcoss.pretrain import STATE_NAME
 
-__all__ = [
-    "BUFFER_NAME",
-    "RUN_NAME",
-    "STAGE_NAME",
-    "STATS_NAME",
-    "ContinualEvent",
-    "ContinualResult",
-    "StageSummary",
-    "read_run",
-    "run_continual",
-    "stage_dir",
-]
-
-RUN_NAME = "continual.json"
-STAGE_NAME = "stage.json"
-STATS_NAME = "stats.safetensors"
-BUFFER_NAME = "buffer.safetensors"
-REPLAY_DIR = "replay"
-RUN_FORMAT = "invcoss-continual/1"
-
-
-def stage_dir(run: str | Path, index: int, modality: str) -> Path:
-    """The folder of stage ``index`` (0-based): ``RUN/stage<index+1>_<modality>``."""
-    return Path(run) / f"stage{index + 1}_{modality}"
+__all__ = ["ContinualEvent", "ContinualResult", "run_continual"]
 
 
 @dataclass(frozen=True)
@@ -92,38 +74,6 @@ class ContinualEvent:
 
 
 @dataclass
-class StageSummary:
-    """What ``RUN/stage<k>_<modality>/stage.json`` holds (see :func:`run_continual`)."""
-
-    stage: int
-    modality: str
-    dir: Path
-    samples: int
-    history: list[dict]
-    buffer: dict[str, int]
-    kept: int
-    reads: int
-    seconds: dict[str, float]
-    epochs_run: int = 0
-
-    @classmethod
-    def read(cls, folder: Path, epochs_run: int = 0) -> StageSummary:
-        d = json.loads((folder / STAGE_NAME).read_text())
-        return cls(
-            stage=d["stage"],
-            modality=d["modality"],
-            dir=folder,
-            samples=d["samples"],
-            history=d["history"],
-            buffer=d["buffer"],
-            kept=d["kept"],
-            reads=d["reads"],
-            seconds=d["seconds"],
-            epochs_run=epochs_run,
-        )
-
-
-@dataclass
 class ContinualResult:
     """What :func:`run_continual` did; ``stages`` holds every stage, finished earlier or now."""
 
@@ -131,29 +81,6 @@ class ContinualResult:
     config: ContinualConfig
     stages: list[StageSummary]
     seconds: float
-
-
-def read_run(run: str | Path) -> ContinualConfig:
-    """The configuration of a run folder.
-
-    Raises:
-        ValueError: not a continual run folder.
-    """
-    path = Path(run) / RUN_NAME
-    try:
-        d = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{run} is not a continual run folder (cannot read {RUN_NAME}: {e})") from None
-    if d.get("format") != RUN_FORMAT:
-        raise ValueError(f"{path}: unknown format {d.get('format')!r}, expected {RUN_FORMAT!r}")
-    return ContinualConfig.from_dict(d["config"])
-
-
-def _stage_done(folder: Path) -> bool:
-    try:
-        return bool(json.loads((folder / STAGE_NAME).read_text()).get("done"))
-    except (OSError, ValueError):
-        return False
 
 
 def _open_source(source, modality: str):
@@ -222,7 +149,7 @@ def run_continual(
             when the stage starts, so finished stages never open their data). Modalities of
             finished stages may be left out when resuming.
         out: the run folder (see the module docstring).
-        config: :class:`~invcoss.continual_config.ContinualConfig`.
+        config: :class:`~invcoss.continual.config.ContinualConfig`.
         resume: continue the run in ``out``; without it an existing run is an error.
         device: default: CUDA when available, else CPU.
         on_event: receives every :class:`ContinualEvent`.
@@ -245,8 +172,6 @@ def run_continual(
         >>> [(s.modality, s.buffer, s.kept) for s in r.stages]
         [('xray', {}, 1), ('pathology', {'xray': 1}, 1)]
     """
-    from invcoss.models import MAE, create_model
-    from invcoss.stats import collect_feature_stats
 
     out = Path(out)
     t_start = time.perf_counter()
@@ -255,7 +180,7 @@ def run_continual(
         if device is not None
         else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     )
-    todo = [(t, m) for t, m in enumerate(config.order) if not (resume and _stage_done(stage_dir(out, t, m)))]
+    todo = [(t, m) for t, m in enumerate(config.order) if not (resume and stage_done(stage_dir(out, t, m)))]
     missing = [m for _, m in todo if m not in data]
     if missing:
         raise ValueError(
@@ -271,7 +196,7 @@ def run_continual(
     stages: list[StageSummary] = []
     for t, modality in enumerate(config.order):
         folder = stage_dir(out, t, modality)
-        if resume and _stage_done(folder):
+        if resume and stage_done(folder):
             emit("stage_skip", t, modality)
             stages.append(StageSummary.read(folder))
             continue
@@ -343,7 +268,6 @@ def _keep_real_buffer(
     ds: AuditedDataset, folder: Path, config: ContinualConfig, t: int, modality: str
 ) -> int:
     """``er``: a random ``buffer_fraction`` of the stage's samples, saved before the data is sealed."""
-    from invcoss.inversion import derive_seed
 
     n = buffer_count(len(ds), config.buffer_fraction)
     g = torch.Generator().manual_seed(derive_seed(config.seed, "buffer", t))
@@ -375,8 +299,6 @@ def _synthetic_buffer(
     out: Path, t: int, s: int, modality: str, config: ContinualConfig, teacher, device, emit, backend
 ) -> torch.Tensor:
     """``invcoss``: invert the frozen stage ``t-1`` model with stage ``s``'s statistics (Algorithm 1, lines 3-8)."""
-    from invcoss.inversion import Inverter, derive_seed
-    from invcoss.stats import load_feature_stats
 
     path = stage_dir(out, t, config.order[t]) / REPLAY_DIR / f"{modality}.safetensors"
     if path.exists():

@@ -1,7 +1,7 @@
 """Data-free model inversion (Stage 1 of Algorithm 1, Eq. 6): a frozen MAE and its statistics → images.
 
 For each batch a generator (InvUNet by default, fresh per the re-initialisation schedule of
-:class:`~invcoss.inversion_config.InversionConfig`) and fresh latents z are optimised with Adam
+:class:`~invcoss.inversion.config.InversionConfig`) and fresh latents z are optimised with Adam
 against the frozen model::
 
     L_inv = L_task            masked reconstruction of the generated image by the MAE (Eq. 7)
@@ -17,18 +17,19 @@ samples requested (Sec. 3.4).
 
 Randomness comes only from generators seeded by ``(seed, what, index)``, never the global RNG, so a
 batch depends on the seed, its index and the state carried from the previous batch (the generator
-under training, its Adam moments and the pool), which :meth:`Inverter.state_tensors` captures for
-resuming. :meth:`Inverter.run` writes files (see :mod:`invcoss.inversion_io`);
-:meth:`Inverter.generate` keeps everything in memory.
+under training, its Adam moments and the pool), which :meth:`InversionEngine.state_tensors` captures for
+resuming. :meth:`InversionEngine.generate` keeps everything in memory; the
+:class:`~invcoss.inversion.run.Inverter` built on it also writes resumable runs to folders
+(:mod:`invcoss.inversion.run`).
 
 Example:
     >>> from invcoss.models import create_model
-    >>> from invcoss.inversion_config import InversionConfig
+    >>> from invcoss.inversion.config import InversionConfig
     >>> model = create_model("vit_nano", img_size_2d=32)
     >>> stats = [(torch.zeros(5, 96), torch.ones(5, 96))] * 4  # per block (L, D) mean and variance
     >>> cfg = InversionConfig.from_profile("quick", "xray", batch_size=2, steps=2, warmup_steps=2,
     ...                                    latent_dim=8, generator_channels=(8, 8, 4))
-    >>> out = Inverter(model, stats, cfg, backend="torch").generate(3)
+    >>> out = InversionEngine(model, stats, cfg, backend="torch").generate(3)
     >>> tuple(out.images.shape), sorted(out.batches[0].curves)
     ((3, 3, 32, 32), ['img', 'norm', 'rep', 'step', 'task', 'total'])
 """
@@ -46,9 +47,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from invcoss import ops
-from invcoss.inversion_config import InversionConfig
+from invcoss.feature_stats import FeatureStats, config_hash
+from invcoss.inversion.config import InversionConfig
+from invcoss.modality import get_modality
+from invcoss.models import BottomUpGenerator, GeneratorConfig, InvUNet
 
-__all__ = ["BatchResult", "GenerateResult", "Inverter", "NonFiniteLossError", "StepInfo", "derive_seed"]
+__all__ = [
+    "BatchResult",
+    "GenerateResult",
+    "InversionEngine",
+    "NonFiniteLossError",
+    "StepInfo",
+    "derive_seed",
+]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -97,7 +108,7 @@ class BatchResult:
 
 @dataclass
 class GenerateResult:
-    """All batches of :meth:`Inverter.generate`, concatenated."""
+    """All batches of :meth:`InversionEngine.generate`, concatenated."""
 
     images: Tensor
     embeddings: Tensor
@@ -117,7 +128,6 @@ def derive_seed(seed: int, what: str, index: int) -> int:
 
 def _stat_targets(stats, model: nn.Module, modality: str) -> list[tuple[Tensor, Tensor]]:
     """``[(mean, var)]`` per block from a FeatureStats or a sequence of pairs, checked against the model."""
-    from invcoss.stats import FeatureStats, config_hash
 
     cfg = model.config
     if isinstance(stats, FeatureStats):
@@ -132,7 +142,7 @@ def _stat_targets(stats, model: nn.Module, modality: str) -> list[tuple[Tensor, 
         pairs = list(zip(stats.mean, stats.var))
     else:
         pairs = [(m, v) for m, v in stats]
-    ndim = 2 if modality in ("xray", "pathology") else 3
+    ndim = get_modality(modality).ndim
     want = (cfg.num_patches(ndim) + 1, cfg.embed_dim)
     shapes = sorted({tuple(t.shape) for p in pairs for t in p})
     if len(pairs) != cfg.depth or shapes != [want]:
@@ -143,7 +153,7 @@ def _stat_targets(stats, model: nn.Module, modality: str) -> list[tuple[Tensor, 
     return [(m.detach().float(), v.detach().float()) for m, v in pairs]
 
 
-class Inverter:
+class InversionEngine:
     """Inverts a frozen MAE into synthetic samples that match its stored feature statistics.
 
     The model is put in eval mode and its parameters stop requiring gradients (it is frozen).
@@ -151,9 +161,9 @@ class Inverter:
     Args:
         model: an :class:`invcoss.models.MAE` (``forward(x, mask_ratio, noise)``,
             ``unmasked_features``) taking the config's modality.
-        stats: an :class:`invcoss.stats.FeatureStats` of this model architecture and modality, or a
+        stats: an :class:`invcoss.feature_stats.FeatureStats` of this model architecture and modality, or a
             sequence of ``(mean, var)`` pairs, one ``(L, D)`` pair per encoder block.
-        config: an :class:`~invcoss.inversion_config.InversionConfig`.
+        config: an :class:`~invcoss.inversion.config.InversionConfig`.
         device: where to optimise (default: the model's device).
         backend: the :mod:`invcoss.ops` backend of the stat, TV and repulsive losses.
 
@@ -204,8 +214,6 @@ class Inverter:
         if c.generator_channels is not None:
             kw["channels"] = c.generator_channels
         if c.generator != "pixels":
-            from invcoss.models import GeneratorConfig
-
             gc = GeneratorConfig(**kw)  # validates the size against the upsampling factor
             if self.ndim == 3 and math.prod(gc.bottleneck_size) == 1:
                 # InstanceNorm cannot normalise a single voxel.
@@ -216,7 +224,6 @@ class Inverter:
         return kw
 
     def _new_generator(self, index: int) -> nn.Module:
-        from invcoss.models import BottomUpGenerator, InvUNet
 
         cls = InvUNet if self.config.generator == "invunet" else BottomUpGenerator
         # Initialised on the CPU from its own seed, so the weights do not depend on the device.
@@ -343,7 +350,7 @@ class Inverter:
                 carried state is left as it was before the batch).
         """
         if self.pool is None:
-            raise RuntimeError("call Inverter.start(num_samples) before invert_batch")
+            raise RuntimeError("call start(num_samples) before invert_batch")
         c = self.config
         t0 = time.perf_counter()
         saved = self.state_tensors()  # to restore on a non-finite loss
@@ -416,12 +423,6 @@ class Inverter:
             embeddings=torch.cat([r.embeddings for r in batches]),
             batches=batches,
         )
-
-    def run(self, num_samples: int, out_dir, resume: bool = False, **kwargs):
-        """Invert ``num_samples`` samples into ``out_dir``; see :func:`invcoss.inversion_io.run_inversion`."""
-        from invcoss.inversion_io import run_inversion
-
-        return run_inversion(self, num_samples, out_dir, resume=resume, **kwargs)
 
     # -- carried state (resume) ------------------------------------------------------------------
     def state_tensors(self) -> dict[str, Tensor]:

@@ -1,0 +1,167 @@
+"""The training loop of one continual stage (Eq. 4): MAE on current batches, distillation on buffer batches.
+
+:func:`train_stage` reuses the pieces of :mod:`invcoss.pretrain` (AdamW without decay on biases,
+norms and tokens; linear warm-up then cosine decay set every step; the resumable training state
+with AdamW moments and RNG state) and replaces its epoch with the schedule of
+:func:`invcoss.continual.replay.epoch_schedule`: a current batch gets the masked-reconstruction
+loss (Eq. 7); a buffer batch, mixed up within itself, gets
+:func:`invcoss.continual.replay.replay_loss` against the frozen previous model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from invcoss.continual.config import ContinualConfig
+from invcoss.continual.replay import CURRENT, buffer_mixup, epoch_schedule, replay_loss
+from invcoss.inversion.engine import derive_seed
+from invcoss.pretrain import (
+    STATE_NAME,
+    PretrainConfig,
+    learning_rate,
+    load_state,
+    make_optimizer,
+    save_state,
+)
+
+__all__ = ["train_stage"]
+
+
+def train_stage(
+    model: nn.Module,
+    teacher: nn.Module | None,
+    data,
+    buffers: Mapping[str, torch.Tensor],
+    config: ContinualConfig,
+    folder: str | Path,
+    stage: int,
+    device: torch.device,
+    on_step: Callable[[dict], None] | None = None,
+) -> tuple[list[dict], int]:
+    """Train ``model`` for the epochs of one stage, saving the training state in ``folder`` every epoch.
+
+    A training state already in ``folder`` is resumed from (model, AdamW moments, RNG state, history);
+    otherwise the global generator is seeded from ``(config.seed, stage)``, so a stage does not
+    depend on what ran before it in the process.
+
+    Args:
+        model: the MAE being trained (from the previous stage's checkpoint).
+        teacher: the frozen previous MAE in eval mode, or None when there is no buffer.
+        data: the current stage's Dataset of ``(C, *S)`` samples.
+        buffers: per earlier modality, its ``(N, C, *S)`` buffer (empty for ``seq`` and stage 1).
+        config: the run's configuration.
+        folder: the stage folder.
+        stage: 0-based stage index.
+        device: where to train.
+        on_step: receives ``{"epoch", "epochs", "step", "steps", "source", "lr", "losses",
+            "samples_per_s"}`` after every step.
+
+    Returns:
+        ``(history, epochs trained by this call)``; ``history`` holds one dict per epoch with the
+        mean ``mae`` of the current batches and, with a buffer, the mean ``distill`` and
+        ``buffer_mae`` of the buffer batches.
+
+    Raises:
+        FloatingPointError: a loss became NaN or infinite.
+    """
+    from torch.utils.data import DataLoader
+
+    folder = Path(folder)
+    if buffers and teacher is None:
+        raise ValueError("train_stage got a buffer but no teacher to distil from")
+    modality = config.order[stage]
+    stage_seed = derive_seed(config.seed, "stage", stage)
+    schedule_config = PretrainConfig(
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        min_lr=config.min_lr,
+        warmup_epochs=config.warmup_epochs,
+        weight_decay=config.weight_decay,
+        mask_ratio=config.mask_ratio,
+        seed=stage_seed,
+        amp=config.amp,
+        num_workers=config.num_workers,
+    )
+    opt = make_optimizer(model, schedule_config)
+    meta = {"model": dataclasses.asdict(model.config), "stage": stage, "modality": modality}
+    history: list[dict] = []
+    start = 0
+    if (folder / STATE_NAME).exists():
+        start, _, saved = load_state(folder, model, opt, device)
+        history = saved["history"]
+    else:
+        torch.manual_seed(stage_seed)
+    sizes = {m: int(b.shape[0]) for m, b in buffers.items()}
+    use_amp = config.amp and device.type == "cuda"
+    for epoch in range(start, config.epochs):
+        g = torch.Generator().manual_seed(derive_seed(stage_seed, "epoch", epoch))
+        schedule = epoch_schedule(
+            len(data), sizes, config.batch_size, config.interleave, config.buffer_every, g
+        )
+        current = iter(
+            DataLoader(
+                data,
+                batch_sampler=[list(b.indices) for b in schedule if b.source == CURRENT],
+                num_workers=config.num_workers,
+                pin_memory=device.type == "cuda",
+            )
+        )
+        model.train()
+        sums: dict[str, list[float]] = {}
+        for step, batch in enumerate(schedule):
+            t0 = time.perf_counter()
+            lr = learning_rate(epoch + step / len(schedule), schedule_config)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            if batch.source == CURRENT:
+                x = next(current).to(device, non_blocking=True)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    loss = model(x, mask_ratio=config.mask_ratio)[0]
+                parts = {"mae": float(loss.detach())}
+            else:
+                x = buffer_mixup(buffers[batch.source][list(batch.indices)], config.mixup_alpha, g)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    loss, replay = replay_loss(
+                        model, teacher, x.to(device, non_blocking=True), config.mask_ratio,
+                        config.distill_weight, config.buffer_mae_weight,
+                    )  # fmt: skip
+                parts = {"distill": replay["distill"]}
+                if "mae" in replay:
+                    parts["buffer_mae"] = replay["mae"]
+            if not math.isfinite(float(loss.detach())):
+                raise FloatingPointError(
+                    f"stage {stage + 1} ({modality}): the loss became {float(loss.detach())} at epoch "
+                    f"{epoch + 1}, step {step + 1} ({batch.source} batch); lower the learning rate"
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            for k, v in parts.items():
+                total, count = sums.get(k, (0.0, 0))
+                sums[k] = [total + v * len(batch.indices), count + len(batch.indices)]
+            if on_step is not None:
+                on_step(
+                    {
+                        "epoch": epoch + 1,
+                        "epochs": config.epochs,
+                        "step": step + 1,
+                        "steps": len(schedule),
+                        "source": batch.source,
+                        "lr": lr,
+                        "losses": parts,
+                        "samples_per_s": len(batch.indices) / max(time.perf_counter() - t0, 1e-9),
+                    }
+                )
+        history.append(
+            {"epoch": epoch + 1, "steps": len(schedule)} | {k: s / n for k, (s, n) in sums.items()}
+        )
+        save_state(folder, model, opt, epoch + 1, [h["mae"] for h in history], meta | {"history": history})
+    return history, config.epochs - start

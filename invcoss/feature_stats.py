@@ -1,0 +1,305 @@
+"""Per-layer feature statistics of a trained model over its dataset (Appendix B.2, Eq. 9).
+
+:func:`collect_feature_stats` makes one eval-mode, no-grad pass over a dataset with
+``model.block_features(x)`` and folds every encoder block's ``(B, L, D)`` output into an
+:class:`invcoss.ops.RunningStats` of feature shape ``(L, D)``: the mean and (biased) variance over
+the batch dimension of the whole dataset, per token and channel, accumulated in float64. These
+are the targets of the stat-matching loss (Eq. 3) when the model is inverted, and all that is
+kept of the data.
+
+The file is safetensors: tensors ``block.<i>.mean`` and ``block.<i>.var`` (``(L, D)`` each) and
+string metadata ``format``, ``preset``, ``config_hash``, ``config`` (JSON), ``modality``,
+``input_size`` (JSON), ``count``, ``dtype`` and ``num_layers``. The config hash covers every field
+of the model's configuration that changes the block features (not its name, not the loss
+normalisation), so statistics collected with one model can guide the inversion of a later model
+of the same architecture, as Algorithm 1 needs; the weights are not part of the check.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from invcoss.data.atomic import atomic_write_bytes
+from invcoss.ops import RunningStats
+
+STATS_FORMAT = "invcoss-feature-stats/1"
+_NOT_HASHED = ("name", "norm_pix_loss")
+
+
+def config_hash(config) -> str:
+    """A short hash of the fields of a model config that change its block features.
+
+    Example:
+        >>> from invcoss.models import preset_config
+        >>> config_hash(preset_config("vit_nano")) == config_hash(preset_config("vit_nano", name="other"))
+        True
+        >>> config_hash(preset_config("vit_nano")) == config_hash(preset_config("vit_nano", img_size_2d=64))
+        False
+    """
+    d = {k: v for k, v in dataclasses.asdict(config).items() if k not in _NOT_HASHED}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class FeatureStats:
+    """Per-block feature statistics and what they were collected with.
+
+    Attributes:
+        mean, var: one ``(L, D)`` tensor per encoder block (biased variance).
+        preset: the model's preset name (``config.name``).
+        config_hash: :func:`config_hash` of the model's config.
+        modality: ``ct``, ``mri``, ``xray`` or ``pathology``.
+        input_size: spatial size of one sample, e.g. ``(16, 96, 96)``.
+        count: number of samples folded in.
+        dtype: the dtype of the tensors as stored (``"float32"`` or ``"float64"``).
+        config: the model's config as a dict (informative).
+    """
+
+    mean: list[Tensor]
+    var: list[Tensor]
+    preset: str
+    config_hash: str
+    modality: str
+    input_size: tuple[int, ...]
+    count: int
+    dtype: str
+    config: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.mean)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tensors (the file adds a small header)."""
+        return sum(t.numel() * t.element_size() for t in self.mean + self.var)
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> FeatureStats:
+        """A copy with every tensor moved / cast (e.g. to the inversion's device)."""
+        return dataclasses.replace(
+            self, mean=[t.to(device, dtype) for t in self.mean], var=[t.to(device, dtype) for t in self.var]
+        )
+
+
+def _batches(data, batch_size: int, num_workers: int) -> tuple[Iterable, int | None]:
+    """Batches of ``data``: a Dataset or a sample tensor is wrapped in an in-order DataLoader; anything
+    else is iterated as batches."""
+    from torch.utils.data import DataLoader, Dataset
+
+    if isinstance(data, Dataset | Tensor):
+        loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+        return loader, len(data)  # type: ignore[arg-type]
+    if isinstance(data, DataLoader):
+        return data, len(data.dataset) if hasattr(data.dataset, "__len__") else None  # type: ignore[arg-type]
+    return data, None
+
+
+def _model_ndim(model: nn.Module, first: Tensor) -> int:
+    if first.ndim not in (4, 5):
+        raise ValueError(
+            f"collect_feature_stats expects batches of shape (B, C, H, W) or (B, C, D, H, W), "
+            f"got {tuple(first.shape)}"
+        )
+    ndim = first.ndim - 2
+    cfg = model.config
+    expected = (cfg.in_chans(ndim), *cfg.img_size(ndim))
+    if tuple(first.shape[1:]) != expected:
+        raise ValueError(
+            f"the data gives samples of shape {tuple(first.shape[1:])}, but model {cfg.name} expects "
+            f"{expected}; preprocess the data at the model's input size"
+        )
+    return ndim
+
+
+def collect_feature_stats(
+    model: nn.Module,
+    data,
+    modality: str | None = None,
+    batch_size: int = 16,
+    device: torch.device | str | None = None,
+    num_workers: int = 0,
+    out: str | os.PathLike | None = None,
+    store_dtype: torch.dtype = torch.float32,
+    on_batch: Callable[[int, int | None], None] | None = None,
+) -> FeatureStats:
+    """One eval-mode pass over ``data`` folding every block output into running statistics (Eq. 9).
+
+    Args:
+        model: an :class:`invcoss.models.MAE` (anything with ``config`` and ``block_features``).
+        data: a Dataset of ``(C, *S)`` samples or a tensor ``(N, C, *S)`` (batched by
+            ``batch_size``), a DataLoader, or any other iterable of ``(B, C, *S)`` batches.
+        modality: recorded in the metadata; default ``data.modality`` when the dataset has one.
+        batch_size, num_workers: for wrapping a Dataset.
+        device: where to run (default: the model's device).
+        out: if given, the statistics are also saved there (:func:`save_feature_stats`).
+        store_dtype: dtype of the returned / saved tensors (accumulation is always float64).
+        on_batch: called as ``on_batch(samples_done, total_or_None)`` after each batch.
+
+    Returns:
+        :class:`FeatureStats` with one ``(L, D)`` mean and variance per encoder block.
+
+    Raises:
+        ValueError: no modality known, empty data, or samples of a size the model does not take.
+
+    Example:
+        >>> from invcoss.models import create_model
+        >>> model = create_model("vit_nano", img_size_2d=32)
+        >>> stats = collect_feature_stats(model, torch.rand(6, 3, 32, 32).split(4), modality="xray")
+        >>> stats.count, stats.num_layers, tuple(stats.mean[0].shape)
+        (6, 4, (5, 96))
+    """
+
+    modality = modality or getattr(data, "modality", None)
+    if not modality:
+        raise ValueError("collect_feature_stats needs the modality (argument or data.modality)")
+    param = next(model.parameters())
+    device = torch.device(device) if device is not None else param.device
+    batches, total = _batches(data, batch_size, num_workers)
+    was_training = model.training
+    model.eval()
+    running: list[RunningStats] = []
+    ndim = None
+    done = 0
+    try:
+        with torch.no_grad():
+            for x in batches:
+                x = x[0] if isinstance(x, list | tuple) else x
+                if ndim is None:
+                    ndim = _model_ndim(model, x)
+                x = x.to(device=device, dtype=param.dtype, non_blocking=True)
+                feats = model.block_features(x)  # per block (B, L, D)
+                if not running:
+                    running = [RunningStats(f.shape[1:], device=device) for f in feats]
+                for rs, f in zip(running, feats):
+                    rs.update(f)
+                done += x.shape[0]
+                if on_batch is not None:
+                    on_batch(done, total)
+    finally:
+        model.train(was_training)
+    if not running:
+        raise ValueError("collect_feature_stats got no data (empty dataset)")
+    cfg = model.config
+    stats = FeatureStats(
+        mean=[rs.mean.to("cpu", store_dtype) for rs in running],
+        var=[rs.var.to("cpu", store_dtype) for rs in running],
+        preset=cfg.name,
+        config_hash=config_hash(cfg),
+        modality=modality,
+        input_size=tuple(cfg.img_size(ndim)),
+        count=running[0].count,
+        dtype=str(store_dtype).removeprefix("torch."),
+        config=json.loads(json.dumps(dataclasses.asdict(cfg))),
+    )
+    if out is not None:
+        save_feature_stats(stats, out)
+    return stats
+
+
+def save_feature_stats(stats: FeatureStats, path: str | os.PathLike) -> Path:
+    """Write ``stats`` as a safetensors file with metadata (atomically); returns the path."""
+    from safetensors.torch import save
+
+    tensors = {}
+    for i, (m, v) in enumerate(zip(stats.mean, stats.var)):
+        tensors[f"block.{i}.mean"] = m.detach().contiguous().cpu()
+        tensors[f"block.{i}.var"] = v.detach().contiguous().cpu()
+    metadata = {
+        "format": STATS_FORMAT,
+        "preset": stats.preset,
+        "config_hash": stats.config_hash,
+        "config": json.dumps(stats.config, sort_keys=True),
+        "modality": stats.modality,
+        "input_size": json.dumps(list(stats.input_size)),
+        "count": str(stats.count),
+        "dtype": stats.dtype,
+        "num_layers": str(stats.num_layers),
+    }
+    return atomic_write_bytes(path, save(tensors, metadata=metadata))
+
+
+def load_feature_stats(
+    path: str | os.PathLike, model: nn.Module | None = None, modality: str | None = None
+) -> FeatureStats:
+    """Read a statistics file; with ``model`` (and ``modality``) check it belongs to them.
+
+    Raises:
+        ValueError: not a statistics file, or the metadata does not match the model (config hash,
+            number of blocks, token count or width) or the modality; the message says both sides.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> from invcoss.models import create_model
+        >>> model = create_model("vit_nano", img_size_2d=32)
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "s.safetensors"
+        >>> _ = collect_feature_stats(model, [torch.rand(2, 3, 32, 32)], modality="xray", out=p)
+        >>> load_feature_stats(p, model).count
+        2
+        >>> try:
+        ...     load_feature_stats(p, create_model("vit_nano"))  # 112x112 input: other token count
+        ... except ValueError as e:
+        ...     print("input (32, 32)" in str(e) and "input (112, 112)" in str(e))
+        True
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != STATS_FORMAT:
+                raise ValueError(
+                    f"{path} is not an invcoss feature statistics file (format {meta.get('format')!r})"
+                )
+            n = int(meta["num_layers"])
+            mean = [f.get_tensor(f"block.{i}.mean") for i in range(n)]
+            var = [f.get_tensor(f"block.{i}.var") for i in range(n)]
+    except (OSError, KeyError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read feature statistics {path}: {e}") from e
+    except Exception as e:
+        if isinstance(e, ValueError):
+            raise
+        raise ValueError(f"cannot read feature statistics {path}: {type(e).__name__}: {e}") from e
+    stats = FeatureStats(
+        mean=mean,
+        var=var,
+        preset=meta["preset"],
+        config_hash=meta["config_hash"],
+        modality=meta["modality"],
+        input_size=tuple(json.loads(meta["input_size"])),
+        count=int(meta["count"]),
+        dtype=meta["dtype"],
+        config=json.loads(meta["config"]),
+    )
+    if modality is not None and modality != stats.modality:
+        raise ValueError(f"feature statistics {path} are for {stats.modality}, not {modality}")
+    if model is not None:
+        _check_against_model(path, stats, model)
+    return stats
+
+
+def _check_against_model(path: Path, stats: FeatureStats, model: nn.Module) -> None:
+    cfg = model.config
+    ndim = len(stats.input_size)
+    want_hash = config_hash(cfg)
+    if stats.config_hash != want_hash:
+        raise ValueError(
+            f"feature statistics {path} were collected with {stats.preset} (config {stats.config_hash}, "
+            f"input {stats.input_size}) but the model is {cfg.name} (config {want_hash}, input "
+            f"{tuple(cfg.img_size(ndim))}); collect statistics with this model's architecture"
+        )
+    shapes = {tuple(t.shape) for t in stats.mean + stats.var}
+    if stats.num_layers != cfg.depth or len(shapes) != 1 or next(iter(shapes))[-1] != cfg.embed_dim:
+        raise ValueError(
+            f"feature statistics {path} hold {stats.num_layers} blocks of shape {sorted(shapes)}, but model "
+            f"{cfg.name} has {cfg.depth} blocks of width {cfg.embed_dim}"
+        )

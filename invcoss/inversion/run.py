@@ -1,0 +1,274 @@
+"""An inversion run into a folder: resumable, every file atomic (the file layout: :mod:`.files`).
+
+:func:`run_inversion` drives an :class:`~invcoss.inversion.engine.InversionEngine` batch by batch:
+it checks the folder (new, or the same run to resume), writes each batch's samples, its resume
+state and then the manifest, and at the end the preview and the quality report. :class:`Inverter`
+is the engine with that run as a method, :meth:`Inverter.run`; it is what ``invcoss.inversion``
+exports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from invcoss.data.atomic import atomic_write_bytes, atomic_write_json
+from invcoss.inversion.engine import BatchResult, InversionEngine, StepInfo
+from invcoss.inversion.files import (
+    MANIFEST,
+    model_digest,
+    sample_paths,
+    targets_digest,
+    write_batch,
+    write_preview,
+)
+from invcoss.inversion.report import quality_report
+
+__all__ = ["CURVE_POINTS", "FORMAT", "InversionResult", "Inverter", "RunFolderError", "run_inversion"]
+
+
+FORMAT = "invcoss-inversion/1"
+
+
+CURVE_POINTS = 200  # loss-curve points kept per batch in the manifest
+
+
+class RunFolderError(ValueError):
+    """The output folder cannot take this run (occupied, or holding a different run)."""
+
+
+@dataclass
+class InversionResult:
+    """What :func:`run_inversion` did.
+
+    Attributes:
+        out_dir: the output folder.
+        files: every sample file, in sample order.
+        batches_run: batches optimised by this call (0 when the run was already complete).
+        manifest: the final manifest as a dict.
+        seconds: wall time of this call.
+    """
+
+    out_dir: Path
+    files: list[Path]
+    batches_run: int
+    manifest: dict
+    seconds: float
+
+    @property
+    def quality(self) -> dict:
+        return self.manifest.get("quality") or {}
+
+
+def _subsample(curves: dict[str, list[float]]) -> dict[str, list[float]]:
+    n = len(curves["step"])
+    if n <= CURVE_POINTS:
+        return curves
+    keep = np.unique(np.linspace(0, n - 1, CURVE_POINTS).round().astype(int))
+    return {k: [v[i] for i in keep] for k, v in curves.items()}
+
+
+def _identity(inv: InversionEngine, num_samples: int) -> dict:
+    cfg = inv.model.config
+    return {
+        "num_samples": num_samples,
+        "config": inv.config.to_dict(),
+        "model": {
+            "preset": cfg.name,
+            "config": dataclasses.asdict(cfg),
+            "weights_sha256": model_digest(inv.model),
+        },
+        "stats_sha256": targets_digest(inv.targets),
+    }
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj))
+
+
+def _open_folder(out: Path, identity: dict, resume: bool) -> dict | None:
+    """The existing manifest to continue, or None for a fresh run; raises if the folder is taken."""
+    path = out / MANIFEST
+    if path.is_file():
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise RunFolderError(f"cannot read {path}: {e}") from None
+        if manifest.get("format") != FORMAT:
+            raise RunFolderError(f"{path} is not an invcoss inversion manifest")
+        if not resume:
+            raise RunFolderError(
+                f"{out} already holds an inversion run ({len(manifest['batches'])} of "
+                f"{manifest['num_batches']} batches done); pass --resume to continue it or choose another --out"
+            )
+        differ = [k for k, v in _jsonable(identity).items() if manifest["identity"].get(k) != v]
+        if "config" in differ:
+            old, new = manifest["identity"]["config"], _jsonable(identity["config"])
+            differ.remove("config")
+            differ += [f"config.{k}" for k in sorted(new) if old.get(k) != new[k]]
+        if differ:
+            raise RunFolderError(
+                f"cannot resume {out}: its {', '.join(differ)} differ from this run's "
+                "(same model, statistics, settings, seed and --num-samples are needed)"
+            )
+        return manifest
+    if out.exists() and not out.is_dir():
+        raise RunFolderError(f"{out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not resume:
+        raise RunFolderError(f"{out} is not empty; choose an empty or new folder for --out")
+    return None
+
+
+def _save_state(out: Path, inv: InversionEngine, batch: int) -> str:
+    from safetensors.torch import save
+
+    name = f"state/after_batch_{batch:05d}.safetensors"
+    tensors = {k: v.contiguous() for k, v in inv.state_tensors().items()}
+    atomic_write_bytes(out / name, save(tensors, metadata={"format": FORMAT, "batch": str(batch)}))
+    return name
+
+
+def _load_state(out: Path, name: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    path = out / name
+    if not path.is_file():
+        raise RunFolderError(f"cannot resume {out}: its state file {name} is missing")
+    return load_file(str(path))
+
+
+def _remove_stale(out: Path, keep: str | None) -> None:
+    for p in out.rglob(".*.tmp"):  # temporary files of writes that a kill interrupted
+        p.unlink(missing_ok=True)
+    state = out / "state"
+    if state.is_dir():
+        for p in state.iterdir():
+            if keep is None or p.name != Path(keep).name:
+                p.unlink(missing_ok=True)
+        if keep is None:
+            state.rmdir()
+
+
+def run_inversion(
+    inv: InversionEngine,
+    num_samples: int,
+    out_dir: str | os.PathLike,
+    resume: bool = False,
+    on_step: Callable[[StepInfo], None] | None = None,
+    on_batch: Callable[[BatchResult], None] | None = None,
+    sources: dict | None = None,
+    reference: str | os.PathLike | list[torch.Tensor] | None = None,
+    compare_rep: bool = False,
+    max_reference: int = 256,
+) -> InversionResult:
+    """Invert ``num_samples`` samples into ``out_dir`` (see the module docstring), then report quality.
+
+    Args:
+        inv: the configured :class:`~invcoss.inversion.Inverter`.
+        num_samples: samples to make (also the repulsive pool's capacity).
+        out_dir: an empty or new folder, or with ``resume`` the folder of an earlier run.
+        resume: continue after the last finished batch of the run in ``out_dir``.
+        on_step: progress callback after every optimisation step.
+        on_batch: called after each batch is written.
+        sources: where the model and statistics came from (recorded in the manifest).
+        reference: a folder of real scans or a preprocessed cache of the modality (or its
+            batches from :func:`invcoss.inversion.report.reference_batches`), for the reference columns of the quality report (:func:`invcoss.inversion.report.quality_report`).
+        compare_rep: also invert once in memory with L_rep toggled and report both diversities.
+        max_reference: at most this many reference samples are read.
+
+    Raises:
+        RunFolderError: the folder holds another run, or is not empty without ``resume``.
+        NonFiniteLossError: a loss became non-finite (the manifest keeps the finished batches).
+    """
+
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    identity = _identity(inv, num_samples)
+    existing = _open_folder(out, identity, resume)
+    inv.start(num_samples)
+    sizes = inv.batch_sizes(num_samples)
+    spacing = inv.config.spacing or inv.space.spacing(inv.input_shape[1:])
+    if existing is not None:
+        manifest = existing
+        done = len(manifest["batches"])
+        if 0 < done < len(sizes):
+            inv.load_state_tensors(_load_state(out, manifest["resume_state"]), batch=done)
+    else:
+        manifest = {
+            "format": FORMAT,
+            "identity": _jsonable(identity),
+            "modality": inv.space.modality,
+            "num_batches": len(sizes),
+            "sample_shape": list(inv.input_shape),
+            "intensity": inv.space.description,
+            "spacing_mm": list(spacing) if spacing else None,
+            "sources": sources or {},
+            "batches": [],
+            "resume_state": None,
+            "complete": False,
+        }
+        done = 0
+    manifest["device"], manifest["backend"] = str(inv.device), inv.backend or "default"
+    if out.is_dir():
+        _remove_stale(out, manifest.get("resume_state"))
+    for b in range(done, len(sizes)):
+        result = inv.invert_batch(b, sizes[b], len(sizes), on_step)
+        names = write_batch(out, inv, result, sum(sizes[:b]), spacing)
+        state = _save_state(out, inv, b) if b + 1 < len(sizes) else None
+        manifest["batches"].append(
+            {
+                "index": b,
+                "samples": names,
+                "steps": len(result.curves["step"]),
+                "fresh_generator": result.fresh_generator,
+                "seconds": round(result.seconds, 3),
+                "final": result.final,
+                "stat_loss": result.stat_loss,
+                "noise_stat_loss": result.noise_stat_loss,
+                "curves": _subsample(result.curves),
+            }
+        )
+        manifest["resume_state"] = state
+        atomic_write_json(out / MANIFEST, manifest)
+        _remove_stale(out, state)
+        if on_batch is not None:
+            on_batch(result)
+    paths = sample_paths(out, manifest)
+    write_preview(out / "preview.png", inv, paths)
+    manifest["preview"] = "preview.png"
+    manifest["quality"] = quality_report(
+        inv, manifest, paths, reference=reference, compare_rep=compare_rep, max_reference=max_reference
+    )
+    manifest["complete"] = True
+    atomic_write_json(out / MANIFEST, manifest)
+    return InversionResult(out, paths, len(sizes) - done, manifest, time.perf_counter() - t0)
+
+
+class Inverter(InversionEngine):
+    """An :class:`~invcoss.inversion.engine.InversionEngine` that also writes runs to folders.
+
+    Example:
+        >>> from invcoss.models import create_model
+        >>> from invcoss.inversion.config import InversionConfig
+        >>> model = create_model("vit_nano", img_size_2d=32)
+        >>> stats = [(torch.zeros(5, 96), torch.ones(5, 96))] * 4
+        >>> cfg = InversionConfig.from_profile("quick", "xray", batch_size=2, steps=1, warmup_steps=1,
+        ...                                    latent_dim=8, generator_channels=(8, 8, 4))
+        >>> import tempfile
+        >>> Inverter(model, stats, cfg, backend="torch").run(2, tempfile.mkdtemp()).batches_run
+        1
+    """
+
+    def run(
+        self, num_samples: int, out_dir: str | os.PathLike, resume: bool = False, **kwargs
+    ) -> InversionResult:
+        """Invert ``num_samples`` samples into ``out_dir``; see :func:`run_inversion`."""
+        return run_inversion(self, num_samples, out_dir, resume=resume, **kwargs)
