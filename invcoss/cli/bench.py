@@ -6,9 +6,11 @@ from pathlib import Path
 
 import click
 
+from invcoss.cli.options import device_option
+
 
 @click.command()
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda")
+@device_option(default="cpu")
 @click.option("--quick", is_flag=True, help="Skip the paper-size cases (CPU).")
 @click.option(
     "--family",
@@ -30,9 +32,7 @@ import click
     type=click.Path(path_type=Path),
     help="Also write the rows as JSON and Markdown to OUT.json / OUT.md.",
 )
-def bench(
-    device: str, quick: bool, families: tuple[str, ...], reps: int, steps: int, out: Path | None
-) -> None:
+def bench(device, quick: bool, families: tuple[str, ...], reps: int, steps: int, out: Path | None) -> None:
     """Time every op for every provider (eager, torch.compile, kernels) and print the ratios.
 
     Then the inversion step (family ``inversion``): steps/s of the whole loop with each fused backend
@@ -46,9 +46,7 @@ def bench(
 
     from invcoss import benchmark as bm
 
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise click.UsageError("--device cuda asked for, but torch sees no CUDA device")
+    dev = device
     cases = bm.cpu_cases(full=not quick) if dev.type == "cpu" else bm.gpu_cases()
     known = {c.family for c in cases} | {"inversion"}
     unknown = set(families) - known

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import click
 
-from invcoss.cli.data import Dims, UserError, _open_data, _progress, human_bytes
+from invcoss.cli.data import Dims, human_bytes, open_data
+from invcoss.cli.options import UserError, device_option, progress_bar, threads_option
 from invcoss.modality import canonical_modality, get_modality
 
 _METHODS = click.Choice(["seq", "er", "invcoss"])
@@ -61,10 +62,7 @@ def _model_stub(config):
     return types.SimpleNamespace(config=preset_config(config.preset, **config.model_overrides()))
 
 
-_THREADS = click.option(
-    "--threads", type=click.IntRange(min=1), default=None,
-    help="torch CPU threads (default: torch's); 1 avoids oversubscription on a busy machine.",
-)  # fmt: skip
+_THREADS = threads_option()
 
 
 _INVERSION_STEPS = click.option(
@@ -75,19 +73,6 @@ _INVERSION_WARMUP = click.option(
     "--inversion-warmup-steps", type=click.IntRange(min=1), default=None,
     help="invcoss: steps of a fresh generator's first batch (default: the inversion profile's; 200 in experiment forgetting).",
 )  # fmt: skip
-
-
-def _set_threads(threads: int | None) -> None:
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-
-
-def _device(device: str | None):
-    import torch
-
-    return torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @click.command()
@@ -125,7 +110,7 @@ def _device(device: str | None):
     "--inversion-batch-size", type=click.IntRange(min=1), default=None, help="Default: the profile's."
 )
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
+@device_option()
 @_THREADS
 def continual(order, method, data, out, profile, resume, device, threads, **overrides) -> None:
     """Continual pre-training over modalities with seq, er or invcoss replay (Algorithm 1)."""
@@ -135,7 +120,6 @@ def continual(order, method, data, out, profile, resume, device, threads, **over
     from invcoss.continual.replay import DataAccessError
     from invcoss.inversion import NonFiniteLossError
 
-    _set_threads(threads)
     values = {k: v for k, v in overrides.items() if v is not None}
     try:
         config = ContinualConfig.from_profile(profile, method=method, order=_order(order), **values)
@@ -145,8 +129,8 @@ def continual(order, method, data, out, profile, resume, device, threads, **over
     if stray:
         raise UserError(f"--data names {', '.join(stray)}, which --order {','.join(config.order)} does not")
     stub = _model_stub(config)
-    sources = {m: (lambda p=p, m=m: _open_data(p, m, stub)) for m, p in data.items()}
-    with _progress() as bar:
+    sources = {m: (lambda p=p, m=m: open_data(p, m, stub)) for m, p in data.items()}
+    with progress_bar() as bar:
         tasks: dict[tuple, int] = {}
 
         def on_event(e) -> None:
@@ -210,7 +194,7 @@ def continual(order, method, data, out, profile, resume, device, threads, **over
 @click.option("--mask-repeats", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the fixed masks.")
-@click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
+@device_option()
 @_THREADS
 def evaluate(checkpoints, data, labels, out, mask_repeats, batch_size, seed, device, threads) -> None:
     """Held-out loss, forgetting and probe accuracy of every stage's checkpoint (Fig. 6b)."""
@@ -218,7 +202,6 @@ def evaluate(checkpoints, data, labels, out, mask_repeats, batch_size, seed, dev
     from invcoss.continual.eval import evaluate_run
     from invcoss.continual.probe import read_labelled_csv
 
-    _set_threads(threads)
     try:
         config = read_run(checkpoints)
     except ValueError as e:
@@ -228,7 +211,7 @@ def evaluate(checkpoints, data, labels, out, mask_repeats, batch_size, seed, dev
         raise UserError(f"{', '.join(stray)} not in the run's order {','.join(config.order)}")
     stub = _model_stub(config)
     try:
-        held_out = {m: _open_data(p, m, stub) for m, p in data.items()}
+        held_out = {m: open_data(p, m, stub) for m, p in data.items()}
         labelled = {}
         for m, p in (labels or {}).items():
             ndim = get_modality(m).ndim
@@ -237,12 +220,12 @@ def evaluate(checkpoints, data, labels, out, mask_repeats, batch_size, seed, dev
             )
     except ValueError as e:
         raise UserError(str(e)) from None
-    with _progress() as bar:
+    with progress_bar() as bar:
         task = bar.add_task("evaluate", total=None, info="")
         try:
             table = evaluate_run(
                 checkpoints, held_out, labelled, repeats=mask_repeats, seed=seed, batch_size=batch_size,
-                device=_device(device),
+                device=device,
                 on_progress=lambda done, total, what: bar.update(task, completed=done, total=total, info=what),
             )  # fmt: skip
         except ValueError as e:
@@ -255,13 +238,9 @@ def evaluate(checkpoints, data, labels, out, mask_repeats, batch_size, seed, dev
         click.echo(
             f"stage {r.stage} {r.stage_modality:>9}: {r.modality:>9} loss {r.loss:.4f} forgetting {r.forgetting:+.4f}{probe}"
         )
-    final = table.final()
     stages = max(r.stage for r in table.rows)
-    # The modality of the last evaluated stage cannot have been forgotten yet: leave it out.
-    earlier = [r.forgetting for m, r in final.items() if m != config.order[stages - 1]]
-    mean = (
-        f"mean forgetting {sum(earlier) / len(earlier):+.4f}" if earlier else "no earlier modality to forget"
-    )
+    forgetting = table.mean_forgetting()
+    mean = f"mean forgetting {forgetting:+.4f}" if forgetting is not None else "no earlier modality to forget"
     click.echo(
         f"evaluated {stages} checkpoints of {config.method} on {len(held_out)} modalities: {mean}; "
         f"wrote {paths['csv']} and {paths.get('png', paths['json'])}"
@@ -309,7 +288,7 @@ def experiment() -> None:
 @click.option("--size", type=click.Choice(["quick", "tiny"]), default="quick", show_default=True)
 @click.option("--methods", default="seq,er,invcoss", show_default=True, help="Methods to compare.")
 @click.option("--resume", is_flag=True, help="Continue the runs in --out.")
-@click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
+@device_option()
 @click.option("--distill-weight", type=float, default=None, help="Feature distillation weight (1).")
 @click.option("--buffer-mae-weight", type=float, default=None, help="MAE weight on buffer batches (0: off).")
 @_INVERSION_STEPS
@@ -320,7 +299,7 @@ def forgetting(
     size: str,
     methods: str,
     resume: bool,
-    device: str | None,
+    device,
     distill_weight: float | None,
     buffer_mae_weight: float | None,
     inversion_steps: int | None,
@@ -332,7 +311,6 @@ def forgetting(
 
     from invcoss.continual.experiment import ForgettingExperiment, run_forgetting_experiment
 
-    _set_threads(threads)
     overrides = {
         "inversion_steps": inversion_steps,
         "inversion_warmup_steps": inversion_warmup_steps,
@@ -344,7 +322,7 @@ def forgetting(
         exp = dataclasses.replace(exp, methods=tuple(m.strip() for m in methods.split(",") if m.strip()))
     except ValueError as e:
         raise UserError(str(e)) from None
-    with _progress() as bar:
+    with progress_bar() as bar:
         tasks: dict[str, int] = {}
 
         def on_event(e) -> None:

@@ -11,14 +11,8 @@ from pathlib import Path
 
 import click
 
-from invcoss.cli.options import MODALITY
+from invcoss.cli.options import MODALITY, UserError, device_option, progress_bar
 from invcoss.modality import get_modality
-
-
-class UserError(click.ClickException):
-    """A mistake in the input: printed as ``Error: <message>``, exit code 2."""
-
-    exit_code = 2
 
 
 def human_bytes(n: float) -> str:
@@ -28,22 +22,6 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
-
-
-def _progress():
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    # The bar goes to stderr and disappears when done, so stdout carries only the summary line.
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        transient=True,
-    )
 
 
 class Dims(click.ParamType):
@@ -90,7 +68,7 @@ def phantoms(
     """Write deterministic procedural phantoms (NIfTI for ct/mri, PNG for xray/pathology)."""
     from invcoss.data import write_phantoms
 
-    with _progress() as bar:
+    with progress_bar() as bar:
         task = bar.add_task(f"phantoms {modality}", total=count, info="")
         try:
             paths = write_phantoms(
@@ -123,7 +101,7 @@ def preprocess(modality: str, data: Path, out: Path, profile: str, strict: bool)
     from invcoss.data import ReadError
     from invcoss.data import preprocess as run_preprocess
 
-    with _progress() as bar:
+    with progress_bar() as bar:
         task = bar.add_task(f"preprocess {modality}", total=None, info="")
 
         def on_file(done: int, total: int, rel: str, status: str) -> None:
@@ -143,7 +121,7 @@ def preprocess(modality: str, data: Path, out: Path, profile: str, strict: bool)
     )
 
 
-def _open_data(path: Path, modality: str | None, model, strict: bool = False):
+def open_data(path: Path, modality: str | None, model, strict: bool = False):
     """A cache or a raw folder as a Dataset at the model's input size."""
     from invcoss.data import config_for_input, open_dataset, read_manifest
 
@@ -186,7 +164,7 @@ def _open_data(path: Path, modality: str | None, model, strict: bool = False):
 @click.option("--lr", type=float, default=1.5e-4, show_default=True, help="Peak learning rate.")
 @click.option("--warmup-epochs", type=float, default=None, help="Default: 40/300 of --epochs, as the paper.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
+@device_option()
 def pretrain(
     modality: str | None,
     data: Path,
@@ -198,7 +176,7 @@ def pretrain(
     lr: float,
     warmup_epochs: float | None,
     seed: int,
-    device: str | None,
+    device,
 ) -> None:
     """MAE pre-training (AdamW, warm-up then cosine), checkpointing every epoch."""
     import torch
@@ -216,10 +194,10 @@ def pretrain(
     except (ValueError, TypeError) as e:
         raise UserError(str(e)) from None
     try:
-        ds = _open_data(data, modality, model)
+        ds = open_data(data, modality, model)
     except ValueError as e:
         raise UserError(str(e)) from None
-    with _progress() as bar:
+    with progress_bar() as bar:
         task = bar.add_task("pretrain", total=None, info="")
 
         def on_step(s: dict) -> None:
@@ -251,12 +229,9 @@ def pretrain(
     "--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Output .safetensors."
 )
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
-def stats(
-    checkpoint: Path, data: Path, modality: str | None, out: Path, batch_size: int, device: str | None
-) -> None:
+@device_option()
+def stats(checkpoint: Path, data: Path, modality: str | None, out: Path, batch_size: int, device) -> None:
     """Collect per-block feature statistics of a checkpoint over its data (Appendix B.2)."""
-    import torch
 
     from invcoss.feature_stats import collect_feature_stats
     from invcoss.models import MAE
@@ -266,12 +241,12 @@ def stats(
     except (ValueError, OSError) as e:
         raise UserError(f"cannot load checkpoint {checkpoint}: {e}") from None
     try:
-        ds = _open_data(data, modality, model)
+        ds = open_data(data, modality, model)
     except ValueError as e:
         raise UserError(str(e)) from None
-    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = device
     model.to(dev)
-    with _progress() as bar:
+    with progress_bar() as bar:
         task = bar.add_task("stats", total=len(ds), info="")
         try:
             result = collect_feature_stats(

@@ -13,24 +13,9 @@ from pathlib import Path
 
 import click
 
-from invcoss.cli.data import UserError, _progress
-from invcoss.cli.options import MODALITY
+from invcoss.cli.options import MODALITY, UserError, device_option, progress_bar, threads_option
 
 LOSSES = ["task", "norm", "img", "rep"]
-
-
-def _device(name: str | None):
-    import torch
-
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise UserError(f"unknown device {name!r}: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA device is available here")
-    return device
 
 
 def _load(modality: str, checkpoint: Path | None, stats_path: Path | None):
@@ -116,16 +101,11 @@ def _parse_settings(settings: tuple[str, ...]) -> dict:
     help="Output folder (new or empty, or the run to --resume). Default: ./inversion-MODALITY.",
 )
 @click.option("--profile", type=click.Choice(["quick", "paper"]), default="quick", show_default=True)
-@click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
+@device_option()
 @click.option(
     "--backend", default=None, help="invcoss.ops backend: torch, triton, cpu, cuda (default: fastest)."
 )
-@click.option(
-    "--threads",
-    type=click.IntRange(min=1),
-    default=None,
-    help="CPU threads of torch (default: torch's choice).",
-)
+@threads_option()
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the run in --out after its last finished batch.")
 @click.option(
@@ -191,11 +171,7 @@ def invert(
     from invcoss.inversion.run import RunFolderError
     from invcoss.ops import available_backends
 
-    if threads is not None:
-        import torch
-
-        torch.set_num_threads(threads)
-    dev = _device(device)
+    dev = device
     if backend is not None and backend not in available_backends():
         raise UserError(
             f"backend {backend!r} is not available here; available: {', '.join(available_backends())}"
@@ -224,7 +200,7 @@ def invert(
     out = out or Path(f"inversion-{modality}")
     sizes = inverter.batch_sizes(num_samples)
     total_steps = sum(config.steps_for(b) for b in range(len(sizes)))
-    with _progress() as bar:
+    with progress_bar() as bar:
         task = bar.add_task("invert", total=total_steps, info="")
         offsets = [sum(config.steps_for(i) for i in range(b)) for b in range(len(sizes))]
 

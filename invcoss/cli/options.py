@@ -1,15 +1,30 @@
-"""Parameter types shared by the commands, declared once.
+"""What the commands share, declared once: the user-error type, ``--modality``, ``--device``,
+``--threads`` and the progress bar.
 
-:data:`MODALITY` takes every name of the modality registry (:mod:`invcoss.modality`), aliases
-included and in any case, and hands the command the canonical name: ``--modality path`` and
-``--modality Pathology`` both arrive as ``"pathology"``, in every command alike.
+- :data:`MODALITY` takes every name of the modality registry (:mod:`invcoss.modality`), aliases
+  included and in any case, and hands the command the canonical name: ``--modality path`` and
+  ``--modality Pathology`` both arrive as ``"pathology"``.
+- :func:`device_option` validates ``--device`` once, for every command, with
+  :func:`resolve_device`: the command receives a ``torch.device`` (CUDA when available by default),
+  and a name torch does not know, or CUDA on a machine without it, is a user error.
+- :func:`threads_option` applies ``--threads`` to torch before the command runs.
+
+With the group's ``-v/--verbose`` the resolved device and thread count are printed to stderr.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import click
 
 from invcoss.modality import canonical_modality, modality_choices
+
+
+class UserError(click.ClickException):
+    """A mistake in the input: printed as ``Error: <message>``, exit code 2."""
+
+    exit_code = 2
 
 
 class ModalityType(click.Choice):
@@ -25,3 +40,86 @@ class ModalityType(click.Choice):
 
 
 MODALITY = ModalityType()
+
+
+def resolve_device(name: str | None, default: str | None = None):
+    """``torch.device`` of ``name``: ``default`` when None, else CUDA when available, else the CPU.
+
+    Raises:
+        UserError: a name torch does not know, or a CUDA device where torch sees none.
+
+    Example:
+        >>> resolve_device("cpu"), resolve_device(None, default="cpu")
+        (device(type='cpu'), device(type='cpu'))
+    """
+    import torch
+
+    name = name if name is not None else default
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise UserError(f"--device expects cpu, cuda or cuda:N, got {name!r} ({e})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: torch sees no CUDA device here")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device expects cpu, cuda or cuda:N, got {name!r}")
+    return device
+
+
+def _verbose(ctx: click.Context, line: str) -> None:
+    root = ctx.find_root()
+    if isinstance(root.obj, dict) and root.obj.get("verbose"):
+        click.echo(f"invcoss-cli {ctx.info_name}: {line}", err=True)
+
+
+def device_option(default: str | None = None) -> Callable:
+    """``--device``, resolved by :func:`resolve_device` (``default``: None means CUDA if available)."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value: str | None):
+        device = resolve_device(value, default)
+        _verbose(ctx, f"device {device}")
+        return device
+
+    where = default or "cuda when available, else cpu"
+    return click.option(
+        "--device", default=None, callback=callback, help=f"cpu, cuda or cuda:N (default: {where})."
+    )
+
+
+def threads_option() -> Callable:
+    """``--threads N``: torch's CPU threads for the command (default: torch's own choice)."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
+        if value is not None:
+            import torch
+
+            torch.set_num_threads(value)
+            _verbose(ctx, f"{value} CPU thread(s)")
+        return value
+
+    return click.option(
+        "--threads",
+        type=click.IntRange(min=1),
+        default=None,
+        callback=callback,
+        help="torch CPU threads (default: torch's); 1 avoids oversubscription on a busy machine.",
+    )
+
+
+def progress_bar():
+    """The progress display of every long command: a rich bar on stderr that vanishes when done."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    # The bar goes to stderr and disappears when done, so stdout carries only the summary line.
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )

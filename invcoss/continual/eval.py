@@ -134,6 +134,18 @@ class RetentionTable:
                 out[row.modality] = row
         return out
 
+    def mean_forgetting(self) -> float | None:
+        """Mean forgetting at the last evaluated stage over the modalities trained before it.
+
+        The modality of the last evaluated stage cannot have been forgotten yet and is left out;
+        None when no earlier modality was evaluated.
+        """
+        if not self.rows:
+            return None
+        last = self.order[max(r.stage for r in self.rows) - 1]
+        earlier = [r.forgetting for m, r in self.final().items() if m != last]
+        return sum(earlier) / len(earlier) if earlier else None
+
     def curve(self, modality: str, field: str = "loss") -> list[float | None]:
         """``field`` of ``modality`` at every stage of the order (None before it was seen)."""
         by_stage = {r.stage: getattr(r, field) for r in self.rows if r.modality == modality}
