@@ -96,7 +96,10 @@ def _batches(data, batch_size: int, num_workers: int) -> tuple[Iterable, int | N
     from torch.utils.data import DataLoader, Dataset
 
     if isinstance(data, Dataset | Tensor):
-        loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+        # A private generator: a DataLoader draws its workers' base seed from the global one otherwise.
+        loader = DataLoader(
+            data, batch_size=batch_size, shuffle=False, num_workers=num_workers, generator=torch.Generator()
+        )
         return loader, len(data)  # type: ignore[arg-type]
     if isinstance(data, DataLoader):
         return data, len(data.dataset) if hasattr(data.dataset, "__len__") else None  # type: ignore[arg-type]

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from invcoss.data.atomic import atomic_write_bytes, atomic_write_json
+from invcoss.rng import keeps_global_rng
 
 STATE_NAME = "training_state.safetensors"
 SUMMARY_NAME = "pretrain.json"
@@ -168,6 +169,7 @@ def load_state(out: Path, model, opt, device: torch.device) -> tuple[int, list[f
     return int(meta["epoch"]), json.loads(meta["losses"]), json.loads(meta["meta"])
 
 
+@keeps_global_rng
 def pretrain(
     model: nn.Module,
     data,

@@ -61,8 +61,9 @@ def build_one(modality: str, out: Path, work: Path, epochs: int = EPOCHS, log=pr
     write_phantoms(scans, modality, recipe["count"], seed=SEED)
     report = preprocess(scans, cache, modality, "quick")
     data = open_dataset(cache, modality)
-    torch.manual_seed(SEED)
-    model = create_model("vit_nano", name="vit_nano_w64", embed_dim=EMBED_DIM)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        model = create_model("vit_nano", name="vit_nano_w64", embed_dim=EMBED_DIM)
     config = PretrainConfig(epochs=epochs, batch_size=BATCH_SIZE, lr=LR, seed=SEED)
     log(f"{modality}: {report.samples} samples from {recipe['count']} phantoms; training {epochs} epochs")
     result = pretrain(model, data, ckpt, config, modality=modality, device="cpu")

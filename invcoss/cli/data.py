@@ -185,9 +185,10 @@ def pretrain(
     from invcoss.pretrain import PretrainConfig
     from invcoss.pretrain import pretrain as run_pretrain
 
-    torch.manual_seed(seed)  # the initial weights depend on --seed too
     try:
-        model = create_model(preset)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # the initial weights depend on --seed too
+            model = create_model(preset)
         config = PretrainConfig(
             epochs=epochs, batch_size=batch_size, lr=lr, warmup_epochs=warmup_epochs, seed=seed
         )

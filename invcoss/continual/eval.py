@@ -86,7 +86,8 @@ def reconstruction_loss(
     total, start = 0.0, 0
     try:
         with torch.no_grad():
-            for x in DataLoader(data, batch_size=batch_size, shuffle=False):
+            # A private generator: a DataLoader draws a base seed from the global one otherwise.
+            for x in DataLoader(data, batch_size=batch_size, shuffle=False, generator=torch.Generator()):
                 x = (x[0] if isinstance(x, list | tuple) else x).to(dev)
                 if noise is None:
                     tokens = model.config.num_patches(x.ndim - 2)

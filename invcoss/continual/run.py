@@ -54,6 +54,7 @@ from invcoss.inversion.engine import derive_seed
 from invcoss.inversion.run import Inverter
 from invcoss.models import MAE, create_model
 from invcoss.pretrain import STATE_NAME
+from invcoss.rng import keeps_global_rng
 
 __all__ = ["ContinualEvent", "ContinualResult", "run_continual"]
 
@@ -132,6 +133,7 @@ def _run_header(out: Path, config: ContinualConfig, resume: bool) -> None:
     atomic_write_json(path, {"format": RUN_FORMAT, "config": config.to_dict(), "stages": stages})
 
 
+@keeps_global_rng
 def run_continual(
     data: Mapping[str, object],
     out: str | Path,

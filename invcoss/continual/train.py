@@ -30,10 +30,12 @@ from invcoss.pretrain import (
     make_optimizer,
     save_state,
 )
+from invcoss.rng import keeps_global_rng
 
 __all__ = ["train_stage"]
 
 
+@keeps_global_rng
 def train_stage(
     model: nn.Module,
     teacher: nn.Module | None,

@@ -238,6 +238,9 @@ class PretrainedMixin:
                 raise ValueError(
                     f"checkpoint {directory} is not the expected {cls.__name__}: " + "; ".join(diffs)
                 )
-        model = cls.from_config(saved)
+        # Its random initialisation is overwritten at once: draw it from a forked generator, so that
+        # loading a checkpoint leaves the caller's random stream where it was.
+        with torch.random.fork_rng(devices=[]):
+            model = cls.from_config(saved)
         load_pretrained_into(model, directory, strict=True)
         return model
