@@ -28,7 +28,7 @@ void tv_forward(const T* x, T* grad, acc_t<T>* partial, acc_t<T>* sums, int64_t 
 template <typename T>
 void scale_rows(const T* g, const acc_t<T>* scale, T* out, int64_t rows, int64_t inner);
 
-// ---- column statistics of x (N, F) (welford_cuda.cu) ----
+// ---- column statistics of x (N, F) (stats_cuda.cu) ----
 // Rows are cut into `count` segments of seg_len rows, chosen from the shape alone; the staging
 // buffers part_mean / part_m2 hold count * F values.
 struct Segments {
