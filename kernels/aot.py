@@ -140,14 +140,14 @@ def kernel_specs() -> list[KernelSpec]:
         ),
         KernelSpec(
             "stats",
-            "welford_backward_kernel",
+            "batch_mean_var_backward_kernel",
             "fp32",
             {**_ptrs("x_ptr mean_ptr gm_ptr gv_ptr coef_ptr grad_ptr", "fp32"), **_ints("N F stride_n")},
             {"stride_f": 1},
         ),
         KernelSpec(
             "stats",
-            "welford_backward_kernel",
+            "batch_mean_var_backward_kernel",
             "bf16",
             {**_ptrs("x_ptr grad_ptr", "bf16"), **_ptrs("mean_ptr gm_ptr gv_ptr coef_ptr", "fp32")}
             | _ints("N F stride_n"),
