@@ -62,10 +62,10 @@ std::pair<at::Tensor, at::Tensor> column_partials(const at::Tensor& x, cuda::Seg
   return {pm, pq};
 }
 
-std::tuple<at::Tensor, at::Tensor> col_mean_var_cuda(const at::Tensor& x_in) {
-  check_columns_args("col_mean_var", x_in);
-  check_device("col_mean_var", "x", x_in, at::kCUDA);
-  TORCH_CHECK(x_in.size(0) >= 1, "col_mean_var: expected x with at least one row, got ", x_in.sizes());
+std::tuple<at::Tensor, at::Tensor> batch_mean_var_cuda(const at::Tensor& x_in) {
+  check_columns_args("batch_mean_var", x_in);
+  check_device("batch_mean_var", "x", x_in, at::kCUDA);
+  TORCH_CHECK(x_in.size(0) >= 1, "batch_mean_var: expected x with at least one row, got ", x_in.sizes());
   const c10::cuda::OptionalCUDAGuard guard(x_in.device());
   const at::Tensor x = rows_with_unit_stride(x_in);
   const int64_t N = x.size(0), F = x.size(1);
@@ -73,18 +73,18 @@ std::tuple<at::Tensor, at::Tensor> col_mean_var_cuda(const at::Tensor& x_in) {
   at::Tensor var = at::empty_like(mean);
   if (F == 0) return {mean, var};
   const cuda::Segments seg = cuda::column_segments(N, F);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "col_mean_var_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_mean_var_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
     const auto [pm, pq] = column_partials<scalar_t, A>(x, seg);
-    cuda::column_mean_var<A>(pm.const_data_ptr<A>(), pq.const_data_ptr<A>(), N, F, seg, mean.mutable_data_ptr<A>(),
-                             var.mutable_data_ptr<A>());
+    cuda::batch_mean_var_finish<A>(pm.const_data_ptr<A>(), pq.const_data_ptr<A>(), N, F, seg,
+                                   mean.mutable_data_ptr<A>(), var.mutable_data_ptr<A>());
   });
   return {mean, var};
 }
 
-at::Tensor mean_var_backward_cuda(const at::Tensor& x_in, const at::Tensor& mean_in, const at::Tensor& gm_in,
-                                  const at::Tensor& gv_in) {
-  const char* op = "mean_var_backward";
+at::Tensor batch_mean_var_backward_cuda(const at::Tensor& x_in, const at::Tensor& mean_in, const at::Tensor& gm_in,
+                                        const at::Tensor& gv_in) {
+  const char* op = "batch_mean_var_backward";
   check_state_args(op, x_in, gm_in, "grad_mean", gv_in, "grad_var");
   check_state_args(op, x_in, mean_in, "mean", mean_in, "mean");
   check_device(op, "x", x_in, at::kCUDA);
@@ -92,11 +92,12 @@ at::Tensor mean_var_backward_cuda(const at::Tensor& x_in, const at::Tensor& mean
   const at::Tensor x = x_in.contiguous();
   at::Tensor out = at::empty(x.sizes(), x.options());
   if (x.numel() == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mean_var_backward_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_mean_var_backward_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
     const at::Tensor mean = as_acc<A>(mean_in), gm = as_acc<A>(gm_in), gv = as_acc<A>(gv_in);
-    cuda::mean_var_backward<scalar_t>(x.const_data_ptr<scalar_t>(), mean.const_data_ptr<A>(), gm.const_data_ptr<A>(),
-                                      gv.const_data_ptr<A>(), out.mutable_data_ptr<scalar_t>(), x.size(0), x.size(1));
+    cuda::batch_mean_var_backward<scalar_t>(x.const_data_ptr<scalar_t>(), mean.const_data_ptr<A>(),
+                                            gm.const_data_ptr<A>(), gv.const_data_ptr<A>(),
+                                            out.mutable_data_ptr<scalar_t>(), x.size(0), x.size(1));
   });
   return out;
 }
@@ -108,9 +109,9 @@ void welford_update_launch(const at::Tensor& x, int64_t count, const at::Tensor&
   const int64_t N = x.size(0), F = x.size(1);
   const cuda::Segments seg = cuda::column_segments(N, F);
   const auto [pm, pq] = column_partials<T, A>(x, seg);
-  cuda::column_welford_merge<A>(pm.template const_data_ptr<A>(), pq.template const_data_ptr<A>(), N, F, seg,
-                                mean.const_data_ptr<A>(), m2.const_data_ptr<A>(), count,
-                                out_mean.mutable_data_ptr<A>(), out_m2.mutable_data_ptr<A>());
+  cuda::welford_update_finish<A>(pm.template const_data_ptr<A>(), pq.template const_data_ptr<A>(), N, F, seg,
+                                 mean.const_data_ptr<A>(), m2.const_data_ptr<A>(), count,
+                                 out_mean.mutable_data_ptr<A>(), out_m2.mutable_data_ptr<A>());
 }
 
 std::tuple<at::Tensor, at::Tensor> welford_update_cuda(const at::Tensor& x_in, int64_t count,
@@ -261,8 +262,8 @@ std::tuple<at::Tensor, at::Tensor> repulsive_direct_cuda(const at::Tensor& h_in,
 TORCH_LIBRARY_IMPL(invcoss, CUDA, m) {
   m.impl("tv", &tv_cuda);
   m.impl("scale_rows", &scale_rows_cuda);
-  m.impl("col_mean_var", &col_mean_var_cuda);
-  m.impl("mean_var_backward", &mean_var_backward_cuda);
+  m.impl("batch_mean_var", &batch_mean_var_cuda);
+  m.impl("batch_mean_var_backward", &batch_mean_var_backward_cuda);
   m.impl("welford_update", &welford_update_cuda);
   m.impl("stat_matching", &stat_matching_cuda);
   m.impl("repulsive_direct", &repulsive_direct_cuda);

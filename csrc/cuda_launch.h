@@ -25,10 +25,12 @@ int tv_partials(int64_t per_sample);
 template <typename T>
 void tv_forward(const T* x, T* grad, acc_t<T>* partial, acc_t<T>* sums, int64_t B, int64_t C, int64_t D, int64_t H,
                 int64_t W, double w_w, double w_h, double w_d);
+
+// ---- out[r] = scale[r] * g[r] for g (rows, inner) (scale_rows_cuda.cu) ----
 template <typename T>
 void scale_rows(const T* g, const acc_t<T>* scale, T* out, int64_t rows, int64_t inner);
 
-// ---- column statistics of x (N, F) (welford_cuda.cu) ----
+// ---- column statistics of x (N, F) (stats_cuda.cu) ----
 // Rows are cut into `count` segments of seg_len rows, chosen from the shape alone; the staging
 // buffers part_mean / part_m2 hold count * F values.
 struct Segments {
@@ -41,18 +43,18 @@ int column_blocks(int64_t F);
 template <typename T, typename A>
 void column_partials(const T* x, int64_t ld, int64_t N, int64_t F, Segments seg, A* part_mean, A* part_m2);
 template <typename A>
-void column_mean_var(const A* part_mean, const A* part_m2, int64_t N, int64_t F, Segments seg, A* mean, A* var);
+void batch_mean_var_finish(const A* part_mean, const A* part_m2, int64_t N, int64_t F, Segments seg, A* mean, A* var);
 template <typename A>
-void column_welford_merge(const A* part_mean, const A* part_m2, int64_t N, int64_t F, Segments seg,
-                          const A* state_mean, const A* state_m2, int64_t count, A* out_mean, A* out_m2);
+void welford_update_finish(const A* part_mean, const A* part_m2, int64_t N, int64_t F, Segments seg,
+                           const A* state_mean, const A* state_m2, int64_t count, A* out_mean, A* out_m2);
 // loss, batch mean and the unit directions g_mean, g_var of the two norms (zero for a zero norm);
 // inv_norms: scratch of 2 values.
 template <typename A>
 void stat_matching_finish(const A* part_mean, const A* part_m2, int64_t N, int64_t F, Segments seg, const A* mu,
                           const A* var, A* bmean, A* g_mean, A* g_var, double* block_sq, A* inv_norms, A* loss);
 template <typename T>
-void mean_var_backward(const T* x, const acc_t<T>* mean, const acc_t<T>* grad_mean, const acc_t<T>* grad_var, T* out,
-                       int64_t N, int64_t F);
+void batch_mean_var_backward(const T* x, const acc_t<T>* mean, const acc_t<T>* grad_mean,
+                             const acc_t<T>* grad_var, T* out, int64_t N, int64_t F);
 
 // ---- repulsive loss (repulsive_cuda.cu) ----
 // out = in / max(|in|, eps) per row; norm and proj (|in| >= eps) written when not null.

@@ -1,6 +1,7 @@
-// Shared host-side declarations of the extension invcoss._C: argument checks, small tensor helpers
-// and the CPU threading policy. The op schemas are in ops.cpp; the CPU kernels in *_cpu.cpp; the
-// CUDA ops in cuda_api.cpp over the kernels of *_cuda.cu (cuda_launch.h).
+// Shared host-side declarations of the extension invcoss._C: the CPU ops, argument checks, small
+// tensor helpers and the CPU threading policy. The op schemas are in ops.cpp; the CPU ops and their
+// kernels in <op>_cpu.cpp, registered in cpu_api.cpp; the CUDA ops in cuda_api.cpp (which registers
+// them) over the kernels of <op>_cuda.cu (cuda_launch.h).
 //
 // Accumulation: at::opmath_type<T>, i.e. fp32 for fp16/bf16/fp32 inputs and fp64 for fp64 inputs
 // (the backend contract in invcoss/ops/dispatch.py). Reductions are deterministic on both devices:
@@ -23,8 +24,24 @@
 
 namespace invcoss {
 
+// ---- the CPU ops (the schemas of all ops, with their shapes, are in ops.cpp) -------------------------
+
+std::tuple<at::Tensor, at::Tensor> tv_cpu(const at::Tensor& x, at::ArrayRef<double> weights, bool with_grad);
+at::Tensor scale_rows_cpu(const at::Tensor& grad, const at::Tensor& scale);
+std::tuple<at::Tensor, at::Tensor> batch_mean_var_cpu(const at::Tensor& x);
+at::Tensor batch_mean_var_backward_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& grad_mean,
+                                       const at::Tensor& grad_var);
+std::tuple<at::Tensor, at::Tensor> welford_update_cpu(const at::Tensor& x, int64_t count, const at::Tensor& mean,
+                                                      const at::Tensor& m2);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stat_matching_cpu(const at::Tensor& x,
+                                                                             const at::Tensor& mean,
+                                                                             const at::Tensor& var);
+std::tuple<at::Tensor, at::Tensor> repulsive_direct_cpu(const at::Tensor& h, const at::Tensor& pool, double eps,
+                                                        bool with_grad);
+std::tuple<at::Tensor, at::Tensor> repulsive_gram_cpu(const at::Tensor& h, const at::Tensor& gram, int64_t count,
+                                                      double eps, bool with_grad);
 // In place gram += alpha * feats^T feats through at::addmm_ (MKL / cuBLAS); registered for both
-// dispatch keys (the schemas of all ops, with their shapes, are in ops.cpp).
+// dispatch keys.
 void gram_update(const at::Tensor& gram, const at::Tensor& feats_hat, double alpha);
 
 // ---- shared helpers -----------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 // Registration of the extension invcoss._C: every op schema of the namespace `invcoss` (one
-// TORCH_LIBRARY block; the CPU and CUDA kernels register themselves in their own files) and the
-// Python module, which holds only build facts. Autograd and the fake (meta) kernels for
-// torch.compile are registered from Python, in invcoss/ops/backend_ext.py.
+// TORCH_LIBRARY block; the kernels are registered per device, in cpu_api.cpp and cuda_api.cpp) and
+// the Python module, which holds only build facts. Autograd and the fake (meta) kernels for
+// torch.compile are registered from Python, in invcoss/ops/backend_ext.py. An op has the same name
+// here, in the Triton namespace invcoss_triton and in the backend contract (invcoss/ops/dispatch.py).
 #include <Python.h>
 #include <omp.h>
 #include <torch/library.h>
@@ -14,8 +15,9 @@ TORCH_LIBRARY(invcoss, m) {
   // grad: (N, ...), scale: (N,) -> scale[i] * grad[i]
   m.def("scale_rows(Tensor grad, Tensor scale) -> Tensor");
   // x: (N, F) -> (mean (F,), biased var (F,))
-  m.def("col_mean_var(Tensor x) -> (Tensor, Tensor)");
-  m.def("mean_var_backward(Tensor x, Tensor mean, Tensor grad_mean, Tensor grad_var) -> Tensor");
+  m.def("batch_mean_var(Tensor x) -> (Tensor, Tensor)");
+  // -> grad_mean / N + 2 grad_var (x - mean) / N, the backward of batch_mean_var and stat_matching
+  m.def("batch_mean_var_backward(Tensor x, Tensor mean, Tensor grad_mean, Tensor grad_var) -> Tensor");
   // Fold x (N, F) into the state (count, mean (F,), m2 (F,)) -> (new mean, new m2)
   m.def("welford_update(Tensor x, int count, Tensor mean, Tensor m2) -> (Tensor, Tensor)");
   // -> (loss, batch mean, d loss / d batch mean, d loss / d batch var)

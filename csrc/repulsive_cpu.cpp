@@ -9,8 +9,6 @@
 // backward only scales it (scale_rows). G is symmetric by construction (a sum of outer products);
 // the gram path relies on that (d(h^T G h)/dh = 2 G h). The loss is summed per row and the rows in
 // order, so it does not depend on the thread count.
-#include <torch/library.h>
-
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -207,12 +205,6 @@ void gram_update(const at::Tensor& gram, const at::Tensor& feats_hat, double alp
   check_same_device(op, gram, "gram", feats_hat, "feats_hat");
   const at::Tensor f = feats_hat.to(gram.scalar_type());
   gram.addmm_(f.t(), f, /*beta=*/1.0, /*alpha=*/alpha);
-}
-
-TORCH_LIBRARY_IMPL(invcoss, CPU, m) {
-  m.impl("repulsive_direct", &repulsive_direct_cpu);
-  m.impl("repulsive_gram", &repulsive_gram_cpu);
-  m.impl("gram_update", &gram_update);
 }
 
 }  // namespace invcoss

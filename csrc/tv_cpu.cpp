@@ -10,8 +10,6 @@
 // Determinism: the sum is cut into chunks of kTvRowsPerChunk rows of one plane, each chunk sums in
 // its own slot (rows in the accumulation type, the chunk in fp64), and the chunks of a sample are
 // added in index order, so the result does not depend on the number of OpenMP threads.
-#include <torch/library.h>
-
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -147,35 +145,6 @@ void tv_dispatch(const at::Tensor& x, at::Tensor& sums, at::Tensor& grad, TvWeig
   }
 }
 
-template <typename T>
-INVCOSS_CLONES void scale_block(const T* INVCOSS_RESTRICT g, T* INVCOSS_RESTRICT out, int64_t n,
-                                at::opmath_type<T> s) {
-  using A = at::opmath_type<T>;
-#pragma omp simd
-  for (int64_t k = 0; k < n; ++k) out[k] = T(A(g[k]) * s);
-}
-
-template <typename T>
-void scale_rows_kernel(const at::Tensor& g, const at::Tensor& scale, at::Tensor& out) {
-  using A = at::opmath_type<T>;
-  constexpr int64_t kBlock = 1 << 14;
-  const int64_t rows = g.size(0);
-  const int64_t inner = rows == 0 ? 0 : g.numel() / rows;
-  const int64_t blocks = (inner + kBlock - 1) / kBlock;
-  const at::Tensor s = as_acc<A>(scale);
-  const A* sp = s.const_data_ptr<A>();
-  const T* gp = g.const_data_ptr<T>();
-  T* op = out.mutable_data_ptr<T>();
-  const int nt = cpu_threads(g.numel());
-#pragma omp parallel for collapse(2) num_threads(nt) schedule(static)
-  for (int64_t i = 0; i < rows; ++i) {
-    for (int64_t k = 0; k < blocks; ++k) {
-      const int64_t k0 = k * kBlock, n = std::min(kBlock, inner - k0);
-      scale_block<T>(gp + i * inner + k0, op + i * inner + k0, n, sp[i]);
-    }
-  }
-}
-
 }  // namespace
 
 void check_tv_args(const at::Tensor& x, at::ArrayRef<double> weights) {
@@ -184,15 +153,6 @@ void check_tv_args(const at::Tensor& x, at::ArrayRef<double> weights) {
               x.sizes());
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == x.dim() - 2, "tv: expected one weight per spatial axis (",
               x.dim() - 2, "), got ", weights.size());
-}
-
-void check_scale_rows_args(const at::Tensor& grad, const at::Tensor& scale) {
-  check_floating("scale_rows", "grad", grad);
-  check_floating("scale_rows", "scale", scale);
-  TORCH_CHECK(grad.dim() >= 1, "scale_rows: expected grad with a leading dimension, got a 0-dim tensor");
-  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == grad.size(0), "scale_rows: expected scale of shape (",
-              grad.size(0), ",), got ", scale.sizes());
-  check_same_device("scale_rows", grad, "grad", scale, "scale");
 }
 
 std::tuple<at::Tensor, at::Tensor> tv_cpu(const at::Tensor& x_in, at::ArrayRef<double> weights, bool with_grad) {
@@ -210,21 +170,6 @@ std::tuple<at::Tensor, at::Tensor> tv_cpu(const at::Tensor& x_in, at::ArrayRef<d
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "tv_cpu",
                                   [&] { tv_dispatch<scalar_t>(x, sums, grad, wt, depth, with_grad); });
   return {sums, grad};
-}
-
-at::Tensor scale_rows_cpu(const at::Tensor& grad_in, const at::Tensor& scale_in) {
-  check_scale_rows_args(grad_in, scale_in);
-  check_device("scale_rows", "grad", grad_in, at::kCPU);
-  const at::Tensor g = grad_in.contiguous();
-  at::Tensor out = at::empty(g.sizes(), g.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "scale_rows_cpu",
-                                  [&] { scale_rows_kernel<scalar_t>(g, scale_in, out); });
-  return out;
-}
-
-TORCH_LIBRARY_IMPL(invcoss, CPU, m) {
-  m.impl("tv", &tv_cpu);
-  m.impl("scale_rows", &scale_rows_cpu);
 }
 
 }  // namespace invcoss

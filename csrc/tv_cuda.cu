@@ -60,18 +60,6 @@ __global__ void tv_finalize_kernel(const A* __restrict__ partial, A* __restrict_
   }
 }
 
-// Grid (x over a row's values, y over rows); out[r, k] = scale[r] * g[r, k].
-template <typename T, typename A>
-__global__ void scale_rows_kernel(const T* __restrict__ g, const A* __restrict__ scale, T* __restrict__ out,
-                                  int64_t rows, int64_t inner) {
-  for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
-    const A s = scale[r];
-    for (int64_t k = int64_t(blockIdx.x) * kThreads + threadIdx.x; k < inner; k += int64_t(gridDim.x) * kThreads) {
-      out[r * inner + k] = static_cast<T>(static_cast<A>(g[r * inner + k]) * s);
-    }
-  }
-}
-
 template <typename T, typename I>
 void tv_launch(const T* x, T* grad, acc_t<T>* partial, acc_t<T>* sums, int64_t B, int64_t C, int64_t D, int64_t H,
                int64_t W, double w_w, double w_h, double w_d) {
@@ -106,17 +94,9 @@ void tv_forward(const T* x, T* grad, acc_t<T>* partial, acc_t<T>* sums, int64_t 
   }
 }
 
-template <typename T>
-void scale_rows(const T* g, const acc_t<T>* scale, T* out, int64_t rows, int64_t inner) {
-  const dim3 grid(static_cast<unsigned>(std::clamp<int64_t>(ceil_div(inner, kThreads * 4), 1, 1024)), grid_y(rows));
-  scale_rows_kernel<T, acc_t<T>><<<grid, kThreads, 0, stream()>>>(g, scale, out, rows, inner);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
 #define INVCOSS_INSTANTIATE(T)                                                                                   \
   template void tv_forward<T>(const T*, T*, acc_t<T>*, acc_t<T>*, int64_t, int64_t, int64_t, int64_t, int64_t, \
-                              double, double, double);                                                          \
-  template void scale_rows<T>(const T*, const acc_t<T>*, T*, int64_t, int64_t);
+                              double, double, double);
 INVCOSS_FOR_FLOATING_TYPES(INVCOSS_INSTANTIATE)
 #undef INVCOSS_INSTANTIATE
 

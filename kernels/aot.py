@@ -69,7 +69,7 @@ def _floats(names: str) -> dict[str, str]:
 
 def kernel_specs() -> list[KernelSpec]:
     """Every kernel of :mod:`invcoss.kernels` with the signatures its launchers use."""
-    from invcoss.kernels import reduce, repulsive, tv, welford
+    from invcoss.kernels import reduce, repulsive, stats, tv
 
     tv_fixed = {
         "stride_w": 1,
@@ -104,7 +104,7 @@ def kernel_specs() -> list[KernelSpec]:
     for x_ty, acc in (("fp32", "fp32"), ("bf16", "fp32"), ("fp32", "fp64")):
         specs.append(
             KernelSpec(
-                "welford",
+                "stats",
                 "welford_partial_kernel",
                 f"x {x_ty}, acc {acc}",
                 {
@@ -119,35 +119,35 @@ def kernel_specs() -> list[KernelSpec]:
     for mode, acc, name in ((0, "fp32", "mean/var"), (1, "fp64", "update fp64"), (2, "fp32", "stat match")):
         specs.append(
             KernelSpec(
-                "welford",
+                "stats",
                 "welford_merge_kernel",
                 name,
                 {**_ptrs("pmean_ptr pm2_ptr aux_a_ptr aux_b_ptr out_a_ptr out_b_ptr", acc)}
                 | _ptrs("x_ptr out_c_ptr sq_ptr", "fp32")
                 | merge_types,
                 {"MODE": mode, "stride_f": 1},
-                welford.MERGE_LAUNCH,
+                stats.MERGE_LAUNCH,
             )
         )
     specs += [
         KernelSpec(
-            "welford",
+            "stats",
             "stat_norms_kernel",
             "fp32",
             {**_ptrs("sq_ptr loss_ptr inv_ptr", "fp32"), **_ints("n_parts")},
             {},
-            welford.NORMS_LAUNCH,
+            stats.NORMS_LAUNCH,
         ),
         KernelSpec(
-            "welford",
-            "welford_backward_kernel",
+            "stats",
+            "batch_mean_var_backward_kernel",
             "fp32",
             {**_ptrs("x_ptr mean_ptr gm_ptr gv_ptr coef_ptr grad_ptr", "fp32"), **_ints("N F stride_n")},
             {"stride_f": 1},
         ),
         KernelSpec(
-            "welford",
-            "welford_backward_kernel",
+            "stats",
+            "batch_mean_var_backward_kernel",
             "bf16",
             {**_ptrs("x_ptr grad_ptr", "bf16"), **_ptrs("mean_ptr gm_ptr gv_ptr coef_ptr", "fp32")}
             | _ints("N F stride_n"),

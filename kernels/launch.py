@@ -1,6 +1,6 @@
 """Launch plumbing shared by every Triton op family: autotuning, op registration, dtypes, grid sizing.
 
-Each kernel file (``tv.py``, ``welford.py``, ``repulsive.py``) holds its ``@triton.jit`` kernels, then
+Each kernel file (``tv.py``, ``stats.py``, ``repulsive.py``) holds its ``@triton.jit`` kernels, then
 its ``*_forward`` / ``*_backward`` launchers, then the ``torch.library`` ops that wire the launchers
 to autograd. What those files would otherwise repeat lives here:
 

@@ -207,10 +207,8 @@ def _tv_fake(x: torch.Tensor, weights: list[float], with_grad: bool) -> tuple[to
     return per_sample, grad
 
 
-@define_op("invcoss_triton::total_variation", fake=_tv_fake)
-def total_variation_op(
-    x: torch.Tensor, weights: list[float], with_grad: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
+@define_op("invcoss_triton::tv", fake=_tv_fake)
+def tv_op(x: torch.Tensor, weights: list[float], with_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``(per-sample sums (B,) fp32, gradient or empty)``; see :func:`tv_forward`."""
     return tv_forward(x, tuple(weights), with_grad)
 
@@ -225,10 +223,10 @@ def _tv_backward(ctx, grad_sums: torch.Tensor, _grad_of_grad: torch.Tensor | Non
     return tv_backward(grad, grad_sums), None, None
 
 
-total_variation_op.register_autograd(_tv_backward, setup_context=_tv_setup_context)
+tv_op.register_autograd(_tv_backward, setup_context=_tv_setup_context)
 
 
-def total_variation(x: torch.Tensor, weights: tuple[float, ...]) -> torch.Tensor:
+def tv(x: torch.Tensor, weights: tuple[float, ...]) -> torch.Tensor:
     """Per-sample weighted anisotropic L1 sums ``(B,)`` fp32, differentiable in x (the backend contract)."""
     with_grad = x.requires_grad and torch.is_grad_enabled()
-    return total_variation_op(x, list(weights), with_grad)[0]
+    return tv_op(x, list(weights), with_grad)[0]

@@ -16,8 +16,8 @@ from invcoss import _ext, ops
 OPS = (
     "tv",
     "scale_rows",
-    "col_mean_var",
-    "mean_var_backward",
+    "batch_mean_var",
+    "batch_mean_var_backward",
     "welford_update",
     "stat_matching",
     "repulsive_direct",

@@ -347,7 +347,7 @@ _F64 = torch.float64
     [
         (lambda x: torch.ops.invcoss.tv(x, [1.0, 0.5], True)[0], lambda: (_f64(2, 2, 5, 4),)),
         (lambda x: torch.ops.invcoss.tv(x, [0.5, 1.0, 2.0], True)[0], lambda: (_f64(2, 1, 3, 4, 5),)),
-        (torch.ops.invcoss.col_mean_var, lambda: (_f64(7, 5),)),
+        (torch.ops.invcoss.batch_mean_var, lambda: (_f64(7, 5),)),
         (
             lambda x, m, v: torch.ops.invcoss.stat_matching(x, m, v)[0],
             lambda: (_f64(6, 5), torch.zeros(5, dtype=_F64), torch.ones(5, dtype=_F64)),
@@ -361,7 +361,7 @@ _F64 = torch.float64
             lambda: (_f64(3, 4), _sym_gram(4, 9)),
         ),
     ],
-    ids=["tv2d", "tv3d", "col_mean_var", "stat_matching", "repulsive_direct", "repulsive_gram"],
+    ids=["tv2d", "tv3d", "batch_mean_var", "stat_matching", "repulsive_direct", "repulsive_gram"],
 )
 def test_gradcheck_fp64(fn, make):
     assert torch.autograd.gradcheck(fn, make())
@@ -375,8 +375,8 @@ def _opcheck_cases():
         ("tv", (x4, [1.0, 0.5], True)),
         ("tv", (torch.randn(1, 2, 3, 4, 5), [1.0, 1.0, 1.0], False)),
         ("scale_rows", (torch.randn(3, 4, 5), torch.randn(3))),
-        ("col_mean_var", (xs,)),
-        ("mean_var_backward", (xs.detach(), torch.randn(7), torch.randn(7), torch.randn(7))),
+        ("batch_mean_var", (xs,)),
+        ("batch_mean_var_backward", (xs.detach(), torch.randn(7), torch.randn(7), torch.randn(7))),
         (
             "welford_update",
             (xs.detach(), 4, torch.randn(7, dtype=torch.float64), torch.rand(7, dtype=torch.float64)),
@@ -478,8 +478,8 @@ def test_results_identical_with_1_and_2_threads(restore_threads):
             "floating",
         ),
         (
-            lambda: torch.ops.invcoss.col_mean_var(torch.randn(3)),
-            r"col_mean_var: expected x of shape \(N, F\)",
+            lambda: torch.ops.invcoss.batch_mean_var(torch.randn(3)),
+            r"batch_mean_var: expected x of shape \(N, F\)",
         ),
         (
             lambda: torch.ops.invcoss.stat_matching(torch.randn(3, 4), torch.randn(5), torch.randn(4)),

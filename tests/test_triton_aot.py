@@ -12,7 +12,7 @@ import inspect
 import pytest
 from invcoss.kernels import aot
 
-KERNEL_MODULES = ("tv", "welford", "repulsive", "reduce")
+KERNEL_MODULES = ("tv", "stats", "repulsive", "reduce")
 
 
 @pytest.fixture(scope="module")

@@ -303,9 +303,13 @@ def _opcheck_cases():
     xs = torch.randn(9, 7, requires_grad=True)
     h = torch.randn(3, 5, requires_grad=True)
     return [
-        ("total_variation", (x4, [1.0, 0.5], True)),
+        ("tv", (x4, [1.0, 0.5], True)),
         ("batch_mean_var", (xs,)),
-        ("stat_matching_loss", (xs, torch.randn(7), torch.rand(7))),
+        ("stat_matching", (xs, torch.randn(7), torch.rand(7))),
+        (
+            "batch_mean_var_backward",
+            (xs.detach(), torch.randn(7), torch.randn(7), torch.randn(7), torch.ones(2)),
+        ),
         (
             "welford_update",
             (xs.detach(), 4, torch.randn(7, dtype=torch.float64), torch.rand(7, dtype=torch.float64)),

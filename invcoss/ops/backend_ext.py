@@ -11,9 +11,9 @@ library leaves to Python, so that the ops work in eager mode, under autograd and
 Fused gradients: ``tv``, ``repulsive_direct`` and ``repulsive_gram`` compute d(output)/d(input)
 during the forward pass when the input requires grad (it costs little there: the differences or
 the matmul result are at hand) and return it as a second, non-differentiable output; their backward
-only scales it by the incoming gradient (``scale_rows``). ``col_mean_var`` and ``stat_matching``
+only scales it by the incoming gradient (``scale_rows``). ``batch_mean_var`` and ``stat_matching``
 save the batch mean (and the loss's unit directions) and recompute ``x - mean`` in one streaming
-pass in ``mean_var_backward``.
+pass in ``batch_mean_var_backward``.
 
 Without the extension the module still imports (so that ``pytest --doctest-modules`` and
 introspection work) but registers nothing; :mod:`invcoss.ops.dispatch` then reports the backend
@@ -49,9 +49,9 @@ def tv(x: Tensor, weights: Sequence[float]) -> Tensor:
     return sums
 
 
-def col_mean_var(x: Tensor) -> tuple[Tensor, Tensor]:
+def batch_mean_var(x: Tensor) -> tuple[Tensor, Tensor]:
     """Column mean and biased variance of x ``(N, F)``."""
-    mean, var = _ops.col_mean_var(x)
+    mean, var = _ops.batch_mean_var(x)
     return mean, var
 
 
@@ -100,12 +100,12 @@ def _scale_rows_fake(grad: Tensor, scale: Tensor) -> Tensor:
     return grad.new_empty(grad.shape)
 
 
-def _col_mean_var_fake(x: Tensor) -> tuple[Tensor, Tensor]:
+def _batch_mean_var_fake(x: Tensor) -> tuple[Tensor, Tensor]:
     f = x.new_empty((x.shape[1],), dtype=_acc_dtype(x))
     return f, torch.empty_like(f)
 
 
-def _mean_var_backward_fake(x: Tensor, mean: Tensor, grad_mean: Tensor, grad_var: Tensor) -> Tensor:
+def _batch_mean_var_backward_fake(x: Tensor, mean: Tensor, grad_mean: Tensor, grad_var: Tensor) -> Tensor:
     return x.new_empty(x.shape)
 
 
@@ -165,17 +165,17 @@ def _repulsive_gram_backward(ctx, grad_loss: Tensor, grad_fused: Tensor | None):
     return _scale_fused_grad(ctx, grad_loss, grad_fused), None, None, None, None
 
 
-def _col_mean_var_setup(ctx, inputs, output) -> None:
+def _batch_mean_var_setup(ctx, inputs, output) -> None:
     (x,) = inputs
     mean, _ = output
     ctx.save_for_backward(x, mean)
 
 
-def _col_mean_var_backward(ctx, grad_mean: Tensor | None, grad_var: Tensor | None):
+def _batch_mean_var_backward(ctx, grad_mean: Tensor | None, grad_var: Tensor | None):
     x, mean = ctx.saved_tensors
     gm = grad_mean if grad_mean is not None else torch.zeros_like(mean)
     gv = grad_var if grad_var is not None else torch.zeros_like(mean)
-    return _ops.mean_var_backward(x, mean, gm, gv)
+    return _ops.batch_mean_var_backward(x, mean, gm, gv)
 
 
 def _stat_matching_setup(ctx, inputs, output) -> None:
@@ -188,14 +188,14 @@ def _stat_matching_setup(ctx, inputs, output) -> None:
 def _stat_matching_backward(ctx, grad_loss: Tensor, *_unused: Tensor | None):
     x, bmean, g_mean, g_var = ctx.saved_tensors
     g = grad_loss.to(g_mean.dtype)
-    return _ops.mean_var_backward(x, bmean, g * g_mean, g * g_var), None, None
+    return _ops.batch_mean_var_backward(x, bmean, g * g_mean, g * g_var), None, None
 
 
 _FAKES = {
     "invcoss::tv": _tv_fake,
     "invcoss::scale_rows": _scale_rows_fake,
-    "invcoss::col_mean_var": _col_mean_var_fake,
-    "invcoss::mean_var_backward": _mean_var_backward_fake,
+    "invcoss::batch_mean_var": _batch_mean_var_fake,
+    "invcoss::batch_mean_var_backward": _batch_mean_var_backward_fake,
     "invcoss::welford_update": _welford_update_fake,
     "invcoss::stat_matching": _stat_matching_fake,
     "invcoss::repulsive_direct": _repulsive_direct_fake,
@@ -208,7 +208,7 @@ _BACKWARDS = {
     "invcoss::tv": (_tv_backward, _save_fused_grad),
     "invcoss::repulsive_direct": (_repulsive_direct_backward, _save_fused_grad),
     "invcoss::repulsive_gram": (_repulsive_gram_backward, _save_fused_grad),
-    "invcoss::col_mean_var": (_col_mean_var_backward, _col_mean_var_setup),
+    "invcoss::batch_mean_var": (_batch_mean_var_backward, _batch_mean_var_setup),
     "invcoss::stat_matching": (_stat_matching_backward, _stat_matching_setup),
 }
 

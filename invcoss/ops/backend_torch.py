@@ -29,7 +29,7 @@ def tv(x: Tensor, weights: tuple[float, ...]) -> Tensor:
     return total
 
 
-def col_mean_var(x: Tensor) -> tuple[Tensor, Tensor]:
+def batch_mean_var(x: Tensor) -> tuple[Tensor, Tensor]:
     """Column mean and biased variance of x (N, F) in fp32."""
     xf = _acc(x)
     mean = xf.mean(0)
@@ -54,7 +54,7 @@ def welford_update(x: Tensor, count: int, mean: Tensor, m2: Tensor) -> tuple[Ten
 
 def stat_matching(x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
     """||mean_N(x) - mean||_2 + ||var_N(x) - var||_2 (Eq. 3, one layer) as 0-dim fp32."""
-    bmean, bvar = col_mean_var(x)
+    bmean, bvar = batch_mean_var(x)
     return _safe_norm(bmean - mean.to(bmean.dtype)) + _safe_norm(bvar - var.to(bvar.dtype))
 
 

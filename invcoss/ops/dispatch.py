@@ -20,7 +20,7 @@ fp64 inputs on the backends that take fp64 (torch, cpu), so that gradcheck is ex
     x: ``(B, C, *S)`` with 2 or 3 spatial axes, any strides; weights: tuple of one float per
     spatial axis. Returns the per-sample weighted anisotropic L1 sums, shape ``(B,)``, fp32,
     differentiable in x with sign(0) = 0.
-``col_mean_var(x) -> (mean, var)``
+``batch_mean_var(x) -> (mean, var)``
     x: ``(N, F)``. Column mean and biased variance in fp32, shape ``(F,)``, differentiable.
 ``welford_update(x, count, mean, m2) -> (mean, m2)``
     Folds the batch x ``(N, F)`` into a running state of ``count`` samples (Chan et al.), with
@@ -38,6 +38,13 @@ fp64 inputs on the backends that take fp64 (torch, cpu), so that gradcheck is ex
 ``gram_update(gram, feats_hat, alpha) -> None``
     In place ``gram += alpha * feats_hat^T feats_hat`` for feats_hat ``(K, D)`` (alpha = +1 on push,
     -1 on eviction).
+
+The compiled ops (``torch.ops.invcoss``) and the Triton ops (``torch.ops.invcoss_triton``) are
+registered under these same names, in files named after the op family (``tv``, ``stats``,
+``repulsive``): ``kernels/<family>.py``, ``csrc/<family>_cpu.cpp``, ``csrc/<family>_cuda.cu``. Both
+namespaces add ``batch_mean_var_backward`` (the backward of ``batch_mean_var`` and ``stat_matching``),
+and the extension ``scale_rows`` (the backward of the ops that write their gradient during the forward
+pass; the Triton ops do that multiply in plain torch).
 
 ``INVCOSS_BACKEND`` overrides the default choice (``backend=None``); an explicit ``backend=``
 argument overrides both.

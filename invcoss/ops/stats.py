@@ -30,7 +30,7 @@ def batch_mean_var(x: Tensor, backend: str | None = None) -> tuple[Tensor, Tenso
     check_tensor(op, "x", x)
     if x.ndim < 1 or x.shape[0] < 1:
         raise ValueError(f"{op} expects x of shape (B, *F) with B >= 1, got {shape_str(x.shape)}")
-    mean, var = resolve(backend, x.device, op).col_mean_var(x.reshape(x.shape[0], -1))
+    mean, var = resolve(backend, x.device, op).batch_mean_var(x.reshape(x.shape[0], -1))
     return mean.reshape(x.shape[1:]), var.reshape(x.shape[1:])
 
 

@@ -10,8 +10,6 @@
 // contiguous and branch-free, and vectorise. A column is always reduced by one thread in one order,
 // so results do not depend on the thread count; the two norms of the stat-matching loss are summed
 // per tile and the tile partials are added in tile order.
-#include <torch/library.h>
-
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -93,9 +91,9 @@ void for_each_column_tile(const at::Tensor& x, const Epilogue& epilogue) {
 }
 
 template <typename T, typename A>
-INVCOSS_CLONES void mean_var_backward_block(const T* INVCOSS_RESTRICT x, T* INVCOSS_RESTRICT out, int64_t ld,
-                                            int64_t N, int64_t nf, const A* INVCOSS_RESTRICT mean,
-                                            const A* INVCOSS_RESTRICT gm, const A* INVCOSS_RESTRICT gv) {
+INVCOSS_CLONES void batch_mean_var_backward_block(const T* INVCOSS_RESTRICT x, T* INVCOSS_RESTRICT out, int64_t ld,
+                                                  int64_t N, int64_t nf, const A* INVCOSS_RESTRICT mean,
+                                                  const A* INVCOSS_RESTRICT gm, const A* INVCOSS_RESTRICT gv) {
   const A inv_n = A(1) / A(N), two_inv_n = A(2) / A(N);
   alignas(64) A a[kColTile];
   alignas(64) A b[kColTile];
@@ -110,8 +108,8 @@ INVCOSS_CLONES void mean_var_backward_block(const T* INVCOSS_RESTRICT x, T* INVC
 
 // Parallel over blocks of columns; each block's coefficients stay in L1 while its rows stream by.
 template <typename T, typename A>
-void mean_var_backward_kernel(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& gm,
-                              const at::Tensor& gv, at::Tensor& out) {
+void batch_mean_var_backward_kernel(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& gm,
+                                    const at::Tensor& gv, at::Tensor& out) {
   constexpr int64_t kBlock = kColTile;
   const int64_t N = x.size(0), F = x.size(1);
   const int64_t blocks = (F + kBlock - 1) / kBlock;
@@ -122,7 +120,7 @@ void mean_var_backward_kernel(const at::Tensor& x, const at::Tensor& mean, const
 #pragma omp parallel for num_threads(nt) schedule(static)
   for (int64_t k = 0; k < blocks; ++k) {
     const int64_t f0 = k * kBlock, nf = std::min(kBlock, F - f0);
-    mean_var_backward_block<T, A>(xp + f0, op + f0, F, N, nf, mp + f0, gmp + f0, gvp + f0);
+    batch_mean_var_backward_block<T, A>(xp + f0, op + f0, F, N, nf, mp + f0, gmp + f0, gvp + f0);
   }
 }
 
@@ -176,14 +174,14 @@ void check_welford_args(const at::Tensor& x, int64_t count, const at::Tensor& me
               m2.scalar_type());
 }
 
-std::tuple<at::Tensor, at::Tensor> col_mean_var_cpu(const at::Tensor& x_in) {
-  check_columns_args("col_mean_var", x_in);
-  check_device("col_mean_var", "x", x_in, at::kCPU);
-  TORCH_CHECK(x_in.size(0) >= 1, "col_mean_var: expected x with at least one row, got ", x_in.sizes());
+std::tuple<at::Tensor, at::Tensor> batch_mean_var_cpu(const at::Tensor& x_in) {
+  check_columns_args("batch_mean_var", x_in);
+  check_device("batch_mean_var", "x", x_in, at::kCPU);
+  TORCH_CHECK(x_in.size(0) >= 1, "batch_mean_var: expected x with at least one row, got ", x_in.sizes());
   const at::Tensor x = rows_with_unit_stride(x_in);
   at::Tensor mean = at::empty({x.size(1)}, x.options().dtype(acc_dtype(x)));
   at::Tensor var = at::empty_like(mean);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "col_mean_var_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_mean_var_cpu", [&] {
     using A = at::opmath_type<scalar_t>;
     A* mp = mean.mutable_data_ptr<A>();
     A* vp = var.mutable_data_ptr<A>();
@@ -195,17 +193,17 @@ std::tuple<at::Tensor, at::Tensor> col_mean_var_cpu(const at::Tensor& x_in) {
   return {mean, var};
 }
 
-at::Tensor mean_var_backward_cpu(const at::Tensor& x_in, const at::Tensor& mean_in, const at::Tensor& gm_in,
-                                 const at::Tensor& gv_in) {
-  const char* op = "mean_var_backward";
+at::Tensor batch_mean_var_backward_cpu(const at::Tensor& x_in, const at::Tensor& mean_in, const at::Tensor& gm_in,
+                                       const at::Tensor& gv_in) {
+  const char* op = "batch_mean_var_backward";
   check_state_args(op, x_in, gm_in, "grad_mean", gv_in, "grad_var");
   check_state_args(op, x_in, mean_in, "mean", mean_in, "mean");
   check_device(op, "x", x_in, at::kCPU);
   const at::Tensor x = x_in.contiguous();
   at::Tensor out = at::empty(x.sizes(), x.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mean_var_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_mean_var_backward_cpu", [&] {
     using A = at::opmath_type<scalar_t>;
-    mean_var_backward_kernel<scalar_t, A>(x, as_acc<A>(mean_in), as_acc<A>(gm_in), as_acc<A>(gv_in), out);
+    batch_mean_var_backward_kernel<scalar_t, A>(x, as_acc<A>(mean_in), as_acc<A>(gm_in), as_acc<A>(gv_in), out);
   });
   return out;
 }
@@ -275,13 +273,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stat_matching_cpu(con
     for (int64_t f = 0; f < F; ++f) gm[f] *= sm_inv, gv[f] *= sv_inv;
   });
   return {loss, bmean, g_mean, g_var};
-}
-
-TORCH_LIBRARY_IMPL(invcoss, CPU, m) {
-  m.impl("col_mean_var", &col_mean_var_cpu);
-  m.impl("mean_var_backward", &mean_var_backward_cpu);
-  m.impl("welford_update", &welford_update_cpu);
-  m.impl("stat_matching", &stat_matching_cpu);
 }
 
 }  // namespace invcoss

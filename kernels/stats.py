@@ -16,7 +16,7 @@ state ``(mean, m2)`` merged with the stored one (fp32 or fp64 state, accumulated
 from the first load on); or the differences to target statistics with per-program squared norms,
 which :func:`stat_norms_kernel` turns into the loss ``|dm| + |dv|`` and the inverse norms.
 
-Backward (:func:`welford_backward_kernel`) is one elementwise pass for both differentiable ops:
+Backward (:func:`batch_mean_var_backward_kernel`) is one elementwise pass for both differentiable ops:
 ``dx = (c_m g_m + 2 c_v g_v (x - mean)) / N``: ``g_m, g_v`` the upstream gradients of mean and var
 (``c = 1``), or for stat matching ``g = (dm, dv)`` and ``c = g_loss / (|dm|, |dv|)`` (0 for a zero norm).
 """
@@ -190,7 +190,7 @@ def stat_norms_kernel(
 
 @autotune(BACKWARD_CONFIGS, key=["F"], interpret=BACKWARD_INTERPRET_CONFIG)
 @triton.jit
-def welford_backward_kernel(
+def batch_mean_var_backward_kernel(
     x_ptr,  # (N, F) any strides
     mean_ptr,  # (F,) fp32 batch mean
     gm_ptr,  # (F,) gradient of the mean (or mean - target)
@@ -305,7 +305,7 @@ def _empty_columns(x: torch.Tensor, mode: int, acc: torch.dtype) -> tuple[torch.
     return zeros(), vec(torch.float32), vec(torch.float32), vec(torch.float32), zeros(2)
 
 
-def welford_backward(
+def batch_mean_var_backward(
     x: torch.Tensor, mean: torch.Tensor, g_m: torch.Tensor, g_v: torch.Tensor, coef: torch.Tensor
 ) -> torch.Tensor:
     """``dx = (c_m g_m + 2 c_v g_v (x - mean)) / N`` for x ``(N, F)``; contiguous, x's dtype."""
@@ -314,7 +314,9 @@ def welford_backward(
     if grad.numel() == 0:
         return grad
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(f, meta["BLOCK_F"]))
-    launch(welford_backward_kernel, grid, x, mean, g_m, g_v, coef, grad, n, f, x.stride(0), x.stride(1))
+    launch(
+        batch_mean_var_backward_kernel, grid, x, mean, g_m, g_v, coef, grad, n, f, x.stride(0), x.stride(1)
+    )
     return grad
 
 
@@ -336,12 +338,12 @@ def _fake_backward(x, mean, g_m, g_v, coef):
     return x.new_empty(x.shape)
 
 
-@define_op("invcoss_triton::stat_backward", fake=_fake_backward)
-def stat_backward_op(
+@define_op("invcoss_triton::batch_mean_var_backward", fake=_fake_backward)
+def batch_mean_var_backward_op(
     x: torch.Tensor, mean: torch.Tensor, g_m: torch.Tensor, g_v: torch.Tensor, coef: torch.Tensor
 ) -> torch.Tensor:
-    """The shared backward pass of batch_mean_var and stat_matching_loss; see :func:`welford_backward`."""
-    return welford_backward(x, mean, g_m, g_v, coef)
+    """The shared backward pass of batch_mean_var and stat_matching; see :func:`batch_mean_var_backward`."""
+    return batch_mean_var_backward(x, mean, g_m, g_v, coef)
 
 
 def _mean_var_setup_context(ctx, inputs, output) -> None:
@@ -354,7 +356,7 @@ def _mean_var_backward(ctx, grad_mean: torch.Tensor | None, grad_var: torch.Tens
     grad_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean.contiguous()
     grad_var = torch.zeros_like(mean) if grad_var is None else grad_var.contiguous()
     coef = torch.ones(2, device=x.device, dtype=torch.float32)
-    return stat_backward_op(x, mean, grad_mean, grad_var, coef)
+    return batch_mean_var_backward_op(x, mean, grad_mean, grad_var, coef)
 
 
 batch_mean_var_op.register_autograd(_mean_var_backward, setup_context=_mean_var_setup_context)
@@ -378,7 +380,7 @@ def _fake_stat_matching(x, mean, var):
     return x.new_empty((), dtype=torch.float32), vec(), vec(), vec(), x.new_empty(2, dtype=torch.float32)
 
 
-@define_op("invcoss_triton::stat_matching_loss", fake=_fake_stat_matching)
+@define_op("invcoss_triton::stat_matching", fake=_fake_stat_matching)
 def stat_matching_op(
     x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -394,7 +396,7 @@ def _stat_matching_setup_context(ctx, inputs, output) -> None:
 
 def _stat_matching_backward(ctx, grad_loss: torch.Tensor, *_unused: torch.Tensor | None):
     x, batch_mean, diff_m, diff_v, inv = ctx.saved_tensors
-    return stat_backward_op(x, batch_mean, diff_m, diff_v, inv * grad_loss), None, None
+    return batch_mean_var_backward_op(x, batch_mean, diff_m, diff_v, inv * grad_loss), None, None
 
 
 stat_matching_op.register_autograd(_stat_matching_backward, setup_context=_stat_matching_setup_context)
@@ -412,7 +414,7 @@ def welford_update(
     return welford_update_op(x.detach(), int(count), mean.contiguous(), m2.contiguous())
 
 
-def stat_matching_loss(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+def stat_matching(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
     """``|mean_N(x) - mean| + |var_N(x) - var|`` as 0-dim fp32, differentiable in x (the contract)."""
     # The targets are F-vectors read densely by the kernel: a strided view is made dense (cheap).
     return stat_matching_op(x, mean.detach().contiguous(), var.detach().contiguous())[0]

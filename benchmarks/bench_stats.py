@@ -3,6 +3,6 @@
 FAMILIES = ("stat_matching", "welford")
 
 
-def test_welford(bench_row, run_case):
+def test_stats(bench_row, run_case):
     row = run_case(*bench_row)
     assert row.median_ms > 0

@@ -63,8 +63,8 @@ __device__ __forceinline__ void merge_segments(const A* __restrict__ part_mean, 
 }
 
 template <typename A>
-__global__ void col_mean_var_kernel(const A* __restrict__ part_mean, const A* __restrict__ part_m2, int64_t F,
-                                    int64_t N, Segments seg, A* __restrict__ out_mean, A* __restrict__ out_var) {
+__global__ void batch_mean_var_kernel(const A* __restrict__ part_mean, const A* __restrict__ part_m2, int64_t F,
+                                      int64_t N, Segments seg, A* __restrict__ out_mean, A* __restrict__ out_var) {
   const int64_t col = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   if (col >= F) return;
   A mean, m2;
@@ -148,9 +148,9 @@ __global__ void stat_scale_kernel(A* __restrict__ dmean, A* __restrict__ dvar, c
 
 // Grid (x over columns, y over rows): grad_x = grad_mean / N + grad_var * 2 (x - mean) / N.
 template <typename T, typename A>
-__global__ void mean_var_backward_kernel(const T* __restrict__ x, const A* __restrict__ mean,
-                                         const A* __restrict__ gm, const A* __restrict__ gv, T* __restrict__ out,
-                                         int64_t N, int64_t F) {
+__global__ void batch_mean_var_backward_kernel(const T* __restrict__ x, const A* __restrict__ mean,
+                                               const A* __restrict__ gm, const A* __restrict__ gv, T* __restrict__ out,
+                                               int64_t N, int64_t F) {
   const A inv_n = A(1) / A(N), two_inv_n = A(2) / A(N);
   for (int64_t r = blockIdx.y; r < N; r += gridDim.y) {
     for (int64_t f = int64_t(blockIdx.x) * kThreads + threadIdx.x; f < F; f += int64_t(gridDim.x) * kThreads) {
@@ -181,14 +181,14 @@ void column_partials(const T* x, int64_t ld, int64_t N, int64_t F, Segments seg,
 }
 
 template <typename A>
-void column_mean_var(const A* part_mean, const A* part_m2, int64_t N, int64_t F, Segments seg, A* mean, A* var) {
-  col_mean_var_kernel<A><<<column_blocks(F), kThreads, 0, stream()>>>(part_mean, part_m2, F, N, seg, mean, var);
+void batch_mean_var_finish(const A* part_mean, const A* part_m2, int64_t N, int64_t F, Segments seg, A* mean, A* var) {
+  batch_mean_var_kernel<A><<<column_blocks(F), kThreads, 0, stream()>>>(part_mean, part_m2, F, N, seg, mean, var);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename A>
-void column_welford_merge(const A* part_mean, const A* part_m2, int64_t N, int64_t F, Segments seg,
-                          const A* state_mean, const A* state_m2, int64_t count, A* out_mean, A* out_m2) {
+void welford_update_finish(const A* part_mean, const A* part_m2, int64_t N, int64_t F, Segments seg,
+                           const A* state_mean, const A* state_m2, int64_t count, A* out_mean, A* out_m2) {
   const double n = double(count + N);
   welford_merge_kernel<A><<<column_blocks(F), kThreads, 0, stream()>>>(
       part_mean, part_m2, F, N, seg, state_mean, state_m2, count == 0, A(double(N) / n),
@@ -210,25 +210,27 @@ void stat_matching_finish(const A* part_mean, const A* part_m2, int64_t N, int64
 }
 
 template <typename T>
-void mean_var_backward(const T* x, const acc_t<T>* mean, const acc_t<T>* grad_mean, const acc_t<T>* grad_var, T* out,
-                       int64_t N, int64_t F) {
+void batch_mean_var_backward(const T* x, const acc_t<T>* mean, const acc_t<T>* grad_mean,
+                             const acc_t<T>* grad_var, T* out, int64_t N, int64_t F) {
   const dim3 grid(static_cast<unsigned>(std::clamp<int64_t>(ceil_div(F, kThreads), 1, 1024)), grid_y(N));
-  mean_var_backward_kernel<T, acc_t<T>><<<grid, kThreads, 0, stream()>>>(x, mean, grad_mean, grad_var, out, N, F);
+  batch_mean_var_backward_kernel<T, acc_t<T>>
+      <<<grid, kThreads, 0, stream()>>>(x, mean, grad_mean, grad_var, out, N, F);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// x's dtype T with either state/accumulation dtype (col_mean_var uses A = acc_t<T>).
+// x's dtype T with either state/accumulation dtype (batch_mean_var uses A = acc_t<T>).
 #define INVCOSS_INSTANTIATE(T)                                                                               \
   template void column_partials<T, float>(const T*, int64_t, int64_t, int64_t, Segments, float*, float*);    \
   template void column_partials<T, double>(const T*, int64_t, int64_t, int64_t, Segments, double*, double*); \
-  template void mean_var_backward<T>(const T*, const acc_t<T>*, const acc_t<T>*, const acc_t<T>*, T*, int64_t, int64_t);
+  template void batch_mean_var_backward<T>(const T*, const acc_t<T>*, const acc_t<T>*, const acc_t<T>*, T*,  \
+                                           int64_t, int64_t);
 INVCOSS_FOR_FLOATING_TYPES(INVCOSS_INSTANTIATE)
 #undef INVCOSS_INSTANTIATE
 
-#define INVCOSS_INSTANTIATE_ACC(A)                                                                            \
-  template void column_mean_var<A>(const A*, const A*, int64_t, int64_t, Segments, A*, A*);                   \
-  template void column_welford_merge<A>(const A*, const A*, int64_t, int64_t, Segments, const A*, const A*,   \
-                                        int64_t, A*, A*);                                                     \
+#define INVCOSS_INSTANTIATE_ACC(A)                                                                             \
+  template void batch_mean_var_finish<A>(const A*, const A*, int64_t, int64_t, Segments, A*, A*);              \
+  template void welford_update_finish<A>(const A*, const A*, int64_t, int64_t, Segments, const A*, const A*,   \
+                                         int64_t, A*, A*);                                                     \
   template void stat_matching_finish<A>(const A*, const A*, int64_t, int64_t, Segments, const A*, const A*, A*, \
                                         A*, A*, double*, A*, A*);
 INVCOSS_INSTANTIATE_ACC(float)
