@@ -19,6 +19,7 @@ Each file is written atomically; an interrupted run leaves the last finished epo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -32,6 +33,7 @@ from torch import nn
 
 from invcoss.data.atomic import atomic_write_bytes, atomic_write_json
 from invcoss.rng import keeps_global_rng
+from invcoss.training import CURRENT, Step, TrainStep, train_epoch
 
 STATE_NAME = "training_state.safetensors"
 SUMMARY_NAME = "pretrain.json"
@@ -178,7 +180,7 @@ def pretrain(
     modality: str | None = None,
     resume: bool = False,
     device: torch.device | str | None = None,
-    on_step: Callable[[dict], None] | None = None,
+    on_step: Callable[[TrainStep], None] | None = None,
 ) -> PretrainResult:
     """Train ``model`` with its masked-reconstruction loss on ``data``, saving to ``out`` every epoch.
 
@@ -194,7 +196,8 @@ def pretrain(
             without it an existing training state in ``out`` is an error, so nothing is
             overwritten by accident.
         device: default: CUDA when available, else CPU.
-        on_step: called after every step with ``{"epoch", "step", "steps", "loss", "lr", "samples_per_s"}``.
+        on_step: called after every step with its :class:`~invcoss.training.TrainStep`
+            (``losses["mae"]`` is the step's loss).
 
     Returns:
         :class:`PretrainResult`.
@@ -249,6 +252,13 @@ def pretrain(
     out.mkdir(parents=True, exist_ok=True)
 
     use_amp = config.amp and device.type == "cuda"
+
+    def masked_loss(x: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        x = x.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            loss, _, _ = model(x, mask_ratio=config.mask_ratio)
+        return loss, {"mae": float(loss.detach())}
+
     t_start = time.perf_counter()
     for epoch in range(start_epoch, config.epochs):
         gen = torch.Generator().manual_seed(config.seed + epoch)
@@ -262,38 +272,13 @@ def pretrain(
             num_workers=config.num_workers,
             pin_memory=device.type == "cuda",
         )
-        model.train()
-        total, count = 0.0, 0
-        steps = len(loader)
-        for step, x in enumerate(loader):
-            t0 = time.perf_counter()
-            x = x[0] if isinstance(x, list | tuple) else x
-            x = x.to(device, non_blocking=True)
-            lr = learning_rate(epoch + step / steps, config)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                loss, _, _ = model(x, mask_ratio=config.mask_ratio)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item() * x.shape[0]
-            count += x.shape[0]
-            if on_step is not None:
-                rate = x.shape[0] / max(time.perf_counter() - t0, 1e-9)
-                on_step(
-                    {
-                        "epoch": epoch + 1,
-                        "step": step + 1,
-                        "steps": steps,
-                        "loss": loss.item(),
-                        "lr": lr,
-                        "samples_per_s": rate,
-                    }
-                )
-        losses.append(total / max(count, 1))
+        batches = (x[0] if isinstance(x, list | tuple) else x for x in loader)
+        steps = (Step(CURRENT, x.shape[0], functools.partial(masked_loss, x)) for x in batches)
+        means = train_epoch(
+            model, opt, steps, epoch=epoch, epochs=config.epochs, num_steps=len(loader),
+            lr_at=lambda e: learning_rate(e, config), on_step=on_step, where="pretrain",
+        )  # fmt: skip
+        losses.append(means.get("mae", 0.0))
         model.save_pretrained(out)
         save_state(out, model, opt, epoch + 1, losses, run_meta)
         atomic_write_json(out / SUMMARY_NAME, run_meta | {"epochs_done": epoch + 1, "losses": losses})

@@ -139,10 +139,11 @@ def continual(order, method, data, out, profile, resume, device, threads, **over
                 key = ("train", e.stage)
                 if key not in tasks:
                     tasks[key] = bar.add_task(f"stage {e.stage + 1} {e.modality}", total=None, info="")
-                losses = " ".join(f"{k} {v:.4f}" for k, v in i["losses"].items())
+                s = e.step
+                losses = " ".join(f"{k} {v:.4f}" for k, v in s.losses.items())
                 bar.update(
-                    tasks[key], completed=(i["epoch"] - 1) * i["steps"] + i["step"], total=i["epochs"] * i["steps"],
-                    info=f"epoch {i['epoch']}/{i['epochs']} {losses} {i['samples_per_s']:.1f} samples/s",
+                    tasks[key], completed=s.done, total=s.total,
+                    info=f"epoch {s.epoch}/{s.epochs} {losses} {s.samples_per_s:.1f} samples/s",
                 )  # fmt: skip
             elif e.kind == "invert":
                 key = ("invert", e.stage, i["source"], i["batch"])
@@ -338,7 +339,8 @@ def forgetting(
                 key = f"{e.method} {'invert' if ev.kind == 'invert' else 'train'}"
                 i = ev.info
                 if ev.kind == "train":
-                    info = f"stage {ev.stage + 1} {ev.modality} epoch {i['epoch']}/{i['epochs']} mae {i['losses'].get('mae', float('nan')):.4f}"
+                    mae = ev.step.losses.get("mae", float("nan"))
+                    info = f"stage {ev.stage + 1} {ev.modality} epoch {ev.step.epoch}/{ev.step.epochs} mae {mae:.4f}"
                 else:
                     info = f"stage {ev.stage + 1}: {i['source']} batch {i['batch'] + 1}/{i['batches']} step {i['step']}/{i['steps']}"
             if key not in tasks:

@@ -201,11 +201,10 @@ def pretrain(
     with progress_bar() as bar:
         task = bar.add_task("pretrain", total=None, info="")
 
-        def on_step(s: dict) -> None:
-            total = s["steps"] * epochs
-            done = (s["epoch"] - 1) * s["steps"] + s["step"]
-            info = f"epoch {s['epoch']}/{epochs} loss {s['loss']:.4f} lr {s['lr']:.2e} {s['samples_per_s']:.1f} samples/s"
-            bar.update(task, completed=done, total=total, info=info)
+        def on_step(s) -> None:
+            loss = s.losses["mae"]
+            info = f"epoch {s.epoch}/{s.epochs} loss {loss:.4f} lr {s.lr:.2e} {s.samples_per_s:.1f} samples/s"
+            bar.update(task, completed=s.done, total=s.total, info=info)
 
         try:
             result = run_pretrain(model, ds, out, config, resume=resume, device=device, on_step=on_step)

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from invcoss.data.atomic import atomic_write_bytes
+from invcoss.training import CURRENT
 
 __all__ = [
     "CURRENT",
@@ -39,8 +40,6 @@ __all__ = [
     "replay_loss",
     "save_samples",
 ]
-
-CURRENT = "current"
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ written. Each file is written atomically.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -55,6 +56,7 @@ from invcoss.inversion.run import Inverter
 from invcoss.models import MAE, create_model
 from invcoss.pretrain import STATE_NAME
 from invcoss.rng import keeps_global_rng
+from invcoss.training import TrainStep
 
 __all__ = ["ContinualEvent", "ContinualResult", "run_continual"]
 
@@ -65,13 +67,15 @@ class ContinualEvent:
 
     ``kind``: ``stage_start``, ``stage_skip`` (finished earlier), ``invert`` (one inversion step),
     ``train`` (one training step), ``stats`` (one statistics batch) or ``stage_end``. ``stage`` is
-    0-based.
+    0-based. A ``train`` event carries its :class:`~invcoss.training.TrainStep` as ``step`` (and
+    the same fields in ``info``).
     """
 
     kind: str
     stage: int
     modality: str
     info: dict = field(default_factory=dict)
+    step: TrainStep | None = None
 
 
 @dataclass
@@ -224,7 +228,9 @@ def run_continual(
         t0 = time.perf_counter()
         history, epochs_run = train_stage(
             model, teacher, ds, buffers, config, folder, t, dev,
-            on_step=lambda info, t=t, m=modality: emit("train", t, m, **info),
+            on_step=lambda step, t=t, m=modality: on_event and on_event(
+                ContinualEvent("train", t, m, dataclasses.asdict(step), step)
+            ),
         )  # fmt: skip
         times["train"] = time.perf_counter() - t0
         model.save_pretrained(folder)

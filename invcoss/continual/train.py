@@ -11,8 +11,7 @@ loss (Eq. 7); a buffer batch, mixed up within itself, gets
 from __future__ import annotations
 
 import dataclasses
-import math
-import time
+import functools
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from invcoss.pretrain import (
     save_state,
 )
 from invcoss.rng import keeps_global_rng
+from invcoss.training import Step, TrainStep, train_epoch
 
 __all__ = ["train_stage"]
 
@@ -45,7 +45,7 @@ def train_stage(
     folder: str | Path,
     stage: int,
     device: torch.device,
-    on_step: Callable[[dict], None] | None = None,
+    on_step: Callable[[TrainStep], None] | None = None,
 ) -> tuple[list[dict], int]:
     """Train ``model`` for the epochs of one stage, saving the training state in ``folder`` every epoch.
 
@@ -62,8 +62,7 @@ def train_stage(
         folder: the stage folder.
         stage: 0-based stage index.
         device: where to train.
-        on_step: receives ``{"epoch", "epochs", "step", "steps", "source", "lr", "losses",
-            "samples_per_s"}`` after every step.
+        on_step: receives the :class:`~invcoss.training.TrainStep` of every step.
 
     Returns:
         ``(history, epochs trained by this call)``; ``history`` holds one dict per epoch with the
@@ -116,54 +115,37 @@ def train_stage(
                 pin_memory=device.type == "cuda",
             )
         )
-        model.train()
-        sums: dict[str, list[float]] = {}
-        for step, batch in enumerate(schedule):
-            t0 = time.perf_counter()
-            lr = learning_rate(epoch + step / len(schedule), schedule_config)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            if batch.source == CURRENT:
-                x = next(current).to(device, non_blocking=True)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    loss = model(x, mask_ratio=config.mask_ratio)[0]
-                parts = {"mae": float(loss.detach())}
-            else:
-                x = buffer_mixup(buffers[batch.source][list(batch.indices)], config.mixup_alpha, g)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    loss, replay = replay_loss(
-                        model, teacher, x.to(device, non_blocking=True), config.mask_ratio,
-                        config.distill_weight, config.buffer_mae_weight,
-                    )  # fmt: skip
-                parts = {"distill": replay["distill"]}
-                if "mae" in replay:
-                    parts["buffer_mae"] = replay["mae"]
-            if not math.isfinite(float(loss.detach())):
-                raise FloatingPointError(
-                    f"stage {stage + 1} ({modality}): the loss became {float(loss.detach())} at epoch "
-                    f"{epoch + 1}, step {step + 1} ({batch.source} batch); lower the learning rate"
-                )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            for k, v in parts.items():
-                total, count = sums.get(k, (0.0, 0))
-                sums[k] = [total + v * len(batch.indices), count + len(batch.indices)]
-            if on_step is not None:
-                on_step(
-                    {
-                        "epoch": epoch + 1,
-                        "epochs": config.epochs,
-                        "step": step + 1,
-                        "steps": len(schedule),
-                        "source": batch.source,
-                        "lr": lr,
-                        "losses": parts,
-                        "samples_per_s": len(batch.indices) / max(time.perf_counter() - t0, 1e-9),
-                    }
-                )
-        history.append(
-            {"epoch": epoch + 1, "steps": len(schedule)} | {k: s / n for k, (s, n) in sums.items()}
-        )
+
+        def current_loss(x: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                loss = model(x.to(device, non_blocking=True), mask_ratio=config.mask_ratio)[0]
+            return loss, {"mae": float(loss.detach())}
+
+        def buffer_loss(source: str, indices: tuple[int, ...], g=g) -> tuple[torch.Tensor, dict[str, float]]:
+            x = buffer_mixup(buffers[source][list(indices)], config.mixup_alpha, g)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                loss, replay = replay_loss(
+                    model, teacher, x.to(device, non_blocking=True), config.mask_ratio,
+                    config.distill_weight, config.buffer_mae_weight,
+                )  # fmt: skip
+            parts = {"distill": replay["distill"]}
+            if "mae" in replay:
+                parts["buffer_mae"] = replay["mae"]
+            return loss, parts
+
+        def steps(schedule=schedule, current=current):
+            for batch in schedule:
+                if batch.source == CURRENT:
+                    compute = functools.partial(current_loss, next(current))
+                else:
+                    compute = functools.partial(buffer_loss, batch.source, batch.indices)
+                yield Step(batch.source, len(batch.indices), compute)
+
+        means = train_epoch(
+            model, opt, steps(), epoch=epoch, epochs=config.epochs, num_steps=len(schedule),
+            lr_at=lambda e: learning_rate(e, schedule_config), on_step=on_step,
+            where=f"stage {stage + 1} ({modality})",
+        )  # fmt: skip
+        history.append({"epoch": epoch + 1, "steps": len(schedule)} | means)
         save_state(folder, model, opt, epoch + 1, [h["mae"] for h in history], meta | {"history": history})
     return history, config.epochs - start

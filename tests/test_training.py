@@ -1,4 +1,4 @@
-"""No public entry point changes the caller's global random state, and seeded work stays seeded.
+"""The training entry points: one epoch loop for both, and no change to the caller's random state.
 
 Each call below would reset torch's global generator if it seeded it in the open (the training
 loops do seed it: the MAE draws its masks from it). The state before and after must be equal, and
@@ -95,3 +95,34 @@ def test_evaluation_keeps_the_callers_state(tmp_path):
     before = torch.get_rng_state()
     evaluate_run(run, data, repeats=1, batch_size=4, device="cpu")
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_one_training_epoch_for_both_loops():
+    # pretrain and the continual stages step through invcoss.training.train_epoch (typed events).
+    from invcoss.training import Step, TrainStep, train_epoch
+
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    events: list[TrainStep] = []
+
+    def loss_of(x):
+        loss = model(x).square().mean()
+        return loss, {"mse": float(loss.detach())}
+
+    steps = [
+        Step("current", 2, lambda: loss_of(torch.ones(2, 3))),
+        Step("ct", 6, lambda: loss_of(torch.zeros(6, 3))),
+    ]
+    means = train_epoch(model, opt, steps, epoch=1, epochs=3, lr_at=lambda e: e / 10, on_step=events.append)
+    assert [(e.epoch, e.step, e.steps, e.source, e.lr) for e in events] == [
+        (2, 1, 2, "current", 0.1),
+        (2, 2, 2, "ct", 0.15),
+    ]
+    assert events[1].done == 4 and events[1].total == 6
+    expected = (2 * events[0].losses["mse"] + 6 * events[1].losses["mse"]) / 8  # per-sample mean
+    assert means["mse"] == pytest.approx(expected)
+    bad = [Step("current", 1, lambda: (torch.tensor(float("nan"), requires_grad=True), {}))]
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(FloatingPointError, match=r"stage 2 \(ct\): the loss became nan at epoch 1, step 1"):
+        train_epoch(model, opt, bad, epoch=0, epochs=1, lr_at=lambda e: 0.1, where="stage 2 (ct)")
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # nothing applied
