@@ -33,55 +33,26 @@ from torch import nn
 
 from invcoss.data.atomic import atomic_write_bytes, atomic_write_json
 from invcoss.rng import keeps_global_rng
-from invcoss.training import CURRENT, Step, TrainStep, train_epoch
+from invcoss.training import CURRENT, Step, TrainingSchedule, TrainStep, train_epoch
 
 STATE_NAME = "training_state.safetensors"
 SUMMARY_NAME = "pretrain.json"
 
 
 @dataclass(frozen=True)
-class PretrainConfig:
-    """Hyper-parameters of :func:`pretrain` (paper values by default).
+class PretrainConfig(TrainingSchedule):
+    """Hyper-parameters of :func:`pretrain`: the shared :class:`~invcoss.training.TrainingSchedule`
+    (epochs, batch size, AdamW, warm-up, mask ratio, amp, workers; paper values by default) and
+    the seed.
 
     Attributes:
-        epochs: total epochs (a resumed run trains up to this number).
-        batch_size: samples per step.
-        lr: peak learning rate, reached at the end of the warm-up.
-        min_lr: learning rate at the end of the cosine decay.
-        warmup_epochs: linear warm-up length; None means 40/300 of ``epochs`` as in the paper.
-        weight_decay, betas: AdamW (MAE's 0.05 and (0.9, 0.95)).
-        mask_ratio: fraction of patches hidden (0.75).
         seed: seeds initial shuffling and masking; epoch ``e`` shuffles with ``seed + e``.
-        amp: bf16 autocast on CUDA (ignored on CPU).
-        num_workers: DataLoader workers.
     """
 
-    epochs: int = 300
-    batch_size: int = 512
-    lr: float = 1.5e-4
-    min_lr: float = 0.0
-    warmup_epochs: float | None = None
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.95)
-    mask_ratio: float = 0.75
     seed: int = 0
-    amp: bool = True
-    num_workers: int = 0
-
-    def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
-        if not self.lr > 0 or self.min_lr < 0:
-            raise ValueError(f"lr must be > 0 and min_lr >= 0, got {self.lr}, {self.min_lr}")
-        if not 0 <= self.mask_ratio < 1:
-            raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
-
-    @property
-    def warmup(self) -> float:
-        return self.epochs * 40 / 300 if self.warmup_epochs is None else float(self.warmup_epochs)
 
 
-def learning_rate(epoch: float, config: PretrainConfig) -> float:
+def learning_rate(epoch: float, config: TrainingSchedule) -> float:
     """Learning rate at fractional ``epoch``: linear warm-up to ``lr``, then half-cosine to ``min_lr``.
 
     Example:
@@ -108,7 +79,7 @@ class PretrainResult:
     seconds: float
 
 
-def make_optimizer(model: nn.Module, config: PretrainConfig) -> torch.optim.AdamW:
+def make_optimizer(model: nn.Module, config: TrainingSchedule) -> torch.optim.AdamW:
     """AdamW over the trainable parameters of ``model`` with the MAE weight-decay split.
 
     No weight decay on biases, norms, tokens and position tables (1-D or ``*token`` parameters).

@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -29,9 +30,64 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-__all__ = ["CURRENT", "Step", "TrainStep", "train_epoch"]
+__all__ = ["CURRENT", "Step", "TrainStep", "TrainingSchedule", "train_epoch"]
 
 CURRENT = "current"  # the source of a batch of the stage's own data
+
+
+@dataclass(frozen=True)
+class TrainingSchedule:
+    """The optimisation settings every MAE training shares (paper values by default).
+
+    :class:`~invcoss.pretrain.PretrainConfig` and :class:`~invcoss.continual.ContinualConfig`
+    both extend it, so each field is declared and validated once.
+
+    Attributes:
+        epochs: total epochs (per stage in continual training).
+        batch_size: samples per step.
+        lr: peak learning rate, reached at the end of the warm-up.
+        min_lr: learning rate at the end of the cosine decay.
+        warmup_epochs: linear warm-up length; None means 40/300 of ``epochs`` as in the paper.
+        weight_decay, betas: AdamW (MAE's 0.05 and (0.9, 0.95)).
+        mask_ratio: fraction of patches hidden (0.75).
+        amp: bf16 autocast on CUDA (ignored on CPU).
+        num_workers: DataLoader workers.
+    """
+
+    epochs: int = 300
+    batch_size: int = 512
+    lr: float = 1.5e-4
+    min_lr: float = 0.0
+    warmup_epochs: float | None = None
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    mask_ratio: float = 0.75
+    amp: bool = True
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
+        if not self.lr > 0 or self.min_lr < 0:
+            raise ValueError(f"lr must be > 0 and min_lr >= 0, got {self.lr}, {self.min_lr}")
+        if not 0 <= self.mask_ratio < 1:
+            raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+
+    @property
+    def warmup(self) -> float:
+        """The warm-up length in epochs (``warmup_epochs``, or 40/300 of ``epochs``)."""
+        return self.epochs * 40 / 300 if self.warmup_epochs is None else float(self.warmup_epochs)
+
+    def schedule(self) -> TrainingSchedule:
+        """Just the shared settings (what a training loop needs of either config)."""
+        return TrainingSchedule(
+            **{f.name: getattr(self, f.name) for f in dataclasses.fields(TrainingSchedule)}
+        )
 
 
 @dataclass(frozen=True)

@@ -126,3 +126,26 @@ def test_one_training_epoch_for_both_loops():
     with pytest.raises(FloatingPointError, match=r"stage 2 \(ct\): the loss became nan at epoch 1, step 1"):
         train_epoch(model, opt, bad, epoch=0, epochs=1, lr_at=lambda e: 0.1, where="stage 2 (ct)")
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # nothing applied
+
+
+def test_configs_share_one_schedule_and_one_from_dict():
+    import dataclasses
+    import json
+
+    from invcoss.configs import config_from_dict
+    from invcoss.data import PreprocessConfig, get_config
+    from invcoss.training import TrainingSchedule
+
+    shared = {f.name for f in dataclasses.fields(TrainingSchedule)}
+    cont = ContinualConfig.from_profile("quick", order=("ct",), epochs=3, lr=2e-3, warmup_epochs=1)
+    pre = PretrainConfig(epochs=3, batch_size=cont.batch_size, lr=2e-3, warmup_epochs=1)
+    assert cont.schedule() == pre.schedule() and set(dataclasses.asdict(cont.schedule())) == shared
+    for cls in (ContinualConfig, PretrainConfig):  # validated once, in the shared base
+        with pytest.raises(ValueError, match="mask_ratio must be in"):
+            cls(mask_ratio=1.0)
+    for config in (cont, InversionConfig.from_profile("quick", "ct"), get_config("xray", "quick")):
+        again = type(config).from_dict(json.loads(json.dumps(config.to_dict())))
+        assert again == config
+        with pytest.raises(ValueError, match=r"has no field\(s\) \['bogus'\]"):
+            type(config).from_dict({**config.to_dict(), "bogus": 1})
+    assert config_from_dict(PreprocessConfig, get_config("ct", "quick").to_dict()).size == (16, 96, 96)

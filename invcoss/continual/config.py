@@ -53,8 +53,10 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from invcoss.configs import config_from_dict
 from invcoss.inversion.config import InversionConfig
 from invcoss.modality import canonical_modality
+from invcoss.training import TrainingSchedule
 
 __all__ = ["INTERLEAVES", "METHODS", "PROFILES", "ContinualConfig", "buffer_count"]
 
@@ -87,7 +89,7 @@ def buffer_count(num_samples: int, fraction: float) -> int:
 
 
 @dataclass(frozen=True)
-class ContinualConfig:
+class ContinualConfig(TrainingSchedule):
     """Everything that decides a continual pre-training run (see the module docstring).
 
     Attributes:
@@ -126,13 +128,6 @@ class ContinualConfig:
     preset: str = "vit_base"
     img_size_2d: tuple[int, int] | None = None
     img_size_3d: tuple[int, int, int] | None = None
-    epochs: int = 300
-    batch_size: int = 512
-    lr: float = 1.5e-4
-    min_lr: float = 0.0
-    warmup_epochs: float | None = None
-    weight_decay: float = 0.05
-    mask_ratio: float = 0.75
     buffer_fraction: float = 0.05
     distill_weight: float = 1.0
     buffer_mae_weight: float = 1.0
@@ -146,10 +141,9 @@ class ContinualConfig:
     inversion_overrides: tuple[tuple[str, object], ...] = ()
     stats_batch_size: int = 16
     seed: int = 0
-    amp: bool = True
-    num_workers: int = 0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
 
@@ -167,18 +161,12 @@ class ContinualConfig:
                 if len(value) != n or min(value) < 1:
                     raise ValueError(f"{name} must be {n} positive ints, got {getattr(self, name)!r}")
                 object.__setattr__(self, name, value)
-        for name in ("epochs", "batch_size", "buffer_every", "stats_batch_size"):
+        for name in ("buffer_every", "stats_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
-        if not self.lr > 0 or self.min_lr < 0:
-            raise ValueError(f"lr must be > 0 and min_lr >= 0, got {self.lr}, {self.min_lr}")
-        if not 0 <= self.mask_ratio < 1:
-            raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
         if not 0 < self.buffer_fraction <= 1:
             raise ValueError(f"buffer_fraction must be in (0, 1], got {self.buffer_fraction}")
-        for name in ("distill_weight", "buffer_mae_weight", "mixup_alpha", "weight_decay"):
+        for name in ("distill_weight", "buffer_mae_weight", "mixup_alpha"):
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
@@ -235,11 +223,7 @@ class ContinualConfig:
     @classmethod
     def from_dict(cls, values: dict) -> ContinualConfig:
         """Inverse of :meth:`to_dict` (lists from JSON become tuples)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"ContinualConfig has no field(s) {unknown}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+        return config_from_dict(cls, values)
 
     def inversion_config(self, modality: str, seed: int):
         """The :class:`~invcoss.inversion.config.InversionConfig` that inverts ``modality``."""

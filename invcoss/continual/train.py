@@ -23,7 +23,6 @@ from invcoss.continual.replay import CURRENT, buffer_mixup, epoch_schedule, repl
 from invcoss.inversion.engine import derive_seed
 from invcoss.pretrain import (
     STATE_NAME,
-    PretrainConfig,
     learning_rate,
     load_state,
     make_optimizer,
@@ -79,18 +78,7 @@ def train_stage(
         raise ValueError("train_stage got a buffer but no teacher to distil from")
     modality = config.order[stage]
     stage_seed = derive_seed(config.seed, "stage", stage)
-    schedule_config = PretrainConfig(
-        epochs=config.epochs,
-        batch_size=config.batch_size,
-        lr=config.lr,
-        min_lr=config.min_lr,
-        warmup_epochs=config.warmup_epochs,
-        weight_decay=config.weight_decay,
-        mask_ratio=config.mask_ratio,
-        seed=stage_seed,
-        amp=config.amp,
-        num_workers=config.num_workers,
-    )
+    schedule_config = config.schedule()
     opt = make_optimizer(model, schedule_config)
     meta = {"model": dataclasses.asdict(model.config), "stage": stage, "modality": modality}
     history: list[dict] = []

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from invcoss.configs import config_from_dict
 from invcoss.data.readers import (
     Picture,
     ReadError,
@@ -107,12 +108,8 @@ class PreprocessConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> PreprocessConfig:
-        names = {f.name for f in fields(cls)}
-        kw = {k: v for k, v in d.items() if k in names}
-        for k in ("size", "spacing"):
-            if kw.get(k) is not None:
-                kw[k] = tuple(kw[k])
-        return cls(**kw)
+        """The inverse of :meth:`to_dict` (:func:`invcoss.configs.config_from_dict`)."""
+        return config_from_dict(cls, d)
 
     def digest(self) -> str:
         """A short hash of every field that changes the samples (cache validity)."""

@@ -33,6 +33,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from invcoss.configs import config_from_dict
 from invcoss.modality import INPUT_SPACES, InputSpace, canonical_modality
 
 __all__ = [
@@ -201,8 +202,4 @@ class InversionConfig:
             >>> import json; InversionConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
             True
         """
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - fields)
-        if unknown:
-            raise ValueError(f"unknown InversionConfig field(s) {unknown}; fields are {sorted(fields)}")
-        return cls(**values)
+        return config_from_dict(cls, values)

@@ -32,6 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from invcoss.configs import config_from_dict
 from invcoss.data.atomic import atomic_write_file
 
 __all__ = [
@@ -50,21 +51,6 @@ FORMAT_VERSION = 1
 
 C = TypeVar("C")
 M = TypeVar("M", bound="PretrainedMixin")
-
-
-def config_from_dict(config_class: type[C], values: Mapping[str, Any]) -> C:
-    """Rebuild a config dataclass from its JSON form, refusing keys the class does not know.
-
-    Example:
-        >>> from invcoss.models import GeneratorConfig
-        >>> config_from_dict(GeneratorConfig, {"ndim": 2, "out_size": [32, 32]}).out_size
-        (32, 32)
-    """
-    known = {f.name for f in dataclasses.fields(config_class)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"{config_class.__name__} has no field(s) {unknown}; known: {sorted(known)}")
-    return config_class(**values)
 
 
 def config_differences(
