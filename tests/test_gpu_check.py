@@ -193,3 +193,26 @@ def test_sweep_past_its_deadline_measures_nothing_and_fails(tmp_path, capsys):
     assert check.main(["sweep", "--rehearse", "--out", str(tmp_path), "--deadline", "0"]) == 1
     assert "gpu_check: FAILED: step sweep measured no row" in capsys.readouterr().out
     assert not (tmp_path / "bench.jsonl").exists()
+
+
+def test_the_check_needs_no_nibabel(tmp_path):
+    # The device image has no nibabel: the steps must not import it (NIfTI I/O imports it lazily).
+    code = (
+        "import sys; sys.modules['nibabel'] = None\n"
+        "from invcoss.benchmark import check, report\n"
+        "assert check.main(['roofs', '--rehearse', '--out', sys.argv[1]]) == 0\n"
+        "assert check.main(['inversion', '--rehearse', '--steps', '1', '--out', sys.argv[1]]) == 0\n"
+        "assert report.main([sys.argv[1]]) == 0\n"
+        "assert 'nibabel' not in {m.split('.')[0] for m, v in sys.modules.items() if v is not None}\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(records.read_records(tmp_path / "inversion.jsonl")) == 3
