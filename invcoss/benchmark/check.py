@@ -13,7 +13,10 @@ Steps, in the order the script runs them (most valuable first):
   configuration the later steps use, by running them once in worker processes: the device tests
   (sharded), every benchmark case in each dtype and mode, the torch.compile rows and the inversion
   step. Compiled kernels (and, with ``TRITON_CACHE_AUTOTUNING=1``, the autotuner's choices) land
-  in the on-disk caches the later steps read, so nothing is compiled on their clock.
+  in the on-disk caches the later steps read, so nothing is compiled on their clock. The trade-off:
+  the autotuner times its candidates while other warm-up processes share the GPU, so between
+  configurations within a few percent of each other it may keep one that is not the fastest on a
+  quiet device (tuning again on the clock would cost about a minute of the sweep's budget).
 - ``roofs``: the device-to-device copy bandwidth and the bf16 matmul rate, one line each.
 - ``sweep``: every op case in fp32 and bf16, forward and forward+backward, for the eager reference
   and every kernel backend; timed with CUDA events after an L2 flush (:func:`invcoss.benchmark.time_cuda`).
