@@ -1,7 +1,8 @@
-"""The benchmark harness: the spec table, agreement with the reference, rows.
+"""The benchmark harness: the spec table, agreement with the reference, rows, the guard's logic.
 
 Nothing here asserts a time: the tests check what the benchmarks compute (every provider the
-reference's value, the minimum work of each op, the ratios and tables built from given times).
+reference's value, the minimum work of each op, the ratios and tables built from given times) and
+the guard's pass/fail decision on synthetic measurements.
 """
 
 import math
@@ -11,6 +12,7 @@ import torch
 
 from invcoss import benchmark as bm
 from invcoss import ops
+from invcoss.benchmark import guard
 from invcoss.ops.moments import chan_merge
 
 CPU = torch.device("cpu")
@@ -189,6 +191,64 @@ def test_measure_rows_stops_before_the_next_row():
 
     rows = list(bm.measure_rows(TINY, ["eager"], CPU, [torch.float32], reps=1, stop=stop))
     assert [(r.case, r.mode) for r, _ in rows] == [(TINY[0].name, "fwd"), (TINY[0].name, "fwd+bwd")]
+
+
+# ---- the CPU guard --------------------------------------------------------------------------------------
+
+
+def _result(name: str, eager_s: float, fused_s: float) -> guard.GuardResult:
+    row = next(r for r in guard.GUARD_ROWS if r.name == name)
+    return guard.GuardResult(row, eager_s, fused_s, guard.THRESHOLDS[name])
+
+
+def test_the_guard_has_one_row_per_threshold_on_the_spec_table():
+    assert [r.name for r in guard.GUARD_ROWS] == list(guard.THRESHOLDS)
+    assert {r.case.op for r in guard.GUARD_ROWS} == {"tv", "stat_matching", "welford", "repulsive_pool"}
+    welford = next(r for r in guard.GUARD_ROWS if r.case.op == "welford")
+    assert welford.mode == "fwd" and dict(welford.case.options) == {"state_dtype": torch.float64}
+
+
+def test_the_guard_passes_at_its_threshold_and_fails_below():
+    at = _result("stat_matching_loss", 2.0, 1.0)
+    below = _result("stat_matching_loss", 1.99, 1.0)
+    assert at.passed and not below.passed
+    assert guard.failures([at, below]) == ["stat_matching_loss: 1.99x < 2.0x"]
+    assert guard.table_line(at).endswith("|") and guard.table_line(below).endswith("| <")
+
+
+def test_the_guard_rates_count_each_sides_work():
+    r = _result("repulsive loss (RepulsivePool)", 2.0, 0.1)
+    eager, fused = r.row.rates(r.eager_s, r.fused_s)
+    b, p, d = 320, 16384, 768
+    assert eager == pytest.approx(4.0 * b * p * d / 2.0 / 1e9)  # the direct formula
+    assert fused == pytest.approx(2.0 * b * d * d / 0.1 / 1e9)  # the Gram path
+    tv = next(r for r in guard.GUARD_ROWS if r.name == "total_variation 2D")
+    nbytes = 3 * 32 * 3 * 224 * 224 * 4  # x read twice, the gradient written once
+    assert tv.rates(1.0, 0.5) == pytest.approx((nbytes / 1e9, 2 * nbytes / 1e9))
+
+
+@pytest.mark.parametrize(
+    "args, slow, status",
+    [([], True, 0), (["--guard"], False, 0), (["--guard"], True, 1)],
+    ids=["report-only", "guard-pass", "guard-fail"],
+)
+def test_the_guard_exit_status(monkeypatch, capsys, args, slow, status):
+    def fake(repeats: int):
+        yield _result("total_variation 3D", 10.0, 1.0)
+        yield _result("RunningStats.update", 1.0 if slow else 2.0, 1.0)
+
+    monkeypatch.setattr(guard, "measure_guard", fake)
+    monkeypatch.setattr(guard.ops, "available_backends", lambda: ["torch", "cpu"])
+    assert guard.main(args) == status
+    out, err = capsys.readouterr()
+    assert out.count("\n| ") == 3  # the header and two rows
+    assert ("below threshold: RunningStats.update: 1.00x < 1.5x" in err) == (status == 1)
+
+
+def test_the_guard_fails_without_the_cpu_backend(monkeypatch, capsys):
+    monkeypatch.setattr(guard.ops, "available_backends", lambda: ["torch"])
+    assert guard.main(["--guard"]) == 1
+    assert "the cpu backend is not available" in capsys.readouterr().err
 
 
 # ---- the inversion step -------------------------------------------------------------------------------

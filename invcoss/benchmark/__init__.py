@@ -9,7 +9,8 @@ bytes and flops one call must move; the inversion step is a family of its own
   and the agreement check of a provider against the reference (:func:`assert_agrees`);
 - :mod:`~invcoss.benchmark.timing`: wall clock, CUDA events after an L2 flush, round-robin, roofs;
 - :mod:`~invcoss.benchmark.suite`: :class:`Row`, the case lists, :func:`run_suite`, ratios;
-- :mod:`~invcoss.benchmark.tables`: Markdown.
+- :mod:`~invcoss.benchmark.tables`: Markdown;
+- :mod:`~invcoss.benchmark.guard`: the CPU throughput guard (``benchmarks/cpu_ratios.py``).
 
 Users: the pytest-benchmark suites (``benchmarks/``), ``invcoss-cli bench``, the guard, the
 inversion-step script and the GPU check (:mod:`~invcoss.benchmark.check`, with ``records``,
