@@ -256,18 +256,16 @@ def test_the_guard_fails_without_the_cpu_backend(monkeypatch, capsys):
 TINY_INVERSION = bm.INVERSION_PROFILES["tiny"]
 
 
-def test_inversion_step_is_the_engine_step_and_backends_agree():
-    backends = bm.INVERSION.backends(CPU)
-    values = {}
-    for backend in backends:
-        inv, step = bm.inversion_setup(TINY_INVERSION, "cpu", backend)
-        assert inv.config.batch_size == 2 and inv.pool.size == 2 * 96 > inv.pool.dim  # the Gram path
-        first, second = step(), step()
-        assert set(first) == {"task", "norm", "img", "rep", "total"}
-        assert first["total"] != second["total"]  # the step updates the generator and the latents
-        values[backend] = first
-    for backend in backends[1:]:  # same seed, same model: the fused losses give the same values
-        bm.assert_agrees(values[backend], values["torch"], torch.float32, backend)
+def test_inversion_step_is_the_engine_step_and_the_family_callables_agree():
+    inv, step = bm.inversion_setup(TINY_INVERSION, "cpu", "torch")
+    assert inv.config.batch_size == 2 and inv.pool.size == 2 * 96 > inv.pool.dim  # the Gram path
+    first, second = step(), step()
+    assert set(first) == {"task", "norm", "img", "rep", "total"}
+    assert first["total"] != second["total"]  # the step updates the generator and the latents
+    family = bm.FAMILIES["inversion"]
+    assert family.reference(TINY_INVERSION, "cpu")() == first  # the same seed: the same first step
+    for backend in family.backends(CPU)[1:]:  # the fused losses give the same values
+        bm.assert_agrees(family.fused(TINY_INVERSION, "cpu", backend)(), first, torch.float32, backend)
 
 
 def test_time_inversion_rows_and_table():
