@@ -46,6 +46,7 @@ bench: install
 	TORCHINDUCTOR_COMPILE_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider benchmarks \
 		-o python_files='bench_*.py' --bench-device cpu --bench-rounds 3 $(BENCH_FLAGS)
 
+# The rows, thresholds and timing of the guard: invcoss/benchmark/guard.py (cpu_ratios.py runs it).
 bench-guard: install
 	$(BIN)/python benchmarks/cpu_ratios.py --guard
 

@@ -2,25 +2,21 @@
 
 One benchmark per profile: it times every backend round-robin in the same run (see
 :func:`invcoss.benchmark.time_inversion`) and puts steps/s and the ratio to the reference into
-``extra_info``; the session writes them with the op tables. CPU: the reduced profiles; CUDA: the
-paper's (``benchmarks/inversion_step.py`` is the same measurement without pytest).
+``extra_info``; the session writes them with the op tables. Every backend's first step must give the
+reference backend's losses. CPU: the reduced profiles; CUDA: the paper's
+(``benchmarks/inversion_step.py`` is the same measurement without pytest).
 """
 
-import pytest
 import torch
 
 from invcoss import benchmark as bm
 
-
-def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "profile_name" in metafunc.fixturenames:
-        device = metafunc.config.getoption("--bench-device")
-        metafunc.parametrize("profile_name", bm.inversion_profiles_for(device))
+FAMILY = "inversion"
 
 
 def test_inversion_step(profile_name, benchmark, request, inversion_rows):
     device = torch.device(request.config.getoption("--bench-device"))
-    backends = ["torch"] + bm.kernel_backends(device)
+    backends = bm.INVERSION.backends(device)
     steps = max(3, request.config.getoption("--bench-rounds"))
     rows: list[dict] = []
     benchmark.pedantic(
@@ -33,5 +29,6 @@ def test_inversion_step(profile_name, benchmark, request, inversion_rows):
         | {f"{r['backend']}_ratio": r["ratio"] for r in rows}
     )
     inversion_rows.extend(rows)
-    assert [r["backend"] for r in rows] == backends
-    assert all(r["steps_per_s"] > 0 for r in rows)
+    reference = rows[0]
+    for r in rows[1:]:
+        bm.assert_agrees(r["losses"], reference["losses"], torch.float32, f"{profile_name} {r['backend']}")

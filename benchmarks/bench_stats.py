@@ -1,8 +1,8 @@
 """Welford statistics (Eq. 9) and the stat-matching loss (Eq. 3) on ViT block features."""
 
-FAMILIES = ("stat_matching", "welford")
+FAMILY = "stats"
 
 
-def test_stats(bench_row, run_case):
-    row = run_case(*bench_row)
-    assert row.median_ms > 0
+def test_stats(bench_row):
+    bench_row.assert_matches_reference()
+    bench_row.time()

@@ -1,5 +1,11 @@
 """pytest-benchmark suites: every provider of every case, side by side in one run.
 
+Each ``bench_<family>.py`` names its op family (``FAMILY``, a key of
+:data:`invcoss.benchmark.FAMILIES`) and gets one test per case, mode and provider of that family in
+the device's sweep (:func:`invcoss.benchmark.cases_for`), or one per inversion profile. A test first
+checks that its provider computes the eager reference's value (:meth:`BenchRow.assert_matches_reference`),
+then times it.
+
 Options: ``--bench-device cpu|cuda`` (default cpu), ``--bench-quick`` (drops the paper-size cases
 on CPU), ``--bench-rounds N``, ``--bench-deadline S`` (skip the rows that would start after S
 seconds, so a time-limited run still writes its tables). At the end of the session the rows, with their speed-ups against the
@@ -50,63 +56,87 @@ _START = time.monotonic()
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "bench_row" not in metafunc.fixturenames:
+    family = getattr(metafunc.module, "FAMILY", None)
+    if family is None:
         return
     device = torch.device(metafunc.config.getoption("--bench-device"))
-    families = metafunc.module.FAMILIES
-    if device.type == "cpu":
-        cases = bm.cpu_cases(full=not metafunc.config.getoption("--bench-quick"))
-    else:
-        cases = bm.gpu_cases()
-    params, ids = [], []
-    for case in cases:
-        if case.family not in families:
-            continue
-        for mode in case.modes:
-            for provider in bm.providers_for(device):
-                params.append((case, mode, provider))
-                ids.append(f"{case.name}-{mode}-{provider}")
-    metafunc.parametrize("bench_row", params, ids=ids)
+    if "bench_case" in metafunc.fixturenames:
+        params, ids = [], []
+        for case in bm.cases_for(device, quick=metafunc.config.getoption("--bench-quick")):
+            if case.family != family:
+                continue
+            for mode in case.modes:
+                for provider in bm.providers_for(device):
+                    params.append((case, mode, provider))
+                    ids.append(f"{case.name}-{mode}-{provider}")
+        metafunc.parametrize("bench_case", params, ids=ids)
+    if "profile_name" in metafunc.fixturenames:
+        metafunc.parametrize("profile_name", bm.FAMILIES[family].profiles_for(device))
 
 
-_INPUTS: dict = {}
+DTYPE = torch.float32
+# One case at a time: its inputs (shared by every provider and mode) and the reference's value per mode.
+_CURRENT: dict = {"key": None, "inputs": None, "reference": {}}
 
 
-@pytest.fixture
-def run_case(benchmark, request):
-    """Times one (case, mode, provider) with pytest-benchmark and records the row."""
-    device = torch.device(request.config.getoption("--bench-device"))
-    rounds = request.config.getoption("--bench-rounds")
+def _case_inputs(case: bm.Case, device: torch.device) -> dict:
+    key = (case, str(device))
+    if _CURRENT["key"] != key:
+        _CURRENT.update(key=None, inputs=None, reference={})  # drop the previous case's tensors first
+        _CURRENT.update(key=key, inputs=bm.make_inputs(case, device, DTYPE))
+    return _CURRENT["inputs"]
 
-    deadline = request.config.getoption("--bench-deadline")
 
-    def run(case: bm.Case, mode: str, provider: str) -> bm.Row:
-        if deadline is not None and time.monotonic() - _START > deadline:
-            pytest.skip(f"--bench-deadline {deadline:.0f} s reached")
-        key = (case, str(device))
-        if key not in _INPUTS:  # one set of inputs per case, shared by every provider and mode
-            _INPUTS.clear()
-            _INPUTS[key] = bm.make_inputs(case, device, torch.float32)
-        fn = bm.build(case, provider, mode, _INPUTS[key])
-        if device.type == "cuda":
-            inner = fn
+class BenchRow:
+    """One (case, mode, provider) of a suite: checked against the eager reference, then timed."""
+
+    def __init__(self, case: bm.Case, mode: str, provider: str, device: torch.device, rounds: int, benchmark):
+        self.case, self.mode, self.provider, self.device = case, mode, provider, device
+        self.rounds, self.benchmark = rounds, benchmark
+        self.inputs = _case_inputs(case, device)
+        self.fn = bm.build(case, provider, mode, self.inputs)
+
+    def assert_matches_reference(self) -> None:
+        """The provider's first call computes the eager reference's value (within the harness's
+        tolerance for the dtype); the eager row's first call is that value."""
+        value = self.fn()
+        references = _CURRENT["reference"]
+        if self.mode not in references:
+            is_reference = self.provider == "eager"
+            references[self.mode] = (
+                value if is_reference else bm.build(self.case, "eager", self.mode, self.inputs)()
+            )
+        bm.assert_agrees(value, references[self.mode], DTYPE, f"{self.case.name} {self.mode} {self.provider}")
+
+    def time(self) -> bm.Row:
+        """Time the provider with pytest-benchmark and record its row for the session's tables."""
+        fn = self.fn
+        if self.device.type == "cuda":
 
             def fn() -> None:
-                inner()
+                self.fn()
                 torch.cuda.synchronize()
 
-        warmup = 2 if provider == "compile" else 1
-        benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=warmup)
-        times_ms = [t * 1e3 for t in benchmark.stats.stats.data]
-        row = bm.make_row(case, provider, mode, device, torch.float32, times_ms)
-        benchmark.extra_info.update(
+        warmup = 2 if self.provider == "compile" else 1
+        self.benchmark.pedantic(fn, rounds=self.rounds, iterations=1, warmup_rounds=warmup)
+        times_ms = [t * 1e3 for t in self.benchmark.stats.stats.data]
+        row = bm.make_row(self.case, self.provider, self.mode, self.device, DTYPE, times_ms)
+        self.benchmark.extra_info.update(
             {k: v for k, v in (("gbps", row.gbps), ("tflops", row.tflops)) if v is not None}
         )
-        benchmark.extra_info.update(case=row.case, provider=provider, mode=mode)
+        self.benchmark.extra_info.update(case=row.case, provider=self.provider, mode=self.mode)
         _ROWS.append(row)
         return row
 
-    return run
+
+@pytest.fixture
+def bench_row(bench_case, benchmark, request) -> BenchRow:
+    """The :class:`BenchRow` of this test's (case, mode, provider); skipped past ``--bench-deadline``."""
+    deadline = request.config.getoption("--bench-deadline")
+    if deadline is not None and time.monotonic() - _START > deadline:
+        pytest.skip(f"--bench-deadline {deadline:.0f} s reached")
+    device = torch.device(request.config.getoption("--bench-device"))
+    return BenchRow(*bench_case, device, request.config.getoption("--bench-rounds"), benchmark)
 
 
 def pytest_benchmark_update_json(config, benchmarks, output_json) -> None:

@@ -5,14 +5,13 @@ Usage::
     python benchmarks/inversion_step.py [--device cpu|cuda] [--profile NAME ...] [--steps N]
                                         [--out FILE.md] [--deadline SECONDS]
 
-One step is what :meth:`invcoss.inversion.Inverter.step` does in a real run: the generator makes
-the batch, the frozen MAE scores it (L_task, masked) and yields its block features (L_norm, one
-stat-matching loss per block), then TV (L_img) and the repulsive pool (L_rep), backward through all
-of it, and Adam. Only the backend of the three InvCoSS losses changes between rows, so the ratio
-shows what the fused ops save in the whole loop. Profiles (``invcoss.benchmark.INVERSION_PROFILES``):
-on CPU the reduced ones by default, on CUDA the paper's (vit_base; 3D batch 48 at 16x192x192, 2D
-batch 320 at 224x224). ``--deadline`` stops starting new rows after that many seconds, so a
-time-limited GPU session still writes what it measured.
+The measurement is the harness's (:mod:`invcoss.benchmark.inversion`: one step of
+:meth:`invcoss.inversion.Inverter.step` per backend, round-robin); this script only adds the options.
+Profiles (``invcoss.benchmark.INVERSION_PROFILES``): on CPU the reduced ones by default, on CUDA the
+paper's (vit_base; 3D batch 48 at 16x192x192, 2D batch 320 at 224x224). ``--deadline`` stops
+starting new rows after that many seconds, so a time-limited GPU session still writes what it
+measured. ``invcoss-cli bench --family inversion`` times the default profiles through the same
+harness (with torch's default matmul precision on CUDA, where this script allows tf32).
 """
 
 from __future__ import annotations
@@ -47,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.allow_tf32 = True
     if args.steps < 1 or args.warmup < 0:
         parser.error(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
-    names = args.profile or bm.inversion_profiles_for(device)
-    backends = ["torch"] + bm.kernel_backends(device)
+    names = args.profile or bm.INVERSION.profiles_for(device)
+    backends = bm.INVERSION.backends(device)
     t0 = time.monotonic()
     rows = []
     for name in names:

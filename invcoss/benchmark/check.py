@@ -54,22 +54,16 @@ def check_cases(rehearse: bool):
     On a GPU every fp32 input but one is several times the 50-60 MB L2 of an H200 (and each timed
     call starts after an L2 flush anyway); the rehearsal uses tiny shapes the interpreter runs fast.
     """
-    from invcoss.benchmark import Case
+    from invcoss.benchmark import Case, tiny_cases
 
     if rehearse:
-        return [
-            Case("tv", (2, 1, 3, 8, 8)),
-            Case("stat_matching", (4, 5, 8)),
-            Case("welford", (4, 5, 8), modes=("fwd",)),
-            Case("repulsive_direct", (3, 6, 4)),
-            Case("repulsive_pool", (3, 9, 4)),
-        ]
+        return tiny_cases()
     return [
         Case("tv", (48, 1, 16, 192, 192), "paper"),  # 113 MB fp32
         Case("stat_matching", (320, 197, 768), "paper"),  # 194 MB
         Case("repulsive_direct", (320, 100_000, 768)),  # pool 307 MB
         Case("repulsive_pool", (320, 100_000, 768)),
-        Case("welford", (320, 197, 768), modes=("fwd",)),
+        Case("welford", (320, 197, 768)),
         Case("tv", (320, 3, 224, 224), "paper"),  # 193 MB
         Case("stat_matching", (48, 145, 768), "paper"),  # 21 MB: L2-sized, flushed before each call
         Case("repulsive_direct", (320, 16384, 768)),
@@ -279,8 +273,7 @@ def step_warm_inversion(args: argparse.Namespace) -> int:
 
     device = device_for(args.rehearse)
     for name in inversion_profiles(args.rehearse):
-        profile = bm.INVERSION_PROFILES.get(name) or _rehearsal_profile()
-        inv, step = bm.inversion_setup(profile, device, "triton")
+        inv, step = bm.inversion_setup(bm.INVERSION_PROFILES[name], device, "triton")
         step(), step()
         del inv, step
         if device.type == "cuda":
@@ -293,8 +286,6 @@ def step_warm_inversion(args: argparse.Namespace) -> int:
 
 def step_roofs(args: argparse.Namespace) -> int:
     """Measure the copy bandwidth and the bf16 matmul rate; one record each."""
-    import statistics
-
     import torch
 
     from invcoss import benchmark as bm
@@ -302,32 +293,9 @@ def step_roofs(args: argparse.Namespace) -> int:
     device = device_for(args.rehearse)
     # 1 GiB copied (2 GiB moved) on a GPU, far beyond its L2; 64 MB in the rehearsal.
     n = (1 << 28) if device.type == "cuda" else (1 << 24)
-    src = torch.empty(n, dtype=torch.float32, device=device).uniform_()
-    dst = torch.empty_like(src)
-    ms = statistics.median(bm.time_calls(lambda: dst.copy_(src), device, reps=20, warmup=3))
-    append_record(
-        args.out / FILES["roofs"],
-        {
-            "roof": "copy_gbps",
-            "value": 2 * n * 4 / ms / 1e6,
-            "bytes": 2 * n * 4,
-            "median_ms": ms,
-            "device": str(device),
-        },
-    )
+    append_record(args.out / FILES["roofs"], bm.copy_roof(device, n, reps=20, warmup=3))
     m, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (512, torch.float32)
-    a, b = (torch.randn(m, m, device=device, dtype=dtype) for _ in range(2))
-    ms = statistics.median(bm.time_calls(lambda: a @ b, device, reps=10, warmup=3))
-    append_record(
-        args.out / FILES["roofs"],
-        {
-            "roof": "bf16_tflops",
-            "value": 2 * m**3 / ms / 1e9,
-            "flops": 2 * m**3,
-            "median_ms": ms,
-            "dtype": str(dtype),
-        },
-    )
+    append_record(args.out / FILES["roofs"], bm.matmul_roof(device, m, dtype, reps=10, warmup=3))
     return 0
 
 
@@ -348,30 +316,14 @@ def step_sweep(args: argparse.Namespace) -> int:
         print(f"gpu_check: FAILED: provider(s) {unknown} not available on {device}", flush=True)
         return 3
     reps = args.reps or (20 if device.type == "cuda" else 3)
-    done = skipped = 0
     cases = compile_cases(args.rehearse) if args.step == "compile" else check_cases(args.rehearse)
-    for case in cases:
-        for dtype_name in args.dtypes:
-            dtype = getattr(torch, dtype_name)
-            inputs = None
-            for mode in case.modes:
-                for provider in providers:
-                    if clock.expired():
-                        skipped += 1
-                        continue
-                    if inputs is None:
-                        inputs = bm.make_inputs(case, device, dtype)
-                    fn = bm.build(case, provider, mode, inputs)
-                    warmup = 2 if provider == "compile" else 1
-                    times = bm.time_calls(fn, device, reps, warmup)
-                    row = bm.make_row(case, provider, mode, device, dtype, times)
-                    record = {"step": args.step, **asdict(row), "times_ms": times}
-                    append_record(args.out / FILES["bench"], record)
-                    done += 1
-                    print(f"{row.case} {mode} {dtype_name} {provider}: {row.median_ms:.3f} ms", flush=True)
-            del inputs
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+    dtypes = [getattr(torch, name) for name in args.dtypes]
+    done = 0
+    for row, times in bm.measure_rows(cases, providers, device, dtypes, reps, stop=clock.expired):
+        append_record(args.out / FILES["bench"], {"step": args.step, **asdict(row), "times_ms": times})
+        done += 1
+        print(f"{row.case} {row.mode} {row.dtype} {row.provider}: {row.median_ms:.3f} ms", flush=True)
+    skipped = sum(len(case.modes) for case in cases) * len(dtypes) * len(providers) - done
     if skipped:
         print(f"{args.step}: deadline reached, {skipped} row(s) not measured", flush=True)
     if done == 0:
@@ -380,25 +332,12 @@ def step_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-# A profile the interpreter steps through in seconds (the tiny one of tests/test_benchmark.py).
-def _rehearsal_profile():
-    from invcoss.benchmark import InversionProfile
-
-    return InversionProfile(
-        "rehearsal",
-        "xray",
-        "vit_nano",
-        2,
-        (32, 32),
-        "quick",
-        (("generator_channels", (8, 8, 4)), ("latent_dim", 8)),
-    )
-
-
 def inversion_profiles(rehearse: bool) -> list[str]:
+    """The profiles of the inversion step: the tiny one in the rehearsal (the interpreter steps
+    through it in seconds), the paper's on the GPU."""
     from invcoss import benchmark as bm
 
-    return ["rehearsal"] if rehearse else bm.inversion_profiles_for("cuda")
+    return ["tiny"] if rehearse else bm.inversion_profiles_for("cuda")
 
 
 def step_inversion(args: argparse.Namespace) -> int:
@@ -417,9 +356,8 @@ def step_inversion(args: argparse.Namespace) -> int:
         if clock.expired():
             print(f"inversion: deadline reached, {name} not measured", flush=True)
             continue
-        profile = bm.INVERSION_PROFILES.get(name) or _rehearsal_profile()
         rows = bm.time_inversion(
-            profile,
+            bm.INVERSION_PROFILES[name],
             device,
             backends,
             steps=args.steps,

@@ -16,8 +16,8 @@ from invcoss.cli.options import device_option
     "--family",
     "families",
     multiple=True,
-    help="Only these (tv, stat_matching, welford, repulsive_direct, repulsive_pool, inversion); "
-    "default: all of them.",
+    help="Only these op families or ops (tv; stats: stat_matching, welford; repulsive: repulsive_direct, "
+    "repulsive_pool; inversion); default: all of them.",
 )
 @click.option("--reps", default=5, show_default=True, help="Timed repetitions per row.")
 @click.option(
@@ -37,7 +37,8 @@ def bench(device, quick: bool, families: tuple[str, ...], reps: int, steps: int,
 
     Then the inversion step (family ``inversion``): steps/s of the whole loop with each fused backend
     against the reference ops, at the reduced size on CPU and the paper's on CUDA, as
-    ``benchmarks/inversion_step.py`` measures it.
+    ``benchmarks/inversion_step.py`` measures it. Every family and op comes from the table of
+    :mod:`invcoss.benchmark.specs`.
     """
     import json
 
@@ -47,16 +48,16 @@ def bench(device, quick: bool, families: tuple[str, ...], reps: int, steps: int,
     from invcoss import benchmark as bm
 
     dev = device
-    cases = bm.cpu_cases(full=not quick) if dev.type == "cpu" else bm.gpu_cases()
-    known = {c.family for c in cases} | {"inversion"}
+    cases = bm.cases_for(dev, quick)
+    known = set(bm.FAMILIES) | set(bm.OPS)
     unknown = set(families) - known
     if unknown:
         raise click.UsageError(
             f"--family expects some of {', '.join(sorted(known))}, got {', '.join(sorted(unknown))}"
         )
     if families:
-        cases = [c for c in cases if c.family in families]
-    with_inversion = not families or "inversion" in families
+        cases = [c for c in cases if c.family in families or c.op in families]
+    with_inversion = not families or bm.INVERSION.name in families
     console = Console()
     rows, inversion_rows = [], []
     with console.status("benchmarking") as status:
@@ -65,8 +66,8 @@ def bench(device, quick: bool, families: tuple[str, ...], reps: int, steps: int,
                 dev, cases=cases, reps=reps, progress=lambda s: status.update(f"benchmarking {s}")
             )
         if with_inversion:
-            backends = ["torch"] + bm.kernel_backends(dev)
-            for name in bm.inversion_profiles_for(dev):
+            backends = bm.INVERSION.backends(dev)
+            for name in bm.INVERSION.profiles_for(dev):
                 inversion_rows += bm.time_inversion(
                     bm.INVERSION_PROFILES[name],
                     dev,

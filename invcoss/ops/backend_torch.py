@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from invcoss.ops.moments import chan_merge
+
 
 def _acc(t: Tensor) -> Tensor:
     """Upcast to the accumulation dtype: fp32, or fp64 for fp64 inputs (so gradcheck is exact)."""
@@ -40,15 +42,9 @@ def batch_mean_var(x: Tensor) -> tuple[Tensor, Tensor]:
 def welford_update(x: Tensor, count: int, mean: Tensor, m2: Tensor) -> tuple[Tensor, Tensor]:
     """Fold x (N, F) into the state (count, mean, m2) with Chan et al.'s parallel merge (Eq. 9)."""
     xs = x.detach().to(mean.dtype)
-    n_b = xs.shape[0]
     mean_b = xs.mean(0)
     m2_b = (xs - mean_b).square().sum(0)
-    if count == 0:
-        return mean_b, m2_b
-    n = count + n_b
-    delta = mean_b - mean
-    new_mean = mean + delta * (n_b / n)
-    new_m2 = m2 + m2_b + delta.square() * (count * n_b / n)
+    _, new_mean, new_m2 = chan_merge(count, mean, m2, xs.shape[0], mean_b, m2_b)
     return new_mean, new_m2
 
 

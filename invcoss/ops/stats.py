@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from invcoss.ops.checks import check_same_device, check_tensor, shape_str
 from invcoss.ops.dispatch import resolve
+from invcoss.ops.moments import chan_merge
 
 
 def batch_mean_var(x: Tensor, backend: str | None = None) -> tuple[Tensor, Tensor]:
@@ -143,6 +144,11 @@ class RunningStats:
         """Biased variance, shape F (zeros before the first update)."""
         return (self._m2 / max(self.count, 1)).reshape(self.feature_shape)
 
+    @property
+    def m2(self) -> Tensor:
+        """Sum of squared deviations from the mean, shape F (``var * count``; zeros when empty)."""
+        return self._m2.reshape(self.feature_shape)
+
     def update(self, x: Tensor) -> None:
         """Fold a batch ``x`` of shape ``(B, *feature_shape)`` into the state (no gradient)."""
         op = "RunningStats.update"
@@ -174,22 +180,13 @@ class RunningStats:
                 f"RunningStats.merge expects other with feature shape {shape_str(self.feature_shape)}, "
                 f"got {shape_str(other.feature_shape)}"
             )
-        self._fold(
-            other.count, other._mean.to(self.device, self.dtype), other._m2.to(self.device, self.dtype)
+        # Copies: a merge into an empty state takes the other's tensors as they are.
+        mean_b = other._mean.to(self.device, self.dtype, copy=True)
+        m2_b = other._m2.to(self.device, self.dtype, copy=True)
+        self.count, self._mean, self._m2 = chan_merge(
+            self.count, self._mean, self._m2, other.count, mean_b, m2_b
         )
         return self
-
-    def _fold(self, n_b: int, mean_b: Tensor, m2_b: Tensor) -> None:
-        if n_b == 0:
-            return
-        if self.count == 0:
-            self.count, self._mean, self._m2 = n_b, mean_b.clone(), m2_b.clone()
-            return
-        n = self.count + n_b
-        delta = mean_b - self._mean
-        self._mean = self._mean + delta * (n_b / n)
-        self._m2 = self._m2 + m2_b + delta.square() * (self.count * n_b / n)
-        self.count = n
 
     def all_reduce(self, group: object = None) -> RunningStats:
         """Merge the states of every ``torch.distributed`` rank into each rank; returns self.
@@ -211,7 +208,9 @@ class RunningStats:
         dist.all_gather(m2s, self._m2, group=group)
         self.count, self._mean, self._m2 = 0, torch.zeros_like(self._mean), torch.zeros_like(self._m2)
         for c, m, s in zip(counts, means, m2s):
-            self._fold(int(c.item()), m, s)
+            self.count, self._mean, self._m2 = chan_merge(
+                self.count, self._mean, self._m2, int(c.item()), m, s
+            )
         return self
 
     def state_dict(self) -> dict[str, Tensor]:
@@ -219,7 +218,7 @@ class RunningStats:
         return {
             "count": torch.tensor(self.count, dtype=torch.int64),
             "mean": self.mean.clone(),
-            "m2": self._m2.reshape(self.feature_shape).clone(),
+            "m2": self.m2.clone(),
             "feature_shape": torch.tensor(list(self.feature_shape), dtype=torch.int64),
         }
 
