@@ -1,4 +1,4 @@
-"""Speed of the C++ CPU kernels against the eager torch reference, and the throughput guard (issue 4).
+"""Speed of the C++ CPU kernels against the eager torch reference, and the throughput guard.
 
 Usage::
 

@@ -1,4 +1,4 @@
-"""Speed of the C++ CPU kernels against the eager torch reference, measured in one run (issue 4).
+"""Speed of the C++ CPU kernels against the eager torch reference, measured in one run.
 
 Usage::
 
@@ -33,7 +33,7 @@ from invcoss import ops
 from invcoss.benchmark.specs import Case, build, make_inputs, work
 from invcoss.benchmark.timing import time_round_robin
 
-# Minimum speed-up of the fused CPU op over the eager reference (issue 4).
+# Minimum speed-up of the fused CPU op over the eager reference.
 THRESHOLDS: dict[str, float] = {
     "total_variation 3D": 3.0,
     "total_variation 2D": 3.0,

@@ -44,7 +44,7 @@ class Row:
 
 
 def cpu_cases(full: bool = True) -> list[Case]:
-    """The CPU sweep: the extension issue's shapes plus the paper's, sized for a 2-core machine."""
+    """The CPU sweep: the extension's design shapes plus the paper's, sized for a 2-core machine."""
     cases = [
         Case("tv", (4, 1, 16, 192, 192)),
         Case("tv", (32, 3, 224, 224)),
