@@ -1,6 +1,6 @@
 """The C++ CPU kernels of ``invcoss._C`` (``backend="cpu"``), and on a GPU machine the CUDA ones.
 
-Every op against the float64 numpy references of tests/refs.py (values and gradients) or the torch
+Every op against the float64 numpy references of invcoss/benchmark/refs.py (values and gradients) or the torch
 backend: odd shapes (1, primes, more rows than a row block, more columns than a tile, pools longer
 than a matmul tile), non-contiguous inputs, fp32/fp16/bf16/fp64 with the SPEC 6 tolerances;
 gradcheck in fp64 and opcheck through ``torch.ops.invcoss.*``; bit-identical results with 1 and 2
@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from invcoss import _ext, ops
+from invcoss.benchmark.refs import mean_var_ref, repulsive_ref, stat_matching_ref, to_np, tv_ref
 from invcoss.ops import backend_torch
-from tests.refs import mean_var_ref, repulsive_ref, stat_matching_ref, to_np, tol, tv_ref
+from tests.ops.tolerances import tol
 
 if _ext.C is None:
     pytest.skip(f"the extension invcoss._C is not built: {_ext.IMPORT_ERROR}", allow_module_level=True)

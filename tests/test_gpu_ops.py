@@ -19,7 +19,7 @@ import torch
 
 from invcoss import ops
 from invcoss.ops.dispatch import unavailable_reason
-from tests.refs import tol
+from tests.ops.tolerances import tol
 
 DEVICE = os.environ.get("INVCOSS_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "")
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"

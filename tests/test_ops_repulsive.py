@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from invcoss import ops
-from tests.refs import TOL, repulsive_ref, to_np
+from invcoss.benchmark.refs import repulsive_ref, to_np
+from tests.ops.tolerances import TOL
 
 SHAPES = [(1, 1, 1), (1, 5, 3), (7, 1, 13), (3, 11, 2), (17, 19, 8)]  # (B, P, D)
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from invcoss import ops
-from tests.refs import TOL, mean_var_ref, stat_matching_ref, to_np
+from invcoss.benchmark.refs import mean_var_ref, stat_matching_ref, to_np
+from tests.ops.tolerances import TOL
 
 SHAPES = [(1, 1), (1, 7), (2, 3), (13, 1), (5, 3, 11), (4, 17, 2, 3)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from invcoss import ops
-from tests.refs import TOL, to_np, tv_ref
+from invcoss.benchmark.refs import to_np, tv_ref
+from tests.ops.tolerances import TOL
 
 SHAPES = [
     (1, 1, 1, 1),

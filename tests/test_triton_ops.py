@@ -1,6 +1,6 @@
 """The Triton kernels on CPU tensors through the interpreter (TRITON_INTERPRET=1, set in conftest).
 
-Every op of ``backend="triton"`` against the float64 numpy references of tests/refs.py (values and
+Every op of ``backend="triton"`` against the float64 numpy references of invcoss/benchmark/refs.py (values and
 gradients) and the torch backend: odd shapes (1, primes, rows longer than a tile, several row,
 column and depth groups), non-contiguous inputs, fp32/fp16/bf16 with the SPEC 6 tolerances; plus
 determinism, the Welford hard cases, and the torch.library registration (fake tensors, opcheck,
@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from invcoss import ops
-from tests.refs import mean_var_ref, repulsive_ref, stat_matching_ref, to_np, tol, tv_ref
+from invcoss.benchmark.refs import mean_var_ref, repulsive_ref, stat_matching_ref, to_np, tv_ref
+from tests.ops.tolerances import tol
 
 pytestmark = [
     pytest.mark.interpret,
