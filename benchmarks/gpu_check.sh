@@ -113,7 +113,7 @@ else
 fi
 step tests 90 "$PY" -m pytest -q -p no:cacheprovider -p invcoss.benchmark.pytest_records \
   --records "$OUT/tests.jsonl" --records-step tests --require-backends "$REQUIRE" --require-tests \
-  tests/test_gpu_ops.py tests/test_ext_build.py
+  tests/test_gpu_ops.py tests/ops/test_build.py
 step roofs 25 "${CHECK[@]}" roofs --out "$OUT" "${FLAGS[@]}"
 step sweep 90 "${CHECK[@]}" sweep --out "$OUT" "${FLAGS[@]}"
 step compile 50 "${CHECK[@]}" compile --out "$OUT" "${FLAGS[@]}"
