@@ -4,6 +4,7 @@ import json
 import re
 from importlib.metadata import version
 
+import pytest
 import torch
 from click.testing import CliRunner
 
@@ -45,6 +46,7 @@ def test_bench_rejects_unknown_family_with_exit_code_2():
     assert "Traceback" not in result.output
 
 
+@pytest.mark.slow  # the reduced inversion profiles, the smallest the CLI offers
 def test_bench_inversion_step_table_and_files(tmp_path):
     result = CliRunner().invoke(
         main, ["bench", "--family", "inversion", "--steps", "1", "--out", str(tmp_path / "inv")]

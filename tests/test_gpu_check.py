@@ -109,6 +109,7 @@ def test_report_of_a_killed_run(tmp_path):
     assert "bf16 matmul" not in text  # one roof only: no percentages invented
 
 
+@pytest.mark.slow
 def test_concurrent_appends_keep_whole_lines(tmp_path):
     path = tmp_path / "r.jsonl"
     code = (
@@ -142,6 +143,7 @@ def _pytest(*args, env=None):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without the cuda backend")
 def test_a_missing_backend_stops_the_tests_with_one_line(tmp_path):
     proc = _pytest(
@@ -153,6 +155,7 @@ def test_a_missing_backend_stops_the_tests_with_one_line(tmp_path):
     assert records.read_records(tmp_path / "t.jsonl")[0]["outcome"] == "error"
 
 
+@pytest.mark.slow
 def test_a_step_that_ran_no_test_fails(tmp_path):
     # Every test skipped (as the device tests would be if their device went missing): no pass.
     (tmp_path / "test_skipped.py").write_text(
@@ -167,6 +170,7 @@ def test_a_step_that_ran_no_test_fails(tmp_path):
     assert len(got) == 2 and {r["outcome"] for r in got} == {"skipped"}
 
 
+@pytest.mark.slow
 def test_a_missing_backend_device_backend_is_a_failing_test_not_an_empty_set(tmp_path):
     # On CPU tensors with the Triton interpreter, the device tests ask for "triton" and "cpu"; with
     # the extension hidden, the cpu tests fail, naming the reason, instead of vanishing.
