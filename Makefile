@@ -15,7 +15,7 @@ CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda-13.0 /usr/local/cuda))
 export CUDA_HOME
 export MAX_JOBS ?= 2
 
-.PHONY: install demo assets test bench bench-guard gpu-rehearse lint clean
+.PHONY: install demo assets test test-slow bench bench-guard gpu-rehearse lint clean
 
 install: $(STAMP)
 
@@ -35,8 +35,13 @@ demo: install
 assets: install
 	$(BIN)/python -m invcoss.assets.build
 
+# The suite without the end-to-end runs marked slow (and the package's doctests); test-slow runs
+# only those. CI runs both.
 test: install
-	$(BIN)/python -m pytest -q tests --doctest-modules invcoss
+	$(BIN)/python -m pytest -q tests --doctest-modules invcoss -m "not slow"
+
+test-slow: install
+	$(BIN)/python -m pytest -q tests -m slow
 
 # The extension's ratio table, then the pytest-benchmark suites (eager, torch.compile, every backend);
 # tables land in benchmarks/results/<machine>-cpu-<date>.{json,md}. BENCH_FLAGS=--bench-quick drops
@@ -51,7 +56,7 @@ bench-guard: install
 	$(BIN)/python benchmarks/cpu_ratios.py --guard
 
 # The GPU check's every step on this CPU (Triton through the interpreter, tiny sizes), in about a
-# minute; tests/test_gpu_check.py runs the same in `make test`. On a GPU: bash benchmarks/gpu_check.sh
+# minute; tests/test_gpu_check.py runs the same in `make test-slow`. On a GPU: bash benchmarks/gpu_check.sh
 gpu-rehearse: install
 	OUT=out/gpu-rehearsal PYTHON=$(BIN)/python bash benchmarks/gpu_check.sh --rehearse
 

@@ -35,13 +35,18 @@ PY=${PYTHON:-python3}
 BUDGET=${GPU_CHECK_BUDGET:-450}
 RESERVE=12 # seconds kept for the report, whatever happens before it
 export PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=1
+# The device tests: the op tests marked `device` (tests/ops, on INVCOSS_TEST_DEVICE's tensors); the
+# rehearsal keeps to a subset the interpreter runs in seconds (REHEARSAL_TESTS in
+# invcoss/benchmark/check.py, which selects the same for the warm step).
 if [ "$REHEARSE" = 1 ]; then
   export TRITON_INTERPRET=1 INVCOSS_TEST_DEVICE=cpu
   JOBS=${JOBS:-2}
   FLAGS=(--rehearse)
   REQUIRE=cpu,triton
+  SELECT=(-m device -k "contiguous and not fp64 or deterministic or nonfinite or build")
 else
-  export TRITON_INTERPRET=0 TORCH_CUDA_ARCH_LIST=9.0
+  export TRITON_INTERPRET=0 TORCH_CUDA_ARCH_LIST=9.0 INVCOSS_TEST_DEVICE=cuda
+  SELECT=(-m device)
   JOBS=${JOBS:-$(nproc)}
   export MAX_JOBS=${MAX_JOBS:-$JOBS}
   FLAGS=()
@@ -113,7 +118,7 @@ else
 fi
 step tests 90 "$PY" -m pytest -q -p no:cacheprovider -p invcoss.benchmark.pytest_records \
   --records "$OUT/tests.jsonl" --records-step tests --require-backends "$REQUIRE" --require-tests \
-  tests/test_gpu_ops.py tests/test_ext_build.py
+  "${SELECT[@]}" tests/ops
 step roofs 25 "${CHECK[@]}" roofs --out "$OUT" "${FLAGS[@]}"
 step sweep 90 "${CHECK[@]}" sweep --out "$OUT" "${FLAGS[@]}"
 step compile 50 "${CHECK[@]}" compile --out "$OUT" "${FLAGS[@]}"

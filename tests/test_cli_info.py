@@ -1,24 +1,42 @@
-"""invcoss-cli info and the argument errors of invcoss-cli bench."""
+"""invcoss-cli info and --version against the library, and the argument errors of invcoss-cli bench."""
 
 import json
+import re
+from importlib.metadata import version
 
+import pytest
+import torch
 from click.testing import CliRunner
 
+from invcoss import ops
 from invcoss.cli import main
 
 
-def test_info_lists_versions_and_every_backend():
+def test_info_reports_the_backends_that_run_here():
     result = CliRunner().invoke(main, ["info"])
     assert result.exit_code == 0, result.output
-    for word in ("torch", "triton", "extension invcoss._C", "backends", "cpu", "cuda"):
-        assert word in result.output
-    assert "backends available" in result.output.splitlines()[-1]
+    reported, default = {}, None
+    for line in result.output.splitlines():
+        cells = [c.strip() for c in re.split(r"[│┃]", line)[1:-1]]
+        if len(cells) == 3 and cells[0] in ops.BACKEND_NAMES:  # backend | available | why (wrapped)
+            reported[cells[0]] = cells[1]
+        if len(cells) == 2 and cells[0] == "default backend (cpu tensors)":
+            default = cells[1]
+    available = ops.available_backends()
+    assert reported == {name: "yes" if name in available else "no" for name in ops.BACKEND_NAMES}
+    assert default == ops.default_backend(torch.device("cpu"))
+    n = len(ops.BACKEND_NAMES)
+    assert (
+        result.output.splitlines()[-1]
+        == f"invcoss {version('invcoss')}: {len(available)}/{n} backends available"
+    )
 
 
-def test_version_and_help():
+def test_version_is_the_distribution_version_and_help_exits_0():
     runner = CliRunner()
-    assert "invcoss-cli, version" in runner.invoke(main, ["--version"]).output
-    assert runner.invoke(main, ["-h"]).exit_code == 0
+    assert runner.invoke(main, ["--version"]).output == f"invcoss-cli, version {version('invcoss')}\n"
+    result = runner.invoke(main, ["-h"])
+    assert result.exit_code == 0 and "Usage:" in result.output
 
 
 def test_bench_rejects_unknown_family_with_exit_code_2():
@@ -28,6 +46,7 @@ def test_bench_rejects_unknown_family_with_exit_code_2():
     assert "Traceback" not in result.output
 
 
+@pytest.mark.slow  # the reduced inversion profiles, the smallest the CLI offers
 def test_bench_inversion_step_table_and_files(tmp_path):
     result = CliRunner().invoke(
         main, ["bench", "--family", "inversion", "--steps", "1", "--out", str(tmp_path / "inv")]

@@ -83,7 +83,9 @@ def test_evaluate_scores_seen_modalities_and_forgetting(runs, tmp_path):
         and rows[1]["method"] == "seq"
         and float(rows[1]["forgetting"]) == pytest.approx(ct_end.forgetting)
     )
-    assert Image.open(paths["png"]).size[0] > 0
+    img = Image.open(paths["png"]).convert("RGB")
+    assert img.size == (2 * 420, 344)  # one panel per modality: ct and xray
+    assert (31, 119, 180) in {c for _, c in img.getcolors(1 << 20)}  # the run's curve is drawn
     saved = json.loads(paths["json"].read_text())
     assert saved["order"] == ["ct", "xray"]
     assert saved["settings"] == {

@@ -109,6 +109,7 @@ def test_report_of_a_killed_run(tmp_path):
     assert "bf16 matmul" not in text  # one roof only: no percentages invented
 
 
+@pytest.mark.slow
 def test_concurrent_appends_keep_whole_lines(tmp_path):
     path = tmp_path / "r.jsonl"
     code = (
@@ -142,10 +143,11 @@ def _pytest(*args, env=None):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without the cuda backend")
 def test_a_missing_backend_stops_the_tests_with_one_line(tmp_path):
     proc = _pytest(
-        "--require-backends", "triton,cuda", "--records", str(tmp_path / "t.jsonl"), "tests/test_gpu_ops.py"
+        "--require-backends", "triton,cuda", "--records", str(tmp_path / "t.jsonl"), *check.DEVICE_TESTS
     )
     assert proc.returncode == 3
     line = [s for s in proc.stdout.splitlines() + proc.stderr.splitlines() if "gpu_check: FAILED" in s]
@@ -153,28 +155,32 @@ def test_a_missing_backend_stops_the_tests_with_one_line(tmp_path):
     assert records.read_records(tmp_path / "t.jsonl")[0]["outcome"] == "error"
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.slow
 def test_a_step_that_ran_no_test_fails(tmp_path):
-    # Without INVCOSS_TEST_DEVICE on a machine without CUDA every device test is skipped.
-    env = {"INVCOSS_TEST_DEVICE": ""}
+    # Every test skipped (as the device tests would be if their device went missing): no pass.
+    (tmp_path / "test_skipped.py").write_text(
+        "import pytest\n\n\n@pytest.mark.parametrize('i', [1, 2])\ndef test_x(i):\n    pytest.skip('no device')\n"
+    )
     proc = _pytest(
-        "--require-tests", "--records", str(tmp_path / "t.jsonl"), "tests/test_gpu_ops.py", env=env
+        "--require-tests", "--records", str(tmp_path / "t.jsonl"), str(tmp_path / "test_skipped.py")
     )
     assert proc.returncode == 1
     assert "gpu_check: FAILED: step tests ran no test" in proc.stdout
-    assert {r["outcome"] for r in records.read_records(tmp_path / "t.jsonl")} == {"skipped"}
+    got = records.read_records(tmp_path / "t.jsonl")
+    assert len(got) == 2 and {r["outcome"] for r in got} == {"skipped"}
 
 
+@pytest.mark.slow
 def test_a_missing_backend_device_backend_is_a_failing_test_not_an_empty_set(tmp_path):
     # On CPU tensors with the Triton interpreter, the device tests ask for "triton" and "cpu"; with
     # the extension hidden, the cpu tests fail, naming the reason, instead of vanishing.
     env = {"INVCOSS_TEST_DEVICE": "cpu", "TRITON_INTERPRET": "1", "INVCOSS_DISABLE_EXTENSION": "1"}
     proc = _pytest(
         "-k",
-        "test_tv and cpu and dtype0",
+        "test_tv_matches_reference and cpu",
         "--records",
         str(tmp_path / "t.jsonl"),
-        "tests/test_gpu_ops.py",
+        *check.DEVICE_TESTS,
         env=env,
     )
     got = records.read_records(tmp_path / "t.jsonl")

@@ -134,6 +134,7 @@ def test_config_rejects_unknown_fields_and_profiles():
         InversionConfig.from_profile("fast", "ct")
 
 
+@pytest.mark.slow
 def test_each_enabled_loss_term_falls(paper_weights_run, strong_rep_runs):
     """The first step's value against the final images' value, with the same mask.
 
@@ -162,6 +163,7 @@ def numpy_stat_loss(model, stats, x: torch.Tensor) -> float:
     return total
 
 
+@pytest.mark.slow
 def test_synthetic_statistics_are_closer_than_noise(packaged, paper_weights_run):
     model, stats = packaged
     g = torch.Generator().manual_seed(5)

@@ -44,6 +44,7 @@ def tiny_run(out, epochs: int, resume: bool = False):
     return pretrain(model, data, out, cfg, modality="xray", resume=resume, device="cpu")
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tmp_path):
     straight = tiny_run(tmp_path / "a", 2)
     tiny_run(tmp_path / "b", 1)

@@ -378,7 +378,7 @@ def work(case: Case, mode: str, itemsize: int) -> Work:
 # the eager reference before it is timed, by input dtype. Normwise, because a benchmark's reductions
 # are large and some outputs tiny (a repulsive gradient), where elementwise tolerances either fail on
 # rounding or pass anything; per-element checks against float64 numpy are the tests' job
-# (tests/refs.py).
+# (tests/ops/, against invcoss.benchmark.refs).
 AGREEMENT: dict[torch.dtype, float] = {
     torch.float64: 1e-6,
     torch.float32: 1e-4,

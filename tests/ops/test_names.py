@@ -2,7 +2,8 @@
 
 The backend contract (the functions of ``invcoss.ops.backend_torch``), the compiled ops
 (``torch.ops.invcoss``) and the Triton ops (``torch.ops.invcoss_triton``) use the same names, and every
-op family has its files under the same stem in ``kernels/`` and ``csrc/``, and its benchmark suite.
+op family has its files under the same stem in ``kernels/`` and ``csrc/``, its benchmark suite and its
+tests.
 docs/op-names.md maps the older names to these.
 """
 
@@ -15,7 +16,7 @@ import torch
 from invcoss import _ext
 from invcoss.ops import backend_ext, backend_torch, backend_triton
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FAMILIES = ("tv", "stats", "repulsive")
 CONTRACT = {
     "tv",
@@ -67,6 +68,6 @@ def test_registered_ops_carry_the_contract_names(namespace):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_each_op_family_has_its_files_under_one_stem(family):
     files = [f"kernels/{family}.py", f"csrc/{family}_cpu.cpp", f"csrc/{family}_cuda.cu"]
-    files.append(f"benchmarks/bench_{family}.py")
+    files += [f"benchmarks/bench_{family}.py", f"tests/ops/test_{family}.py"]
     missing = [f for f in files if not (ROOT / f).is_file()]
     assert not missing, f"op family {family!r} lacks {missing}"

@@ -35,6 +35,7 @@ def _kernels_defined():
     return found
 
 
+@pytest.mark.slow
 def test_every_kernel_in_every_config_compiles_without_spills(rows):
     print()
     print(aot.format_kernel_table(rows))
@@ -46,6 +47,7 @@ def test_every_kernel_in_every_config_compiles_without_spills(rows):
         assert r.shared_bytes <= 227 * 1024, r  # Hopper's opt-in shared memory per block
 
 
+@pytest.mark.slow
 def test_table_covers_every_kernel_and_config(rows):
     defined = _kernels_defined()
     assert set(defined) == {r.kernel for r in rows}

@@ -1,0 +1,231 @@
+"""total_variation (Eq. 8) on every backend against the float64 numpy reference (SPEC 2.1).
+
+Known values, shapes (1, primes, several row, column and depth groups), reductions, every dtype
+and memory layout forward and backward, module == functional, determinism, gradcheck in fp64, the
+kernels' argument checks and their ``torch.library`` registration (opcheck); the extension's
+results do not depend on the thread count. torch.compile is in test_compile.py.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from invcoss import ops
+from invcoss.benchmark.refs import to_np, tv_ref
+from tests.ops.backends import (
+    DEVICE,
+    EXT,
+    FP64_BACKENDS,
+    assert_same_bits_with_1_and_2_threads,
+    backend_dtypes,
+    interpreted,
+    make,
+    opcheck,
+    opcheck_cases,
+    shape_layouts,
+    sizes,
+    steps,
+)
+from tests.ops.tolerances import assert_matches, plain_tv, plain_with_grad
+
+# (shape, weights): odd shapes on every backend; the paper's sizes on CUDA only.
+SHAPES = sizes(
+    [
+        ((2, 3, 37, 41), (1.0, 0.5)),  # primes; 37 rows: three row chunks, the last one short
+        ((1, 1, 1, 67), (1.0, 1.0)),  # H = 1 contributes nothing
+        ((3, 1, 5, 1), (1.0, 2.0)),  # W = 1: every value is both ends of its row
+        ((1, 1, 2, 2), (1.0, 1.0)),  # W = 2: no interior
+        ((1, 2, 3, 300), (0.5, 2.0)),  # two column groups
+        ((1, 2, 17, 1), (1.0, 1.0)),
+        ((1, 2, 9, 5, 7), (2.0, 1.0, 0.25)),  # three depth groups, the depth sign carried across
+        ((2, 1, 1, 6, 5), (1.0, 1.0, 1.0)),  # D = 1
+        ((2, 2, 4, 1, 3), (1.0, 0.5, 2.0)),  # H = 1 inside a volume
+        ((1, 1, 1, 1), (1.0, 1.0)),
+        ((1, 1, 1, 1, 1), (1.0, 1.0, 1.0)),
+    ],
+    [
+        ((3, 2, 37, 129), (1.0, 0.5)),
+        ((2, 1, 5, 31, 67), (1.0, 0.5, 2.0)),
+        ((48, 1, 16, 96, 96), (1.0, 0.5, 2.0)),  # 3D CT batches
+    ],
+)
+DTYPE_SHAPES = shape_layouts([(2, 3, 11, 13), (2, 2, 3, 11, 13)], [(3, 2, 37, 129), (2, 1, 5, 31, 67)])
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _weights(x: torch.Tensor) -> list[float]:
+    return [1.0, 0.5, 2.0][: x.ndim - 2]
+
+
+@pytest.mark.device
+@pytest.mark.parametrize("shape, weights", SHAPES, ids=str)
+def test_tv_matches_reference(backend, shape, weights):
+    x = steps(shape).requires_grad_()
+    sums = ops.total_variation(x, "none", weights, backend=backend)
+    assert sums.shape == (shape[0],) and sums.dtype == torch.float32
+    ref_sums, ref_grad = tv_ref(to_np(x), list(weights))
+    assert_matches(sums, ref_sums, torch.float32, x.numel())
+    upstream = torch.randn(shape[0], device=DEVICE)
+    sums.backward(upstream)
+    assert_matches(x.grad, ref_grad * to_np(upstream).reshape(-1, *[1] * (x.ndim - 1)), torch.float32)
+
+
+@pytest.mark.device
+@pytest.mark.parametrize("backend, dtype", backend_dtypes(), indirect=["backend"])
+@pytest.mark.parametrize("shape, layout", DTYPE_SHAPES)
+def test_tv_dtypes_and_layouts(backend, dtype, shape, layout):
+    x = make(shape, dtype, layout).requires_grad_()
+    w = _weights(x)
+    sums = ops.total_variation(x, "none", w, backend=backend)
+    assert sums.dtype == _acc(dtype)
+    upstream = torch.randn(shape[0], device=DEVICE, dtype=_acc(dtype))
+    sums.backward(upstream)
+    assert x.grad.dtype == dtype and x.grad.shape == x.shape
+    ref_sums, ref_grad = tv_ref(to_np(x), w)
+    plain, plain_grad = plain_with_grad(plain_tv, x, w, upstream=upstream)
+    assert_matches(sums, ref_sums, dtype, x.numel(), plain=plain)
+    ref_grad = ref_grad * to_np(upstream).reshape(-1, *[1] * (x.ndim - 1))
+    assert_matches(x.grad, ref_grad, dtype, plain=plain_grad, backend=backend)
+
+
+@pytest.mark.device
+def test_tv_reductions_and_module(backend):
+    # 37800 values: the extension's parallel path (the interpreter gets a smaller image).
+    x = make((3, 2, 7, 9) if interpreted(backend) else (3, 2, 70, 90))
+    ref = tv_ref(to_np(x), [2.0, 1.0])[0]
+    got = {r: ops.total_variation(x, r, [2.0, 1.0], backend=backend) for r in ("none", "sum", "mean")}
+    assert got["none"].shape == (3,) and got["sum"].ndim == 0 and got["mean"].ndim == 0
+    assert_matches(got["none"], ref, torch.float32, x.numel())
+    assert_matches(got["sum"], ref.sum(), torch.float32, x.numel())
+    assert_matches(got["mean"], ref.sum() / x.numel(), torch.float32, x.numel())
+    default = ops.total_variation(x, backend=backend)  # reduction="mean", unit weights
+    assert_matches(default, tv_ref(to_np(x))[0].sum() / x.numel(), torch.float32, x.numel())
+    for r, value in got.items():
+        assert torch.equal(ops.TotalVariation(r, [2.0, 1.0], backend=backend)(x), value)
+    xg = x.clone().requires_grad_()  # the no-grad path (no gradient written) gives the same sums
+    assert torch.equal(ops.total_variation(xg, "none", [2.0, 1.0], backend=backend).detach(), got["none"])
+
+
+@pytest.mark.device
+def test_tv_known_values_and_sign_zero_gradient(backend):
+    x = torch.tensor([[[[0.0, 1.0, 1.0], [3.0, 1.0, 1.0]]]], device=DEVICE, requires_grad=True)
+    # horizontal: |1-0| + 0 + |1-3| + 0 = 3; vertical: 3 + 0 + 0 = 3
+    loss = ops.total_variation(x, reduction="sum", backend=backend)
+    assert loss.item() == 6.0
+    loss.backward()
+    # The two equal neighbours on the right contribute sign(0) = 0.
+    expected = torch.tensor([[[[-2.0, 1.0, 0.0], [2.0, -1.0, 0.0]]]], device=DEVICE)
+    assert torch.equal(x.grad, expected)
+
+
+@pytest.mark.device
+def test_tv_axes_of_length_one_contribute_zero(backend):
+    x = make((2, 1, 1, 1, 9)).requires_grad_()
+    sums = ops.total_variation(x, "none", (5.0, 7.0, 1.0), backend=backend)  # D = H = 1: weights unused
+    assert_matches(sums, np.abs(np.diff(to_np(x), axis=-1)).reshape(2, -1).sum(1), torch.float32)
+    sums.sum().backward()
+    assert_matches(x.grad, tv_ref(to_np(x))[1], torch.float32)
+
+
+@pytest.mark.device
+def test_tv_deterministic(backend):
+    shape = (48, 1, 16, 96, 96) if DEVICE == "cuda" else (2, 3, 29, 70)
+    x = make(shape).requires_grad_()
+    first = ops.total_variation(x, "sum", backend=backend)
+    (g1,) = torch.autograd.grad(first, x)
+    second = ops.total_variation(x, "sum", backend=backend)
+    (g2,) = torch.autograd.grad(second, x)
+    assert torch.equal(first, second) and torch.equal(g1, g2)  # bitwise: no atomics
+
+
+@pytest.mark.parametrize("backend", FP64_BACKENDS, indirect=True)
+@pytest.mark.parametrize("shape", [(2, 2, 5, 4), (2, 1, 3, 4, 5)], ids=str)
+def test_tv_gradcheck_fp64(backend, shape):
+    x = make(shape, torch.float64).requires_grad_()
+    w = _weights(x)
+    assert torch.autograd.gradcheck(lambda t: ops.total_variation(t, "sum", w, backend=backend), (x,))
+
+
+@pytest.mark.parametrize(
+    "x, kwargs, error, match",
+    [
+        (torch.zeros(4, 4), {}, ValueError, r"x of shape \(B, C, H, W\) or \(B, C, D, H, W\), got \(4, 4\)"),
+        (torch.zeros(1, 1, 2, 2), {"reduction": "max"}, ValueError, "reduction"),
+        (torch.zeros(1, 1, 2, 2), {"weights": [1.0]}, ValueError, "weights"),
+        ([[1.0]], {}, TypeError, "x"),
+        (torch.zeros(1, 1, 2, 2, dtype=torch.int64), {}, TypeError, "floating"),
+    ],
+    ids=["rank", "reduction", "weights", "not-a-tensor", "integer"],
+)
+def test_tv_bad_input(backend, x, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        ops.total_variation(x, backend=backend, **kwargs)
+
+
+# ---- the kernels behind the public op ---------------------------------------------------------------
+
+
+@pytest.mark.device
+@pytest.mark.parametrize("backend", [EXT], indirect=True)
+def test_tv_extension_skips_and_guards_the_fused_gradient(backend):
+    x = make((1, 1, 4, 4)).requires_grad_()
+    sums, grad = torch.ops.invcoss.tv(x, [1.0, 1.0], False)  # the forward is told no gradient is wanted
+    assert grad.numel() == 0
+    with pytest.raises(RuntimeError, match="with_grad=True"):
+        sums.sum().backward()
+
+
+@pytest.mark.device
+@pytest.mark.parametrize("backend", [EXT], indirect=True)
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (
+            lambda: torch.ops.invcoss.tv(make((3, 4)), [1.0, 1.0], False),
+            r"tv: expected x of shape \(B, C, H, W\)",
+        ),
+        (lambda: torch.ops.invcoss.tv(make((1, 1, 3, 4)), [1.0], False), "one weight per spatial axis"),
+        (
+            lambda: torch.ops.invcoss.tv(
+                torch.ones(1, 1, 3, 4, dtype=torch.int32, device=DEVICE), [1.0, 1.0], False
+            ),
+            "floating",
+        ),
+        (lambda: torch.ops.invcoss.scale_rows(make((3, 4)), make((4,))), r"expected scale of shape \(3,\)"),
+    ],
+    ids=["rank", "weights", "dtype", "scale-rows"],
+)
+def test_tv_kernel_argument_checks(backend, call, message):
+    with pytest.raises(RuntimeError, match=message):
+        call()
+
+
+OPCHECK_CASES = [
+    ("triton", "tv", lambda: (make((2, 2, 5, 6)).requires_grad_(), [1.0, 0.5], True)),
+    (EXT, "tv", lambda: (make((2, 2, 5, 6)).requires_grad_(), [1.0, 0.5], True)),
+    (EXT, "tv", lambda: (make((1, 2, 3, 4, 5)), [1.0, 1.0, 1.0], False)),
+    (EXT, "scale_rows", lambda: (make((3, 4, 5)), make((3,)))),
+]
+
+
+@opcheck_cases(OPCHECK_CASES)
+def test_tv_opcheck(backend, name, args):
+    opcheck(backend, name, args())
+
+
+@pytest.mark.parametrize("backend", ["cpu"], indirect=True)
+def test_tv_identical_with_1_and_2_threads(backend):
+    def run():
+        g = torch.Generator().manual_seed(3)
+        out = []
+        for shape, w in (((3, 2, 200, 230), (1.0, 0.3)), ((2, 1, 9, 130, 150), (1.0, 1.0, 1.0))):
+            x = torch.randn(shape, generator=g).requires_grad_()
+            sums = ops.total_variation(x, "none", w, backend="cpu")
+            sums.sum().backward()
+            out += [sums, x.grad]
+        return out
+
+    assert_same_bits_with_1_and_2_threads(run)
