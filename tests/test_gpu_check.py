@@ -1,5 +1,8 @@
 """The GPU check (benchmarks/gpu_check.sh), rehearsed on this CPU so it cannot rot before a GPU comes.
 
+The rehearsal (about a minute) is part of ``make test`` on purpose: it is what keeps the script
+working between the rare GPU runs.
+
 ``--rehearse`` runs every step's mechanics here: the warm-up's parallel jobs, the device tests on
 CPU tensors (Triton through the interpreter, the extension's cpu backend in place of cuda), the
 roofs, the sweep in fp32 and bf16, the torch.compile rows, the inversion step and the report, each
@@ -33,7 +36,6 @@ def rehearsal(tmp_path_factory):
     return proc, out
 
 
-@pytest.mark.slow
 def test_rehearsal_passes_every_step(rehearsal):
     proc, out = rehearsal
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -46,7 +48,6 @@ def test_rehearsal_passes_every_step(rehearsal):
     )
 
 
-@pytest.mark.slow
 def test_rehearsal_records_every_row(rehearsal):
     _, out = rehearsal
     tests = records.records_of(out, "tests", step="tests")
@@ -72,7 +73,6 @@ def test_rehearsal_records_every_row(rehearsal):
     assert [r["backend"] for r in inversion] == ["torch", "cpu", "triton"]
 
 
-@pytest.mark.slow
 def test_report_renders_again_from_what_came_back(rehearsal, tmp_path):
     _, out = rehearsal
     text = (out / "report.md").read_text()
