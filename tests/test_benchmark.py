@@ -281,3 +281,21 @@ def test_time_inversion_rows_and_table():
     assert md.startswith("### tiny") and md.count("| tiny | vit_nano | 2 | 32x32 |") == len(backends)
     with pytest.raises(ValueError, match="backends must be distinct"):
         bm.time_inversion(TINY_INVERSION, "cpu", ["torch", "torch"])
+
+
+@pytest.mark.parametrize(
+    "case",
+    [bm.Case("tv", (3, 2, 11, 13)), bm.Case("tv", (2, 1, 5, 7, 9)), bm.Case("stat_matching", (9, 5, 7)),
+     bm.Case("repulsive_direct", (5, 40, 8)), bm.Case("repulsive_pool", (5, 40, 8)), bm.Case("welford", (4, 5, 8))],
+    ids=lambda c: c.name,
+)  # fmt: skip
+def test_the_eager_reference_matches_the_float64_oracle(case):
+    # The harness judges every provider against the eager reference; the float64 numpy formulation
+    # of invcoss.benchmark.refs (the tests' oracle too) judges the eager reference.
+    from invcoss.benchmark.specs import oracle_error
+
+    err = oracle_error(case, bm.make_inputs(case, torch.device("cpu"), torch.float32))
+    if case.family == "stats" and case.spec.name == "welford":
+        assert err is None  # a running state, not a value: covered by tests/ops/test_stats.py
+    else:
+        assert err is not None and err < 1e-5, err

@@ -1,7 +1,8 @@
 """Independent float64 numpy formulations of the ops' equations: the ``*_ref`` of every op family.
 
 Written from the paper's definitions, not from any backend, so they can judge all of them: the tests
-(``tests/ops/``) compare every backend against these, and the benchmarks import them from here too,
+(``tests/ops/``) compare every backend against these, and the benchmark harness judges its eager
+reference against them (:func:`invcoss.benchmark.specs.oracle_error`),
 so the two never drift apart (STYLE 25). Each takes and returns numpy float64 arrays; use
 :func:`to_np` to bring a tensor of any dtype and device over exactly.
 

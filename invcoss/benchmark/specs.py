@@ -9,7 +9,9 @@ shape and times one or more ops on them (``stats``: the stat-matching loss and t
 - ``reference``: the eager torch callable (:mod:`invcoss.ops.backend_torch`), which the
   ``eager`` and ``compile`` providers run;
 - ``fused``: the callable of one fused backend (``cpu``, ``cuda``, ``triton``);
-- ``work``: the bytes and flops any implementation of one call must move or compute, at the least.
+- ``work``: the bytes and flops any implementation of one call must move or compute, at the least;
+- ``oracle``: the forward value from the float64 numpy formulation of :mod:`invcoss.benchmark.refs`
+  (the tests' oracle too), against which :func:`oracle_error` judges the eager reference itself.
 
 :func:`make_inputs`, :func:`build` and :func:`work` look a :class:`Case` up in this table; nothing
 else in the harness knows one op from another.
@@ -25,6 +27,7 @@ import torch
 from torch import Tensor
 
 from invcoss import ops
+from invcoss.benchmark import refs
 from invcoss.benchmark.inversion import INVERSION, InversionFamily
 from invcoss.benchmark.providers import REFERENCE_PROVIDERS
 from invcoss.ops import backend_torch as ref
@@ -55,6 +58,7 @@ class Op:
     arg: Callable[[Inputs], Tensor]
     tiny: tuple[int, ...]  # a shape the Triton interpreter runs in milliseconds (tests, rehearsal)
     modes: tuple[str, ...] = MODES
+    oracle: Callable[[Inputs], object] | None = None  # float64 numpy value of the forward call
 
 
 @dataclass(frozen=True)
@@ -96,10 +100,24 @@ def _tv_work(shape: tuple[int, ...], mode: str, itemsize: int) -> Work:
     return float(math.prod(shape) * itemsize * _passes(mode)), None
 
 
+def _tv_oracle(inputs: Inputs) -> object:
+    return refs.tv_ref(refs.to_np(inputs["x"]))[0].sum()
+
+
 TV = OpFamily(
     "tv",
     _tv_inputs,
-    (Op("tv", _tv_reference, _tv_fused, _tv_work, arg=lambda i: i["x"], tiny=(2, 1, 3, 8, 8)),),
+    (
+        Op(
+            "tv",
+            _tv_reference,
+            _tv_fused,
+            _tv_work,
+            arg=lambda i: i["x"],
+            tiny=(2, 1, 3, 8, 8),
+            oracle=_tv_oracle,
+        ),
+    ),
 )
 
 
@@ -125,6 +143,14 @@ def _stat_matching_fused(inputs: Inputs, backend: str) -> Call:
 def _stat_matching_work(shape: tuple[int, ...], mode: str, itemsize: int) -> Work:
     # The same three passes as TV; the statistics vectors are negligible.
     return float(math.prod(shape) * itemsize * _passes(mode)), None
+
+
+def _stat_matching_oracle(inputs: Inputs) -> object:
+    x = refs.to_np(inputs["x"])
+    x = x.reshape(x.shape[0], -1)
+    return refs.stat_matching_ref(
+        x, refs.to_np(inputs["mean"]).reshape(-1), refs.to_np(inputs["var"]).reshape(-1)
+    )[0]
 
 
 def _batch_rows(inputs: Inputs) -> Tensor:
@@ -177,6 +203,7 @@ STATS = OpFamily(
             _stat_matching_work,
             arg=lambda i: i["x"],
             tiny=(4, 5, 8),
+            oracle=_stat_matching_oracle,
         ),
         Op(
             "welford",
@@ -217,6 +244,10 @@ def _repulsive_pool_fused(inputs: Inputs, backend: str) -> Call:
     return pool.loss
 
 
+def _repulsive_oracle(inputs: Inputs) -> object:
+    return refs.repulsive_ref(refs.to_np(inputs["h"]), refs.to_np(inputs["pool"]))[0]
+
+
 def _repulsive_direct_work(shape: tuple[int, ...], mode: str, itemsize: int) -> Work:
     # Reads h and the pool; the cosine matrix h^ p^T is 2 B P D flops and the gradient c p^ another
     # 2 B P D; backward reads both again and writes the gradient.
@@ -246,6 +277,7 @@ REPULSIVE = OpFamily(
             _repulsive_direct_work,
             arg=lambda i: i["h"],
             tiny=(3, 6, 4),
+            oracle=_repulsive_oracle,
         ),
         Op(
             "repulsive_pool",
@@ -254,6 +286,7 @@ REPULSIVE = OpFamily(
             _repulsive_pool_work,
             arg=lambda i: i["h"],
             tiny=(3, 9, 4),
+            oracle=_repulsive_oracle,
         ),
     ),
 )
@@ -424,3 +457,17 @@ def assert_agrees(value: object, reference: object, dtype: torch.dtype, what: st
             f"{what}: differs from the eager reference by {err:.2e} (normwise relative), "
             f"more than the {tol:.0e} allowed in {str(dtype).replace('torch.', '')}"
         )
+
+
+def oracle_error(case: Case, inputs: Inputs) -> float | None:
+    """Normwise relative error of the eager reference's forward value against the float64 oracle.
+
+    None for an op without an oracle (the Welford update, whose result is a running state).
+    Meant for small inputs: the oracle runs in numpy on the CPU.
+    """
+    spec = case.spec
+    if spec.oracle is None:
+        return None
+    with torch.no_grad():
+        value = spec.reference(inputs, **dict(case.options))(spec.arg(inputs))
+    return relative_error(value, torch.as_tensor(spec.oracle(inputs), dtype=torch.float64))
