@@ -56,7 +56,7 @@ bench-guard: install
 	$(BIN)/python benchmarks/cpu_ratios.py --guard
 
 # The GPU check's every step on this CPU (Triton through the interpreter, tiny sizes), in about a
-# minute; tests/test_gpu_check.py runs the same in `make test`. On a GPU: bash benchmarks/gpu_check.sh
+# minute; tests/benchmark/test_gpu_check.py runs the same in `make test`. On a GPU: bash benchmarks/gpu_check.sh
 gpu-rehearse: install
 	OUT=out/gpu-rehearsal PYTHON=$(BIN)/python bash benchmarks/gpu_check.sh --rehearse
 

@@ -19,7 +19,7 @@
 #   python -m invcoss.benchmark.report DIR [--readme README.md]
 #
 # --rehearse runs every step's mechanics on this CPU (Triton through the interpreter, tiny sizes,
-# the extension's cpu backend in place of cuda); tests/test_gpu_check.py runs it in `make test`.
+# the extension's cpu backend in place of cuda); tests/benchmark/test_gpu_check.py runs it in `make test`.
 #
 # Runs unchanged on a bare machine whose python3 has torch, triton and pytest: it installs the
 # project with --no-deps --no-build-isolation and needs nothing else (nibabel is imported lazily,

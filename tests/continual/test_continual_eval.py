@@ -19,7 +19,7 @@ from invcoss.continual.plot import Panel, line_plot
 from invcoss.continual.probe import linear_probe, read_labelled_csv
 from invcoss.data import write_phantoms
 from invcoss.models import MAE, create_model
-from tests.test_continual_run import TINY  # the tiny run settings shared by the continual tests
+from tests.continual.test_continual_run import TINY  # the tiny run settings shared by the continual tests
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

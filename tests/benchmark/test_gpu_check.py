@@ -21,7 +21,7 @@ import torch
 
 from invcoss.benchmark import check, records, report
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 EXPECTED_FILES = {"gpu_check.log", "report.md", *records.FILES.values()}
 
