@@ -58,6 +58,8 @@ def import_graph() -> dict[str, set[str]]:
                     base = ".".join(parts + ([base] if base else []))
                 if base.startswith("invcoss"):
                     deps.update(resolve(f"{base}.{a.name}") or resolve(base) for a in node.names)
+                    # ``from pkg import submodule`` runs pkg/__init__.py first: an edge to pkg too.
+                    deps.add(resolve(base))
         graph[name] = {d for d in deps if d and d != name}
     return graph
 

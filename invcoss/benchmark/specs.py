@@ -27,9 +27,9 @@ import torch
 from torch import Tensor
 
 from invcoss import ops
-from invcoss.benchmark import refs
 from invcoss.benchmark.inversion import INVERSION, InversionFamily
 from invcoss.benchmark.providers import REFERENCE_PROVIDERS
+from invcoss.benchmark.refs import repulsive_ref, stat_matching_ref, to_np, tv_ref
 from invcoss.ops import backend_torch as ref
 from invcoss.ops.moments import chan_merge
 
@@ -101,7 +101,7 @@ def _tv_work(shape: tuple[int, ...], mode: str, itemsize: int) -> Work:
 
 
 def _tv_oracle(inputs: Inputs) -> object:
-    return refs.tv_ref(refs.to_np(inputs["x"]))[0].sum()
+    return tv_ref(to_np(inputs["x"]))[0].sum()
 
 
 TV = OpFamily(
@@ -146,11 +146,9 @@ def _stat_matching_work(shape: tuple[int, ...], mode: str, itemsize: int) -> Wor
 
 
 def _stat_matching_oracle(inputs: Inputs) -> object:
-    x = refs.to_np(inputs["x"])
+    x = to_np(inputs["x"])
     x = x.reshape(x.shape[0], -1)
-    return refs.stat_matching_ref(
-        x, refs.to_np(inputs["mean"]).reshape(-1), refs.to_np(inputs["var"]).reshape(-1)
-    )[0]
+    return stat_matching_ref(x, to_np(inputs["mean"]).reshape(-1), to_np(inputs["var"]).reshape(-1))[0]
 
 
 def _batch_rows(inputs: Inputs) -> Tensor:
@@ -245,7 +243,7 @@ def _repulsive_pool_fused(inputs: Inputs, backend: str) -> Call:
 
 
 def _repulsive_oracle(inputs: Inputs) -> object:
-    return refs.repulsive_ref(refs.to_np(inputs["h"]), refs.to_np(inputs["pool"]))[0]
+    return repulsive_ref(to_np(inputs["h"]), to_np(inputs["pool"]))[0]
 
 
 def _repulsive_direct_work(shape: tuple[int, ...], mode: str, itemsize: int) -> Work:
