@@ -7,8 +7,8 @@ checks that its provider computes the eager reference's value (:meth:`BenchRow.a
 then times it.
 
 Options: ``--bench-device cpu|cuda`` (default cpu), ``--bench-quick`` (drops the paper-size cases
-on CPU), ``--bench-rounds N``, ``--bench-deadline S`` (skip the rows that would start after S
-seconds, so a time-limited run still writes its tables). At the end of the session the rows, with their speed-ups against the
+on CPU), ``--bench-rounds N``. (A time-limited GPU run uses benchmarks/gpu_check.sh, which
+records each row as it is measured.) At the end of the session the rows, with their speed-ups against the
 eager reference and torch.compile, are written to ``benchmarks/results/<machine>-<date>.{json,md}``
 and printed.
 """
@@ -43,16 +43,6 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--bench-quick", action="store_true", help="skip the paper-size cases on CPU")
     group.addoption("--bench-rounds", type=int, default=5, help="timed rounds per row")
     group.addoption("--bench-results", default=str(RESULTS), help="folder for the JSON and Markdown tables")
-    group.addoption(
-        "--bench-deadline",
-        type=float,
-        default=None,
-        help="seconds after the session start from which the remaining rows are skipped (the tables "
-        "of what ran are still written; for time-limited GPU sessions)",
-    )
-
-
-_START = time.monotonic()
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -131,10 +121,7 @@ class BenchRow:
 
 @pytest.fixture
 def bench_row(bench_case, benchmark, request) -> BenchRow:
-    """The :class:`BenchRow` of this test's (case, mode, provider); skipped past ``--bench-deadline``."""
-    deadline = request.config.getoption("--bench-deadline")
-    if deadline is not None and time.monotonic() - _START > deadline:
-        pytest.skip(f"--bench-deadline {deadline:.0f} s reached")
+    """The :class:`BenchRow` of this test's (case, mode, provider)."""
     device = torch.device(request.config.getoption("--bench-device"))
     return BenchRow(*bench_case, device, request.config.getoption("--bench-rounds"), benchmark)
 
