@@ -3,11 +3,13 @@
 No GPU is needed: ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`` runs the whole
 pipeline down to a cubin with the ptxas bundled with Triton, and ptxas reports the resources. Each
 row of :func:`kernel_table` is one (kernel, variant, config): registers per thread, static shared
-memory, and spill bytes (stores + loads). Zero spills in every row is a test, and
-``invcoss-cli info --kernels`` prints the same table.
+memory, spill bytes (stores + loads), and from the SASS (:mod:`invcoss.kernels.sass`) the number of
+128-bit global loads and of tensor-core instructions. ``tests/ops/test_kernel_design.py`` holds the
+expectations per kernel (zero spills everywhere), and ``invcoss-cli info --kernels`` prints the table.
 
-Signatures are the ones the launchers produce on contiguous inputs: every pointer 16-byte aligned
-and a unit stride specialised to the constant 1, as the JIT does. Kernels whose code depends on the
+Signatures are the ones the launchers produce on contiguous inputs: every pointer 16-byte aligned,
+a unit stride specialised to the constant 1, and the integers a spec names as ``divisible`` marked
+as multiples of 16, as the JIT does for such values. Kernels whose code depends on the
 input dtype (the ``tl.dot`` precision) are compiled once per variant.
 
 Under ``TRITON_INTERPRET=1`` the kernels of this process are interpreted functions, not compilable
@@ -41,6 +43,9 @@ class KernelSpec:
     types: dict[str, str]  # runtime arguments -> Triton type ("*fp32", "i32", "fp32")
     constexprs: dict[str, object] = field(default_factory=dict)  # fixed, including unit strides
     launch: dict[str, int] | None = None  # meta + num_warps/num_stages of an untuned kernel
+    # Integer arguments the JIT sees as multiples of 16 on the usual shapes (it specialises those,
+    # which is what lets strided rows compile to vector loads): compiled with the same hint.
+    divisible: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,8 @@ class KernelRow:
     registers: int
     shared_bytes: int
     spill_bytes: int
+    vector_loads: int = 0  # 128-bit global loads in the SASS (LDG.E.128)
+    mma: int = 0  # tensor-core instructions in the SASS (HGMMA, HMMA)
 
 
 def _ptrs(names: str, ty: str) -> dict[str, str]:
@@ -249,7 +256,7 @@ def _compile_one(job: tuple[KernelSpec, str, dict, dict]) -> KernelRow:
             signature[name] = "constexpr"
         else:
             signature[name] = spec.types[name]
-            if signature[name].startswith("*"):
+            if signature[name].startswith("*") or name in spec.divisible:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn, signature=signature, constexprs=constexprs, attrs=attrs)
     log = io.StringIO()
@@ -266,6 +273,9 @@ def _compile_one(job: tuple[KernelSpec, str, dict, dict]) -> KernelRow:
     spills = _PTXAS_SPILLS.search(report)
     if regs is None or spills is None:
         raise RuntimeError(f"no ptxas resource report for {spec.attr} [{label}]:\n{report}")
+    from invcoss.kernels.sass import cubin_facts
+
+    sass = cubin_facts(compiled.asm["cubin"])
     return KernelRow(
         kernel=spec.attr,
         variant=spec.variant,
@@ -273,6 +283,8 @@ def _compile_one(job: tuple[KernelSpec, str, dict, dict]) -> KernelRow:
         registers=int(regs.group(1)),
         shared_bytes=int(compiled.metadata.shared),
         spill_bytes=int(spills.group(1)) + int(spills.group(2)),
+        vector_loads=sass.vector_loads,
+        mma=sass.mma,
     )
 
 
@@ -314,9 +326,18 @@ def kernel_table(timeout: float = 600.0) -> list[KernelRow]:
 
 def format_kernel_table(rows: Sequence[KernelRow]) -> str:
     """A plain-text table of ``rows``: kernel, variant, config, registers, shared memory, spills."""
-    head = ("kernel", "variant", "config", "regs", "smem B", "spill B")
+    head = ("kernel", "variant", "config", "regs", "smem B", "spill B", "LDG.128", "MMA")
     body = [
-        (r.kernel, r.variant, r.config, str(r.registers), str(r.shared_bytes), str(r.spill_bytes))
+        (
+            r.kernel,
+            r.variant,
+            r.config,
+            str(r.registers),
+            str(r.shared_bytes),
+            str(r.spill_bytes),
+            str(r.vector_loads),
+            str(r.mma),
+        )
         for r in rows
     ]
     widths = [max(len(line[i]) for line in [head, *body]) for i in range(len(head))]

@@ -42,14 +42,41 @@ def autotune(
 
     ``key`` names the arguments whose change triggers a new search. Keys are feature sizes (row
     length, feature dimension), never the batch size, so a new batch size reuses the tuned config.
+    Every ``tl.constexpr`` parameter that the configs do not set (``HAS_GRAD``, ``PRECISION``, ...)
+    is added to the key: each of them compiles another variant, and a config tuned for one variant
+    must not be reused for another. Triton adds the dtype of every tensor argument itself.
     """
 
     def wrap(fn: Callable) -> Callable:
-        tuned = triton.autotune(list([interpret] if INTERPRET else configs), key=list(key), **kwargs)(fn)
+        full_key = variant_key(fn, key, configs)
+        tuned = triton.autotune(list([interpret] if INTERPRET else configs), key=full_key, **kwargs)(fn)
         tuned.hopper_configs = list(configs)
         return tuned
 
     return wrap
+
+
+def variant_key(fn: Callable, key: Sequence[str], configs: Sequence[triton.Config]) -> list[str]:
+    """``key`` followed by every constexpr parameter of the jitted ``fn`` that no config sets."""
+    tuned = {name for cfg in configs for name in cfg.kwargs}
+    return list(dict.fromkeys([*key, *(n for n in constexpr_names(fn) if n not in tuned)]))
+
+
+def constexpr_names(fn: Callable) -> list[str]:
+    """Names of the ``tl.constexpr`` parameters of a jitted (or interpreted) kernel, in order."""
+    import inspect
+
+    import triton.language as tl
+
+    py_fn = fn
+    while hasattr(py_fn, "fn"):  # JITFunction / InterpretedFunction / Autotuner wrap the function
+        py_fn = py_fn.fn
+    names = []
+    for p in inspect.signature(py_fn).parameters.values():
+        ann = p.annotation
+        if ann is tl.constexpr or (isinstance(ann, str) and ann.split(".")[-1] == "constexpr"):
+            names.append(p.name)
+    return names
 
 
 def config(num_warps: int, num_stages: int, **meta: int) -> triton.Config:
@@ -75,8 +102,25 @@ def define_op(
 
 
 def launch(kernel: Callable, grid: tuple | Callable, *args: object, **kwargs: object) -> None:
-    """Launch ``kernel`` over ``grid`` eagerly or, inside a traced ``triton_op``, as a graph node."""
-    wrap_triton(kernel)[grid](*args, **kwargs)
+    """Launch ``kernel`` over ``grid`` eagerly or, inside a traced ``triton_op``, as a graph node.
+
+    Triton launches on the current CUDA device and its stream, whatever device the pointers live
+    on: an eager launch therefore runs under the device of the first tensor argument (a tensor on
+    ``cuda:1`` would otherwise be read by a kernel running on ``cuda:0``). Under tracing the
+    switch is harmless and the graph node carries the device; inductor's generated code sets it.
+    """
+    device = launch_device(args)
+    if device is None:
+        wrap_triton(kernel)[grid](*args, **kwargs)
+        return
+    with torch.cuda.device(device):
+        wrap_triton(kernel)[grid](*args, **kwargs)
+
+
+def launch_device(args: Sequence[object]) -> torch.device | None:
+    """The CUDA device of the first tensor in ``args``; None for CPU tensors (the interpreter)."""
+    device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+    return device if device is not None and device.type == "cuda" else None
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -33,3 +33,11 @@ def backend(request) -> str:
 @pytest.fixture
 def device() -> torch.device:
     return torch.device(DEVICE)
+
+
+@pytest.fixture(scope="session")
+def kernel_rows():
+    """Every Triton kernel in every config, compiled for sm_90 once per session (kernels/aot.py)."""
+    from invcoss.kernels import aot
+
+    return aot.kernel_table()

@@ -15,9 +15,9 @@ from invcoss.kernels import aot
 KERNEL_MODULES = ("tv", "stats", "repulsive", "reduce")
 
 
-@pytest.fixture(scope="module")
-def rows():
-    return aot.kernel_table()
+@pytest.fixture
+def rows(kernel_rows):
+    return kernel_rows
 
 
 def _kernels_defined():
@@ -35,7 +35,6 @@ def _kernels_defined():
     return found
 
 
-@pytest.mark.slow
 def test_every_kernel_in_every_config_compiles_without_spills(rows):
     print()
     print(aot.format_kernel_table(rows))
@@ -47,7 +46,6 @@ def test_every_kernel_in_every_config_compiles_without_spills(rows):
         assert r.shared_bytes <= 227 * 1024, r  # Hopper's opt-in shared memory per block
 
 
-@pytest.mark.slow
 def test_table_covers_every_kernel_and_config(rows):
     defined = _kernels_defined()
     assert set(defined) == {r.kernel for r in rows}
@@ -75,8 +73,8 @@ def test_specs_name_real_arguments():
 
 
 def test_format_kernel_table_layout():
-    row = aot.KernelRow("k", "fp32", "B=1 w4 s2", 40, 0, 0)
+    row = aot.KernelRow("k", "fp32", "B=1 w4 s2", 40, 0, 0, 6, 2)
     lines = aot.format_kernel_table([row]).splitlines()
     assert lines[0].startswith("Triton kernels compiled for sm_90 (1 configs)")
-    assert lines[1].split() == ["kernel", "variant", "config", "regs", "smem", "B", "spill", "B"]
-    assert lines[3].split() == ["k", "fp32", "B=1", "w4", "s2", "40", "0", "0"]
+    assert lines[1].split() == ["kernel", "variant", "config", "regs", "smem", "B", "spill", "B", "LDG.128", "MMA"]
+    assert lines[3].split() == ["k", "fp32", "B=1", "w4", "s2", "40", "0", "0", "6", "2"]
