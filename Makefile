@@ -15,7 +15,7 @@ CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda-13.0 /usr/local/cuda))
 export CUDA_HOME
 export MAX_JOBS ?= 2
 
-.PHONY: install demo assets test test-slow bench bench-guard gpu-rehearse lint clean
+.PHONY: install demo assets test test-slow bench bench-guard bench-targets gpu-rehearse lint clean
 
 install: $(STAMP)
 
@@ -54,6 +54,11 @@ bench: install
 # The rows, thresholds and timing of the guard: invcoss/benchmark/guard.py (cpu_ratios.py runs it).
 bench-guard: install
 	$(BIN)/python benchmarks/cpu_ratios.py --guard
+
+# The CPU throughput targets (invcoss/benchmark/targets.py): the fused kernels against torch.compile and
+# this machine's copy bandwidth, measured in one run; exits 1 when one is missed.
+bench-targets: install
+	TORCHINDUCTOR_COMPILE_THREADS=1 $(BIN)/python -m invcoss.benchmark.targets --strict $(TARGET_FLAGS)
 
 # The GPU check's every step on this CPU (Triton through the interpreter, tiny sizes), in about a
 # minute; tests/benchmark/test_gpu_check.py runs the same in `make test`. On a GPU: bash benchmarks/gpu_check.sh

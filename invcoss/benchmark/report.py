@@ -66,6 +66,19 @@ def tests_summary(records: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def targets_section(rows: list[Row], peaks: dict[str, float] | None) -> str:
+    """The GPU targets (:data:`~invcoss.benchmark.targets.GPU_TARGETS`) judged for every fused
+    provider with rows on a CUDA device; empty for the CPU rehearsal (its cases are the tiny ones)."""
+    from invcoss.benchmark.providers import REFERENCE_PROVIDERS
+    from invcoss.benchmark.targets import GPU_TARGETS, judge, verdict_markdown
+
+    rows = [r for r in rows if r.device.startswith("cuda")]
+    if not rows:
+        return ""
+    providers = sorted({r.provider for r in rows} - set(REFERENCE_PROVIDERS))
+    return verdict_markdown(judge(GPU_TARGETS, rows, peaks, providers), peaks, "Targets")
+
+
 def render(folder: str | Path) -> str:
     """The Markdown report of one GPU check folder."""
     data = load(folder)
@@ -101,6 +114,7 @@ def render(folder: str | Path) -> str:
             "the call after an L2 flush; % of the roofs measured in the same run."
         )
         out += [to_markdown(rows, "Ops", peaks), note, ""]
+        out.append(targets_section(rows, peaks))
     if data["inversion"]:
         out.append(inversion_markdown(data["inversion"], "Inversion step"))
     return "\n".join(out).rstrip() + "\n"
