@@ -42,7 +42,8 @@ def collect_info() -> dict:
 
 @click.command()
 @click.option(
-    "--kernels", is_flag=True, help="Also compile every Triton kernel for sm_90 and print its resources."
+    "--kernels", is_flag=True, help="Also compile every Triton kernel for sm_90 and print its resources, and those of the "
+    "extension's sm_90 CUDA kernels."
 )
 def info(kernels: bool) -> None:
     """Print versions, devices, which backends run here (and why not), and the extension build."""
@@ -81,5 +82,10 @@ def info(kernels: bool) -> None:
         from invcoss.kernels.aot import format_kernel_table, kernel_table
 
         click.echo(format_kernel_table(kernel_table()))  # plain text: rich would wrap it when piped
+        if data["extension"]["cuda kernels"]:
+            from invcoss.kernels.sass import extension_table, format_extension_table
+
+            click.echo("")
+            click.echo(format_extension_table(extension_table()))
     n_ok = sum(r["available"] for r in data["backends"].values())
     click.echo(f"invcoss {data['invcoss']}: {n_ok}/{len(data['backends'])} backends available")
