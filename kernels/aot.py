@@ -167,7 +167,7 @@ def kernel_specs() -> list[KernelSpec]:
                 "repulsive",
                 "repulsive_direct_mma_kernel" if mma else "repulsive_direct_fp32_kernel",
                 f"{ty}, {'mma' if mma else 'ieee'}" + ("" if grad else ", loss only"),
-                {**_ptrs("h_ptr p_ptr", ty), **_ptrs("pinv_ptr party_ptr partsq_ptr", "fp32")}
+                {**_ptrs("h_ptr p_ptr", ty), **_ptrs("hinv_ptr pinv_ptr party_ptr partsq_ptr", "fp32")}
                 | _ints("B P D chunk_len stride_hb stride_pp"),
                 {
                     "stride_hd": 1,

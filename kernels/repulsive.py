@@ -7,20 +7,22 @@ write this gradient during the forward pass; backward only scales it by the upst
 
 Direct path, two passes and no float atomics. :func:`repulsive_direct_kernel` runs on a grid of
 ``B`` tiles x ``P`` chunks (enough chunks to fill the SMs twice over): one program computes the raw
-dots ``s = h p^T`` of a ``(BLOCK_B, BLOCK_P)`` tile with ``tl.dot`` over D, scales them by the pool
-rows' inverse norms (``t_ij = s_ij / |p_j|``, a ``(P,)`` vector: computed once per call, or cached by
-``RepulsivePool``, so the pool is never copied or renormalised), adds ``sum_j t_ij^2`` to its row
-partials and, with a gradient, multiplies the same tile into ``Y_i = sum_j t_ij p^_j`` with a second
+dots ``s = h p^T`` of a ``(BLOCK_B, BLOCK_P)`` tile with ``tl.dot`` over D, scales them by both rows'
+inverse norms into cosines ``c_ij = s_ij / (|h_i| |p_j|)`` (``(B,)`` and ``(P,)`` vectors, one pass
+each per call; ``RepulsivePool`` caches the pool's, so the pool is never copied or renormalised),
+adds ``sum_j c_ij^2`` to its row partials and, with a gradient, multiplies the same tile into
+``Y_i = sum_j c_ij p^_j`` with a second
 ``tl.dot`` per ``BLOCK_DO`` columns, accumulated in an fp32 partial buffer ``(chunks, B, D)`` that
 the program owns: every cosine is computed once. :func:`repulsive_direct_finish_kernel` adds the
-partials of every chunk in a fixed order, computes ``|h_i|`` and writes the per-row losses
-``q_i = sum_j t_ij^2 / |h_i|^2`` and the gradient ``2/(B P |h_i|) (Y_i / |h_i| - q_i h^_i)``.
+partials of every chunk in a fixed order and writes the per-row losses ``q_i = sum_j c_ij^2`` and
+the gradient ``2/(B P |h_i|) (Y_i - q_i h^_i)``.
 
 Precision of the direct path. h and pool both bf16 (or both fp16): both ``tl.dot`` take operands of
-that dtype with fp32 accumulation (wgmma on Hopper); the computed fp32 factors ``t_ij / |p_j|`` of
+that dtype with fp32 accumulation (wgmma on Hopper); the computed fp32 factors ``c_ij / |p_j|`` of
 the second product are split into ``hi + lo`` in that dtype and multiplied twice, so they keep about
-16 significant bits instead of being truncated. Other combinations (fp32, mixed dtypes) upcast to
-fp32 and use "ieee".
+16 significant bits instead of being truncated (they are at most ``1 / |p_j|``: for fp16 the pool
+rows need norms above 2^-16, as RepulsivePool's unit rows have). Other combinations (fp32, mixed
+dtypes) upcast to fp32 and use "ieee".
 
 Gram path (:func:`gram_forward_kernel`, :func:`gram_finish_kernel`): ``sum_j c_ij^2 = h^_i^T G h^_i``
 with ``G = sum_j p^_j p^_j^T`` ``(D, D)``, so the cost is O(B D^2) whatever P. The first kernel
@@ -126,9 +128,10 @@ def inv_norm_kernel(
 def repulsive_direct_kernel(
     h_ptr,  # (B, D) any strides
     p_ptr,  # (P, D) any strides, rows not necessarily normalised
+    hinv_ptr,  # (B,) fp32: 1 / max(|h_i|, eps)
     pinv_ptr,  # (P,) fp32: 1 / max(|p_j|, eps)
-    party_ptr,  # (n_chunks, B, D) fp32: Y_i = sum_j t_ij p^_j over the chunk; unused without HAS_GRAD
-    partsq_ptr,  # (n_chunks, B) fp32: sum_j t_ij^2 over the chunk
+    party_ptr,  # (n_chunks, B, D) fp32: Y_i = sum_j c_ij p^_j over the chunk; unused without HAS_GRAD
+    partsq_ptr,  # (n_chunks, B) fp32: sum_j c_ij^2 over the chunk
     B,
     P,
     D,
@@ -163,6 +166,7 @@ def repulsive_direct_kernel(
     ks = tl.arange(0, BLOCK_K)
     p_start = pid_c * chunk_len
     p_end = tl.minimum(p_start + chunk_len, P)
+    inv_h = tl.load(hinv_ptr + rows, mask=row_mask, other=0.0)
     row_sq = tl.zeros((BLOCK_B,), tl.float32)
     for p0 in range(p_start, p_end, BLOCK_P):
         prow = p0 + tl.arange(0, BLOCK_P)
@@ -178,10 +182,10 @@ def repulsive_direct_kernel(
             else:
                 s = tl.dot(hk.to(tl.float32), tl.trans(pk.to(tl.float32)), s, input_precision=PRECISION)
         inv_p = tl.load(pinv_ptr + prow, mask=p_mask, other=0.0)
-        t = s * inv_p[None, :]  # |h_i| c_ij; padded rows and columns hold 0
-        row_sq += tl.sum(t * t, axis=1)
+        c = s * inv_h[:, None] * inv_p[None, :]  # cosines; padded rows and columns hold 0
+        row_sq += tl.sum(c * c, axis=1)
         if HAS_GRAD:
-            u = t * inv_p[None, :]  # Y_i = sum_j u_ij p_j with the raw pool rows
+            u = c * inv_p[None, :]  # Y_i = sum_j u_ij p_j with the raw pool rows; |u_ij| <= 1 / |p_j|
             if MMA:
                 u_hi = u.to(p_ptr.dtype.element_ty)
                 u_lo = (u - u_hi.to(tl.float32)).to(p_ptr.dtype.element_ty)
@@ -235,30 +239,29 @@ def repulsive_direct_finish_kernel(
     BLOCK_B: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    # grid: (cdiv(B, BLOCK_B), cdiv(D, BLOCK_D) with HAS_GRAD else 1). One program: |h|^2 and the
-    # chunk partials of BLOCK_B rows, added in chunk order; programs with pid_d == 0 store the row
-    # losses; with HAS_GRAD, gradient columns [pid_d * BLOCK_D, +BLOCK_D) of those rows.
+    # grid: (cdiv(B, BLOCK_B), cdiv(D, BLOCK_D) with HAS_GRAD else 1). One program: the chunk
+    # partials of BLOCK_B rows, added in chunk order; programs with pid_d == 0 store the row losses;
+    # with HAS_GRAD, |h|^2 of the rows and gradient columns [pid_d * BLOCK_D, +BLOCK_D) of them.
     pid_d = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < B
-    h_rows = h_ptr + rows.to(tl.int64)[:, None] * stride_hb
-    ds = tl.arange(0, BLOCK_D)
-    h_acc = tl.zeros((BLOCK_B, BLOCK_D), tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        mask = row_mask[:, None] & (d0 + ds < D)[None, :]
-        hd = tl.load(h_rows + (d0 + ds)[None, :] * stride_hd, mask=mask, other=0.0).to(tl.float32)
-        h_acc += hd * hd
-    h_sq = tl.sum(h_acc, axis=1)
-    t_sq = tl.zeros((BLOCK_B,), tl.float32)
+    q = tl.zeros((BLOCK_B,), tl.float32)
     sq_ptrs = partsq_ptr + rows
     for _c in range(0, n_chunks):
-        t_sq += tl.load(sq_ptrs, mask=row_mask, other=0.0)
+        q += tl.load(sq_ptrs, mask=row_mask, other=0.0)
         sq_ptrs += B
-    inv_h = 1.0 / tl.maximum(tl.sqrt(h_sq), eps)
-    q = t_sq * inv_h * inv_h
     if pid_d == 0:
         tl.store(rowloss_ptr + rows, q, mask=row_mask)
     if HAS_GRAD:
+        h_rows = h_ptr + rows.to(tl.int64)[:, None] * stride_hb
+        ds = tl.arange(0, BLOCK_D)
+        h_acc = tl.zeros((BLOCK_B, BLOCK_D), tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            mask = row_mask[:, None] & (d0 + ds < D)[None, :]
+            hd = tl.load(h_rows + (d0 + ds)[None, :] * stride_hd, mask=mask, other=0.0).to(tl.float32)
+            h_acc += hd * hd
+        h_sq = tl.sum(h_acc, axis=1)
+        inv_h = 1.0 / tl.maximum(tl.sqrt(h_sq), eps)
         cols = pid_d * BLOCK_D + ds
         tile_mask = row_mask[:, None] & (cols < D)[None, :]
         dense = rows.to(tl.int64)[:, None] * D + cols[None, :]
@@ -270,7 +273,7 @@ def repulsive_direct_finish_kernel(
             y_ptrs += chunk_step
         hd = tl.load(h_rows + cols[None, :] * stride_hd, mask=tile_mask, other=0.0).to(tl.float32)
         proj = tl.where(h_sq > eps * eps, q, 0.0)
-        grad = (grad_scale * inv_h)[:, None] * (y * inv_h[:, None] - proj[:, None] * (hd * inv_h[:, None]))
+        grad = (grad_scale * inv_h)[:, None] * (y - proj[:, None] * (hd * inv_h[:, None]))
         tl.store(grad_ptr + dense, grad.to(grad_ptr.dtype.element_ty), mask=tile_mask)
 
 
@@ -451,6 +454,7 @@ def repulsive_direct_forward(
     the pool rows' ``1 / max(|p_j|, eps)``, is computed here when not given."""
     b, d = h.shape
     n_pool = pool.shape[0]
+    hinv = row_inv_norms(h, eps)
     pinv = row_inv_norms(pool, eps) if pool_inv_norm is None else pool_inv_norm.float()
     chunk_len, n_chunks = pool_chunks(b, n_pool, with_grad, h.device)
     part_sq = torch.empty(n_chunks, b, device=h.device, dtype=torch.float32)
@@ -466,6 +470,7 @@ def repulsive_direct_forward(
         lambda meta: (triton.cdiv(b, meta["BLOCK_B"]), n_chunks),
         h,
         pool,
+        hinv,
         pinv,
         part_y if with_grad else part_sq,
         part_sq,
