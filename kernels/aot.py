@@ -188,7 +188,7 @@ def kernel_specs() -> list[KernelSpec]:
                 {**_ptrs("h_ptr grad_ptr", ty), **_ptrs("party_ptr partsq_ptr rowloss_ptr", "fp32")}
                 | _ints("B D stride_hb n_chunks")
                 | _floats("eps grad_scale"),
-                {"stride_hd": 1, "HAS_GRAD": True},
+                {"stride_hd": 1, "HAS_GRAD": True, "ALIGNED": True},
                 repulsive.DIRECT_FINISH_LAUNCH,
             )
         )
@@ -198,7 +198,7 @@ def kernel_specs() -> list[KernelSpec]:
             "inv_norm_kernel",
             "bf16",
             {**_ptrs("x_ptr", "bf16"), **_ptrs("out_ptr", "fp32"), **_ints("R D stride_r"), **_floats("eps")},
-            {"stride_d": 1},
+            {"stride_d": 1, "ALIGNED": True},
             repulsive.INV_NORM_LAUNCH,
         )
     )

@@ -108,10 +108,14 @@ def inv_norm_kernel(
     stride_r,
     stride_d,
     eps,
+    ALIGNED: tl.constexpr,  # D and stride_r are multiples of 16: vector loads
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     # grid: (cdiv(R, BLOCK_R),). One program: the inverse norms of BLOCK_R rows.
+    if ALIGNED:  # exact for multiples of 16, and shows the compiler that they are
+        D = D // 16 * 16
+        stride_r = stride_r // 16 * 16
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < R
     ds = tl.arange(0, BLOCK_D)
@@ -236,12 +240,16 @@ def repulsive_direct_finish_kernel(
     eps,
     grad_scale,  # 2 / (B P)
     HAS_GRAD: tl.constexpr,
+    ALIGNED: tl.constexpr,  # D and stride_hb are multiples of 16: vector loads
     BLOCK_B: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     # grid: (cdiv(B, BLOCK_B), cdiv(D, BLOCK_D) with HAS_GRAD else 1). One program: the chunk
     # partials of BLOCK_B rows, added in chunk order; programs with pid_d == 0 store the row losses;
     # with HAS_GRAD, |h|^2 of the rows and gradient columns [pid_d * BLOCK_D, +BLOCK_D) of them.
+    if ALIGNED:  # exact for multiples of 16, and shows the compiler that they are
+        D = D // 16 * 16
+        stride_hb = stride_hb // 16 * 16
     pid_d = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < B
@@ -438,7 +446,10 @@ def row_inv_norms(x: torch.Tensor, eps: float) -> torch.Tensor:
     r, d = x.shape
     out = torch.empty(r, device=x.device, dtype=torch.float32)
     grid = (triton.cdiv(r, INV_NORM_LAUNCH["BLOCK_R"]),)
-    launch(inv_norm_kernel, grid, x, out, r, d, x.stride(0), x.stride(1), eps, **INV_NORM_LAUNCH)
+    aligned = x.stride(1) == 1 and d % 16 == 0 and x.stride(0) % 16 == 0
+    launch(
+        inv_norm_kernel, grid, x, out, r, d, x.stride(0), x.stride(1), eps, ALIGNED=aligned, **INV_NORM_LAUNCH
+    )
     return out
 
 
@@ -506,6 +517,7 @@ def repulsive_direct_forward(
         eps,
         2.0 / (b * n_pool),
         HAS_GRAD=with_grad,
+        ALIGNED=h.stride(1) == 1 and d % 16 == 0 and h.stride(0) % 16 == 0,
         **DIRECT_FINISH_LAUNCH,
     )
     return _mean_over_rows(row_loss, n_pool), grad
