@@ -3,8 +3,11 @@
 // why the two halves are split). Compiled only into builds with CUDA kernels.
 #ifdef INVCOSS_WITH_CUDA
 
+#include <ATen/ops/add.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+
+#include <type_traits>
 
 #include "cuda_launch.h"
 #include "invcoss.h"
@@ -210,11 +213,22 @@ std::tuple<at::Tensor, at::Tensor> repulsive_gram_cuda(const at::Tensor& h_in, c
   return out;
 }
 
+// Per pool tile of at most kPoolTile rows: S = h P_t^T (cuBLAS), one kernel that scales S into
+// cosines with both rows' inverse norms, adds their squares per row and writes the weights
+// u_ij = c_ij / |p_j| of the raw pool rows, then Y += u P_t (cuBLAS). The matmuls take the operands
+// as stored: bf16/fp16 h against a pool of the same dtype run in that dtype with fp32 output
+// (at::mm's out_dtype), the fp32 weights split into hi + lo halves of that dtype ([hi; lo] is one
+// matmul of 2B rows, whose halves are added), so nothing computed is truncated to 16 bits; fp32 and
+// fp64 run in their own dtype. A pool whose dtype is the operand dtype and whose columns are
+// contiguous is read in place: no copy, and no renormalisation when RepulsivePool passes the inverse
+// norms it keeps (else one pass computes them). Other pools (mixed dtypes) are converted tile by tile.
 std::tuple<at::Tensor, at::Tensor> repulsive_direct_cuda(const at::Tensor& h_in, const at::Tensor& pool_in,
-                                                         double eps, bool with_grad) {
+                                                         double eps, bool with_grad,
+                                                         const std::optional<at::Tensor>& pool_inv_norm) {
   const char* op = "repulsive_direct";
   check_repulsive_args(op, h_in, pool_in, /*is_gram=*/false);
   check_device(op, "h", h_in, at::kCUDA);
+  check_pool_inv_norm(op, pool_in, pool_inv_norm);
   TORCH_CHECK(h_in.size(0) <= INT32_MAX && pool_in.size(0) <= INT32_MAX, op,
               ": expected at most 2^31 - 1 rows in h and in pool, got ", h_in.size(0), " and ", pool_in.size(0));
   const c10::cuda::OptionalCUDAGuard guard(h_in.device());
@@ -223,36 +237,74 @@ std::tuple<at::Tensor, at::Tensor> repulsive_direct_cuda(const at::Tensor& h_in,
   std::tuple<at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "repulsive_direct_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
+    constexpr bool kLow = !std::is_same_v<scalar_t, A>;
     const NormalisedRows n = normalise_batch<scalar_t>(h, eps);
-    const at::Tensor pool = pool_in.to(n.hh.scalar_type()).contiguous();
+    const auto acc = n.hh.scalar_type();
+    const at::TensorOptions acc_opts = n.hh.options();
+    // The matmul operands' dtype: h's own when the pool shares its 16-bit dtype, else the accumulation type.
+    const bool low = kLow && pool_in.scalar_type() == h.scalar_type();
+    const at::ScalarType mm_dtype = low ? h.scalar_type() : acc;
+    const at::Tensor h_op = low ? h : h.to(acc);
+    const bool in_place = pool_in.scalar_type() == mm_dtype && pool_in.stride(1) == 1;
     const int64_t tile = std::min(kPoolTile, P);
-    at::Tensor pp = at::empty({tile, D}, n.hh.options());
-    at::Tensor sim = at::empty({B, tile}, n.hh.options());
-    if (!with_grad) {
-      // The loss alone is sum_ij cos_ij^2: one matmul per tile and a squared sum (ATen's reduction,
-      // deterministic), no Y = C P^, half the flops.
-      at::Tensor total = at::zeros({}, n.hh.options().dtype(at::kDouble));
-      for (int64_t p0 = 0; p0 < P; p0 += tile) {
-        const int64_t tp = std::min(tile, P - p0);
-        at::Tensor pp_t = pp.narrow(0, 0, tp), sim_t = sim.narrow(1, 0, tp);
-        cuda::normalise_rows<A>(pool.const_data_ptr<A>() + p0 * D, pp_t.mutable_data_ptr<A>(), tp, D, eps, nullptr,
-                                nullptr);
-        at::mm_out(sim_t, n.hh, pp_t.t());
-        total.add_(sim_t.square().sum(at::kDouble));
+    const int64_t n_tiles = (P + tile - 1) / tile;
+    at::Tensor buf = in_place ? at::Tensor() : at::empty({tile, D}, h.options().dtype(mm_dtype));
+    at::Tensor inv = pool_inv_norm.has_value() ? pool_inv_norm->to(acc).contiguous() : at::empty({P}, acc_opts);
+    at::Tensor sim = at::empty({B, tile}, acc_opts);
+    at::Tensor q_part = at::empty({n_tiles, B}, acc_opts);
+    const int64_t u_rows = low ? 2 * B : B;
+    at::Tensor u = with_grad ? at::empty({u_rows, tile}, h.options().dtype(mm_dtype)) : at::Tensor();
+    at::Tensor y = with_grad ? at::empty({B, D}, acc_opts) : at::Tensor();
+    at::Tensor y_tile = with_grad && low ? at::empty({u_rows, D}, acc_opts) : at::Tensor();
+    for (int64_t t = 0; t < n_tiles; ++t) {
+      const int64_t p0 = t * tile, tp = std::min(tile, P - p0);
+      at::Tensor pool_t = pool_in.narrow(0, p0, tp);
+      if (!in_place) pool_t = buf.narrow(0, 0, tp).copy_(pool_t);
+      A* inv_t = inv.mutable_data_ptr<A>() + p0;
+      if (!pool_inv_norm.has_value() && low) {
+        cuda::row_inv_norms<scalar_t>(pool_t.const_data_ptr<scalar_t>(), pool_t.stride(0), tp, D, eps, inv_t);
+      } else if (!pool_inv_norm.has_value()) {
+        cuda::row_inv_norms<A>(pool_t.const_data_ptr<A>(), pool_t.stride(0), tp, D, eps, inv_t);
       }
-      out = {total.div(double(B) * double(P)).to(n.hh.scalar_type()), at::empty({0}, h.options())};
+      at::Tensor sim_t = sim.narrow(1, 0, tp);
+      if (low) {
+        at::mm_out(sim_t, h_op, pool_t.t(), acc);  // 16-bit operands, fp32 output
+      } else {
+        at::mm_out(sim_t, h_op, pool_t.t());
+      }
+      const A* norm = n.norm.const_data_ptr<A>();
+      A* q_t = q_part.mutable_data_ptr<A>() + t * B;
+      if (low) {
+        cuda::cosine_tile<A, scalar_t>(sim.const_data_ptr<A>(), tile, norm, inv_t, B, tp, q_t,
+                                       with_grad ? u.mutable_data_ptr<scalar_t>() : nullptr, tile);
+      } else {
+        cuda::cosine_tile<A, A>(sim.const_data_ptr<A>(), tile, norm, inv_t, B, tp, q_t,
+                                with_grad ? u.mutable_data_ptr<A>() : nullptr, tile);
+      }
+      if (!with_grad) continue;
+      const at::Tensor u_t = u.narrow(1, 0, tp);
+      if (low) {
+        at::mm_out(y_tile, u_t, pool_t, acc);  // [hi; lo] P_t: (2B, D) fp32
+        const at::Tensor hi = y_tile.narrow(0, 0, B), lo = y_tile.narrow(0, B, B);
+        if (t == 0) {
+          at::add_out(y, hi, lo);
+        } else {
+          y.add_(hi).add_(lo);
+        }
+      } else if (t == 0) {
+        at::mm_out(y, u_t, pool_t);
+      } else {
+        y.addmm_(u_t, pool_t);
+      }
+    }
+    const double c = 1.0 / (double(B) * double(P));
+    if (with_grad) {
+      out = epilogue<scalar_t>(h, n, y, c, with_grad);
       return;
     }
-    at::Tensor y = at::zeros({B, D}, n.hh.options());
-    for (int64_t p0 = 0; p0 < P; p0 += tile) {
-      const int64_t tp = std::min(tile, P - p0);
-      at::Tensor pp_t = pp.narrow(0, 0, tp), sim_t = sim.narrow(1, 0, tp);
-      cuda::normalise_rows<A>(pool.const_data_ptr<A>() + p0 * D, pp_t.mutable_data_ptr<A>(), tp, D, eps, nullptr,
-                              nullptr);
-      at::mm_out(sim_t, n.hh, pp_t.t());  // (B, tp) cosines
-      y.addmm_(sim_t, pp_t);              // y_i += sum_j cos_ij p^_j
-    }
-    out = epilogue<scalar_t>(h, n, y, 1.0 / (double(B) * double(P)), with_grad);
+    at::Tensor loss = at::empty({}, acc_opts);
+    cuda::sum_scaled<A>(q_part.const_data_ptr<A>(), n_tiles * B, c, loss.mutable_data_ptr<A>());
+    out = {loss, at::empty({0}, h.options())};
   });
   return out;
 }

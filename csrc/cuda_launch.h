@@ -66,5 +66,19 @@ void normalise_rows(const T* in, acc_t<T>* out, int64_t rows, int64_t D, double 
 template <typename T>
 void repulsive_epilogue(const acc_t<T>* y, const acc_t<T>* hh, const acc_t<T>* norm, const acc_t<T>* proj,
                         int64_t B, int64_t D, double c, acc_t<T>* q, T* grad, acc_t<T>* loss);
+// out_r = 1 / max(|x_r|, eps) for `rows` rows of D values, rows ldx apart (unit column stride).
+template <typename T>
+void row_inv_norms(const T* x, int64_t ldx, int64_t rows, int64_t D, double eps, acc_t<T>* out);
+// One pool tile of raw dots s (B, cols), rows lds apart: c_ij = s_ij / norm_i * inv_j; q_out_i = sum_j c_ij^2.
+// With u != null, u_ij = c_ij inv_j (the weights of the raw pool rows in Y = C P^) in M: for a 16-bit
+// M as hi (rows 0..B-1) plus lo (rows B..2B-1) = the rounding error of hi, so that the bf16/fp16
+// matmul of [hi; lo] keeps ~16 significant bits of u; for M = A the values (rows 0..B-1). |u_ij| <= 1 / |p_j|:
+// for fp16 that needs pool rows of norm above 2^-16 (RepulsivePool's rows have norm 1).
+template <typename A, typename M>
+void cosine_tile(const A* s, int64_t lds, const A* norm, const A* inv, int64_t B, int64_t cols, A* q_out, M* u,
+                 int64_t ldu);
+// loss = c * sum of n values, added in index order (one block, fp64).
+template <typename A>
+void sum_scaled(const A* v, int64_t n, double c, A* loss);
 
 }  // namespace invcoss::cuda

@@ -20,6 +20,7 @@
 #include <ATen/ops/zeros.h>
 
 #include <cstdint>
+#include <optional>
 #include <tuple>
 
 namespace invcoss {
@@ -37,7 +38,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stat_matching_cpu(con
                                                                              const at::Tensor& mean,
                                                                              const at::Tensor& var);
 std::tuple<at::Tensor, at::Tensor> repulsive_direct_cpu(const at::Tensor& h, const at::Tensor& pool, double eps,
-                                                        bool with_grad);
+                                                        bool with_grad, const std::optional<at::Tensor>& pool_inv_norm);
 std::tuple<at::Tensor, at::Tensor> repulsive_gram_cpu(const at::Tensor& h, const at::Tensor& gram, int64_t count,
                                                       double eps, bool with_grad);
 // In place gram += alpha * feats^T feats through at::addmm_ (MKL / cuBLAS); registered for both
@@ -81,6 +82,8 @@ void check_state_args(const char* op, const at::Tensor& x, const at::Tensor& a, 
 void check_welford_args(const at::Tensor& x, int64_t count, const at::Tensor& mean, const at::Tensor& m2);
 // h (B, D) and either gram (D, D) or pool (P, D) with P >= 1.
 void check_repulsive_args(const char* op, const at::Tensor& h, const at::Tensor& other, bool is_gram);
+// pool_inv_norm, when given: (P,) floating, on the pool's device.
+void check_pool_inv_norm(const char* op, const at::Tensor& pool, const std::optional<at::Tensor>& inv);
 
 // x (N, F) with unit column stride; the row stride may be anything (also 0 for expanded rows).
 inline at::Tensor rows_with_unit_stride(const at::Tensor& x) { return x.stride(1) == 1 ? x : x.contiguous(); }

@@ -22,8 +22,11 @@ TORCH_LIBRARY(invcoss, m) {
   m.def("welford_update(Tensor x, int count, Tensor mean, Tensor m2) -> (Tensor, Tensor)");
   // -> (loss, batch mean, d loss / d batch mean, d loss / d batch var)
   m.def("stat_matching(Tensor x, Tensor mean, Tensor var) -> (Tensor, Tensor, Tensor, Tensor)");
-  // h: (B, D), pool: (P, D) -> (loss, d loss / dh or an empty tensor)
-  m.def("repulsive_direct(Tensor h, Tensor pool, float eps, bool with_grad) -> (Tensor, Tensor)");
+  // h: (B, D), pool: (P, D), pool_inv_norm: (P,) fp32 1 / max(|p_j|, eps) or None (computed)
+  //   -> (loss, d loss / dh or an empty tensor)
+  m.def(
+      "repulsive_direct(Tensor h, Tensor pool, float eps, bool with_grad, Tensor? pool_inv_norm=None) -> (Tensor, "
+      "Tensor)");
   // h: (B, D), gram: (D, D) = sum of count outer products -> (loss, d loss / dh or an empty tensor)
   m.def("repulsive_gram(Tensor h, Tensor gram, int count, float eps, bool with_grad) -> (Tensor, Tensor)");
   m.def("gram_update(Tensor(a!) gram, Tensor feats_hat, float alpha) -> ()");

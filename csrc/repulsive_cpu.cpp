@@ -1,8 +1,9 @@
 // Repulsive cosine loss (Eq. 5) on CPU: normalisation and epilogue kernels around ATen matmuls (MKL).
 //
 // With h^_i = h_i / max(|h_i|, eps), p^_j likewise and Y = h^ G (gram path, G = sum_j p^_j p^_j^T) or
-// Y = (h^ P^T) P^ (direct path, over tiles of the pool so that the B x P similarity matrix is never
-// held whole), both paths share one epilogue:
+// Y = C P^ with C = h^ P^T scaled by the pool rows' inverse norms (direct path, over tiles of the
+// pool so that the B x P similarity matrix is never held whole; an fp32 pool is read in place, its
+// inverse norms given by RepulsivePool or computed in one pass), both paths share one epilogue:
 //   q_i = y_i . h^_i = sum_j cos(h_i, p_j)^2,   loss = sum_i q_i / (B P),
 //   grad_i = 2 / (B P |h_i|) (y_i - q_i h^_i)   (y_i / eps without the projection where |h_i| < eps).
 // The gradient costs one pass over (B, D) once Y exists, so it is computed in the forward pass and
@@ -60,18 +61,49 @@ INVCOSS_CLONES A epilogue_row(const A* INVCOSS_RESTRICT y, const A* INVCOSS_REST
   return q;
 }
 
-// q[i] += sum_j s[i * stride + j]^2 for j < cols (the squared cosines of one pool tile).
+// 1 / max(|x_r|, eps) of `rows` rows of D values, ld apart (the pool's inverse norms when not given).
 template <typename A>
-void add_row_sq_sums(const A* s, double* q, int64_t rows, int64_t cols, int64_t stride) {
-  const int nt = cpu_threads(rows * cols);
+void inv_norms(const A* x, int64_t ld, A* out, int64_t rows, int64_t D, A eps) {
+  const int nt = cpu_threads(rows * D);
 #pragma omp parallel for num_threads(nt) schedule(static)
   for (int64_t i = 0; i < rows; ++i) {
-    const A* INVCOSS_RESTRICT row = s + i * stride;
+    const A* INVCOSS_RESTRICT r = x + i * ld;
     A ss = A(0);
 #pragma omp simd reduction(+ : ss)
-    for (int64_t j = 0; j < cols; ++j) ss += row[j] * row[j];
-    q[i] += double(ss);
+    for (int64_t d = 0; d < D; ++d) ss += r[d] * r[d];
+    out[i] = A(1) / std::max(std::sqrt(ss), eps);
   }
+}
+
+// One pool tile of raw dots s (rows `stride` apart, cols columns) against unit h rows: the cosines
+// are c_ij = s_ij inv_j; q[i] += sum_j c_ij^2, and with `to_weights` s becomes c_ij inv_j in place
+// (the weights of the raw pool rows in Y = C P^).
+template <typename A>
+INVCOSS_CLONES void scale_tile_row(A* INVCOSS_RESTRICT s, const A* INVCOSS_RESTRICT inv, int64_t cols, double* q,
+                                   bool to_weights) {
+  A ss = A(0);
+  if (to_weights) {
+#pragma omp simd reduction(+ : ss)
+    for (int64_t j = 0; j < cols; ++j) {
+      const A c = s[j] * inv[j];
+      ss += c * c;
+      s[j] = c * inv[j];
+    }
+  } else {
+#pragma omp simd reduction(+ : ss)
+    for (int64_t j = 0; j < cols; ++j) {
+      const A c = s[j] * inv[j];
+      ss += c * c;
+    }
+  }
+  *q += double(ss);
+}
+
+template <typename A>
+void scale_tile(A* s, const A* inv, double* q, int64_t rows, int64_t cols, int64_t stride, bool to_weights) {
+  const int nt = cpu_threads(rows * cols);
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t i = 0; i < rows; ++i) scale_tile_row<A>(s + i * stride, inv, cols, q + i, to_weights);
 }
 
 // The normalised batch and its norms, in the accumulation type.
@@ -129,6 +161,14 @@ void check_repulsive_args(const char* op, const at::Tensor& h, const at::Tensor&
   check_same_device(op, h, "h", other, name);
 }
 
+void check_pool_inv_norm(const char* op, const at::Tensor& pool, const std::optional<at::Tensor>& inv) {
+  if (!inv.has_value()) return;
+  TORCH_CHECK(inv->dim() == 1 && inv->size(0) == pool.size(0), op, ": expected pool_inv_norm of shape (",
+              pool.size(0), ",), got ", inv->sizes());
+  check_floating(op, "pool_inv_norm", *inv);
+  check_same_device(op, pool, "pool", *inv, "pool_inv_norm");
+}
+
 std::tuple<at::Tensor, at::Tensor> repulsive_gram_cpu(const at::Tensor& h_in, const at::Tensor& gram, int64_t count,
                                                       double eps, bool with_grad) {
   const char* op = "repulsive_gram";
@@ -146,50 +186,59 @@ std::tuple<at::Tensor, at::Tensor> repulsive_gram_cpu(const at::Tensor& h_in, co
   return out;
 }
 
-// Without a gradient the direct path skips the second matmul (see below): half the flops.
+// Per pool tile: S = h^ P_t^T (MKL), one pass that scales S by the rows' inverse norms and adds the
+// squared cosines, and with a gradient Y += (C diag(inv)) P_t, the raw rows as the second operand.
+// An fp32 pool with unit column stride is read in place; other dtypes are converted tile by tile
+// into one reused buffer. Without a gradient the second matmul is skipped: half the flops.
 std::tuple<at::Tensor, at::Tensor> repulsive_direct_cpu(const at::Tensor& h_in, const at::Tensor& pool_in,
-                                                        double eps, bool with_grad) {
+                                                        double eps, bool with_grad,
+                                                        const std::optional<at::Tensor>& pool_inv_norm) {
   const char* op = "repulsive_direct";
   check_repulsive_args(op, h_in, pool_in, /*is_gram=*/false);
   check_device(op, "h", h_in, at::kCPU);
+  check_pool_inv_norm(op, pool_in, pool_inv_norm);
   const at::Tensor h = h_in.contiguous();
   const int64_t B = h.size(0), D = h.size(1), P = pool_in.size(0);
   std::tuple<at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "repulsive_direct_cpu", [&] {
     using A = at::opmath_type<scalar_t>;
     const NormalisedRows n = normalise_batch<scalar_t, A>(h, eps);
-    const at::Tensor pool = pool_in.to(n.hh.scalar_type()).contiguous();
+    const auto acc = n.hh.scalar_type();
+    const bool in_place = pool_in.scalar_type() == acc && pool_in.stride(1) == 1;
     const int64_t tile = std::min(kPoolTile, P);
-    at::Tensor pp = at::empty({tile, D}, n.hh.options());
+    at::Tensor buf = in_place ? at::Tensor() : at::empty({tile, D}, n.hh.options());
+    at::Tensor inv = pool_inv_norm.has_value() ? pool_inv_norm->to(acc).contiguous() : at::empty({P}, n.hh.options());
     at::Tensor sim = at::empty({B, tile}, n.hh.options());
-    if (!with_grad) {
-      // The loss alone is sum_ij cos_ij^2: one matmul per tile and a squared sum, no Y = C P^.
-      std::vector<double> q(static_cast<size_t>(B), 0.0);
-      for (int64_t p0 = 0; p0 < P; p0 += tile) {
-        const int64_t tp = std::min(tile, P - p0);
-        at::Tensor pp_t = pp.narrow(0, 0, tp), sim_t = sim.narrow(1, 0, tp);
-        normalise_rows<A, A>(pool.const_data_ptr<A>() + p0 * D, pp_t.mutable_data_ptr<A>(), tp, D, A(eps),
-                             nullptr, nullptr);
-        at::mm_out(sim_t, n.hh, pp_t.t());  // (B, tp) cosines, rows `tile` apart
-        add_row_sq_sums<A>(sim.const_data_ptr<A>(), q.data(), B, tp, tile);
-      }
-      double total = 0.0;
-      for (int64_t i = 0; i < B; ++i) total += q[i];
-      at::Tensor loss = at::empty({}, n.hh.options());
-      loss.fill_(A(total / (double(B) * double(P))));
-      out = {loss, at::empty({0}, h.options())};
-      return;
-    }
-    at::Tensor y = at::zeros({B, D}, n.hh.options());
+    at::Tensor y = with_grad ? at::empty({B, D}, n.hh.options()) : at::Tensor();
+    std::vector<double> q(static_cast<size_t>(B), 0.0);
     for (int64_t p0 = 0; p0 < P; p0 += tile) {
       const int64_t tp = std::min(tile, P - p0);
-      at::Tensor pp_t = pp.narrow(0, 0, tp), sim_t = sim.narrow(1, 0, tp);
-      normalise_rows<A, A>(pool.const_data_ptr<A>() + p0 * D, pp_t.mutable_data_ptr<A>(), tp, D, A(eps), nullptr,
-                           nullptr);
-      at::mm_out(sim_t, n.hh, pp_t.t());  // (B, tp) cosines
-      y.addmm_(sim_t, pp_t);              // y_i += sum_j cos_ij p^_j
+      at::Tensor pool_t = pool_in.narrow(0, p0, tp);
+      if (!in_place) pool_t = buf.narrow(0, 0, tp).copy_(pool_t);
+      if (!pool_inv_norm.has_value()) {
+        inv_norms<A>(pool_t.const_data_ptr<A>(), pool_t.stride(0), inv.mutable_data_ptr<A>() + p0, tp, D, A(eps));
+      }
+      at::Tensor sim_t = sim.narrow(1, 0, tp);
+      at::mm_out(sim_t, n.hh, pool_t.t());  // (B, tp) raw dots of h^ with the pool rows
+      scale_tile<A>(sim.mutable_data_ptr<A>(), inv.const_data_ptr<A>() + p0, q.data(), B, tp, tile, with_grad);
+      if (with_grad) {
+        if (p0 == 0) {
+          at::mm_out(y, sim_t, pool_t);  // y_i = sum_j c_ij p^_j
+        } else {
+          y.addmm_(sim_t, pool_t);
+        }
+      }
     }
-    out = epilogue<scalar_t, A>(h, n, y, 1.0 / (double(B) * double(P)), with_grad);
+    const double c = 1.0 / (double(B) * double(P));
+    if (with_grad) {
+      out = epilogue<scalar_t, A>(h, n, y, c, with_grad);
+      return;
+    }
+    double total = 0.0;
+    for (int64_t i = 0; i < B; ++i) total += q[i];
+    at::Tensor loss = at::empty({}, n.hh.options());
+    loss.fill_(A(total * c));
+    out = {loss, at::empty({0}, h.options())};
   });
   return out;
 }

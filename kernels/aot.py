@@ -161,18 +161,54 @@ def kernel_specs() -> list[KernelSpec]:
             {"stride_f": 1},
         ),
     ]
-    for ty, precision in (("fp32", "ieee"), ("bf16", "tf32")):
+    # The launcher's variant for rows of a multiple of 16 elements (ALIGNED: vector loads, as the JIT
+    # specialises D = 768), one tuning per dtype family.
+    for ty, mma, grad in (
+        ("fp32", False, True),
+        ("bf16", True, True),
+        ("bf16", True, False),
+        ("fp16", True, True),
+    ):
         specs.append(
             KernelSpec(
                 "repulsive",
-                "repulsive_direct_kernel",
-                f"{ty}, {precision}",
-                {**_ptrs("h_ptr p_ptr grad_ptr", ty), **_ptrs("rowsq_ptr", "fp32")}
-                | _ints("B P D stride_hb stride_pp")
-                | _floats("eps grad_scale"),
-                {"stride_hd": 1, "stride_pd": 1, "HAS_GRAD": True, "PRECISION": precision},
+                "repulsive_direct_mma_kernel" if mma else "repulsive_direct_fp32_kernel",
+                f"{ty}, {'mma' if mma else 'ieee'}" + ("" if grad else ", loss only"),
+                {**_ptrs("h_ptr p_ptr", ty), **_ptrs("hinv_ptr pinv_ptr party_ptr partsq_ptr", "fp32")}
+                | _ints("B P D chunk_len stride_hb stride_pp"),
+                {
+                    "stride_hd": 1,
+                    "stride_pd": 1,
+                    "HAS_GRAD": grad,
+                    "MMA": mma,
+                    "PRECISION": "ieee",
+                    "ALIGNED": True,
+                },
             )
         )
+    for ty in ("fp32", "bf16"):
+        specs.append(
+            KernelSpec(
+                "repulsive",
+                "repulsive_direct_finish_kernel",
+                ty,
+                {**_ptrs("h_ptr grad_ptr", ty), **_ptrs("party_ptr partsq_ptr rowloss_ptr", "fp32")}
+                | _ints("B D stride_hb n_chunks")
+                | _floats("eps grad_scale"),
+                {"stride_hd": 1, "HAS_GRAD": True, "ALIGNED": True},
+                repulsive.DIRECT_FINISH_LAUNCH,
+            )
+        )
+    specs.append(
+        KernelSpec(
+            "repulsive",
+            "inv_norm_kernel",
+            "bf16",
+            {**_ptrs("x_ptr", "bf16"), **_ptrs("out_ptr", "fp32"), **_ints("R D stride_r"), **_floats("eps")},
+            {"stride_d": 1, "ALIGNED": True},
+            repulsive.INV_NORM_LAUNCH,
+        )
+    )
     specs += [
         KernelSpec(
             "repulsive",

@@ -67,9 +67,9 @@ def stat_matching(x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
     return loss
 
 
-def repulsive_direct(h: Tensor, pool: Tensor, eps: float) -> Tensor:
-    """Eq. 5 of h ``(B, D)`` against pool ``(P, D)``."""
-    loss, _ = _ops.repulsive_direct(h, pool.detach(), float(eps), _wants_grad(h))
+def repulsive_direct(h: Tensor, pool: Tensor, eps: float, pool_inv_norm: Tensor | None = None) -> Tensor:
+    """Eq. 5 of h ``(B, D)`` against pool ``(P, D)`` (rows' inverse norms ``(P,)`` fp32 if known)."""
+    loss, _ = _ops.repulsive_direct(h, pool.detach(), float(eps), _wants_grad(h), pool_inv_norm)
     return loss
 
 
@@ -119,7 +119,9 @@ def _stat_matching_fake(x: Tensor, mean: Tensor, var: Tensor) -> tuple[Tensor, T
     return x.new_empty((), dtype=dt), f, torch.empty_like(f), torch.empty_like(f)
 
 
-def _repulsive_direct_fake(h: Tensor, pool: Tensor, eps: float, with_grad: bool) -> tuple[Tensor, Tensor]:
+def _repulsive_direct_fake(
+    h: Tensor, pool: Tensor, eps: float, with_grad: bool, pool_inv_norm: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     return h.new_empty((), dtype=_acc_dtype(h)), _grad_like(h, with_grad)
 
 
@@ -158,7 +160,7 @@ def _tv_backward(ctx, grad_sums: Tensor, grad_fused: Tensor | None):
 
 
 def _repulsive_direct_backward(ctx, grad_loss: Tensor, grad_fused: Tensor | None):
-    return _scale_fused_grad(ctx, grad_loss, grad_fused), None, None, None
+    return _scale_fused_grad(ctx, grad_loss, grad_fused), None, None, None, None
 
 
 def _repulsive_gram_backward(ctx, grad_loss: Tensor, grad_fused: Tensor | None):

@@ -67,10 +67,11 @@ def _normalise(v: Tensor, eps: float) -> Tensor:
     return v / v.norm(dim=1, keepdim=True).clamp_min(eps)
 
 
-def repulsive_direct(h: Tensor, pool: Tensor, eps: float) -> Tensor:
+def repulsive_direct(h: Tensor, pool: Tensor, eps: float, pool_inv_norm: Tensor | None = None) -> Tensor:
     """1/(B P) sum_ij cos(h_i, p_j)^2 (Eq. 5) through the B x P similarity matrix."""
     hh = _normalise(_acc(h), eps)
-    pp = _normalise(pool.detach().to(hh.dtype), eps)
+    p = pool.detach().to(hh.dtype)
+    pp = _normalise(p, eps) if pool_inv_norm is None else p * pool_inv_norm.to(hh.dtype)[:, None]
     sim = hh @ pp.T  # (B, P)
     return sim.square().mean()
 

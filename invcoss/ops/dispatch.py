@@ -29,8 +29,10 @@ fp64 inputs on the backends that take fp64 (torch, cpu), so that gradcheck is ex
 ``stat_matching(x, mean, var) -> Tensor``
     x: ``(N, F)``, mean/var: ``(F,)``. ``||mean_N(x) - mean||_2 + ||var_N(x) - var||_2`` as a 0-dim
     fp32 tensor, differentiable in x (a zero norm has a zero gradient).
-``repulsive_direct(h, pool, eps) -> Tensor``
-    h: ``(B, D)``, pool: ``(P, D)`` with P >= 1 (not necessarily normalised). Eq. 5 as a 0-dim fp32
+``repulsive_direct(h, pool, eps, pool_inv_norm=None) -> Tensor``
+    h: ``(B, D)``, pool: ``(P, D)`` with P >= 1 (not necessarily normalised), pool_inv_norm: the pool
+    rows' ``1 / max(|p_j|, eps)`` ``(P,)`` fp32 when the caller keeps them (``RepulsivePool``; the
+    backend then neither copies nor renormalises the pool), else None. Eq. 5 as a 0-dim fp32
     tensor, differentiable in h only.
 ``repulsive_gram(h, gram, count, eps) -> Tensor``
     h: ``(B, D)``, gram: ``(D, D)`` = sum of the outer products of ``count`` normalised pool rows.

@@ -56,6 +56,12 @@ class RepulsivePool:
     O(B P D). ``G`` is updated with a rank-k product on every push and eviction and rebuilt from the
     stored rows every ``rebuild_every`` pushes, which bounds the rounding drift of the updates.
 
+    The rows are normalised in fp32 and stored in ``dtype``; bf16 (or fp16) halves the pool's memory
+    and lets the direct path run its matmuls on tensor cores for h of the same dtype. The pool keeps
+    the stored rows' inverse norms (fp32), so that both paths use exactly the unit vectors
+    ``p^_j = stored_j / |stored_j|`` and the direct path reads the stored rows as they are (no copy,
+    no renormalisation per call). G stays in ``gram_dtype``.
+
     Args:
         capacity: the most features kept (the paper uses the number of samples to generate).
         dim: feature dimension D.
@@ -64,6 +70,10 @@ class RepulsivePool:
         gram_dtype: dtype of G (fp32 default; fp64 for very long runs).
         rebuild_every: pushes between exact rebuilds of G.
         backend: see :func:`invcoss.ops.total_variation`.
+        dtype: dtype of the stored features: fp32 (default), bf16 or fp16.
+
+    Raises:
+        ValueError: capacity or dim below 1, or a dtype other than fp32, bf16 and fp16.
 
     Example:
         >>> pool = RepulsivePool(capacity=4, dim=2, backend="torch")
@@ -71,6 +81,8 @@ class RepulsivePool:
         >>> len(pool), pool.loss(torch.tensor([[1.0, 0.0], [0.0, 2.0]]))
         (1, tensor(0.5000))
     """
+
+    DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
     def __init__(
         self,
@@ -81,14 +93,20 @@ class RepulsivePool:
         gram_dtype: torch.dtype = torch.float32,
         rebuild_every: int = 16,
         backend: str | None = None,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         if capacity < 1:
             raise ValueError(f"RepulsivePool expects capacity >= 1, got {capacity}")
         if dim < 1:
             raise ValueError(f"RepulsivePool expects dim >= 1, got {dim}")
+        if dtype not in self.DTYPES:
+            raise ValueError(
+                f"RepulsivePool expects dtype torch.float32, torch.bfloat16 or torch.float16, got {dtype}"
+            )
         self.capacity, self.dim, self.eps = int(capacity), int(dim), float(eps)
         self.rebuild_every, self.backend = int(rebuild_every), backend
-        self.feats = torch.zeros(self.capacity, self.dim, device=device, dtype=torch.float32)
+        self.feats = torch.zeros(self.capacity, self.dim, device=device, dtype=dtype)
+        self.inv_norms = torch.zeros(self.capacity, device=device, dtype=torch.float32)  # of the stored rows
         self.gram = torch.zeros(self.dim, self.dim, device=device, dtype=gram_dtype)
         self.size = 0  # rows in use
         self.head = 0  # next row to write
@@ -101,11 +119,26 @@ class RepulsivePool:
     def device(self) -> torch.device:
         return self.feats.device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the stored features."""
+        return self.feats.dtype
+
     def features(self) -> Tensor:
-        """The kept normalised features, ``(len(pool), D)``, oldest first."""
+        """The kept normalised features, ``(len(pool), D)`` in the pool's dtype, oldest first."""
         if self.size < self.capacity:
             return self.feats[: self.size]
         return torch.cat([self.feats[self.head :], self.feats[: self.head]])
+
+    def _unit_rows(self, start: int, stop: int) -> Tensor:
+        """Stored rows ``[start, stop)`` as the fp32 unit vectors both paths use, ``(stop - start, D)``."""
+        return self.feats[start:stop].float() * self.inv_norms[start:stop, None]
+
+    def _store(self, dst: int, rows: Tensor) -> None:
+        n = rows.shape[0]
+        self.feats[dst : dst + n] = rows
+        stored = self.feats[dst : dst + n].float()
+        self.inv_norms[dst : dst + n] = 1.0 / stored.norm(dim=1).clamp_min(self.eps)
 
     def push(self, features: Tensor) -> None:
         """Add a batch ``(K, D)`` of features (detached), evicting the oldest when full."""
@@ -128,9 +161,9 @@ class RepulsivePool:
                 continue
             n_live = max(0, min(dst + n, self.size) - dst)
             if n_live:
-                impl.gram_update(self.gram, self.feats[dst : dst + n_live], -1.0)
-            self.feats[dst : dst + n] = chunk
-            impl.gram_update(self.gram, chunk, 1.0)
+                impl.gram_update(self.gram, self._unit_rows(dst, dst + n_live), -1.0)
+            self._store(dst, chunk)
+            impl.gram_update(self.gram, self._unit_rows(dst, dst + n), 1.0)
         self.size = min(self.capacity, self.size + k)
         self.head = (start + k) % self.capacity
         self.pushes += 1
@@ -142,11 +175,14 @@ class RepulsivePool:
         self.gram.zero_()
         if self.size:
             resolve(self.backend, self.device, "RepulsivePool.rebuild_gram").gram_update(
-                self.gram, self.feats[: self.size], 1.0
+                self.gram, self._unit_rows(0, self.size), 1.0
             )
 
     def loss(self, h: Tensor) -> Tensor:
-        """Eq. 5 of h ``(B, D)`` against the pool: the Gram path when P > D, else the direct one."""
+        """Eq. 5 of h ``(B, D)`` against the pool: the Gram path when P > D, else the direct one.
+
+        The direct path reads the stored rows in place, with their cached inverse norms.
+        """
         op = "RepulsivePool.loss"
         _check_h(op, h, self.dim)
         check_same_device(op, "h", h, "the pool", self.feats)
@@ -155,10 +191,11 @@ class RepulsivePool:
         impl = resolve(self.backend, h.device, op)
         if self.size > self.dim:
             return impl.repulsive_gram(h, self.gram, self.size, self.eps)
-        return impl.repulsive_direct(h, self.feats[: self.size], self.eps)
+        return impl.repulsive_direct(h, self.feats[: self.size], self.eps, self.inv_norms[: self.size])
 
     def state_dict(self) -> dict[str, Tensor]:
-        """The kept rows (oldest first) and the configuration; G is rebuilt on load."""
+        """The kept rows (oldest first, in the pool's dtype) and the configuration; G and the inverse
+        norms are recomputed on load."""
         return {
             "features": self.features().clone(),
             "capacity": torch.tensor(self.capacity),
@@ -166,7 +203,8 @@ class RepulsivePool:
         }
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        """Restore a pool saved by :meth:`state_dict` (capacity and dim must match)."""
+        """Restore a pool saved by :meth:`state_dict` (capacity and dim must match; features of
+        another dtype are converted to the pool's)."""
         feats = state["features"]
         if int(state["capacity"]) != self.capacity or feats.ndim != 2 or feats.shape[1] != self.dim:
             raise ValueError(
@@ -175,7 +213,8 @@ class RepulsivePool:
             )
         self.size = feats.shape[0]
         self.feats.zero_()
-        self.feats[: self.size] = feats.to(self.device, torch.float32)
+        self.inv_norms.zero_()
+        self._store(0, feats.to(self.device, self.dtype))
         self.head = self.size % self.capacity
         self.pushes = int(state["pushes"])
         self.rebuild_gram()

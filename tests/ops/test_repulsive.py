@@ -260,6 +260,192 @@ def test_pool_bad_input(backend):
         ops.RepulsivePool(0, 3, backend=backend)
 
 
+# ---- 16-bit pools and the split over the pool ------------------------------------------------------
+
+LOW = [torch.bfloat16, torch.float16]
+
+
+@pytest.mark.device
+@pytest.mark.parametrize("dtype", LOW, ids=["bf16", "fp16"])
+def test_pool_low_precision_push_evict_state_dict(backend, dtype):
+    pool = ops.RepulsivePool(24, 16, device=DEVICE, backend=backend, dtype=dtype, rebuild_every=1000)
+    kept = []
+    for k in (5, 9, 14, 3):  # wraps the ring once, evicting
+        feats = make((k, 16)) * 4
+        pool.push(feats)
+        kept = (kept + list(feats))[-24:]
+    kept = torch.stack(kept)
+    kept_hat = to_np(kept) / np.linalg.norm(to_np(kept), axis=1, keepdims=True)
+    assert pool.features().dtype == dtype and len(pool) == 24
+    assert_matches(pool.features(), kept_hat, dtype, plain=torch.from_numpy(kept_hat).to(dtype))
+    stored = pool.features().double()
+    unit = to_np(stored / stored.norm(dim=1, keepdim=True))  # the rows both paths use
+    assert_matches(pool.gram, unit.T @ unit, torch.float32)  # G of the stored rows, kept in fp32
+    h = make((6, 16), dtype).requires_grad_()
+    loss = pool.loss(h)  # P = 24 > D: the Gram path
+    (grad,) = torch.autograd.grad(loss, h)
+    ref_loss, ref_grad = repulsive_ref(to_np(h), to_np(stored))
+    plain, plain_grad = plain_with_grad(plain_repulsive, h, pool.features())
+    assert_matches(loss, ref_loss, dtype, plain=plain)
+    assert_matches(grad, ref_grad, dtype, plain=plain_grad, backend=backend, scale=_grad_scale(h, stored))
+    restored = ops.RepulsivePool(24, 16, device=DEVICE, backend=backend, dtype=dtype)
+    restored.load_state_dict(pool.state_dict())
+    assert torch.equal(restored.features(), pool.features())
+    assert_matches(restored.loss(h), to_np(loss), torch.float32)  # G rebuilt on load
+    from_fp32 = ops.RepulsivePool(24, 16, device=DEVICE, backend=backend)  # an fp32 pool's state
+    from_fp32.push(kept)
+    restored.load_state_dict(from_fp32.state_dict())
+    assert restored.features().dtype == dtype
+    assert torch.equal(restored.features(), from_fp32.features().to(dtype))
+
+
+@pytest.mark.device
+@pytest.mark.parametrize("dtype", LOW, ids=["bf16", "fp16"])
+def test_pool_low_precision_direct_path(backend, dtype):
+    pool = ops.RepulsivePool(40, 48, device=DEVICE, backend=backend, dtype=dtype)
+    pool.push(make((37, 48), scale=2.0))
+    stored = pool.features()
+    for h in (make((9, 48), dtype), make((48, 9), dtype).T):  # contiguous and column-strided
+        h.requires_grad_()
+        loss = pool.loss(h)  # P = 37 <= D: the direct path, on the stored rows in place
+        (grad,) = torch.autograd.grad(loss, h)
+        ref_loss, ref_grad = repulsive_ref(to_np(h), to_np(stored))
+        plain, plain_grad = plain_with_grad(plain_repulsive, h, stored)
+        assert_matches(loss, ref_loss, dtype, plain=plain)
+        scale = _grad_scale(h, stored)
+        assert_matches(grad, ref_grad, dtype, plain=plain_grad, backend=backend, scale=scale)
+        # the same rows as an fp32 pool: the reference the 16-bit pool must stay close to
+        full = ops.RepulsivePool(40, 48, device=DEVICE, backend=backend)
+        full.push(stored.float())
+        assert_matches(loss, to_np(full.loss(h.detach().float())), dtype, plain=plain)
+
+
+def test_pool_dtype_checked():
+    with pytest.raises(
+        ValueError, match=r"dtype torch.float32, torch.bfloat16 or torch.float16, got torch.int8"
+    ):
+        ops.RepulsivePool(4, 3, dtype=torch.int8)
+
+
+@pytest.mark.device
+def test_pool_direct_path_reads_stored_rows_in_place(backend, monkeypatch):
+    pool = ops.RepulsivePool(16, 32, device=DEVICE, backend=backend, dtype=torch.bfloat16)
+    pool.push(make((11, 32)))
+    impl = backend_module(backend)
+    seen = []
+    inner = impl.repulsive_direct
+
+    def spy(h, p, eps, pool_inv_norm=None):
+        seen.append((p.data_ptr(), None if pool_inv_norm is None else pool_inv_norm.data_ptr()))
+        return inner(h, p, eps, pool_inv_norm)
+
+    monkeypatch.setattr(impl, "repulsive_direct", spy)
+    h = make((5, 32), torch.bfloat16)
+    expected = repulsive_ref(to_np(h), to_np(pool.features()))[0]
+    assert_matches(pool.loss(h), expected, torch.bfloat16, plain=plain_repulsive(h, pool.features()))
+    # the backend gets the stored rows and their cached inverse norms: no copy, no renormalisation
+    assert seen == [(pool.feats.data_ptr(), pool.inv_norms.data_ptr())]
+
+
+@pytest.mark.device
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+def test_triton_direct_pool_is_not_copied(backend, monkeypatch):
+    from invcoss.kernels import repulsive as kr
+
+    pool = ops.RepulsivePool(64, 40, device=DEVICE, backend=backend, dtype=torch.bfloat16)
+    pool.push(make((33, 40)))
+    launched = []
+    inner = kr.launch
+
+    def spy(kernel, grid, *args, **kwargs):
+        launched.append((kernel, args))
+        inner(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(kr, "launch", spy)
+    h = make((3, 40), torch.bfloat16)
+    pool.loss(h)
+    # one pass of inverse norms, over h only: the pool's cached ones are used
+    assert [a[0].data_ptr() for k, a in launched if k is kr.inv_norm_kernel] == [h.data_ptr()]
+    (args,) = [a for k, a in launched if k is kr.repulsive_direct_mma_kernel]
+    assert args[1].data_ptr() == pool.feats.data_ptr() and args[3].data_ptr() == pool.inv_norms.data_ptr()
+
+
+@pytest.mark.device
+@pytest.mark.parametrize("backend", [EXT], indirect=True)
+def test_ext_direct_pool_is_not_copied(backend):
+    # The extension reads a pool of its operand dtype in place: fp32 on CPU (MKL), bf16 for bf16 h on
+    # CUDA (cuBLAS in bf16). A call then allocates far less than one copy of the pool (the reference,
+    # which renormalises the pool, allocates more than that).
+    from torch.profiler import ProfilerActivity, profile
+
+    dtype = torch.bfloat16 if ON_CUDA else torch.float32
+    pool = ops.RepulsivePool(256, 256, device=DEVICE, backend=backend, dtype=dtype)
+    pool.push(make((200, 256)))
+    pool_bytes = pool.features().nbytes
+    h = make((2, 256), dtype).requires_grad_()
+
+    def allocated(fn) -> int:
+        fn()  # warm
+        if ON_CUDA:
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            fn()
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - base
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        return sum(e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0)
+
+    reference = backend_module("torch").repulsive_direct
+    assert allocated(lambda: reference(h, pool.features(), 1e-8)) > pool_bytes  # the yardstick sees a copy
+    assert allocated(lambda: pool.loss(h)) < pool_bytes / 4
+    expected = repulsive_ref(to_np(h), to_np(pool.features()))[0]
+    assert_matches(pool.loss(h), expected, dtype, plain=plain_repulsive(h, pool.features()))
+
+
+# (B, P, D): P many times the tile (the interpreter's tile is 16 rows), P = 1, primes, B = 1.
+SPLIT_SHAPES = sizes([(3, 700, 20), (7, 131, 13), (1, 257, 9), (5, 1, 8), (1, 1, 3)], [(129, 40_000, 96)])
+
+
+@pytest.mark.device
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("bpd", SPLIT_SHAPES, ids=str)
+def test_repulsive_split_over_pool(backend, bpd, dtype):
+    b, p, d = bpd
+    h = make((b, d), dtype).requires_grad_()
+    pool = make((p, d), dtype, scale=2.0)
+    loss = ops.repulsive_cosine_loss(h, pool, backend=backend)
+    (grad,) = torch.autograd.grad(loss, h)
+    ref_loss, ref_grad = repulsive_ref(to_np(h), to_np(pool))
+    plain, plain_grad = plain_with_grad(plain_repulsive, h, pool)
+    assert_matches(loss, ref_loss, dtype, b * p * d, plain=plain)
+    scale = _grad_scale(h, pool)
+    assert_matches(grad, ref_grad, dtype, b * p * d, plain=plain_grad, backend=backend, scale=scale)
+    with torch.no_grad():
+        assert_matches(
+            ops.repulsive_cosine_loss(h, pool, backend=backend), ref_loss, dtype, b * p * d, plain=plain
+        )
+
+
+@pytest.mark.parametrize("bpd", [(3, 700, 20), (320, 16384, 768), (1, 257, 9), (5, 1, 8)], ids=str)
+@pytest.mark.parametrize("with_grad", [False, True])
+def test_triton_pool_chunks_cover_the_pool(bpd, with_grad):
+    from invcoss.kernels import repulsive as kr
+    from invcoss.kernels.launch import HOPPER_SMS
+
+    b, p, _ = bpd
+    chunk_len, n_chunks = kr.pool_chunks(b, p, with_grad, torch.device("cpu"))
+    assert chunk_len % kr.P_ALIGN == 0
+    assert (n_chunks - 1) * chunk_len < p <= n_chunks * chunk_len  # no chunk empty, none missing
+    if with_grad:
+        assert chunk_len >= kr.MIN_GRAD_CHUNK_TILES * kr.P_ALIGN
+    row_blocks, tiles = -(-b // kr.NOMINAL_BLOCK_B), -(-p // kr.P_ALIGN)
+    min_tiles = kr.MIN_GRAD_CHUNK_TILES if with_grad else 1
+    # at least a program per SM, unless the pool is too short to split that far
+    assert row_blocks * n_chunks >= min(HOPPER_SMS, row_blocks * (tiles // min_tiles)) or n_chunks == 1
+
+
 # ---- the kernels behind the public ops -------------------------------------------------------------
 
 
@@ -276,8 +462,12 @@ def test_pool_bad_input(backend):
             lambda: torch.ops.invcoss.repulsive_gram(make((3, 4)), make((4, 5)), 3, 1e-8, False),
             r"expected gram of shape \(4, 4\)",
         ),
+        (
+            lambda: torch.ops.invcoss.repulsive_direct(make((3, 4)), make((5, 4)), 1e-8, False, make((4,))),
+            r"expected pool_inv_norm of shape \(5,\)",
+        ),
     ],
-    ids=["pool", "gram"],
+    ids=["pool", "gram", "pool_inv_norm"],
 )
 def test_repulsive_kernel_argument_checks(backend, call, message):
     with pytest.raises(RuntimeError, match=message):
@@ -289,6 +479,10 @@ OPCHECK_CASES = [
     for b in KERNEL_BACKENDS
     for name, args in (
         ("repulsive_direct", lambda: (make((3, 5)).requires_grad_(), make((4, 5)), 1e-8, True)),
+        (
+            "repulsive_direct",
+            lambda: (make((3, 5)).requires_grad_(), make((4, 5)), 1e-8, True, make((4,)).abs() + 0.5),
+        ),
         (
             "repulsive_gram",
             lambda: (make((3, 5)).requires_grad_(), torch.eye(5, device=DEVICE), 5, 1e-8, True),
