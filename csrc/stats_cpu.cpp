@@ -1,15 +1,22 @@
 // Column statistics of x (N, F) on CPU (Eq. 9 and Eq. 3): batch mean/variance, the Welford/Chan
 // update of a running state, the stat-matching loss and the shared backward.
 //
-// Layout: x is row-major, so a tile of kColTile adjacent columns is kColTile contiguous values in
-// every row. Each tile is owned by one thread and walked in blocks of kColRowBlock rows; a block
-// (64 rows x 4 KB of fp32) stays in L2, so its statistics are computed in two passes (sum, then the
-// sum of squared deviations from the block mean: no cancellation, no divide in the inner loop, and
-// both on values shifted by the tile's first row), and consecutive blocks are merged with Chan et
-// al.'s formula. The inner loops run along the columns,
-// contiguous and branch-free, and vectorise. A column is always reduced by one thread in one order,
-// so results do not depend on the thread count; the two norms of the stat-matching loss are summed
-// per tile and the tile partials are added in tile order.
+// Work split: x is cut into items of (kColRowChunk rows) x (one group of kGroup<T> columns: one
+// 64-byte line per row), a grid fixed by the shape alone, spread over the threads. Row chunks let
+// a few wide columns ((B*L, D) features with D = 768) use every thread; groups do the same for
+// (B, L*D). With several chunks, each item writes its (mean, m2) to a staging buffer (chunks, F)
+// and a second, small pass merges the chunks of every column in chunk order (Chan et al.). Results
+// therefore do not depend on the thread count: no value is added in a thread-dependent order.
+//
+// Inside an item: rows are walked in blocks of kColRowBlock; a block (64 rows x 64 B) stays in L1,
+// so its statistics are computed in two passes (sum, then the sum of squared deviations from the
+// block mean: no cancellation and no divide in the inner loop), and consecutive blocks are merged
+// with Chan's formula. All values are shifted by x's first row, so a column with a large mean and a
+// small spread (randn * 0.01 + 100 in fp32) sums small numbers and the block means and the
+// differences between them keep their relative precision. A group's accumulators stay in
+// registers, so a row costs one vector load and one add per 8 fp32 columns; its rows are a
+// constant stride apart, which the hardware stride prefetcher follows (inductor's column reductions
+// walk memory the same way); a group twice as wide (128 B per row) ran 1.6x slower here.
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -20,23 +27,32 @@
 namespace invcoss {
 namespace {
 
-// mean and m2 (sum of squared deviations) of the N rows of one tile of nf <= kColTile columns,
-// x pointing at the tile's first column of row 0, rows ld apart.
-//
-// Everything is computed on x - shift with shift = the tile's first row: a column with a large
-// mean and a small spread (randn * 0.01 + 100 in fp32) then sums small numbers, so the block means
-// and the differences between them in the Chan merge keep their relative precision.
-template <typename T, typename A>
-INVCOSS_CLONES void column_moments(const T* INVCOSS_RESTRICT x, int64_t ld, int64_t N, int64_t nf,
-                                   A* INVCOSS_RESTRICT mean, A* INVCOSS_RESTRICT m2) {
-  alignas(64) A shift[kColTile];
-  alignas(64) A s[kColTile];
-  alignas(64) A q[kColTile];
-  for (int64_t f = 0; f < nf; ++f) shift[f] = A(x[f]);
+// Rows per work item (16 blocks of kColRowBlock). Fixed: the chunking, and so every result bit, is a
+// function of the shape only.
+constexpr int64_t kColRowChunk = 16 * kColRowBlock;
+
+// Columns per group: one 64-byte line of x per row (16 fp32, 32 bf16 columns), so that a group's
+// accumulators fit in AVX2 registers.
+template <typename T>
+constexpr int64_t kGroup = 64 / sizeof(T);
+
+// The shifted mean (the mean of x - shift) and m2 (sum of squared deviations) of `rows` rows of one
+// group of nf <= kGroup<T> columns (Full: exactly kGroup<T>, a constant the loops unroll over, so
+// every accumulator lives in a register); x points at the group's first column of its first row,
+// rows ld apart.
+template <typename T, typename A, bool Full>
+INVCOSS_CLONES void group_moments(const T* INVCOSS_RESTRICT x, int64_t ld, int64_t rows, int64_t nf_in,
+                                  const A* INVCOSS_RESTRICT shift_in, A* INVCOSS_RESTRICT mean_out,
+                                  A* INVCOSS_RESTRICT m2_out) {
+  constexpr int64_t W = kGroup<T>;
+  const int64_t nf = Full ? W : nf_in;
+  A shift[W], mean[W], m2[W];
+  for (int64_t f = 0; f < nf; ++f) shift[f] = shift_in[f], mean[f] = A(0), m2[f] = A(0);
   int64_t n_done = 0;
-  for (int64_t r0 = 0; r0 < N; r0 += kColRowBlock) {
-    const int64_t nb = std::min(kColRowBlock, N - r0);
+  for (int64_t r0 = 0; r0 < rows; r0 += kColRowBlock) {
+    const int64_t nb = std::min(kColRowBlock, rows - r0);
     const T* blk = x + r0 * ld;
+    A s[W], q[W];
     for (int64_t f = 0; f < nf; ++f) s[f] = A(0), q[f] = A(0);
     for (int64_t r = 0; r < nb; ++r) {
       const T* row = blk + r * ld;
@@ -44,9 +60,8 @@ INVCOSS_CLONES void column_moments(const T* INVCOSS_RESTRICT x, int64_t ld, int6
       for (int64_t f = 0; f < nf; ++f) s[f] += A(row[f]) - shift[f];
     }
     const A inv_nb = A(1) / A(nb);
-#pragma omp simd
     for (int64_t f = 0; f < nf; ++f) s[f] *= inv_nb;  // the block mean, shifted
-    for (int64_t r = 0; r < nb; ++r) {
+    for (int64_t r = 0; r < nb; ++r) {  // the block again, from L1
       const T* row = blk + r * ld;
 #pragma omp simd
       for (int64_t f = 0; f < nf; ++f) {
@@ -54,73 +69,153 @@ INVCOSS_CLONES void column_moments(const T* INVCOSS_RESTRICT x, int64_t ld, int6
         q[f] += d * d;
       }
     }
-    if (n_done == 0) {
-      for (int64_t f = 0; f < nf; ++f) mean[f] = s[f], m2[f] = q[f];
-    } else {
-      const double n = double(n_done + nb);
-      const A wa = A(double(nb) / n), wb = A(double(n_done) * double(nb) / n);
+    const double n = double(n_done + nb);
+    const A wa = A(double(nb) / n), wb = A(double(n_done) * double(nb) / n);
 #pragma omp simd
-      for (int64_t f = 0; f < nf; ++f) {
-        const A d = s[f] - mean[f];
-        mean[f] += d * wa;
-        m2[f] += q[f] + d * d * wb;
-      }
+    for (int64_t f = 0; f < nf; ++f) {  // Chan's merge; the first block (n_done = 0) is copied
+      const A d = s[f] - mean[f];
+      mean[f] += d * wa;
+      m2[f] += q[f] + d * d * wb;
     }
     n_done += nb;
   }
-#pragma omp simd
-  for (int64_t f = 0; f < nf; ++f) mean[f] += shift[f];
+  for (int64_t f = 0; f < nf; ++f) mean_out[f] = mean[f], m2_out[f] = m2[f];
 }
 
-// Runs column_moments on every tile of x (N, F) in parallel and hands each tile's statistics to
-// epilogue(tile, f0, nf, mean, m2), on the thread that computed them (while they are in L1).
-template <typename T, typename A, typename Epilogue>
-void for_each_column_tile(const at::Tensor& x, const Epilogue& epilogue) {
-  const int64_t N = x.size(0), F = x.size(1), ld = x.stride(0);
-  const int64_t tiles = (F + kColTile - 1) / kColTile;
-  const T* xp = x.const_data_ptr<T>();
-  const int nt = cpu_threads(N * F);
-#pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t t = 0; t < tiles; ++t) {
-    const int64_t f0 = t * kColTile, nf = std::min(kColTile, F - f0);
-    alignas(64) A mean[kColTile];
-    alignas(64) A m2[kColTile];
-    column_moments<T, A>(xp + f0, ld, N, nf, mean, m2);
-    epilogue(t, f0, nf, mean, m2);
+// Folds the chunk state (nb rows: mean_b, m2_b) into (n_a rows: mean, m2), in place (Chan et al.).
+template <typename A>
+INVCOSS_CLONES void merge_chunk(int64_t n_a, A* INVCOSS_RESTRICT mean, A* INVCOSS_RESTRICT m2, int64_t nb,
+                                const A* INVCOSS_RESTRICT mean_b, const A* INVCOSS_RESTRICT m2_b, int64_t nf) {
+  const double n = double(n_a + nb);
+  const A wa = A(double(nb) / n), wb = A(double(n_a) * double(nb) / n);
+#pragma omp simd
+  for (int64_t f = 0; f < nf; ++f) {
+    const A d = mean_b[f] - mean[f];
+    mean[f] += d * wa;
+    m2[f] += m2_b[f] + d * d * wb;
   }
 }
 
+// The work grid of x (N, F) (see the file comment): row chunks times column groups of `width`.
+struct ColumnGrid {
+  int64_t width, groups, chunks;
+  ColumnGrid(int64_t N, int64_t F, int64_t width)
+      : width(width), groups((F + width - 1) / width), chunks((N + kColRowChunk - 1) / kColRowChunk) {}
+  int64_t cols(int64_t g, int64_t F) const { return std::min(width, F - g * width); }
+  int64_t rows(int64_t c, int64_t N) const { return std::min(kColRowChunk, N - c * kColRowChunk); }
+};
+
+// The shifted (mean, m2) of one item: nf columns from f0, rows of chunk c.
 template <typename T, typename A>
-INVCOSS_CLONES void batch_mean_var_backward_block(const T* INVCOSS_RESTRICT x, T* INVCOSS_RESTRICT out, int64_t ld,
-                                                  int64_t N, int64_t nf, const A* INVCOSS_RESTRICT mean,
-                                                  const A* INVCOSS_RESTRICT gm, const A* INVCOSS_RESTRICT gv) {
-  const A inv_n = A(1) / A(N), two_inv_n = A(2) / A(N);
-  alignas(64) A a[kColTile];
-  alignas(64) A b[kColTile];
-  for (int64_t f = 0; f < nf; ++f) a[f] = gm[f] * inv_n, b[f] = gv[f] * two_inv_n;
-  for (int64_t r = 0; r < N; ++r) {
-    const T* xr = x + r * ld;
-    T* o = out + r * ld;
+void item_moments(const T* xp, int64_t ld, int64_t N, const ColumnGrid& grid, int64_t c, int64_t f0, int64_t nf,
+                  const A* shift, A* mean, A* m2) {
+  const T* item = xp + c * kColRowChunk * ld + f0;
+  if (nf == kGroup<T>) {
+    group_moments<T, A, true>(item, ld, grid.rows(c, N), nf, shift, mean, m2);
+  } else {
+    group_moments<T, A, false>(item, ld, grid.rows(c, N), nf, shift, mean, m2);
+  }
+}
+
+// Computes every column's (mean, m2) of x (N >= 1, F) over all rows in parallel and hands them, one
+// group of columns at a time, to epilogue(group, f0, nf, mean, m2). With one row chunk each thread
+// finishes its own groups; with more, pass 1 writes every item to a staging buffer (chunks, F) and
+// pass 2 merges the chunks of each group in chunk order.
+template <typename T, typename A, typename Epilogue>
+void for_each_column_group(const at::Tensor& x, const Epilogue& epilogue) {
+  constexpr int64_t W = kGroup<T>;
+  const int64_t N = x.size(0), F = x.size(1), ld = x.stride(0);
+  const ColumnGrid grid(N, F, W);
+  const T* xp = x.const_data_ptr<T>();
+  const int nt = cpu_threads(N * F);
+  if (grid.chunks == 1) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t g = 0; g < grid.groups; ++g) {
+      const int64_t f0 = g * W, nf = grid.cols(g, F);
+      alignas(64) A shift[W];
+      alignas(64) A mean[W];
+      alignas(64) A m2[W];
+      for (int64_t f = 0; f < nf; ++f) shift[f] = A(xp[f0 + f]);
+      item_moments<T, A>(xp, ld, N, grid, 0, f0, nf, shift, mean, m2);
+      for (int64_t f = 0; f < nf; ++f) mean[f] += shift[f];
+      epilogue(g, f0, nf, mean, m2);
+    }
+    return;
+  }
+  at::Tensor staging = at::empty({2, grid.chunks, F}, x.options().dtype(c10::CppTypeToScalarType<A>::value));
+  A* part_mean = staging.mutable_data_ptr<A>();
+  A* part_m2 = part_mean + grid.chunks * F;
+#pragma omp parallel num_threads(nt)
+  {
+    alignas(64) A shift[W];
+    // Items in chunk-major order: a thread's share of the items is a contiguous band of rows.
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < grid.chunks * grid.groups; ++i) {
+      const int64_t c = i / grid.groups, g = i % grid.groups;
+      const int64_t f0 = g * W, nf = grid.cols(g, F);
+      for (int64_t f = 0; f < nf; ++f) shift[f] = A(xp[f0 + f]);
+      item_moments<T, A>(xp, ld, N, grid, c, f0, nf, shift, part_mean + c * F + f0, part_m2 + c * F + f0);
+    }
+#pragma omp for schedule(static)
+    for (int64_t g = 0; g < grid.groups; ++g) {
+      const int64_t f0 = g * W, nf = grid.cols(g, F);
+      alignas(64) A mean[W];
+      alignas(64) A m2[W];
+      for (int64_t f = 0; f < nf; ++f) mean[f] = part_mean[f0 + f], m2[f] = part_m2[f0 + f];
+      for (int64_t c = 1; c < grid.chunks; ++c) {
+        merge_chunk<A>(c * kColRowChunk, mean, m2, grid.rows(c, N), part_mean + c * F + f0, part_m2 + c * F + f0,
+                       nf);
+      }
+      for (int64_t f = 0; f < nf; ++f) mean[f] += A(xp[f0 + f]);
+      epilogue(g, f0, nf, mean, m2);
+    }
+  }
+}
+
+// grad = a + b (x - mean) over `rows` rows of one group of nf <= kGroup<T> columns (Full: exactly
+// kGroup<T>), with a = grad_mean / N, b = 2 grad_var / N; coefficients and mean in registers.
+template <typename T, typename A, bool Full>
+INVCOSS_CLONES void group_backward(const T* INVCOSS_RESTRICT x, int64_t ldx, T* INVCOSS_RESTRICT out, int64_t ldo,
+                                   int64_t rows, int64_t nf_in, const A* INVCOSS_RESTRICT mean_in,
+                                   const A* INVCOSS_RESTRICT a_in, const A* INVCOSS_RESTRICT b_in) {
+  constexpr int64_t W = kGroup<T>;
+  const int64_t nf = Full ? W : nf_in;
+  A mean[W], a[W], b[W];
+  for (int64_t f = 0; f < nf; ++f) mean[f] = mean_in[f], a[f] = a_in[f], b[f] = b_in[f];
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* xr = x + r * ldx;
+    T* o = out + r * ldo;
 #pragma omp simd
     for (int64_t f = 0; f < nf; ++f) o[f] = T(a[f] + b[f] * (A(xr[f]) - mean[f]));
   }
 }
 
-// Parallel over blocks of columns; each block's coefficients stay in L1 while its rows stream by.
+// The same grid as the forward pass. The output is fresh memory: each thread page-faults the part
+// it writes, so the faults run in parallel too.
 template <typename T, typename A>
 void batch_mean_var_backward_kernel(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& gm,
                                     const at::Tensor& gv, at::Tensor& out) {
-  constexpr int64_t kBlock = kColTile;
-  const int64_t N = x.size(0), F = x.size(1);
-  const int64_t blocks = (F + kBlock - 1) / kBlock;
+  const int64_t N = x.size(0), F = x.size(1), ldx = x.stride(0);
+  const ColumnGrid grid(N, F, kGroup<T>);
   const T* xp = x.const_data_ptr<T>();
   T* op = out.mutable_data_ptr<T>();
   const A *mp = mean.const_data_ptr<A>(), *gmp = gm.const_data_ptr<A>(), *gvp = gv.const_data_ptr<A>();
+  const A inv_n = A(1) / A(N), two_inv_n = A(2) / A(N);
   const int nt = cpu_threads(N * F);
 #pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t k = 0; k < blocks; ++k) {
-    const int64_t f0 = k * kBlock, nf = std::min(kBlock, F - f0);
-    batch_mean_var_backward_block<T, A>(xp + f0, op + f0, F, N, nf, mp + f0, gmp + f0, gvp + f0);
+  for (int64_t i = 0; i < grid.chunks * grid.groups; ++i) {
+    const int64_t c = i / grid.groups, g = i % grid.groups;
+    const int64_t f0 = g * kGroup<T>, nf = grid.cols(g, F), r0 = c * kColRowChunk;
+    alignas(64) A a[kGroup<T>];
+    alignas(64) A b[kGroup<T>];
+    for (int64_t f = 0; f < nf; ++f) a[f] = gmp[f0 + f] * inv_n, b[f] = gvp[f0 + f] * two_inv_n;
+    const T* xi = xp + r0 * ldx + f0;
+    T* oi = op + r0 * F + f0;
+    if (nf == kGroup<T>) {
+      group_backward<T, A, true>(xi, ldx, oi, F, grid.rows(c, N), nf, mp + f0, a, b);
+    } else {
+      group_backward<T, A, false>(xi, ldx, oi, F, grid.rows(c, N), nf, mp + f0, a, b);
+    }
   }
 }
 
@@ -132,7 +227,7 @@ void welford_update_kernel(const at::Tensor& x, int64_t count, const at::Tensor&
   const A *ms = mean.const_data_ptr<A>(), *qs = m2.const_data_ptr<A>();
   A *mo = out_mean.mutable_data_ptr<A>(), *qo = out_m2.mutable_data_ptr<A>();
   const A wa = A(double(N) / n), wb = A(double(count) * double(N) / n);
-  for_each_column_tile<T, A>(x, [&](int64_t, int64_t f0, int64_t nf, const A* mb, const A* qb) {
+  for_each_column_group<T, A>(x, [&](int64_t, int64_t f0, int64_t nf, const A* mb, const A* qb) {
     if (count == 0) {
       for (int64_t f = 0; f < nf; ++f) mo[f0 + f] = mb[f], qo[f0 + f] = qb[f];
       return;
@@ -186,7 +281,7 @@ std::tuple<at::Tensor, at::Tensor> batch_mean_var_cpu(const at::Tensor& x_in) {
     A* mp = mean.mutable_data_ptr<A>();
     A* vp = var.mutable_data_ptr<A>();
     const A inv_n = A(1) / A(x.size(0));
-    for_each_column_tile<scalar_t, A>(x, [&](int64_t, int64_t f0, int64_t nf, const A* m, const A* m2) {
+    for_each_column_group<scalar_t, A>(x, [&](int64_t, int64_t f0, int64_t nf, const A* m, const A* m2) {
       for (int64_t f = 0; f < nf; ++f) mp[f0 + f] = m[f], vp[f0 + f] = m2[f] * inv_n;
     });
   });
@@ -199,7 +294,7 @@ at::Tensor batch_mean_var_backward_cpu(const at::Tensor& x_in, const at::Tensor&
   check_state_args(op, x_in, gm_in, "grad_mean", gv_in, "grad_var");
   check_state_args(op, x_in, mean_in, "mean", mean_in, "mean");
   check_device(op, "x", x_in, at::kCPU);
-  const at::Tensor x = x_in.contiguous();
+  const at::Tensor x = rows_with_unit_stride(x_in);
   at::Tensor out = at::empty(x.sizes(), x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_mean_var_backward_cpu", [&] {
     using A = at::opmath_type<scalar_t>;
@@ -240,17 +335,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stat_matching_cpu(con
   const auto opts = x.options().dtype(acc_dtype(x));
   at::Tensor bmean = at::empty({F}, opts), g_mean = at::empty({F}, opts), g_var = at::empty({F}, opts);
   at::Tensor loss = at::empty({}, opts);
-  const int64_t tiles = (F + kColTile - 1) / kColTile;
-  std::vector<double> part_m(static_cast<size_t>(tiles)), part_v(static_cast<size_t>(tiles));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "stat_matching_cpu", [&] {
     using A = at::opmath_type<scalar_t>;
+    const int64_t groups = ColumnGrid(N, F, kGroup<scalar_t>).groups;
+    std::vector<double> part_m(static_cast<size_t>(groups)), part_v(static_cast<size_t>(groups));
     const at::Tensor mu = as_acc<A>(mu_in), var = as_acc<A>(var_in);
     const A *mup = mu.const_data_ptr<A>(), *varp = var.const_data_ptr<A>();
     A *bm = bmean.mutable_data_ptr<A>(), *gm = g_mean.mutable_data_ptr<A>(), *gv = g_var.mutable_data_ptr<A>();
     const A inv_n = A(1) / A(N);
     // Pass 1 (fused with the column statistics): batch mean, the differences to the targets and
-    // their squared norms per tile.
-    for_each_column_tile<scalar_t, A>(x, [&](int64_t t, int64_t f0, int64_t nf, const A* m, const A* m2) {
+    // their squared norms per group, added in group order.
+    for_each_column_group<scalar_t, A>(x, [&](int64_t g, int64_t f0, int64_t nf, const A* m, const A* m2) {
       double sm = 0.0, sv = 0.0;
       for (int64_t f = 0; f < nf; ++f) {
         const A dm = m[f] - mup[f0 + f];
@@ -261,11 +356,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stat_matching_cpu(con
         sm += double(dm) * double(dm);
         sv += double(dv) * double(dv);
       }
-      part_m[t] = sm;
-      part_v[t] = sv;
+      part_m[g] = sm;
+      part_v[g] = sv;
     });
     double sm = 0.0, sv = 0.0;
-    for (int64_t t = 0; t < tiles; ++t) sm += part_m[t], sv += part_v[t];
+    for (int64_t g = 0; g < groups; ++g) sm += part_m[g], sv += part_v[g];
     const double nm = std::sqrt(sm), nv = std::sqrt(sv);
     loss.fill_(A(nm) + A(nv));
     // Pass 2 over the (F,) vectors only: unit directions, zero where a norm is zero.
