@@ -75,7 +75,7 @@ std::tuple<at::Tensor, at::Tensor> batch_mean_var_cuda(const at::Tensor& x_in) {
   at::Tensor mean = at::empty({F}, x.options().dtype(acc_dtype(x)));
   at::Tensor var = at::empty_like(mean);
   if (F == 0) return {mean, var};
-  const cuda::Segments seg = cuda::column_segments(N, F);
+  const cuda::Segments seg = cuda::column_segments(N, F, x.element_size());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_mean_var_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
     const auto [pm, pq] = column_partials<scalar_t, A>(x, seg);
@@ -110,7 +110,7 @@ template <typename T, typename A>
 void welford_update_launch(const at::Tensor& x, int64_t count, const at::Tensor& mean, const at::Tensor& m2,
                            at::Tensor& out_mean, at::Tensor& out_m2) {
   const int64_t N = x.size(0), F = x.size(1);
-  const cuda::Segments seg = cuda::column_segments(N, F);
+  const cuda::Segments seg = cuda::column_segments(N, F, x.element_size());
   const auto [pm, pq] = column_partials<T, A>(x, seg);
   cuda::welford_update_finish<A>(pm.template const_data_ptr<A>(), pq.template const_data_ptr<A>(), N, F, seg,
                                  mean.const_data_ptr<A>(), m2.const_data_ptr<A>(), count,
@@ -151,7 +151,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stat_matching_cuda(co
   at::Tensor bmean = at::empty({F}, opts), g_mean = at::empty({F}, opts), g_var = at::empty({F}, opts);
   at::Tensor loss = at::zeros({}, opts);
   if (F == 0) return {loss, bmean, g_mean, g_var};
-  const cuda::Segments seg = cuda::column_segments(N, F);
+  const cuda::Segments seg = cuda::column_segments(N, F, x.element_size());
   at::Tensor block_sq = at::empty({2 * int64_t(cuda::column_blocks(F))}, x.options().dtype(at::kDouble));
   at::Tensor inv_norms = at::empty({2}, opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "stat_matching_cuda", [&] {

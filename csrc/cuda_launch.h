@@ -31,13 +31,13 @@ template <typename T>
 void scale_rows(const T* g, const acc_t<T>* scale, T* out, int64_t rows, int64_t inner);
 
 // ---- column statistics of x (N, F) (stats_cuda.cu) ----
-// Rows are cut into `count` segments of seg_len rows, chosen from the shape alone; the staging
-// buffers part_mean / part_m2 hold count * F values.
+// Rows are cut into `count` segments of seg_len rows, chosen from the shape and the element size
+// alone; the staging buffers part_mean / part_m2 hold count * F values.
 struct Segments {
   int64_t seg_len;
   int count;
 };
-Segments column_segments(int64_t N, int64_t F);
+Segments column_segments(int64_t N, int64_t F, int64_t elem_size);
 // Blocks of the per-column passes; stat_matching's scratch block_sq holds 2 * column_blocks(F).
 int column_blocks(int64_t F);
 template <typename T, typename A>
