@@ -126,6 +126,39 @@ def test_batch_mean_var_strided_and_one_output(backend, make_x):
     assert_matches(x.grad, np.full(x.shape, 1.0 / x.shape[0]), torch.float32)
 
 
+# The kernels' access paths. CPU: column groups of one 64-byte line per row (16 fp32, 32 bf16
+# columns) with a short last group, and row chunks of 1024 merged in order. CUDA: 16-byte vector
+# loads (4 fp32, 8 bf16/fp16 columns) when the rows allow them, else one column per lane; row
+# segments of >= 256 rows, rounds of several rows per thread and a partial last round.
+PATH_CASES = {
+    "one-row": lambda dt: make((1, 64), dt),
+    "prime-width": lambda dt: make((7, 13), dt),
+    "vector-width": lambda dt: make((37, 48), dt),
+    "row-stride-41": lambda dt: make((9, 41), dt)[:, 1:],  # 40 columns, rows not 16-byte aligned
+    "offset-by-one": lambda dt: make((9 * 40 + 1,), dt)[1:].view(9, 40),  # contiguous, misaligned start
+    "chunks-vector": lambda dt: make((2100, 48), dt, scale=2.0, shift=5.0),
+    "chunks-prime": lambda dt: make((2100, 37), dt, scale=2.0, shift=5.0),
+}
+PATH_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.device
+@pytest.mark.parametrize("dtype", PATH_DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("case", PATH_CASES)
+def test_stats_access_paths(backend, case, dtype):
+    if interpreted(backend) and case.startswith("chunks") and dtype != torch.float32:
+        pytest.skip("the interpreter is slow; fp32 covers the row splits of the Triton kernels")
+    x = PATH_CASES[case](dtype)
+    _check_mean_var(backend, x, dtype, x.numel())
+    _check_stat_matching(backend, PATH_CASES[case](dtype), dtype, x.numel())
+    f = x.shape[1]
+    state = (torch.randn(f, dtype=torch.float64, device=DEVICE), torch.rand(f, dtype=torch.float64, device=DEVICE))
+    new_mean, new_m2 = backend_module(backend).welford_update(x.detach(), 5, *state)
+    ref_mean, ref_m2 = _chan_ref(to_np(x), 5, to_np(state[0]), to_np(state[1]))
+    assert_matches(new_mean, ref_mean, torch.float64)  # accumulated in the fp64 state's precision
+    assert_matches(new_m2, ref_m2, torch.float64)
+
+
 # ---- Welford: one batch into a running state, and RunningStats ----------------------------------------
 
 
@@ -414,6 +447,10 @@ def test_stats_identical_with_1_and_2_threads(backend):
             torch.rand(4000, generator=g, dtype=torch.float64),
         )
         welford = backend_module("cpu", "cpu").welford_update(f.detach(), 11, *state)
-        return [loss, f.grad, *ops.batch_mean_var(f.detach(), backend="cpu"), *welford]
+        # Three row chunks, merged in order, and a short last column group.
+        tall = (torch.randn(2100, 150, generator=g) * 3 + 7).requires_grad_()
+        tall_loss = ops.stat_matching_loss(tall, torch.zeros(150), torch.ones(150), backend="cpu")
+        tall_loss.backward()
+        return [loss, f.grad, *ops.batch_mean_var(f.detach(), backend="cpu"), *welford, tall_loss, tall.grad]
 
     assert_same_bits_with_1_and_2_threads(run)
