@@ -108,18 +108,25 @@ def kernel_specs() -> list[KernelSpec]:
             reduce.ROW_SUM_LAUNCH,
         ),
     ]
-    for x_ty, acc in (("fp32", "fp32"), ("bf16", "fp32"), ("fp32", "fp64")):
+    # ALIGNED: rows on 16 elements and F % 16 == 0 (vector loads along F); not: the scalar fallback.
+    stats_variants = (
+        ("fp32", "fp32", True),
+        ("bf16", "fp32", True),
+        ("fp32", "fp64", True),
+        ("fp32", "fp32", False),
+    )
+    for x_ty, acc, aligned in stats_variants:
         specs.append(
             KernelSpec(
                 "stats",
                 "welford_partial_kernel",
-                f"x {x_ty}, acc {acc}",
+                f"x {x_ty}, acc {acc}, " + ("aligned" if aligned else "unaligned"),
                 {
                     **_ptrs("x_ptr", x_ty),
                     **_ptrs("mean_ptr m2_ptr", acc),
                     **_ints("N F stride_n rows_per_split"),
                 },
-                {"stride_f": 1},
+                {"stride_f": 1, "ALIGNED": aligned},
             )
         )
     merge_types = _ints("n_splits rows_per_split N F count")
@@ -145,22 +152,18 @@ def kernel_specs() -> list[KernelSpec]:
             {},
             stats.NORMS_LAUNCH,
         ),
-        KernelSpec(
-            "stats",
-            "batch_mean_var_backward_kernel",
-            "fp32",
-            {**_ptrs("x_ptr mean_ptr gm_ptr gv_ptr coef_ptr grad_ptr", "fp32"), **_ints("N F stride_n")},
-            {"stride_f": 1},
-        ),
-        KernelSpec(
-            "stats",
-            "batch_mean_var_backward_kernel",
-            "bf16",
-            {**_ptrs("x_ptr grad_ptr", "bf16"), **_ptrs("mean_ptr gm_ptr gv_ptr coef_ptr", "fp32")}
-            | _ints("N F stride_n"),
-            {"stride_f": 1},
-        ),
     ]
+    for x_ty, aligned in (("fp32", True), ("bf16", True), ("fp32", False)):
+        specs.append(
+            KernelSpec(
+                "stats",
+                "batch_mean_var_backward_kernel",
+                f"{x_ty}, " + ("aligned" if aligned else "unaligned"),
+                {**_ptrs("x_ptr grad_ptr", x_ty), **_ptrs("mean_ptr gm_ptr gv_ptr coef_ptr", "fp32")}
+                | _ints("N F stride_n"),
+                {"stride_f": 1, "ALIGNED": aligned},
+            )
+        )
     # The launcher's variant for rows of a multiple of 16 elements (ALIGNED: vector loads, as the JIT
     # specialises D = 768), one tuning per dtype family.
     for ty, mma, grad in (

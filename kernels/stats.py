@@ -59,7 +59,9 @@ def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
     return mean_a + delta * frac, m2_a + m2_b + delta * delta * (n_a * frac)
 
 
-@autotune(PARTIAL_CONFIGS, key=["F"], interpret=PARTIAL_INTERPRET_CONFIG)
+# The autotuner adds the dtype of every tensor argument to these keys (x's dtype, the accumulation
+# dtype); ALIGNED is the one constexpr the launcher chooses.
+@autotune(PARTIAL_CONFIGS, key=["F", "ALIGNED"], interpret=PARTIAL_INTERPRET_CONFIG)
 @triton.jit
 def welford_partial_kernel(
     x_ptr,  # (N, F) any strides
@@ -70,11 +72,21 @@ def welford_partial_kernel(
     stride_n,
     stride_f,
     rows_per_split,
+    ALIGNED: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_F: tl.constexpr,
 ):
     # grid: (cdiv(F, BLOCK_F), n_splits). One program: mean and m2 of BLOCK_F columns over rows
     # [split * rows_per_split, min(N, (split + 1) * rows_per_split)), Chan-merged tile by tile.
+    # A tile of BLOCK_N rows is loaded at once (several rows in flight per thread), and its mean
+    # costs one reciprocal per tile, not a division per element.
+    if ALIGNED:
+        # See aligned_rows(): every row starts on 16 elements and F is a multiple of 16, so the
+        # loads along F are 16-byte vectors (the JIT specialises on such values by itself; stated
+        # here so that the ahead-of-time compile shows it too). Identities when ALIGNED holds,
+        # written as arithmetic because tl.multiple_of on a scalar argument does not reach the masks.
+        stride_n = (stride_n // 16) * 16
+        F = (F // 16) * 16
     pid_f = tl.program_id(0)
     pid_s = tl.program_id(1)
     acc_ty = mean_ptr.dtype.element_ty
@@ -93,7 +105,7 @@ def welford_partial_kernel(
         ptrs = x_ptr + rows.to(tl.int64)[:, None] * stride_n + cols.to(tl.int64)[None, :] * stride_f
         x = tl.where(mask, tl.load(ptrs, mask=mask, other=0.0).to(acc_ty) - shift[None, :], 0.0)
         n_b = tl.cast(tl.minimum(r1 - r, BLOCK_N), acc_ty)
-        mean_b = tl.sum(x, axis=0) / n_b
+        mean_b = tl.sum(x, axis=0) * (1.0 / n_b)
         dev = tl.where(mask, x - mean_b[None, :], 0.0)
         m2_b = tl.sum(dev * dev, axis=0)
         mean, m2 = _chan_merge(tl.cast(r - r0, acc_ty), mean, m2, n_b, mean_b, m2_b)
@@ -188,7 +200,7 @@ def stat_norms_kernel(
     tl.store(inv_ptr + 1, tl.where(sq_v > 0, 1.0 / tl.where(sq_v > 0, norm_v, 1.0), 0.0))
 
 
-@autotune(BACKWARD_CONFIGS, key=["F"], interpret=BACKWARD_INTERPRET_CONFIG)
+@autotune(BACKWARD_CONFIGS, key=["F", "ALIGNED"], interpret=BACKWARD_INTERPRET_CONFIG)
 @triton.jit
 def batch_mean_var_backward_kernel(
     x_ptr,  # (N, F) any strides
@@ -201,10 +213,14 @@ def batch_mean_var_backward_kernel(
     F,
     stride_n,
     stride_f,
+    ALIGNED: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_F: tl.constexpr,
 ):
     # grid: (cdiv(N, BLOCK_N), cdiv(F, BLOCK_F)). One program: dx of one (BLOCK_N, BLOCK_F) tile.
+    if ALIGNED:  # 16-byte vectors along F for x and grad, as in welford_partial_kernel
+        stride_n = (stride_n // 16) * 16
+        F = (F // 16) * 16
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
     col_mask = cols < F
@@ -219,6 +235,18 @@ def batch_mean_var_backward_kernel(
     inv_n = 1.0 / tl.cast(N, tl.float32)
     grad = (g_m[None, :] + g_v[None, :] * (x.to(tl.float32) - mean[None, :])) * inv_n
     tl.store(grad_ptr + rows64 * F + cols[None, :], grad.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+def aligned_rows(x: torch.Tensor) -> bool:
+    """Whether every row of x ``(N, F)`` starts 16-element aligned (so 16-byte aligned) with unit
+    column stride and F a multiple of 16: the kernels' ``ALIGNED`` variant, vector loads along F."""
+    f = x.shape[1]
+    return (
+        x.stride(1) == 1
+        and f % 16 == 0
+        and x.stride(0) % 16 == 0
+        and x.data_ptr() % (16 * x.element_size()) == 0
+    )
 
 
 def _split_rows(n: int, f: int, device: torch.device) -> tuple[int, int]:
@@ -252,7 +280,19 @@ def welford_forward(
     pmean = torch.empty(n_splits, f, device=x.device, dtype=acc)
     pm2 = torch.empty(n_splits, f, device=x.device, dtype=acc)
     grid = lambda meta: (triton.cdiv(f, meta["BLOCK_F"]), n_splits)
-    launch(welford_partial_kernel, grid, x, pmean, pm2, n, f, x.stride(0), x.stride(1), rows)
+    launch(
+        welford_partial_kernel,
+        grid,
+        x,
+        pmean,
+        pm2,
+        n,
+        f,
+        x.stride(0),
+        x.stride(1),
+        rows,
+        ALIGNED=aligned_rows(x),
+    )
 
     n_prog = triton.cdiv(f, MERGE_LAUNCH["BLOCK_F"])
     out_dtype = acc if mode == MODE_UPDATE else torch.float32
@@ -315,7 +355,19 @@ def batch_mean_var_backward(
         return grad
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(f, meta["BLOCK_F"]))
     launch(
-        batch_mean_var_backward_kernel, grid, x, mean, g_m, g_v, coef, grad, n, f, x.stride(0), x.stride(1)
+        batch_mean_var_backward_kernel,
+        grid,
+        x,
+        mean,
+        g_m,
+        g_v,
+        coef,
+        grad,
+        n,
+        f,
+        x.stride(0),
+        x.stride(1),
+        ALIGNED=aligned_rows(x),
     )
     return grad
 
