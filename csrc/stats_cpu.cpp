@@ -172,16 +172,12 @@ void for_each_column_group(const at::Tensor& x, const Epilogue& epilogue) {
   }
 }
 
-// grad = a + b (x - mean) over `rows` rows of one group of nf <= kGroup<T> columns (Full: exactly
-// kGroup<T>), with a = grad_mean / N, b = 2 grad_var / N; coefficients and mean in registers.
-template <typename T, typename A, bool Full>
-INVCOSS_CLONES void group_backward(const T* INVCOSS_RESTRICT x, int64_t ldx, T* INVCOSS_RESTRICT out, int64_t ldo,
-                                   int64_t rows, int64_t nf_in, const A* INVCOSS_RESTRICT mean_in,
-                                   const A* INVCOSS_RESTRICT a_in, const A* INVCOSS_RESTRICT b_in) {
-  constexpr int64_t W = kGroup<T>;
-  const int64_t nf = Full ? W : nf_in;
-  A mean[W], a[W], b[W];
-  for (int64_t f = 0; f < nf; ++f) mean[f] = mean_in[f], a[f] = a_in[f], b[f] = b_in[f];
+// grad = a + b (x - mean) over `rows` rows of nf <= kColTile columns, with a = grad_mean / N and
+// b = 2 grad_var / N; the coefficients stay in L1 while the rows stream by.
+template <typename T, typename A>
+INVCOSS_CLONES void tile_backward(const T* INVCOSS_RESTRICT x, int64_t ldx, T* INVCOSS_RESTRICT out, int64_t ldo,
+                                  int64_t rows, int64_t nf, const A* INVCOSS_RESTRICT mean,
+                                  const A* INVCOSS_RESTRICT a, const A* INVCOSS_RESTRICT b) {
   for (int64_t r = 0; r < rows; ++r) {
     const T* xr = x + r * ldx;
     T* o = out + r * ldo;
@@ -190,32 +186,30 @@ INVCOSS_CLONES void group_backward(const T* INVCOSS_RESTRICT x, int64_t ldx, T* 
   }
 }
 
-// The same grid as the forward pass. The output is fresh memory: each thread page-faults the part
-// it writes, so the faults run in parallel too.
+// Items of (kBackwardRows rows) x (kColTile columns): each row of an item is one contiguous run of
+// x and of the fresh output (4 KB in fp32), which the output's first touch (a page fault per 4 KB)
+// favours over the forward pass's narrow groups. Each thread page-faults the part it writes.
+constexpr int64_t kBackwardRows = 64;
+
 template <typename T, typename A>
 void batch_mean_var_backward_kernel(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& gm,
                                     const at::Tensor& gv, at::Tensor& out) {
   const int64_t N = x.size(0), F = x.size(1), ldx = x.stride(0);
-  const ColumnGrid grid(N, F, kGroup<T>);
+  const int64_t tiles = (F + kColTile - 1) / kColTile, chunks = (N + kBackwardRows - 1) / kBackwardRows;
   const T* xp = x.const_data_ptr<T>();
   T* op = out.mutable_data_ptr<T>();
   const A *mp = mean.const_data_ptr<A>(), *gmp = gm.const_data_ptr<A>(), *gvp = gv.const_data_ptr<A>();
   const A inv_n = A(1) / A(N), two_inv_n = A(2) / A(N);
   const int nt = cpu_threads(N * F);
 #pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t i = 0; i < grid.chunks * grid.groups; ++i) {
-    const int64_t c = i / grid.groups, g = i % grid.groups;
-    const int64_t f0 = g * kGroup<T>, nf = grid.cols(g, F), r0 = c * kColRowChunk;
-    alignas(64) A a[kGroup<T>];
-    alignas(64) A b[kGroup<T>];
+  for (int64_t i = 0; i < chunks * tiles; ++i) {
+    const int64_t c = i / tiles, t = i % tiles;
+    const int64_t f0 = t * kColTile, nf = std::min(kColTile, F - f0), r0 = c * kBackwardRows;
+    alignas(64) A a[kColTile];
+    alignas(64) A b[kColTile];
     for (int64_t f = 0; f < nf; ++f) a[f] = gmp[f0 + f] * inv_n, b[f] = gvp[f0 + f] * two_inv_n;
-    const T* xi = xp + r0 * ldx + f0;
-    T* oi = op + r0 * F + f0;
-    if (nf == kGroup<T>) {
-      group_backward<T, A, true>(xi, ldx, oi, F, grid.rows(c, N), nf, mp + f0, a, b);
-    } else {
-      group_backward<T, A, false>(xi, ldx, oi, F, grid.rows(c, N), nf, mp + f0, a, b);
-    }
+    tile_backward<T, A>(xp + r0 * ldx + f0, ldx, op + r0 * F + f0, F, std::min(kBackwardRows, N - r0), nf, mp + f0,
+                        a, b);
   }
 }
 
