@@ -54,15 +54,20 @@ at::Tensor scale_rows_cuda(const at::Tensor& grad_in, const at::Tensor& scale_in
   return out;
 }
 
-// Staging buffers (S, F) of the column statistics of x, in the accumulation type A.
+// Staging buffers of the column statistics of x in the accumulation type A: the segments' (mean,
+// m2), (S, F) each, relative to the per-column shift (F,).
+struct ColumnPartials {
+  at::Tensor mean, m2, shift;
+};
+
 template <typename T, typename A>
-std::pair<at::Tensor, at::Tensor> column_partials(const at::Tensor& x, cuda::Segments seg) {
+ColumnPartials column_partials(const at::Tensor& x, cuda::Segments seg) {
   const int64_t N = x.size(0), F = x.size(1);
   const auto opts = x.options().dtype(c10::CppTypeToScalarType<A>::value);
-  at::Tensor pm = at::empty({seg.count, F}, opts), pq = at::empty({seg.count, F}, opts);
-  cuda::column_partials<T, A>(x.const_data_ptr<T>(), x.stride(0), N, F, seg, pm.mutable_data_ptr<A>(),
-                              pq.mutable_data_ptr<A>());
-  return {pm, pq};
+  ColumnPartials p{at::empty({seg.count, F}, opts), at::empty({seg.count, F}, opts), at::empty({F}, opts)};
+  cuda::column_partials<T, A>(x.const_data_ptr<T>(), x.stride(0), N, F, seg, p.mean.mutable_data_ptr<A>(),
+                              p.m2.mutable_data_ptr<A>(), p.shift.mutable_data_ptr<A>());
+  return p;
 }
 
 std::tuple<at::Tensor, at::Tensor> batch_mean_var_cuda(const at::Tensor& x_in) {
@@ -78,9 +83,9 @@ std::tuple<at::Tensor, at::Tensor> batch_mean_var_cuda(const at::Tensor& x_in) {
   const cuda::Segments seg = cuda::column_segments(N, F, x.element_size());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_mean_var_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
-    const auto [pm, pq] = column_partials<scalar_t, A>(x, seg);
-    cuda::batch_mean_var_finish<A>(pm.const_data_ptr<A>(), pq.const_data_ptr<A>(), N, F, seg,
-                                   mean.mutable_data_ptr<A>(), var.mutable_data_ptr<A>());
+    const ColumnPartials p = column_partials<scalar_t, A>(x, seg);
+    cuda::batch_mean_var_finish<A>(p.mean.const_data_ptr<A>(), p.m2.const_data_ptr<A>(), p.shift.const_data_ptr<A>(),
+                                   N, F, seg, mean.mutable_data_ptr<A>(), var.mutable_data_ptr<A>());
   });
   return {mean, var};
 }
@@ -111,8 +116,9 @@ void welford_update_launch(const at::Tensor& x, int64_t count, const at::Tensor&
                            at::Tensor& out_mean, at::Tensor& out_m2) {
   const int64_t N = x.size(0), F = x.size(1);
   const cuda::Segments seg = cuda::column_segments(N, F, x.element_size());
-  const auto [pm, pq] = column_partials<T, A>(x, seg);
-  cuda::welford_update_finish<A>(pm.template const_data_ptr<A>(), pq.template const_data_ptr<A>(), N, F, seg,
+  const ColumnPartials p = column_partials<T, A>(x, seg);
+  cuda::welford_update_finish<A>(p.mean.template const_data_ptr<A>(), p.m2.template const_data_ptr<A>(),
+                                 p.shift.template const_data_ptr<A>(), N, F, seg,
                                  mean.const_data_ptr<A>(), m2.const_data_ptr<A>(), count,
                                  out_mean.mutable_data_ptr<A>(), out_m2.mutable_data_ptr<A>());
 }
@@ -157,11 +163,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stat_matching_cuda(co
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "stat_matching_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
     const at::Tensor mu = as_acc<A>(mu_in), var = as_acc<A>(var_in);
-    const auto [pm, pq] = column_partials<scalar_t, A>(x, seg);
-    cuda::stat_matching_finish<A>(pm.const_data_ptr<A>(), pq.const_data_ptr<A>(), N, F, seg, mu.const_data_ptr<A>(),
-                                  var.const_data_ptr<A>(), bmean.mutable_data_ptr<A>(), g_mean.mutable_data_ptr<A>(),
-                                  g_var.mutable_data_ptr<A>(), block_sq.mutable_data_ptr<double>(),
-                                  inv_norms.mutable_data_ptr<A>(), loss.mutable_data_ptr<A>());
+    const ColumnPartials p = column_partials<scalar_t, A>(x, seg);
+    cuda::stat_matching_finish<A>(p.mean.const_data_ptr<A>(), p.m2.const_data_ptr<A>(), p.shift.const_data_ptr<A>(),
+                                  N, F, seg, mu.const_data_ptr<A>(), var.const_data_ptr<A>(),
+                                  bmean.mutable_data_ptr<A>(), g_mean.mutable_data_ptr<A>(), g_var.mutable_data_ptr<A>(),
+                                  block_sq.mutable_data_ptr<double>(), inv_norms.mutable_data_ptr<A>(),
+                                  loss.mutable_data_ptr<A>());
   });
   return {loss, bmean, g_mean, g_var};
 }

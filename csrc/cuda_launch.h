@@ -40,18 +40,23 @@ struct Segments {
 Segments column_segments(int64_t N, int64_t F, int64_t elem_size);
 // Blocks of the per-column passes; stat_matching's scratch block_sq holds 2 * column_blocks(F).
 int column_blocks(int64_t F);
+// The segments' (mean, m2) relative to a per-column shift (x's row 0, written to shift (F,)): the
+// finishing passes take the same shift and add it back.
 template <typename T, typename A>
-void column_partials(const T* x, int64_t ld, int64_t N, int64_t F, Segments seg, A* part_mean, A* part_m2);
+void column_partials(const T* x, int64_t ld, int64_t N, int64_t F, Segments seg, A* part_mean, A* part_m2,
+                     A* shift);
 template <typename A>
-void batch_mean_var_finish(const A* part_mean, const A* part_m2, int64_t N, int64_t F, Segments seg, A* mean, A* var);
+void batch_mean_var_finish(const A* part_mean, const A* part_m2, const A* shift, int64_t N, int64_t F, Segments seg,
+                           A* mean, A* var);
 template <typename A>
-void welford_update_finish(const A* part_mean, const A* part_m2, int64_t N, int64_t F, Segments seg,
+void welford_update_finish(const A* part_mean, const A* part_m2, const A* shift, int64_t N, int64_t F, Segments seg,
                            const A* state_mean, const A* state_m2, int64_t count, A* out_mean, A* out_m2);
 // loss, batch mean and the unit directions g_mean, g_var of the two norms (zero for a zero norm);
 // inv_norms: scratch of 2 values.
 template <typename A>
-void stat_matching_finish(const A* part_mean, const A* part_m2, int64_t N, int64_t F, Segments seg, const A* mu,
-                          const A* var, A* bmean, A* g_mean, A* g_var, double* block_sq, A* inv_norms, A* loss);
+void stat_matching_finish(const A* part_mean, const A* part_m2, const A* shift, int64_t N, int64_t F, Segments seg,
+                          const A* mu, const A* var, A* bmean, A* g_mean, A* g_var, double* block_sq, A* inv_norms,
+                          A* loss);
 template <typename T>
 void batch_mean_var_backward(const T* x, const acc_t<T>* mean, const acc_t<T>* grad_mean,
                              const acc_t<T>* grad_var, T* out, int64_t N, int64_t F);

@@ -69,7 +69,7 @@ __device__ __forceinline__ void chan_merge_columns(A na, A (&mean)[V], A (&m2)[V
                                                    const A (&qb)[V]) {
   const A nt = na + nb;
   if (nb == A(0) || nt == A(0)) return;
-  const A wb = nb / nt, wab = na * wb;
+  const A wb = nb * reciprocal(nt), wab = na * wb;
 #pragma unroll
   for (int k = 0; k < V; ++k) {
     const A d = mb[k] - mean[k];
@@ -81,7 +81,8 @@ __device__ __forceinline__ void chan_merge_columns(A na, A (&mean)[V], A (&m2)[V
 template <typename T, typename A, int V>
 __global__ void __launch_bounds__(kThreads) col_partial_kernel(const T* __restrict__ x, int64_t ld, int64_t N,
                                                                int64_t F, int64_t seg_len, int tx_log2,
-                                                               A* __restrict__ part_mean, A* __restrict__ part_m2) {
+                                                               A* __restrict__ part_mean, A* __restrict__ part_m2,
+                                                               A* __restrict__ shift_out) {
   constexpr int U = rows_in_flight<A, V>();
   const int TX = 1 << tx_log2, TY = kThreads >> tx_log2;
   const int tx = threadIdx.x & (TX - 1), ty = threadIdx.x >> tx_log2;
@@ -89,6 +90,14 @@ __global__ void __launch_bounds__(kThreads) col_partial_kernel(const T* __restri
   const bool active = col < F;
   const int64_t r0 = int64_t(blockIdx.y) * seg_len, r1 = std::min(N, r0 + seg_len);
   const T* __restrict__ xc = x + (active ? col : 0);
+  // Every value is shifted by its column's value in row 0 (x - shift is exact within a factor 2 of
+  // it), so that a column with a large mean and a small spread (randn * 0.01 + 100) is reduced as
+  // small numbers: the means, and the differences of means that Chan's merge squares, keep their
+  // relative precision. Partials are relative to the shift; the second pass adds it back.
+  A shift[V];
+#pragma unroll
+  for (int k = 0; k < V; ++k) shift[k] = A(0);
+  if (active) load_row<T, A, V>(xc, shift);
 
   A mean[U][V], m2[U][V];
 #pragma unroll
@@ -106,6 +115,11 @@ __global__ void __launch_bounds__(kThreads) col_partial_kernel(const T* __restri
     if (active) {
 #pragma unroll
       for (int u = 0; u < U; ++u) load_row<T, A, V>(xc + (base + u * TY + ty) * ld, v[u]);
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+#pragma unroll
+        for (int k = 0; k < V; ++k) v[u][k] -= shift[k];
+      }
     }
     rounds += A(1);
     const A r = reciprocal(rounds);
@@ -132,7 +146,9 @@ __global__ void __launch_bounds__(kThreads) col_partial_kernel(const T* __restri
       if (active) {
         A v[V];
         load_row<T, A, V>(xc + row * ld, v);
-        const A r = A(1) / n[u];
+#pragma unroll
+        for (int k = 0; k < V; ++k) v[k] -= shift[k];
+        const A r = reciprocal(n[u]);
 #pragma unroll
         for (int k = 0; k < V; ++k) {
           const A d = v[k] - mean[u][k];
@@ -175,10 +191,15 @@ __global__ void __launch_bounds__(kThreads) col_partial_kernel(const T* __restri
     const int64_t out = int64_t(blockIdx.y) * F + col;
 #pragma unroll
     for (int k = 0; k < V; ++k) part_mean[out + k] = mean[0][k], part_m2[out + k] = m2[0][k];
+    if (blockIdx.y == 0) {
+#pragma unroll
+      for (int k = 0; k < V; ++k) shift_out[col + k] = shift[k];
+    }
   }
 }
 
-// The column's (mean, m2) over all N rows: its segments merged in order.
+// The column's (mean, m2) over all N rows, relative to the column's shift: its segments merged in
+// order.
 template <typename A>
 __device__ __forceinline__ void merge_segments(const A* __restrict__ part_mean, const A* __restrict__ part_m2,
                                                int64_t col, int64_t F, int64_t N, Segments seg, A& mean, A& m2) {
@@ -192,32 +213,34 @@ __device__ __forceinline__ void merge_segments(const A* __restrict__ part_mean, 
 }
 
 template <typename A>
-__global__ void batch_mean_var_kernel(const A* __restrict__ part_mean, const A* __restrict__ part_m2, int64_t F,
-                                      int64_t N, Segments seg, A* __restrict__ out_mean, A* __restrict__ out_var) {
+__global__ void batch_mean_var_kernel(const A* __restrict__ part_mean, const A* __restrict__ part_m2,
+                                      const A* __restrict__ shift, int64_t F, int64_t N, Segments seg,
+                                      A* __restrict__ out_mean, A* __restrict__ out_var) {
   const int64_t col = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   if (col >= F) return;
   A mean, m2;
   merge_segments(part_mean, part_m2, col, F, N, seg, mean, m2);
-  out_mean[col] = mean;
+  out_mean[col] = mean + shift[col];
   out_var[col] = m2 / A(N);
 }
 
-// wa = N / (count + N), wb = count * N / (count + N), computed in fp64 on the host.
+// wa = N / (count + N), wb = count * N / (count + N), computed in fp64 on the host. The batch is
+// merged into the state in shifted coordinates too (state mean - shift is exact when they are close).
 template <typename A>
-__global__ void welford_merge_kernel(const A* __restrict__ part_mean, const A* __restrict__ part_m2, int64_t F,
-                                     int64_t N, Segments seg, const A* __restrict__ state_mean,
-                                     const A* __restrict__ state_m2, bool fresh, A wa, A wb,
-                                     A* __restrict__ out_mean, A* __restrict__ out_m2) {
+__global__ void welford_merge_kernel(const A* __restrict__ part_mean, const A* __restrict__ part_m2,
+                                     const A* __restrict__ shift, int64_t F, int64_t N, Segments seg,
+                                     const A* __restrict__ state_mean, const A* __restrict__ state_m2, bool fresh,
+                                     A wa, A wb, A* __restrict__ out_mean, A* __restrict__ out_m2) {
   const int64_t col = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   if (col >= F) return;
   A mean, m2;
   merge_segments(part_mean, part_m2, col, F, N, seg, mean, m2);
   if (fresh) {
-    out_mean[col] = mean;
+    out_mean[col] = mean + shift[col];
     out_m2[col] = m2;
     return;
   }
-  const A d = mean - state_mean[col];
+  const A d = mean - (state_mean[col] - shift[col]);
   out_mean[col] = state_mean[col] + d * wa;
   out_m2[col] = state_m2[col] + m2 + d * d * wb;
 }
@@ -225,15 +248,16 @@ __global__ void welford_merge_kernel(const A* __restrict__ part_mean, const A* _
 // Batch mean, the differences to the targets (made unit vectors by stat_scale_kernel), and per-block
 // fp64 partial sums of their squares.
 template <typename A>
-__global__ void stat_diff_kernel(const A* __restrict__ part_mean, const A* __restrict__ part_m2, int64_t F,
-                                 int64_t N, Segments seg, const A* __restrict__ mu, const A* __restrict__ var,
-                                 A* __restrict__ bmean, A* __restrict__ dmean, A* __restrict__ dvar,
-                                 double* __restrict__ block_sq) {
+__global__ void stat_diff_kernel(const A* __restrict__ part_mean, const A* __restrict__ part_m2,
+                                 const A* __restrict__ shift, int64_t F, int64_t N, Segments seg,
+                                 const A* __restrict__ mu, const A* __restrict__ var, A* __restrict__ bmean,
+                                 A* __restrict__ dmean, A* __restrict__ dvar, double* __restrict__ block_sq) {
   const int64_t col = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   double sm = 0.0, sv = 0.0;
   if (col < F) {
     A mean, m2;
     merge_segments(part_mean, part_m2, col, F, N, seg, mean, m2);
+    mean += shift[col];
     const A dm = mean - mu[col], dv = m2 / A(N) - var[col];
     bmean[col] = mean;
     dmean[col] = dm;
@@ -350,41 +374,45 @@ Segments column_segments(int64_t N, int64_t F, int64_t elem_size) {
 int column_blocks(int64_t F) { return static_cast<int>(std::max<int64_t>(1, ceil_div(F, kThreads))); }
 
 template <typename T, typename A>
-void column_partials(const T* x, int64_t ld, int64_t N, int64_t F, Segments seg, A* part_mean, A* part_m2) {
+void column_partials(const T* x, int64_t ld, int64_t N, int64_t F, Segments seg, A* part_mean, A* part_m2,
+                     A* shift) {
   const ColumnLanes lanes = column_lanes(x, ld, F);
   const dim3 grid(static_cast<unsigned>(lanes.blocks_x), static_cast<unsigned>(seg.count));
   if (lanes.vec > 1) {
     col_partial_kernel<T, A, vec_width<T>()>
-        <<<grid, kThreads, 0, stream()>>>(x, ld, N, F, seg.seg_len, lanes.tx_log2, part_mean, part_m2);
+        <<<grid, kThreads, 0, stream()>>>(x, ld, N, F, seg.seg_len, lanes.tx_log2, part_mean, part_m2, shift);
   } else {
     col_partial_kernel<T, A, 1>
-        <<<grid, kThreads, 0, stream()>>>(x, ld, N, F, seg.seg_len, lanes.tx_log2, part_mean, part_m2);
+        <<<grid, kThreads, 0, stream()>>>(x, ld, N, F, seg.seg_len, lanes.tx_log2, part_mean, part_m2, shift);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename A>
-void batch_mean_var_finish(const A* part_mean, const A* part_m2, int64_t N, int64_t F, Segments seg, A* mean, A* var) {
-  batch_mean_var_kernel<A><<<column_blocks(F), kThreads, 0, stream()>>>(part_mean, part_m2, F, N, seg, mean, var);
+void batch_mean_var_finish(const A* part_mean, const A* part_m2, const A* shift, int64_t N, int64_t F, Segments seg,
+                           A* mean, A* var) {
+  batch_mean_var_kernel<A>
+      <<<column_blocks(F), kThreads, 0, stream()>>>(part_mean, part_m2, shift, F, N, seg, mean, var);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename A>
-void welford_update_finish(const A* part_mean, const A* part_m2, int64_t N, int64_t F, Segments seg,
+void welford_update_finish(const A* part_mean, const A* part_m2, const A* shift, int64_t N, int64_t F, Segments seg,
                            const A* state_mean, const A* state_m2, int64_t count, A* out_mean, A* out_m2) {
   const double n = double(count + N);
   welford_merge_kernel<A><<<column_blocks(F), kThreads, 0, stream()>>>(
-      part_mean, part_m2, F, N, seg, state_mean, state_m2, count == 0, A(double(N) / n),
+      part_mean, part_m2, shift, F, N, seg, state_mean, state_m2, count == 0, A(double(N) / n),
       A(double(count) * double(N) / n), out_mean, out_m2);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename A>
-void stat_matching_finish(const A* part_mean, const A* part_m2, int64_t N, int64_t F, Segments seg, const A* mu,
-                          const A* var, A* bmean, A* g_mean, A* g_var, double* block_sq, A* inv_norms, A* loss) {
+void stat_matching_finish(const A* part_mean, const A* part_m2, const A* shift, int64_t N, int64_t F, Segments seg,
+                          const A* mu, const A* var, A* bmean, A* g_mean, A* g_var, double* block_sq, A* inv_norms,
+                          A* loss) {
   const int blocks = column_blocks(F);
-  stat_diff_kernel<A><<<blocks, kThreads, 0, stream()>>>(part_mean, part_m2, F, N, seg, mu, var, bmean, g_mean,
-                                                          g_var, block_sq);
+  stat_diff_kernel<A><<<blocks, kThreads, 0, stream()>>>(part_mean, part_m2, shift, F, N, seg, mu, var, bmean,
+                                                          g_mean, g_var, block_sq);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   stat_norms_kernel<A><<<1, kThreads, 0, stream()>>>(block_sq, blocks, loss, inv_norms);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -414,19 +442,21 @@ void batch_mean_var_backward(const T* x, const acc_t<T>* mean, const acc_t<T>* g
 
 // x's dtype T with either state/accumulation dtype (batch_mean_var uses A = acc_t<T>).
 #define INVCOSS_INSTANTIATE(T)                                                                               \
-  template void column_partials<T, float>(const T*, int64_t, int64_t, int64_t, Segments, float*, float*);    \
-  template void column_partials<T, double>(const T*, int64_t, int64_t, int64_t, Segments, double*, double*); \
+  template void column_partials<T, float>(const T*, int64_t, int64_t, int64_t, Segments, float*, float*,     \
+                                          float*);                                                          \
+  template void column_partials<T, double>(const T*, int64_t, int64_t, int64_t, Segments, double*, double*,  \
+                                           double*);                                                        \
   template void batch_mean_var_backward<T>(const T*, const acc_t<T>*, const acc_t<T>*, const acc_t<T>*, T*,  \
                                            int64_t, int64_t);
 INVCOSS_FOR_FLOATING_TYPES(INVCOSS_INSTANTIATE)
 #undef INVCOSS_INSTANTIATE
 
 #define INVCOSS_INSTANTIATE_ACC(A)                                                                             \
-  template void batch_mean_var_finish<A>(const A*, const A*, int64_t, int64_t, Segments, A*, A*);              \
-  template void welford_update_finish<A>(const A*, const A*, int64_t, int64_t, Segments, const A*, const A*,   \
-                                         int64_t, A*, A*);                                                     \
-  template void stat_matching_finish<A>(const A*, const A*, int64_t, int64_t, Segments, const A*, const A*, A*, \
-                                        A*, A*, double*, A*, A*);
+  template void batch_mean_var_finish<A>(const A*, const A*, const A*, int64_t, int64_t, Segments, A*, A*);     \
+  template void welford_update_finish<A>(const A*, const A*, const A*, int64_t, int64_t, Segments, const A*,   \
+                                         const A*, int64_t, A*, A*);                                           \
+  template void stat_matching_finish<A>(const A*, const A*, const A*, int64_t, int64_t, Segments, const A*,     \
+                                        const A*, A*, A*, A*, double*, A*, A*);
 INVCOSS_INSTANTIATE_ACC(float)
 INVCOSS_INSTANTIATE_ACC(double)
 #undef INVCOSS_INSTANTIATE_ACC
