@@ -152,7 +152,10 @@ def test_stats_access_paths(backend, case, dtype):
     _check_mean_var(backend, x, dtype, x.numel())
     _check_stat_matching(backend, PATH_CASES[case](dtype), dtype, x.numel())
     f = x.shape[1]
-    state = (torch.randn(f, dtype=torch.float64, device=DEVICE), torch.rand(f, dtype=torch.float64, device=DEVICE))
+    state = (
+        torch.randn(f, dtype=torch.float64, device=DEVICE),
+        torch.rand(f, dtype=torch.float64, device=DEVICE),
+    )
     new_mean, new_m2 = backend_module(backend).welford_update(x.detach(), 5, *state)
     ref_mean, ref_m2 = _chan_ref(to_np(x), 5, to_np(state[0]), to_np(state[1]))
     assert_matches(new_mean, ref_mean, torch.float64)  # accumulated in the fp64 state's precision
