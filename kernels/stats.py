@@ -59,9 +59,9 @@ def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
     return mean_a + delta * frac, m2_a + m2_b + delta * delta * (n_a * frac)
 
 
-# The autotuner adds the dtype of every tensor argument to these keys (x's dtype, the accumulation
-# dtype); ALIGNED is the one constexpr the launcher chooses.
-@autotune(PARTIAL_CONFIGS, key=["F", "ALIGNED"], interpret=PARTIAL_INTERPRET_CONFIG)
+# Keys: F, and (added by launch.autotune and by Triton) the free constexpr ALIGNED and the dtype of
+# every tensor argument (x's dtype, the accumulation dtype).
+@autotune(PARTIAL_CONFIGS, key=["F"], interpret=PARTIAL_INTERPRET_CONFIG)
 @triton.jit
 def welford_partial_kernel(
     x_ptr,  # (N, F) any strides
@@ -200,7 +200,7 @@ def stat_norms_kernel(
     tl.store(inv_ptr + 1, tl.where(sq_v > 0, 1.0 / tl.where(sq_v > 0, norm_v, 1.0), 0.0))
 
 
-@autotune(BACKWARD_CONFIGS, key=["F", "ALIGNED"], interpret=BACKWARD_INTERPRET_CONFIG)
+@autotune(BACKWARD_CONFIGS, key=["F"], interpret=BACKWARD_INTERPRET_CONFIG)
 @triton.jit
 def batch_mean_var_backward_kernel(
     x_ptr,  # (N, F) any strides
