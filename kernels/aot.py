@@ -75,7 +75,11 @@ def kernel_specs() -> list[KernelSpec]:
     # 16-byte vector (ALIGNED), int32 offsets unless a plane overflows them.
     tv_fixed = {"stride_w": 1, "GROUP_D": tv.GROUP_D, "GROUP_H": tv.GROUP_H, "GROUP_W": tv.GROUP_W}
     tv_ints = _ints("C D H W stride_b stride_c stride_d stride_h n_dg n_hg n_wg")
-    tv_variants = [(x_ty, wide, aligned) for x_ty in ("fp32", "bf16") for wide, aligned in ((False, True), (False, False))]
+    tv_variants = [
+        (x_ty, wide, aligned)
+        for x_ty in ("fp32", "bf16")
+        for wide, aligned in ((False, True), (False, False))
+    ]
     tv_variants.append(("fp32", True, True))
     specs = []
     for x_ty, wide, aligned in tv_variants:

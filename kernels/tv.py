@@ -25,7 +25,8 @@ the unit-stride axis and every other stride and W are multiples of 16 bytes' wor
 row below and the slices before and behind become 16-byte vector loads (``ld.global.v4``); the
 left/right neighbours are shifted by one value and stay scalar (they come from L1).
 
-Double backward is not supported (the backward op has no autograd formula).
+Double backward: ``tv_backward`` is differentiable too, with a zero derivative in x (the gradient
+is piecewise constant, as that of ``torch.abs``) and the exact one in the incoming gradient.
 """
 
 from __future__ import annotations
@@ -56,7 +57,19 @@ TV_KEY = ["D", "H", "W", "ALIGNED", "WIDE_INDEX"]
 
 @triton.jit
 def _plane_offsets(
-    pid, C, H, W, stride_b, stride_c, stride_d, stride_h, n_dg, n_hg, n_wg, VEC: tl.constexpr, ALIGNED: tl.constexpr
+    pid,
+    C,
+    H,
+    W,
+    stride_b,
+    stride_c,
+    stride_d,
+    stride_h,
+    n_dg,
+    n_hg,
+    n_wg,
+    VEC: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     # The program's (b * C + c, depth group, row group, column group) and the plane's offset in x.
     wg = pid % n_wg
@@ -321,7 +334,23 @@ def _tv_backward(ctx, grad_sums: torch.Tensor):
     return tv_backward_op(x, ctx.weights, grad_sums), None
 
 
+def _tv_backward_setup_context(ctx, inputs, output) -> None:
+    x, weights, grad_sums = inputs
+    ctx.weights, ctx.scale_dtype = list(weights), grad_sums.dtype
+    ctx.save_for_backward(x)
+
+
+def _tv_backward_backward(ctx, grad_grad: torch.Tensor):
+    # The gradient is piecewise constant in x (zero second derivative, as torch.abs has) and linear
+    # in grad_sums: d<grad_grad, grad>/d grad_sums[b] = <grad_grad[b], d(sums[b])/dx[b]>.
+    (x,) = ctx.saved_tensors
+    unit = tv_backward_op(x, ctx.weights, x.new_ones(x.shape[0], dtype=torch.float32))
+    d_scale = (grad_grad.float() * unit.float()).flatten(1).sum(1)
+    return None, None, d_scale.to(ctx.scale_dtype)
+
+
 tv_op.register_autograd(_tv_backward, setup_context=_tv_setup_context)
+tv_backward_op.register_autograd(_tv_backward_backward, setup_context=_tv_backward_setup_context)
 
 
 def tv(x: torch.Tensor, weights: tuple[float, ...]) -> torch.Tensor:

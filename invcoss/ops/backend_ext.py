@@ -15,8 +15,9 @@ the forward pass would cost a full-size buffer and one more write and read). ``r
 (it costs little there: the matmul result is at hand) and return it as a second, non-differentiable
 output; their backward only scales it by the incoming gradient (``scale_rows``). ``batch_mean_var``
 and ``stat_matching`` save the batch mean (and the loss's unit directions) and recompute
-``x - mean`` in one streaming pass in ``batch_mean_var_backward``. None of the backward ops is
-itself differentiable: double backward is not supported.
+``x - mean`` in one streaming pass in ``batch_mean_var_backward``. Double backward: ``tv_backward``
+is differentiable (zero with respect to x, where the gradient is piecewise constant, and exact with
+respect to the incoming gradient); the other backward ops are not.
 
 Without the extension the module still imports (so that ``pytest --doctest-modules`` and
 introspection work) but registers nothing; :mod:`invcoss.ops.dispatch` then reports the backend
@@ -170,6 +171,22 @@ def _tv_backward(ctx, grad_sums: Tensor):
     return _ops.tv_backward(x, ctx.weights, grad_sums), None
 
 
+def _tv_backward_setup(ctx, inputs, output) -> None:
+    x, weights, grad_sums = inputs
+    ctx.weights, ctx.scale_dtype = list(weights), grad_sums.dtype
+    ctx.save_for_backward(x)
+
+
+def _tv_backward_backward(ctx, grad_grad: Tensor):
+    # The gradient is piecewise constant in x (zero second derivative, as torch.abs has) and linear
+    # in grad_sums: d<grad_grad, grad>/d grad_sums[b] = <grad_grad[b], d(sums[b])/dx[b]>.
+    (x,) = ctx.saved_tensors
+    unit = _ops.tv_backward(x, ctx.weights, x.new_ones((x.shape[0],), dtype=_acc_dtype(x)))
+    acc = _acc_dtype(x)
+    d_scale = (grad_grad.to(acc) * unit.to(acc)).flatten(1).sum(1)
+    return None, None, d_scale.to(ctx.scale_dtype)
+
+
 def _repulsive_direct_backward(ctx, grad_loss: Tensor, grad_fused: Tensor | None):
     return _scale_fused_grad(ctx, grad_loss, grad_fused), None, None, None
 
@@ -216,10 +233,11 @@ _FAKES = {
     "invcoss::repulsive_gram": _repulsive_gram_fake,
     "invcoss::gram_update": _gram_update_fake,
 }
-# welford_update (no gradient by contract), gram_update (in place, on a constant) and the
-# backward ops themselves are not differentiable.
+# welford_update (no gradient by contract), gram_update (in place, on a constant), scale_rows and
+# batch_mean_var_backward are not differentiable; tv_backward is (double backward of tv).
 _BACKWARDS = {
     "invcoss::tv": (_tv_backward, _tv_setup),
+    "invcoss::tv_backward": (_tv_backward_backward, _tv_backward_setup),
     "invcoss::repulsive_direct": (_repulsive_direct_backward, _save_fused_grad),
     "invcoss::repulsive_gram": (_repulsive_gram_backward, _save_fused_grad),
     "invcoss::batch_mean_var": (_batch_mean_var_backward, _batch_mean_var_setup),
