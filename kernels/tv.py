@@ -48,6 +48,9 @@ TV_CONFIGS = [
     config(4, 2, BLOCK_H=4, BLOCK_W=128),
     config(4, 2, BLOCK_H=8, BLOCK_W=64),
     config(4, 2, BLOCK_H=2, BLOCK_W=256),
+    # Eight values per thread: 16-byte loads for bf16/fp16 (two for fp32).
+    config(2, 2, BLOCK_H=4, BLOCK_W=128),
+    config(4, 2, BLOCK_H=8, BLOCK_W=128),
 ]
 TV_INTERPRET_CONFIG = config(4, 1, BLOCK_H=16, BLOCK_W=64)
 # Keys: the shape and every constexpr the launcher chooses (the autotuner adds the dtypes of the
