@@ -60,54 +60,54 @@ __global__ void __launch_bounds__(kThreads) tv_sum_kernel(const T* __restrict__ 
   const int64_t HW = int64_t(H) * W;
   const int h_first = static_cast<int>(blockIdx.x) * g.rows_par * kRows + ty * kRows;
   for (int64_t b = blockIdx.z; b < g.B; b += gridDim.z) {
-   for (int p = blockIdx.y; p < g.P; p += gridDim.y) {
-    const int64_t bp = b * g.P + p;
-    const T* plane = x + bp * HW;
-    const bool has_back = kDepth && (p % g.D) + 1 < g.D;  // one modulo per block and plane
-    A acc[VEC];
+    for (int p = blockIdx.y; p < g.P; p += gridDim.y) {
+      const int64_t bp = b * g.P + p;
+      const T* plane = x + bp * HW;
+      const bool has_back = kDepth && (p % g.D) + 1 < g.D;  // one modulo per block and plane
+      A acc[VEC];
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) acc[j] = A(0);
-    if (ty < g.rows_par && h_first < H) {
-      const int h_last = min(h_first + kRows, H);
-      for (int cv = tx; cv < nvec; cv += g.lanes) {
-        const int w = cv * VEC;
-        const T* row = plane + static_cast<int64_t>(h_first) * W + w;
-        A cur[VEC];
-        load_pack<A, T, VEC>(cur, row);
+      for (int j = 0; j < VEC; ++j) acc[j] = A(0);
+      if (ty < g.rows_par && h_first < H) {
+        const int h_last = min(h_first + kRows, H);
+        for (int cv = tx; cv < nvec; cv += g.lanes) {
+          const int w = cv * VEC;
+          const T* row = plane + static_cast<int64_t>(h_first) * W + w;
+          A cur[VEC];
+          load_pack<A, T, VEC>(cur, row);
 #pragma unroll
-        for (int k = 0; k < kRows; ++k) {
-          const int h = h_first + k;
-          if (h < h_last) {
-            A down[VEC], back[VEC];
-            if (h + 1 < H) {
-              load_pack<A, T, VEC>(down, row + W);
-            } else {
-              copy_pack<A, VEC>(down, cur);
-            }
-            if (has_back) {
-              load_pack<A, T, VEC>(back, row + HW);
-            } else {
-              copy_pack<A, VEC>(back, cur);
-            }
-            const A right_end = w + VEC < W ? static_cast<A>(row[VEC]) : cur[VEC - 1];
+          for (int k = 0; k < kRows; ++k) {
+            const int h = h_first + k;
+            if (h < h_last) {
+              A down[VEC], back[VEC];
+              if (h + 1 < H) {
+                load_pack<A, T, VEC>(down, row + W);
+              } else {
+                copy_pack<A, VEC>(down, cur);
+              }
+              if (has_back) {
+                load_pack<A, T, VEC>(back, row + HW);
+              } else {
+                copy_pack<A, VEC>(back, cur);
+              }
+              const A right_end = w + VEC < W ? static_cast<A>(row[VEC]) : cur[VEC - 1];
 #pragma unroll
-            for (int j = 0; j < VEC; ++j) {
-              const A right = j + 1 < VEC ? cur[j + 1 < VEC ? j + 1 : j] : right_end;
-              acc[j] += ww * abs_of(right - cur[j]) + wh * abs_of(down[j] - cur[j]);
-              if constexpr (kDepth) acc[j] += wd * abs_of(back[j] - cur[j]);
+              for (int j = 0; j < VEC; ++j) {
+                const A right = j + 1 < VEC ? cur[j + 1 < VEC ? j + 1 : j] : right_end;
+                acc[j] += ww * abs_of(right - cur[j]) + wh * abs_of(down[j] - cur[j]);
+                if constexpr (kDepth) acc[j] += wd * abs_of(back[j] - cur[j]);
+              }
+              copy_pack<A, VEC>(cur, down);
+              row += W;
             }
-            copy_pack<A, VEC>(cur, down);
-            row += W;
           }
         }
       }
-    }
-    A s = acc[0];
+      A s = acc[0];
 #pragma unroll
-    for (int j = 1; j < VEC; ++j) s += acc[j];
-    s = block_sum(s);
-    if (threadIdx.x == 0) partial[bp * g.tiles + blockIdx.x] = s;
-   }
+      for (int j = 1; j < VEC; ++j) s += acc[j];
+      s = block_sum(s);
+      if (threadIdx.x == 0) partial[bp * g.tiles + blockIdx.x] = s;
+    }
   }
 }
 
@@ -124,64 +124,64 @@ __global__ void __launch_bounds__(kThreads)
   if (h_first >= H) return;
   const int h_last = min(h_first + kRows, H);
   for (int64_t b = blockIdx.z; b < g.B; b += gridDim.z) {
-   for (int p = blockIdx.y; p < g.P; p += gridDim.y) {
-    const int64_t off = (b * g.P + p) * HW + static_cast<int64_t>(h_first) * W;
-    const A s = grad_sums[b];
-    const A sw = s * ww, sh = s * wh, sd = s * wd;
-    const int d = kDepth ? p % g.D : 0;  // one modulo per block and plane
-    const bool has_front = kDepth && d > 0, has_back = kDepth && d + 1 < g.D;
-    for (int cv = tx; cv < nvec; cv += g.lanes) {
-      const int w = cv * VEC;
-      const T* row = x + off + w;
-      T* grow = grad + off + w;
-      A cur[VEC], up[VEC];
-      load_pack<A, T, VEC>(cur, row);
-      if (h_first > 0) {
-        load_pack<A, T, VEC>(up, row - W);
-      } else {
-        copy_pack<A, VEC>(up, cur);
-      }
-#pragma unroll
-      for (int k = 0; k < kRows; ++k) {
-        const int h = h_first + k;
-        if (h < h_last) {
-          A down[VEC], back[VEC], front[VEC];
-          if (h + 1 < H) {
-            load_pack<A, T, VEC>(down, row + W);
-          } else {
-            copy_pack<A, VEC>(down, cur);
-          }
-          if (has_back) {
-            load_pack<A, T, VEC>(back, row + HW);
-          } else {
-            copy_pack<A, VEC>(back, cur);
-          }
-          if (has_front) {
-            load_pack<A, T, VEC>(front, row - HW);
-          } else {
-            copy_pack<A, VEC>(front, cur);
-          }
-          const A right_end = w + VEC < W ? static_cast<A>(row[VEC]) : cur[VEC - 1];
-          const A left_end = w > 0 ? static_cast<A>(row[-1]) : cur[0];
-          Pack<T, VEC> out;
-#pragma unroll
-          for (int j = 0; j < VEC; ++j) {
-            const A c = cur[j];
-            const A right = j + 1 < VEC ? cur[j + 1 < VEC ? j + 1 : j] : right_end;
-            const A left = j > 0 ? cur[j > 0 ? j - 1 : 0] : left_end;
-            A gj = sw * (sign_of(c - left) - sign_of(right - c)) + sh * (sign_of(c - up[j]) - sign_of(down[j] - c));
-            if constexpr (kDepth) gj += sd * (sign_of(c - front[j]) - sign_of(back[j] - c));
-            out.v[j] = static_cast<T>(gj);
-          }
-          *reinterpret_cast<Pack<T, VEC>*>(grow) = out;
+    for (int p = blockIdx.y; p < g.P; p += gridDim.y) {
+      const int64_t off = (b * g.P + p) * HW + static_cast<int64_t>(h_first) * W;
+      const A s = grad_sums[b];
+      const A sw = s * ww, sh = s * wh, sd = s * wd;
+      const int d = kDepth ? p % g.D : 0;  // one modulo per block and plane
+      const bool has_front = kDepth && d > 0, has_back = kDepth && d + 1 < g.D;
+      for (int cv = tx; cv < nvec; cv += g.lanes) {
+        const int w = cv * VEC;
+        const T* row = x + off + w;
+        T* grow = grad + off + w;
+        A cur[VEC], up[VEC];
+        load_pack<A, T, VEC>(cur, row);
+        if (h_first > 0) {
+          load_pack<A, T, VEC>(up, row - W);
+        } else {
           copy_pack<A, VEC>(up, cur);
-          copy_pack<A, VEC>(cur, down);
-          row += W;
-          grow += W;
+        }
+#pragma unroll
+        for (int k = 0; k < kRows; ++k) {
+          const int h = h_first + k;
+          if (h < h_last) {
+            A down[VEC], back[VEC], front[VEC];
+            if (h + 1 < H) {
+              load_pack<A, T, VEC>(down, row + W);
+            } else {
+              copy_pack<A, VEC>(down, cur);
+            }
+            if (has_back) {
+              load_pack<A, T, VEC>(back, row + HW);
+            } else {
+              copy_pack<A, VEC>(back, cur);
+            }
+            if (has_front) {
+              load_pack<A, T, VEC>(front, row - HW);
+            } else {
+              copy_pack<A, VEC>(front, cur);
+            }
+            const A right_end = w + VEC < W ? static_cast<A>(row[VEC]) : cur[VEC - 1];
+            const A left_end = w > 0 ? static_cast<A>(row[-1]) : cur[0];
+            Pack<T, VEC> out;
+#pragma unroll
+            for (int j = 0; j < VEC; ++j) {
+              const A c = cur[j];
+              const A right = j + 1 < VEC ? cur[j + 1 < VEC ? j + 1 : j] : right_end;
+              const A left = j > 0 ? cur[j > 0 ? j - 1 : 0] : left_end;
+              A gj = sw * (sign_of(c - left) - sign_of(right - c)) + sh * (sign_of(c - up[j]) - sign_of(down[j] - c));
+              if constexpr (kDepth) gj += sd * (sign_of(c - front[j]) - sign_of(back[j] - c));
+              out.v[j] = static_cast<T>(gj);
+            }
+            *reinterpret_cast<Pack<T, VEC>*>(grow) = out;
+            copy_pack<A, VEC>(up, cur);
+            copy_pack<A, VEC>(cur, down);
+            row += W;
+            grow += W;
+          }
         }
       }
     }
-   }
   }
 }
 
