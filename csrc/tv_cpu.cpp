@@ -16,11 +16,15 @@
 // has no reduction.
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <vector>
 
 #ifdef __linux__
 #include <sys/mman.h>
 #endif
+
+#include <ATen/ops/from_blob.h>
+#include <c10/core/CPUAllocator.h>
 
 #include "invcoss.h"
 #include "simd.h"
@@ -29,6 +33,7 @@ namespace invcoss {
 namespace {
 
 constexpr int64_t kLanes = 16;  // interior values per vectorised step (two AVX registers of fp32)
+constexpr int64_t kPrefetchRows = 8;  // how far ahead the slice behind is prefetched
 
 struct TvWeights {
   double w, h, d;  // factors of the W, H and D axes
@@ -69,6 +74,16 @@ inline A tv_grad_point(A c, A left, A right, A up, A down, A front, A back, A ww
   return g;
 }
 
+// The slice behind is the one stream of a 3-D pass that comes from memory a whole plane away from
+// the current one; the hardware prefetcher follows it poorly (a 3-D forward pass ran at half the rate
+// of a 2-D one over the same bytes, 1.4x slower with this). A prefetch never faults, so the rows past
+// the end of x that the last plane asks for are harmless.
+template <typename T>
+inline void prefetch_row(const T* row, int64_t W) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t k = 0; k < W * int64_t(sizeof(T)); k += 64) __builtin_prefetch(p + k);
+}
+
 // Neighbour rows of row h of one plane: prev/next are the planes before and behind it (the plane
 // itself at the ends of the depth axis), u/dn the rows above and below (the row itself at the ends).
 template <typename T>
@@ -92,6 +107,7 @@ INVCOSS_CLONES double tv_sum_rows(const T* INVCOSS_RESTRICT plane, const T* INVC
     const T* INVCOSS_RESTRICT r = n.r;
     const T* INVCOSS_RESTRICT dn = n.dn;
     const T* INVCOSS_RESTRICT b = n.b;
+    if constexpr (kDepth) prefetch_row(b + kPrefetchRows * W, W);
     // The last value of a row has no right neighbour: the vector loop covers w < last, the last
     // value is added alone. One accumulator per lane (an explicit lane array, not an OpenMP
     // reduction, which GCC fails to vectorise for some of these loops).
@@ -132,6 +148,7 @@ INVCOSS_CLONES void tv_grad_rows(const T* INVCOSS_RESTRICT plane, const T* INVCO
     const T* INVCOSS_RESTRICT f = n.f;
     const T* INVCOSS_RESTRICT b = n.b;
     T* INVCOSS_RESTRICT gr = gplane + h * W;
+    if constexpr (kDepth) prefetch_row(b + kPrefetchRows * W, W);
     // w = 0 has no left neighbour, w = W - 1 no right one (one value is both when W == 1).
     gr[0] = T(tv_grad_point<A, kDepth>(A(r[0]), A(r[0]), A(r[std::min<int64_t>(1, last)]), A(u[0]), A(dn[0]),
                                         A(f[0]), A(b[0]), ww, wh, wd));
@@ -245,6 +262,24 @@ void advise_huge_pages(void* data, size_t bytes) {
 #endif
 }
 
+// A fresh contiguous tensor like x whose data starts half a 4 KB page away from x's. Two large
+// buffers from mmap share their offset in a page, and then every store to grad lands on the cache
+// set (and, on AMD, the way-predictor tag) of the loads of x at the same index: the backward pass of
+// the paper's 3-D batch ran at 133 ms against 17 ms with the offsets apart. The tensor owns its
+// allocation from the CPU allocator (storage offset 0, as the op's fake kernel says).
+at::Tensor empty_off_page_of(const at::Tensor& x) {
+  constexpr uintptr_t kPage = 4096, kShift = kPage / 2;
+  const size_t bytes = static_cast<size_t>(x.numel()) * x.element_size();
+  auto block = std::make_shared<at::DataPtr>(c10::GetCPUAllocator()->allocate(bytes + kPage));
+  const uintptr_t base = reinterpret_cast<uintptr_t>(block->get());
+  const uintptr_t want = (reinterpret_cast<uintptr_t>(x.const_data_ptr()) + kShift) % kPage;
+  const uintptr_t start = base + (want + kPage - base % kPage) % kPage;  // start % kPage == want
+  return at::for_blob(reinterpret_cast<void*>(start), x.sizes())
+      .deleter([block](void*) mutable { block.reset(); })
+      .options(x.options())
+      .make_tensor();
+}
+
 TvWeights tv_weights(const at::Tensor& x, at::ArrayRef<double> weights) {
   return {weights.back(), weights[weights.size() - 2], x.dim() == 5 ? weights[0] : 0.0};
 }
@@ -284,8 +319,8 @@ at::Tensor tv_backward_cpu(const at::Tensor& x_in, at::ArrayRef<double> weights,
   check_tv_backward_args(x_in, weights, grad_sums);
   check_device("tv_backward", "x", x_in, at::kCPU);
   const at::Tensor x = x_in.contiguous();
-  at::Tensor grad = at::empty(x.sizes(), x.options());
-  if (x.numel() == 0) return grad;
+  if (x.numel() == 0) return at::empty(x.sizes(), x.options());
+  at::Tensor grad = empty_off_page_of(x);
   advise_huge_pages(grad.data_ptr(), grad.nbytes());
   const TvWeights wt = tv_weights(x, weights);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "tv_backward_cpu", [&] {
