@@ -49,14 +49,6 @@ inline A tv_sum_point(A c, A right, A down, A back, A ww, A wh, A wd) {
   return s;
 }
 
-// w * sign(c - n):
-// the gradient is sum_n w_n * sign(c - n) over the (up to) six neighbours n, since
-// sign(c - previous) - sign(next - c) = sign(c - previous) + sign(c - next).
-template <typename A>
-inline A weighted_sign(A c, A n, A w) {
-  return w * sign_of(c - n);
-}
-
 // sign(c - a) + sign(c - b) in {-2, ..., 2} from four compares added as integers: fewer
 // instructions than two float signs once vectorised (compare masks, integer adds, one conversion);
 // the backward ran 1.3x to 1.6x faster with it.
