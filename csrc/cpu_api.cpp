@@ -9,6 +9,7 @@ namespace invcoss {
 
 TORCH_LIBRARY_IMPL(invcoss, CPU, m) {
   m.impl("tv", &tv_cpu);
+  m.impl("tv_backward", &tv_backward_cpu);
   m.impl("scale_rows", &scale_rows_cpu);
   m.impl("batch_mean_var", &batch_mean_var_cpu);
   m.impl("batch_mean_var_backward", &batch_mean_var_backward_cpu);

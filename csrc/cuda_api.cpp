@@ -17,25 +17,56 @@ namespace {
 
 constexpr int64_t kPoolTile = 8192;  // pool rows per matmul of the direct path
 
-std::tuple<at::Tensor, at::Tensor> tv_cuda(const at::Tensor& x_in, at::ArrayRef<double> weights, bool with_grad) {
-  check_tv_args(x_in, weights);
+// The (B, C, D, H, W) extents of x (D = 1 for images) and the weights of the W, H and D axes; the
+// kernels index planes and rows with 32-bit integers.
+struct TvArgs {
+  int64_t B, C, D, H, W;
+  double w_w, w_h, w_d;
+};
+
+TvArgs tv_args(const char* op, const at::Tensor& x, at::ArrayRef<double> weights) {
+  const bool depth = x.dim() == 5;
+  TvArgs a{x.size(0), x.size(1), depth ? x.size(2) : 1, x.size(-2), x.size(-1),
+           weights.back(), weights[weights.size() - 2], depth ? weights[0] : 0.0};
+  TORCH_CHECK(a.C * a.D <= INT32_MAX && a.H <= INT32_MAX && a.W <= INT32_MAX, op,
+              ": expected C * D, H and W below 2^31, got ", x.sizes());
+  return a;
+}
+
+// A non-contiguous x is copied to a contiguous one first (the kernels index planes of H x W values).
+at::Tensor tv_cuda(const at::Tensor& x_in, at::ArrayRef<double> weights) {
+  check_tv_args("tv", x_in, weights);
   check_device("tv", "x", x_in, at::kCUDA);
   const c10::cuda::OptionalCUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   at::Tensor sums = at::empty({x.size(0)}, x.options().dtype(acc_dtype(x)));
-  at::Tensor grad = with_grad ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
-  if (x.numel() == 0) return {sums.zero_(), grad};
-  const bool depth = x.dim() == 5;
-  const int64_t B = x.size(0), C = x.size(1), D = depth ? x.size(2) : 1, H = x.size(-2), W = x.size(-1);
-  at::Tensor partial = at::empty({B * cuda::tv_partials(C * D * H * W)}, sums.options());
-  const double w_w = weights.back(), w_h = weights[weights.size() - 2], w_d = depth ? weights[0] : 0.0;
+  if (x.numel() == 0) return sums.zero_();
+  const TvArgs a = tv_args("tv", x, weights);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "tv_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
-    cuda::tv_forward<scalar_t>(x.const_data_ptr<scalar_t>(), with_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr,
-                               partial.mutable_data_ptr<A>(), sums.mutable_data_ptr<A>(), B, C, D, H, W, w_w, w_h,
-                               w_d);
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    at::Tensor partial = at::empty({a.B * cuda::tv_partials<scalar_t>(xp, a.C, a.D, a.H, a.W)}, sums.options());
+    cuda::tv_forward<scalar_t>(xp, partial.mutable_data_ptr<A>(), sums.mutable_data_ptr<A>(), a.B, a.C, a.D, a.H, a.W,
+                               a.w_w, a.w_h, a.w_d);
   });
-  return {sums, grad};
+  return sums;
+}
+
+at::Tensor tv_backward_cuda(const at::Tensor& x_in, at::ArrayRef<double> weights, const at::Tensor& grad_sums) {
+  check_tv_backward_args(x_in, weights, grad_sums);
+  check_device("tv_backward", "x", x_in, at::kCUDA);
+  const c10::cuda::OptionalCUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor grad = at::empty(x.sizes(), x.options());
+  if (x.numel() == 0) return grad;
+  const TvArgs a = tv_args("tv_backward", x, weights);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "tv_backward_cuda", [&] {
+    using A = at::opmath_type<scalar_t>;
+    const at::Tensor scale = as_acc<A>(grad_sums);
+    cuda::tv_backward<scalar_t>(x.const_data_ptr<scalar_t>(), scale.const_data_ptr<A>(),
+                                grad.mutable_data_ptr<scalar_t>(), a.B, a.C, a.D, a.H, a.W, a.w_w, a.w_h, a.w_d);
+  });
+  return grad;
 }
 
 at::Tensor scale_rows_cuda(const at::Tensor& grad_in, const at::Tensor& scale_in) {
@@ -320,6 +351,7 @@ std::tuple<at::Tensor, at::Tensor> repulsive_direct_cuda(const at::Tensor& h_in,
 
 TORCH_LIBRARY_IMPL(invcoss, CUDA, m) {
   m.impl("tv", &tv_cuda);
+  m.impl("tv_backward", &tv_backward_cuda);
   m.impl("scale_rows", &scale_rows_cuda);
   m.impl("batch_mean_var", &batch_mean_var_cuda);
   m.impl("batch_mean_var_backward", &batch_mean_var_backward_cuda);

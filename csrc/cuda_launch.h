@@ -19,12 +19,18 @@ template <typename T>
 using acc_t = at::opmath_type<T>;  // fp32, or fp64 for fp64
 
 // ---- total variation (tv_cuda.cu) ----
-// x: (B, C, D, H, W) contiguous (D = 1 and w_d = 0 for images); grad may be null. The scratch
-// `partial` holds B * tv_partials(C * D * H * W) values.
-int tv_partials(int64_t per_sample);
+// x: (B, C, D, H, W) contiguous (D = 1 and w_d = 0 for images), H and W below 2^31. tv_forward's
+// scratch `partial` holds B * tv_partials(x, C, D, H, W) values (the count depends on the shape and
+// on whether x allows 16-byte loads). tv_backward writes grad (x's shape, contiguous) =
+// grad_sums[b] * d(sums[b])/dx.
 template <typename T>
-void tv_forward(const T* x, T* grad, acc_t<T>* partial, acc_t<T>* sums, int64_t B, int64_t C, int64_t D, int64_t H,
-                int64_t W, double w_w, double w_h, double w_d);
+int64_t tv_partials(const T* x, int64_t C, int64_t D, int64_t H, int64_t W);
+template <typename T>
+void tv_forward(const T* x, acc_t<T>* partial, acc_t<T>* sums, int64_t B, int64_t C, int64_t D, int64_t H, int64_t W,
+                double w_w, double w_h, double w_d);
+template <typename T>
+void tv_backward(const T* x, const acc_t<T>* grad_sums, T* grad, int64_t B, int64_t C, int64_t D, int64_t H,
+                 int64_t W, double w_w, double w_h, double w_d);
 
 // ---- out[r] = scale[r] * g[r] for g (rows, inner) (scale_rows_cuda.cu) ----
 template <typename T>

@@ -27,7 +27,8 @@ namespace invcoss {
 
 // ---- the CPU ops (the schemas of all ops, with their shapes, are in ops.cpp) -------------------------
 
-std::tuple<at::Tensor, at::Tensor> tv_cpu(const at::Tensor& x, at::ArrayRef<double> weights, bool with_grad);
+at::Tensor tv_cpu(const at::Tensor& x, at::ArrayRef<double> weights);
+at::Tensor tv_backward_cpu(const at::Tensor& x, at::ArrayRef<double> weights, const at::Tensor& grad_sums);
 at::Tensor scale_rows_cpu(const at::Tensor& grad, const at::Tensor& scale);
 std::tuple<at::Tensor, at::Tensor> batch_mean_var_cpu(const at::Tensor& x);
 at::Tensor batch_mean_var_backward_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& grad_mean,
@@ -74,7 +75,8 @@ inline void check_same_device(const char* op, const at::Tensor& a, const char* a
 
 // Shared argument checks of the ops (defined next to the CPU kernels); the device-specific files
 // add only the device check.
-void check_tv_args(const at::Tensor& x, at::ArrayRef<double> weights);
+void check_tv_args(const char* op, const at::Tensor& x, at::ArrayRef<double> weights);
+void check_tv_backward_args(const at::Tensor& x, at::ArrayRef<double> weights, const at::Tensor& grad_sums);
 void check_scale_rows_args(const at::Tensor& grad, const at::Tensor& scale);
 void check_columns_args(const char* op, const at::Tensor& x);
 void check_state_args(const char* op, const at::Tensor& x, const at::Tensor& a, const char* a_name,

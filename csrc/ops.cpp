@@ -10,8 +10,10 @@
 #include "invcoss.h"
 
 TORCH_LIBRARY(invcoss, m) {
-  // x: (B, C, H, W) or (B, C, D, H, W) -> (per-sample sums (B,), d(sums)/dx or an empty tensor)
-  m.def("tv(Tensor x, float[] weights, bool with_grad) -> (Tensor, Tensor)");
+  // x: (B, C, H, W) or (B, C, D, H, W) -> per-sample sums (B,)
+  m.def("tv(Tensor x, float[] weights) -> Tensor");
+  // -> grad_sums[b] * d(sums[b])/dx[b] (x's shape and dtype, contiguous), the backward of tv
+  m.def("tv_backward(Tensor x, float[] weights, Tensor grad_sums) -> Tensor");
   // grad: (N, ...), scale: (N,) -> scale[i] * grad[i]
   m.def("scale_rows(Tensor grad, Tensor scale) -> Tensor");
   // x: (N, F) -> (mean (F,), biased var (F,))

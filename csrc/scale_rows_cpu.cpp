@@ -1,5 +1,5 @@
 // scale_rows on CPU: out[i] = scale[i] * grad[i] for grad (N, ...), scale (N,). The backward of every
-// op that writes its gradient during the forward pass (tv, repulsive_direct, repulsive_gram): the
+// op that writes its gradient during the forward pass (repulsive_direct, repulsive_gram): the
 // forward leaves d(value)/d(input) and backward only scales it by the incoming gradient.
 #include <algorithm>
 

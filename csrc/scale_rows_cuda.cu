@@ -1,6 +1,6 @@
 // scale_rows on CUDA: out[r] = scale[r] * g[r] for g (rows, inner), scale (rows,) in the accumulation
-// type. The backward of the ops that write their gradient during the forward pass (tv,
-// repulsive_direct, repulsive_gram); cuda_api.cpp registers it.
+// type. The backward of the ops that write their gradient during the forward pass
+// (repulsive_direct, repulsive_gram); cuda_api.cpp registers it.
 #include "cuda_reduce.cuh"
 
 namespace invcoss::cuda {

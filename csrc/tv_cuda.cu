@@ -1,102 +1,289 @@
-// Total variation (Eq. 8) on CUDA: per-sample sums and the gradient in one pass, then a
-// deterministic second pass over the per-block partial sums.
+// Total variation (Eq. 8) on CUDA: the per-sample sums (forward: x read once, one partial per block,
+// then a deterministic second pass) and the gradient times the incoming per-sample gradient
+// (backward: x read once more, grad written once). Nothing of x's size is kept between the two.
 //
-// tv_partial_kernel: grid (n_part, min(B, 65535)); block (k, b) visits the values of sample b with a
-// grid stride, each thread reading one value and its up to six neighbours (which the neighbouring
-// threads read too, so they come from L1/L2), accumulating the weighted forward differences in
-// fp32 (fp64 for fp64 input) and, with grad, writing d(sum)/dx once. The block's sum (warp
-// shuffles, then across warps) goes to partial[b, k]. tv_finalize_kernel: one block per sample adds
-// its partials in index order. n_part depends on the shape only: the same bits on every run.
+// Geometry (both kernels): x (B, C, D, H, W) contiguous, seen as B * C * D planes of H rows. A block
+// of kThreads threads owns a tile of rows of one plane: `lanes` threads side by side along W, each
+// owning VEC contiguous values of a column strip (VEC = 16 bytes of T: float4, 8 x bf16/fp16,
+// double2; VEC = 1 when W is not a multiple of it or x is not 16-byte aligned), and `rows_par`
+// threads stacked along H, each walking kRows consecutive rows (the row below becomes the current
+// one, so a row is loaded once per thread). grid = (row tiles, C * D, B) (the y and z extents are
+// capped at 65535 and looped over). Indices come from the grid and one division of threadIdx.x by
+// `lanes` per thread: no per-element division or divmod. Neighbours: the row below and above
+// (vector loads that the thread or its neighbours also load: L1/L2), the planes in front and behind
+// (vector loads, L2 when neighbouring planes run close in time), and the one value right (left) of
+// the strip (a scalar load from L1). Accumulation in fp32 (fp64 for fp64 input), VEC independent
+// accumulators per thread.
+//
+// tv_sum_kernel writes the block's sum to partial[b, p * tiles + tile]; tv_finalize_kernel adds a
+// sample's partials in index order: the same bits on every run, no atomics. tv_grad_kernel writes
+// grad = grad_sums[b] * d(sums[b])/dx with the weights pre-multiplied by grad_sums[b].
 #include "cuda_reduce.cuh"
-// Not self-contained: needs the c10 macros and <cstdint> included above.
-#include <ATen/cuda/detail/IntegerDivider.cuh>
 
 namespace invcoss::cuda {
 namespace {
 
-// Index type I: 32-bit (division by magic numbers) when a sample has fewer than 2^31 values.
-template <typename T, typename A, typename I>
-__global__ void tv_partial_kernel(const T* __restrict__ x, T* __restrict__ grad, A* __restrict__ partial, int64_t B,
-                                  I M, I W, I H, I D, at::cuda::detail::IntDivider<I> div_w,
-                                  at::cuda::detail::IntDivider<I> div_h, at::cuda::detail::IntDivider<I> div_d,
-                                  A ww, A wh, A wd) {
-  const I HW = H * W;
-  const I stride = static_cast<I>(gridDim.x) * kThreads;
-  for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
-    const T* xs = x + b * static_cast<int64_t>(M);
-    T* gs = grad != nullptr ? grad + b * static_cast<int64_t>(M) : nullptr;
-    A s = A(0);
-    for (I i = static_cast<I>(blockIdx.x) * kThreads + threadIdx.x; i < M; i += stride) {
-      const auto qw = div_w.divmod(i);       // (row, w)
-      const auto qh = div_h.divmod(qw.div);  // (plane, h)
-      const I w = qw.mod, h = qh.mod, d = div_d.mod(qh.div);
-      const A c = static_cast<A>(xs[i]);
-      const A right = w + 1 < W ? static_cast<A>(xs[i + 1]) : c;
-      const A down = h + 1 < H ? static_cast<A>(xs[i + W]) : c;
-      const A back = d + 1 < D ? static_cast<A>(xs[i + HW]) : c;
-      s += ww * abs_of(right - c) + wh * abs_of(down - c) + wd * abs_of(back - c);
-      if (gs != nullptr) {  // uniform across the grid
-        const A left = w > 0 ? static_cast<A>(xs[i - 1]) : c;
-        const A up = h > 0 ? static_cast<A>(xs[i - W]) : c;
-        const A front = d > 0 ? static_cast<A>(xs[i - HW]) : c;
-        const A g = ww * (sign_of(c - left) - sign_of(right - c)) + wh * (sign_of(c - up) - sign_of(down - c)) +
-                    wd * (sign_of(c - front) - sign_of(back - c));
-        gs[i] = static_cast<T>(g);
+constexpr int kRows = 4;  // consecutive rows per thread
+
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+template <typename A, typename T, int VEC>
+__device__ __forceinline__ void load_pack(A (&out)[VEC], const T* p) {
+  const Pack<T, VEC> pk = *reinterpret_cast<const Pack<T, VEC>*>(p);
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) out[j] = static_cast<A>(pk.v[j]);
+}
+
+template <typename A, int VEC>
+__device__ __forceinline__ void copy_pack(A (&dst)[VEC], const A (&src)[VEC]) {
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) dst[j] = src[j];
+}
+
+// 32-bit extents besides B (the launcher checks them): a 64-bit division or modulo is a
+// subroutine call, around which ptxas spills.
+struct TvGeometry {
+  int64_t B;
+  int P, D, H, W;  // P = C * D planes per sample
+  int lanes, rows_par, tiles;
+};
+
+template <typename T, typename A, int VEC, bool kDepth>
+__global__ void __launch_bounds__(kThreads) tv_sum_kernel(const T* __restrict__ x, A* __restrict__ partial,
+                                                          TvGeometry g, A ww, A wh, A wd) {
+  const int tx = static_cast<int>(threadIdx.x) % g.lanes, ty = static_cast<int>(threadIdx.x) / g.lanes;
+  const int W = g.W, H = g.H;
+  const int nvec = W / VEC;
+  const int64_t HW = int64_t(H) * W;
+  const int h_first = static_cast<int>(blockIdx.x) * g.rows_par * kRows + ty * kRows;
+  for (int64_t b = blockIdx.z; b < g.B; b += gridDim.z) {
+    for (int p = blockIdx.y; p < g.P; p += gridDim.y) {
+      const int64_t bp = b * g.P + p;
+      const T* plane = x + bp * HW;
+      const bool has_back = kDepth && (p % g.D) + 1 < g.D;  // one modulo per block and plane
+      A acc[VEC];
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) acc[j] = A(0);
+      if (ty < g.rows_par && h_first < H) {
+        const int h_last = min(h_first + kRows, H);
+        for (int cv = tx; cv < nvec; cv += g.lanes) {
+          const int w = cv * VEC;
+          const T* row = plane + static_cast<int64_t>(h_first) * W + w;
+          A cur[VEC];
+          load_pack<A, T, VEC>(cur, row);
+#pragma unroll
+          for (int k = 0; k < kRows; ++k) {
+            const int h = h_first + k;
+            if (h < h_last) {
+              A down[VEC], back[VEC];
+              if (h + 1 < H) {
+                load_pack<A, T, VEC>(down, row + W);
+              } else {
+                copy_pack<A, VEC>(down, cur);
+              }
+              if (has_back) {
+                load_pack<A, T, VEC>(back, row + HW);
+              } else {
+                copy_pack<A, VEC>(back, cur);
+              }
+              const A right_end = w + VEC < W ? static_cast<A>(row[VEC]) : cur[VEC - 1];
+#pragma unroll
+              for (int j = 0; j < VEC; ++j) {
+                const A right = j + 1 < VEC ? cur[j + 1 < VEC ? j + 1 : j] : right_end;
+                acc[j] += ww * abs_of(right - cur[j]) + wh * abs_of(down[j] - cur[j]);
+                if constexpr (kDepth) acc[j] += wd * abs_of(back[j] - cur[j]);
+              }
+              copy_pack<A, VEC>(cur, down);
+              row += W;
+            }
+          }
+        }
+      }
+      A s = acc[0];
+#pragma unroll
+      for (int j = 1; j < VEC; ++j) s += acc[j];
+      s = block_sum(s);
+      if (threadIdx.x == 0) partial[bp * g.tiles + blockIdx.x] = s;
+    }
+  }
+}
+
+// At least four blocks per SM (64 registers a thread): without the bound ptxas for sm_80 spilled
+// 8 bytes in the scalar 3-D variant at 48 registers; with it every variant fits without spills.
+template <typename T, typename A, int VEC, bool kDepth>
+__global__ void __launch_bounds__(kThreads, 4)
+    tv_grad_kernel(const T* __restrict__ x, const A* __restrict__ grad_sums, T* __restrict__ grad, TvGeometry g,
+                   A ww, A wh, A wd) {
+  const int tx = static_cast<int>(threadIdx.x) % g.lanes, ty = static_cast<int>(threadIdx.x) / g.lanes;
+  if (ty >= g.rows_par) return;  // no block-wide step below
+  const int W = g.W, H = g.H;
+  const int nvec = W / VEC;
+  const int64_t HW = int64_t(H) * W;
+  const int h_first = static_cast<int>(blockIdx.x) * g.rows_par * kRows + ty * kRows;
+  if (h_first >= H) return;
+  const int h_last = min(h_first + kRows, H);
+  for (int64_t b = blockIdx.z; b < g.B; b += gridDim.z) {
+    for (int p = blockIdx.y; p < g.P; p += gridDim.y) {
+      const int64_t off = (b * g.P + p) * HW + static_cast<int64_t>(h_first) * W;
+      const A s = grad_sums[b];
+      const A sw = s * ww, sh = s * wh, sd = s * wd;
+      const int d = kDepth ? p % g.D : 0;  // one modulo per block and plane
+      const bool has_front = kDepth && d > 0, has_back = kDepth && d + 1 < g.D;
+      for (int cv = tx; cv < nvec; cv += g.lanes) {
+        const int w = cv * VEC;
+        const T* row = x + off + w;
+        T* grow = grad + off + w;
+        A cur[VEC], up[VEC];
+        load_pack<A, T, VEC>(cur, row);
+        if (h_first > 0) {
+          load_pack<A, T, VEC>(up, row - W);
+        } else {
+          copy_pack<A, VEC>(up, cur);
+        }
+#pragma unroll
+        for (int k = 0; k < kRows; ++k) {
+          const int h = h_first + k;
+          if (h < h_last) {
+            A down[VEC], back[VEC], front[VEC];
+            if (h + 1 < H) {
+              load_pack<A, T, VEC>(down, row + W);
+            } else {
+              copy_pack<A, VEC>(down, cur);
+            }
+            if (has_back) {
+              load_pack<A, T, VEC>(back, row + HW);
+            } else {
+              copy_pack<A, VEC>(back, cur);
+            }
+            if (has_front) {
+              load_pack<A, T, VEC>(front, row - HW);
+            } else {
+              copy_pack<A, VEC>(front, cur);
+            }
+            const A right_end = w + VEC < W ? static_cast<A>(row[VEC]) : cur[VEC - 1];
+            const A left_end = w > 0 ? static_cast<A>(row[-1]) : cur[0];
+            Pack<T, VEC> out;
+#pragma unroll
+            for (int j = 0; j < VEC; ++j) {
+              const A c = cur[j];
+              const A right = j + 1 < VEC ? cur[j + 1 < VEC ? j + 1 : j] : right_end;
+              const A left = j > 0 ? cur[j > 0 ? j - 1 : 0] : left_end;
+              A gj = sw * (sign_of(c - left) - sign_of(right - c)) + sh * (sign_of(c - up[j]) - sign_of(down[j] - c));
+              if constexpr (kDepth) gj += sd * (sign_of(c - front[j]) - sign_of(back[j] - c));
+              out.v[j] = static_cast<T>(gj);
+            }
+            *reinterpret_cast<Pack<T, VEC>*>(grow) = out;
+            copy_pack<A, VEC>(up, cur);
+            copy_pack<A, VEC>(cur, down);
+            row += W;
+            grow += W;
+          }
+        }
       }
     }
-    s = block_sum(s);
-    if (threadIdx.x == 0) partial[b * gridDim.x + blockIdx.x] = s;
   }
 }
 
 // Grid min(B, 65535) blocks; block b adds sample b's n_part partials in index order.
 template <typename A>
-__global__ void tv_finalize_kernel(const A* __restrict__ partial, A* __restrict__ out, int64_t B, int n_part) {
+__global__ void tv_finalize_kernel(const A* __restrict__ partial, A* __restrict__ out, int64_t B, int64_t n_part) {
   for (int64_t b = blockIdx.x; b < B; b += gridDim.x) {
     A s = A(0);
-    for (int k = threadIdx.x; k < n_part; k += kThreads) s += partial[b * n_part + k];
+    for (int64_t k = threadIdx.x; k < n_part; k += kThreads) s += partial[b * n_part + k];
     s = block_sum(s);
     if (threadIdx.x == 0) out[b] = s;
   }
 }
 
-template <typename T, typename I>
-void tv_launch(const T* x, T* grad, acc_t<T>* partial, acc_t<T>* sums, int64_t B, int64_t C, int64_t D, int64_t H,
-               int64_t W, double w_w, double w_h, double w_d) {
+template <typename T>
+constexpr int kVec = 16 / static_cast<int>(sizeof(T));  // values per 16-byte load
+
+// The vector width for x (and grad) at these addresses: 16-byte loads need W a multiple of the
+// width (then every row starts aligned) and 16-byte aligned base pointers.
+template <typename T>
+int vec_width(int64_t W, const void* a, const void* b) {
+  const bool aligned = reinterpret_cast<uintptr_t>(a) % 16 == 0 && reinterpret_cast<uintptr_t>(b) % 16 == 0;
+  return W % kVec<T> == 0 && aligned ? kVec<T> : 1;
+}
+
+TvGeometry geometry(int64_t B, int64_t C, int64_t D, int64_t H, int64_t W, int vec) {
+  TvGeometry g{B, static_cast<int>(C * D), static_cast<int>(D), static_cast<int>(H), static_cast<int>(W), 0, 0, 0};
+  g.lanes = static_cast<int>(std::min<int64_t>(W / vec, kThreads));
+  g.rows_par = kThreads / g.lanes;
+  g.tiles = static_cast<int>(ceil_div(H, int64_t(g.rows_par) * kRows));
+  return g;
+}
+
+dim3 grid_of(const TvGeometry& g) { return dim3(static_cast<unsigned>(g.tiles), grid_y(g.P), grid_y(g.B)); }
+
+template <typename T, int VEC>
+void tv_sum_launch(const T* x, acc_t<T>* partial, const TvGeometry& g, double w_w, double w_h, double w_d) {
   using A = acc_t<T>;
-  const int64_t M = C * D * H * W;  // values per sample
-  const int n_part = tv_partials(M);
-  const dim3 grid(n_part, grid_y(B));
-  const I Wi = static_cast<I>(W), Hi = static_cast<I>(H), Di = static_cast<I>(D);
-  tv_partial_kernel<T, A, I><<<grid, kThreads, 0, stream()>>>(
-      x, grad, partial, B, static_cast<I>(M), Wi, Hi, Di, at::cuda::detail::IntDivider<I>(Wi),
-      at::cuda::detail::IntDivider<I>(Hi), at::cuda::detail::IntDivider<I>(Di), A(w_w), A(w_h), A(w_d));
+  if (g.D > 1) {
+    tv_sum_kernel<T, A, VEC, true><<<grid_of(g), kThreads, 0, stream()>>>(x, partial, g, A(w_w), A(w_h), A(w_d));
+  } else {
+    tv_sum_kernel<T, A, VEC, false><<<grid_of(g), kThreads, 0, stream()>>>(x, partial, g, A(w_w), A(w_h), A(w_d));
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  tv_finalize_kernel<A><<<grid_y(B), kThreads, 0, stream()>>>(partial, sums, B, n_part);
+}
+
+template <typename T, int VEC>
+void tv_grad_launch(const T* x, const acc_t<T>* grad_sums, T* grad, const TvGeometry& g, double w_w, double w_h,
+                    double w_d) {
+  using A = acc_t<T>;
+  if (g.D > 1) {
+    tv_grad_kernel<T, A, VEC, true>
+        <<<grid_of(g), kThreads, 0, stream()>>>(x, grad_sums, grad, g, A(w_w), A(w_h), A(w_d));
+  } else {
+    tv_grad_kernel<T, A, VEC, false>
+        <<<grid_of(g), kThreads, 0, stream()>>>(x, grad_sums, grad, g, A(w_w), A(w_h), A(w_d));
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
 
-int tv_partials(int64_t per_sample) {
-  // About 8 values per thread, at most 1024 blocks per sample.
-  return static_cast<int>(std::clamp<int64_t>(ceil_div(per_sample, kThreads * 8), 1, 1024));
+template <typename T>
+int64_t tv_partials(const T* x, int64_t C, int64_t D, int64_t H, int64_t W) {
+  const TvGeometry g = geometry(1, C, D, H, W, vec_width<T>(W, x, x));
+  return g.P * g.tiles;
 }
 
 template <typename T>
-void tv_forward(const T* x, T* grad, acc_t<T>* partial, acc_t<T>* sums, int64_t B, int64_t C, int64_t D, int64_t H,
-                int64_t W, double w_w, double w_h, double w_d) {
-  // IntDivider<uint32_t> divides exactly below 2^31; the grid stride must not carry an index past it.
-  if (C * D * H * W <= int64_t(INT32_MAX) - int64_t(kThreads) * 1024) {
-    tv_launch<T, uint32_t>(x, grad, partial, sums, B, C, D, H, W, w_w, w_h, w_d);
+void tv_forward(const T* x, acc_t<T>* partial, acc_t<T>* sums, int64_t B, int64_t C, int64_t D, int64_t H, int64_t W,
+                double w_w, double w_h, double w_d) {
+  const int vec = vec_width<T>(W, x, x);
+  const TvGeometry g = geometry(B, C, D, H, W, vec);
+  if (vec == 1) {
+    tv_sum_launch<T, 1>(x, partial, g, w_w, w_h, w_d);
   } else {
-    tv_launch<T, int64_t>(x, grad, partial, sums, B, C, D, H, W, w_w, w_h, w_d);
+    tv_sum_launch<T, kVec<T>>(x, partial, g, w_w, w_h, w_d);
+  }
+  tv_finalize_kernel<acc_t<T>><<<grid_y(B), kThreads, 0, stream()>>>(partial, sums, B, g.P * g.tiles);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void tv_backward(const T* x, const acc_t<T>* grad_sums, T* grad, int64_t B, int64_t C, int64_t D, int64_t H,
+                 int64_t W, double w_w, double w_h, double w_d) {
+  const int vec = vec_width<T>(W, x, grad);
+  const TvGeometry g = geometry(B, C, D, H, W, vec);
+  if (vec == 1) {
+    tv_grad_launch<T, 1>(x, grad_sums, grad, g, w_w, w_h, w_d);
+  } else {
+    tv_grad_launch<T, kVec<T>>(x, grad_sums, grad, g, w_w, w_h, w_d);
   }
 }
 
-#define INVCOSS_INSTANTIATE(T)                                                                                   \
-  template void tv_forward<T>(const T*, T*, acc_t<T>*, acc_t<T>*, int64_t, int64_t, int64_t, int64_t, int64_t, \
-                              double, double, double);
+#define INVCOSS_INSTANTIATE(T)                                                                                    \
+  template int64_t tv_partials<T>(const T*, int64_t, int64_t, int64_t, int64_t);                                \
+  template void tv_forward<T>(const T*, acc_t<T>*, acc_t<T>*, int64_t, int64_t, int64_t, int64_t, int64_t, double, \
+                              double, double);                                                                    \
+  template void tv_backward<T>(const T*, const acc_t<T>*, T*, int64_t, int64_t, int64_t, int64_t, int64_t, double, \
+                               double, double);
 INVCOSS_FOR_FLOATING_TYPES(INVCOSS_INSTANTIATE)
 #undef INVCOSS_INSTANTIATE
 

@@ -4,7 +4,7 @@ One module per op family, each with its ``@triton.jit`` kernels, then its launch
 ``torch.library`` ops (namespace ``invcoss_triton``, named as the ``invcoss`` ops of the extension and
 the backend contract of :mod:`invcoss.ops.dispatch`) with their autograd formulas:
 
-- :mod:`invcoss.kernels.tv`: total variation (Eq. 8), loss and gradient in one pass.
+- :mod:`invcoss.kernels.tv`: total variation (Eq. 8), forward and a backward that recomputes the gradient.
 - :mod:`invcoss.kernels.stats`: column statistics (Eq. 9) and stat matching (Eq. 3).
 - :mod:`invcoss.kernels.repulsive`: the repulsive loss (Eq. 5), direct and Gram paths, rank-k updates.
 

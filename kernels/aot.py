@@ -78,26 +78,36 @@ def kernel_specs() -> list[KernelSpec]:
     """Every kernel of :mod:`invcoss.kernels` with the signatures its launchers use."""
     from invcoss.kernels import reduce, repulsive, stats, tv
 
-    tv_fixed = {
-        "stride_w": 1,
-        "HAS_GRAD": True,
-        "GROUP_D": tv.GROUP_D,
-        "GROUP_H": tv.GROUP_H,
-        "GROUP_W": tv.GROUP_W,
-    }
-    specs = [
-        KernelSpec(
-            "tv",
-            "tv_forward_kernel",
-            f"{x_ty}, grad" + (", int64 index" if wide else ""),
-            _ptrs("x_ptr grad_ptr", x_ty)
-            | _ptrs("partial_ptr", "fp32")
-            | _ints("C D H W stride_b stride_c stride_d stride_h n_dg n_hg n_wg")
-            | _floats("w_d w_h w_w"),
-            {**tv_fixed, "WIDE_INDEX": wide},
-        )
-        for x_ty, wide in (("fp32", False), ("bf16", False), ("fp32", True))
+    # The launcher's contiguous case: unit W stride, the other strides and W multiples of the
+    # 16-byte vector (ALIGNED), int32 offsets unless a plane overflows them.
+    tv_fixed = {"stride_w": 1, "GROUP_D": tv.GROUP_D, "GROUP_H": tv.GROUP_H, "GROUP_W": tv.GROUP_W}
+    tv_ints = _ints("C D H W stride_b stride_c stride_d stride_h n_dg n_hg n_wg")
+    tv_variants = [
+        (x_ty, wide, aligned)
+        for x_ty in ("fp32", "bf16")
+        for wide, aligned in ((False, True), (False, False))
     ]
+    tv_variants.append(("fp32", True, True))
+    specs = []
+    for x_ty, wide, aligned in tv_variants:
+        variant = x_ty + (", int64 index" if wide else "") + ("" if aligned else ", unaligned")
+        meta = {**tv_fixed, "VEC": 16 // (4 if x_ty == "fp32" else 2), "ALIGNED": aligned, "WIDE_INDEX": wide}
+        specs += [
+            KernelSpec(
+                "tv",
+                "tv_forward_kernel",
+                variant,
+                _ptrs("x_ptr", x_ty) | _ptrs("partial_ptr", "fp32") | tv_ints | _floats("w_d w_h w_w"),
+                meta,
+            ),
+            KernelSpec(
+                "tv",
+                "tv_backward_kernel",
+                variant,
+                _ptrs("x_ptr grad_ptr", x_ty) | _ptrs("scale_ptr", "fp32") | tv_ints | _floats("w_d w_h w_w"),
+                meta,
+            ),
+        ]
     specs += [
         KernelSpec(
             "reduce",

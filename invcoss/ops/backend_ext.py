@@ -8,12 +8,16 @@ library leaves to Python, so that the ops work in eager mode, under autograd and
 * a fake (meta) kernel for every op (``torch.library.register_fake``): output shapes and dtypes;
 * the backward of every differentiable op (``torch.library.register_autograd``).
 
-Fused gradients: ``tv``, ``repulsive_direct`` and ``repulsive_gram`` compute d(output)/d(input)
-during the forward pass when the input requires grad (it costs little there: the differences or
-the matmul result are at hand) and return it as a second, non-differentiable output; their backward
-only scales it by the incoming gradient (``scale_rows``). ``batch_mean_var`` and ``stat_matching``
-save the batch mean (and the loss's unit directions) and recompute ``x - mean`` in one streaming
-pass in ``batch_mean_var_backward``.
+Backward passes: ``tv`` saves x only and recomputes its gradient from x and the incoming per-sample
+gradient in one streaming pass (``tv_backward``: x read, grad written once; a gradient kept from
+the forward pass would cost a full-size buffer and one more write and read). ``repulsive_direct`` and
+``repulsive_gram`` compute d(output)/d(input) during the forward pass when the input requires grad
+(it costs little there: the matmul result is at hand) and return it as a second, non-differentiable
+output; their backward only scales it by the incoming gradient (``scale_rows``). ``batch_mean_var``
+and ``stat_matching`` save the batch mean (and the loss's unit directions) and recompute
+``x - mean`` in one streaming pass in ``batch_mean_var_backward``. Double backward: ``tv_backward``
+is differentiable (zero with respect to x, where the gradient is piecewise constant, and exact with
+respect to the incoming gradient); the other backward ops are not.
 
 Without the extension the module still imports (so that ``pytest --doctest-modules`` and
 introspection work) but registers nothing; :mod:`invcoss.ops.dispatch` then reports the backend
@@ -45,8 +49,7 @@ def _wants_grad(t: Tensor) -> bool:
 
 def tv(x: Tensor, weights: Sequence[float]) -> Tensor:
     """Per-sample weighted anisotropic L1 sums ``(B,)`` of x ``(B, C, *S)``."""
-    sums, _ = _ops.tv(x, [float(w) for w in weights], _wants_grad(x))
-    return sums
+    return _ops.tv(x, [float(w) for w in weights])
 
 
 def batch_mean_var(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -92,8 +95,12 @@ def _grad_like(t: Tensor, with_grad: bool) -> Tensor:
     return t.new_empty(t.shape) if with_grad else t.new_empty((0,))
 
 
-def _tv_fake(x: Tensor, weights: Sequence[float], with_grad: bool) -> tuple[Tensor, Tensor]:
-    return x.new_empty((x.shape[0],), dtype=_acc_dtype(x)), _grad_like(x, with_grad)
+def _tv_fake(x: Tensor, weights: Sequence[float]) -> Tensor:
+    return x.new_empty((x.shape[0],), dtype=_acc_dtype(x))
+
+
+def _tv_backward_fake(x: Tensor, weights: Sequence[float], grad_sums: Tensor) -> Tensor:
+    return x.new_empty(x.shape)  # contiguous, x's dtype
 
 
 def _scale_rows_fake(grad: Tensor, scale: Tensor) -> Tensor:
@@ -151,12 +158,35 @@ def _scale_fused_grad(ctx, grad_value: Tensor, _grad_of_grad: Tensor | None):
             "invcoss: backward through an op whose forward ran without with_grad=True "
             "(the input did not require grad when the op ran)"
         )
-    scale = grad_value.reshape(-1).expand(fused.shape[0])  # per sample (tv) or one scalar (repulsive)
+    scale = grad_value.reshape(-1).expand(fused.shape[0])  # the one scalar of a repulsive loss
     return _ops.scale_rows(fused, scale)
 
 
-def _tv_backward(ctx, grad_sums: Tensor, grad_fused: Tensor | None):
-    return _scale_fused_grad(ctx, grad_sums, grad_fused), None, None
+def _tv_setup(ctx, inputs, output) -> None:
+    x, weights = inputs
+    ctx.weights = list(weights)
+    ctx.save_for_backward(x)
+
+
+def _tv_backward(ctx, grad_sums: Tensor):
+    (x,) = ctx.saved_tensors
+    return _ops.tv_backward(x, ctx.weights, grad_sums), None
+
+
+def _tv_backward_setup(ctx, inputs, output) -> None:
+    x, weights, grad_sums = inputs
+    ctx.weights, ctx.scale_dtype = list(weights), grad_sums.dtype
+    ctx.save_for_backward(x)
+
+
+def _tv_backward_backward(ctx, grad_grad: Tensor):
+    # The gradient is piecewise constant in x (zero second derivative, as torch.abs has) and linear
+    # in grad_sums: d<grad_grad, grad>/d grad_sums[b] = <grad_grad[b], d(sums[b])/dx[b]>.
+    (x,) = ctx.saved_tensors
+    unit = _ops.tv_backward(x, ctx.weights, x.new_ones((x.shape[0],), dtype=_acc_dtype(x)))
+    acc = _acc_dtype(x)
+    d_scale = (grad_grad.to(acc) * unit.to(acc)).flatten(1).sum(1)
+    return None, None, d_scale.to(ctx.scale_dtype)
 
 
 def _repulsive_direct_backward(ctx, grad_loss: Tensor, grad_fused: Tensor | None):
@@ -195,6 +225,7 @@ def _stat_matching_backward(ctx, grad_loss: Tensor, *_unused: Tensor | None):
 
 _FAKES = {
     "invcoss::tv": _tv_fake,
+    "invcoss::tv_backward": _tv_backward_fake,
     "invcoss::scale_rows": _scale_rows_fake,
     "invcoss::batch_mean_var": _batch_mean_var_fake,
     "invcoss::batch_mean_var_backward": _batch_mean_var_backward_fake,
@@ -204,10 +235,11 @@ _FAKES = {
     "invcoss::repulsive_gram": _repulsive_gram_fake,
     "invcoss::gram_update": _gram_update_fake,
 }
-# welford_update (no gradient by contract), gram_update (in place, on a constant) and the two
-# backward ops themselves are not differentiable.
+# welford_update (no gradient by contract), gram_update (in place, on a constant), scale_rows and
+# batch_mean_var_backward are not differentiable; tv_backward is (double backward of tv).
 _BACKWARDS = {
-    "invcoss::tv": (_tv_backward, _save_fused_grad),
+    "invcoss::tv": (_tv_backward, _tv_setup),
+    "invcoss::tv_backward": (_tv_backward_backward, _tv_backward_setup),
     "invcoss::repulsive_direct": (_repulsive_direct_backward, _save_fused_grad),
     "invcoss::repulsive_gram": (_repulsive_gram_backward, _save_fused_grad),
     "invcoss::batch_mean_var": (_batch_mean_var_backward, _batch_mean_var_setup),

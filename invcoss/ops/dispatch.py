@@ -44,9 +44,10 @@ fp64 inputs on the backends that take fp64 (torch, cpu), so that gradcheck is ex
 The compiled ops (``torch.ops.invcoss``) and the Triton ops (``torch.ops.invcoss_triton``) are
 registered under these same names, in files named after the op family (``tv``, ``stats``,
 ``repulsive``): ``kernels/<family>.py``, ``csrc/<family>_cpu.cpp``, ``csrc/<family>_cuda.cu``. Both
-namespaces add ``batch_mean_var_backward`` (the backward of ``batch_mean_var`` and ``stat_matching``),
-and the extension ``scale_rows`` (the backward of the ops that write their gradient during the forward
-pass; the Triton ops do that multiply in plain torch).
+namespaces add ``tv_backward`` (the backward of ``tv``, which recomputes the gradient from x) and
+``batch_mean_var_backward`` (the backward of ``batch_mean_var`` and ``stat_matching``), and the
+extension ``scale_rows`` (the backward of the repulsive ops, which write their gradient during the
+forward pass; the Triton ops do that multiply in plain torch).
 
 ``INVCOSS_BACKEND`` overrides the default choice (``backend=None``); an explicit ``backend=``
 argument overrides both.

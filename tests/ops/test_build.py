@@ -15,6 +15,7 @@ from invcoss import _ext, ops
 
 OPS = (
     "tv",
+    "tv_backward",
     "scale_rows",
     "batch_mean_var",
     "batch_mean_var_backward",

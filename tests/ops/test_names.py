@@ -27,12 +27,12 @@ CONTRACT = {
     "repulsive_gram",
     "gram_update",
 }
-# Registered beside the contract ops for their autograd formulas: the backward of batch_mean_var and
-# stat_matching (both namespaces) and the scaling of a gradient written during the forward pass (the
-# extension; the Triton ops do that multiply in plain torch).
+# Registered beside the contract ops for their autograd formulas: the backward of tv and of
+# batch_mean_var and stat_matching (both namespaces) and the scaling of a gradient written during the
+# forward pass (the extension's repulsive ops; the Triton ops do that multiply in plain torch).
 HELPERS = {
-    "invcoss": {"batch_mean_var_backward", "scale_rows"},
-    "invcoss_triton": {"batch_mean_var_backward"},
+    "invcoss": {"tv_backward", "batch_mean_var_backward", "scale_rows"},
+    "invcoss_triton": {"tv_backward", "batch_mean_var_backward"},
 }
 
 

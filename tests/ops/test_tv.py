@@ -1,9 +1,10 @@
 """total_variation (Eq. 8) on every backend against the float64 numpy reference (SPEC 2.1).
 
 Known values, shapes (1, primes, several row, column and depth groups), reductions, every dtype
-and memory layout forward and backward, module == functional, determinism, gradcheck in fp64, the
-kernels' argument checks and their ``torch.library`` registration (opcheck); the extension's
-results do not depend on the thread count. torch.compile is in test_compile.py.
+and memory layout forward and backward, module == functional, determinism, gradcheck in fp64; the
+backward op (``tv_backward``) on its own, that the forward keeps nothing but x for it, the kernels'
+argument checks and their ``torch.library`` registration (opcheck); the extension's results do not
+depend on the thread count. torch.compile is in test_compile.py.
 """
 
 import numpy as np
@@ -16,6 +17,8 @@ from tests.ops.backends import (
     DEVICE,
     EXT,
     FP64_BACKENDS,
+    KERNEL_BACKENDS,
+    LAYOUTS,
     assert_same_bits_with_1_and_2_threads,
     backend_dtypes,
     interpreted,
@@ -105,7 +108,7 @@ def test_tv_reductions_and_module(backend):
     assert_matches(default, tv_ref(to_np(x))[0].sum() / x.numel(), torch.float32, x.numel())
     for r, value in got.items():
         assert torch.equal(ops.TotalVariation(r, [2.0, 1.0], backend=backend)(x), value)
-    xg = x.clone().requires_grad_()  # the no-grad path (no gradient written) gives the same sums
+    xg = x.clone().requires_grad_()  # the same sums when x requires grad
     assert torch.equal(ops.total_variation(xg, "none", [2.0, 1.0], backend=backend).detach(), got["none"])
 
 
@@ -168,14 +171,66 @@ def test_tv_bad_input(backend, x, kwargs, error, match):
 # ---- the kernels behind the public op ---------------------------------------------------------------
 
 
+def _ops_of(backend: str):
+    return torch.ops.invcoss_triton if backend == "triton" else torch.ops.invcoss
+
+
+# Odd shapes, widths that take the vector paths of the kernels (multiples of 8 values) and widths
+# that do not, 2-D and 3-D.
+BACKWARD_SHAPES = [(3, 2, 7, 9), (2, 1, 3, 5, 16), (1, 3, 1, 1), (2, 2, 9, 24)]
+
+
 @pytest.mark.device
-@pytest.mark.parametrize("backend", [EXT], indirect=True)
-def test_tv_extension_skips_and_guards_the_fused_gradient(backend):
-    x = make((1, 1, 4, 4)).requires_grad_()
-    sums, grad = torch.ops.invcoss.tv(x, [1.0, 1.0], False)  # the forward is told no gradient is wanted
-    assert grad.numel() == 0
-    with pytest.raises(RuntimeError, match="with_grad=True"):
-        sums.sum().backward()
+@pytest.mark.parametrize("backend, dtype", backend_dtypes(KERNEL_BACKENDS), indirect=["backend"])
+@pytest.mark.parametrize("shape", BACKWARD_SHAPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_tv_backward_op(backend, dtype, shape, layout):
+    # The backward op alone: grad_sums[b] * d(sums[b])/dx with a different scale per sample (zero
+    # and negative ones too), written contiguous in x's dtype whatever x's layout.
+    x = make(shape, dtype, layout)
+    w = _weights(x)
+    grad_sums = torch.tensor([1.5, 0.0, -2.0][: shape[0]], device=DEVICE, dtype=_acc(dtype))
+    got = _ops_of(backend).tv_backward(x, w, grad_sums)
+    assert got.dtype == dtype and got.shape == x.shape and got.is_contiguous()
+    ref = tv_ref(to_np(x), w)[1] * to_np(grad_sums).reshape(-1, *[1] * (x.ndim - 1))
+    _, plain_grad = plain_with_grad(plain_tv, x, w, upstream=grad_sums)
+    assert_matches(got, ref, dtype, plain=plain_grad, backend=backend)
+
+
+@pytest.mark.device
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS, indirect=True)
+def test_tv_saves_only_x_for_backward(backend):
+    # Nothing of x's size but x itself is kept between forward and backward.
+    x = make((2, 3, 8, 16)).requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        sums = ops.total_variation(x, "none", backend=backend)
+    assert len(saved) == 1 and saved[0] is x
+    sums.sum().backward()
+    assert_matches(x.grad, tv_ref(to_np(x))[1], torch.float32)
+
+
+@pytest.mark.parametrize("backend", FP64_BACKENDS, indirect=True)
+def test_tv_double_backward(backend):
+    # Second order: zero in x (the gradient is piecewise constant) and linear in the upstream gradient.
+    x = make((2, 1, 4, 5), torch.float64).requires_grad_()
+    up = torch.tensor([0.5, -2.0], dtype=torch.float64, device=DEVICE).requires_grad_()
+    assert torch.autograd.gradgradcheck(
+        lambda t: ops.total_variation(t, "none", backend=backend), (x,), (up,), check_undefined_grad=False
+    )
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS, indirect=True)
+def test_tv_double_backward_in_the_upstream_gradient(backend):
+    x = make((2, 2, 5, 8)).requires_grad_()
+    up = torch.tensor([0.5, -2.0], device=DEVICE, requires_grad=True)
+    sums = ops.total_variation(x, "none", backend=backend)
+    (g,) = torch.autograd.grad(sums, x, up, create_graph=True)
+    gg = torch.randn_like(x)
+    d_up, d_x = torch.autograd.grad(g, (up, x), gg, allow_unused=True)
+    unit = tv_ref(to_np(x))[1]
+    assert_matches(d_up, (to_np(gg) * unit).reshape(2, -1).sum(1), torch.float32)
+    assert d_x is None or not d_x.any()
 
 
 @pytest.mark.device
@@ -183,20 +238,25 @@ def test_tv_extension_skips_and_guards_the_fused_gradient(backend):
 @pytest.mark.parametrize(
     "call, message",
     [
-        (
-            lambda: torch.ops.invcoss.tv(make((3, 4)), [1.0, 1.0], False),
-            r"tv: expected x of shape \(B, C, H, W\)",
-        ),
-        (lambda: torch.ops.invcoss.tv(make((1, 1, 3, 4)), [1.0], False), "one weight per spatial axis"),
+        (lambda: torch.ops.invcoss.tv(make((3, 4)), [1.0, 1.0]), r"tv: expected x of shape \(B, C, H, W\)"),
+        (lambda: torch.ops.invcoss.tv(make((1, 1, 3, 4)), [1.0]), "one weight per spatial axis"),
         (
             lambda: torch.ops.invcoss.tv(
-                torch.ones(1, 1, 3, 4, dtype=torch.int32, device=DEVICE), [1.0, 1.0], False
+                torch.ones(1, 1, 3, 4, dtype=torch.int32, device=DEVICE), [1.0, 1.0]
             ),
             "floating",
         ),
+        (
+            lambda: torch.ops.invcoss.tv_backward(make((2, 1, 3, 4)), [1.0, 1.0], make((3,))),
+            r"tv_backward: expected grad_sums of shape \(2,\), got \[3\]",
+        ),
+        (
+            lambda: torch.ops.invcoss.tv_backward(make((2, 1, 3, 4)), [1.0], make((2,))),
+            "tv_backward: expected one weight per spatial axis",
+        ),
         (lambda: torch.ops.invcoss.scale_rows(make((3, 4)), make((4,))), r"expected scale of shape \(3,\)"),
     ],
-    ids=["rank", "weights", "dtype", "scale-rows"],
+    ids=["rank", "weights", "dtype", "backward-grad-sums", "backward-weights", "scale-rows"],
 )
 def test_tv_kernel_argument_checks(backend, call, message):
     with pytest.raises(RuntimeError, match=message):
@@ -204,9 +264,11 @@ def test_tv_kernel_argument_checks(backend, call, message):
 
 
 OPCHECK_CASES = [
-    ("triton", "tv", lambda: (make((2, 2, 5, 6)).requires_grad_(), [1.0, 0.5], True)),
-    (EXT, "tv", lambda: (make((2, 2, 5, 6)).requires_grad_(), [1.0, 0.5], True)),
-    (EXT, "tv", lambda: (make((1, 2, 3, 4, 5)), [1.0, 1.0, 1.0], False)),
+    ("triton", "tv", lambda: (make((2, 2, 5, 6)).requires_grad_(), [1.0, 0.5])),
+    ("triton", "tv_backward", lambda: (make((2, 2, 5, 8)), [1.0, 0.5], make((2,)))),
+    (EXT, "tv", lambda: (make((2, 2, 5, 6)).requires_grad_(), [1.0, 0.5])),
+    (EXT, "tv", lambda: (make((1, 2, 3, 4, 5)), [1.0, 1.0, 1.0])),
+    (EXT, "tv_backward", lambda: (make((2, 1, 3, 4, 8)), [1.0, 1.0, 1.0], make((2,)))),
     (EXT, "scale_rows", lambda: (make((3, 4, 5)), make((3,)))),
 ]
 
