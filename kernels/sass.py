@@ -97,7 +97,9 @@ def cuobjdump() -> str:
     for path in candidates:
         if path.is_file() and os.access(path, os.X_OK):
             return str(path)
-    raise FileNotFoundError("cuobjdump not found (it ships with triton's NVIDIA backend and the CUDA toolkit)")
+    raise FileNotFoundError(
+        "cuobjdump not found (it ships with triton's NVIDIA backend and the CUDA toolkit)"
+    )
 
 
 def facts(sass: str) -> SassFacts:
@@ -169,7 +171,9 @@ def extension_path() -> Path:
     """
     import invcoss
 
-    built = sorted(Path(invcoss.__file__).parent.glob("_C.*.so")) + sorted(Path(invcoss.__file__).parent.glob("_C.so"))
+    built = sorted(Path(invcoss.__file__).parent.glob("_C.*.so")) + sorted(
+        Path(invcoss.__file__).parent.glob("_C.so")
+    )
     if not built:
         raise FileNotFoundError("invcoss._C is not built (pip install --no-build-isolation -e .)")
     return built[0]
@@ -192,7 +196,9 @@ def extension_table(path: str | Path | None = None, arch: str = TARGET_ARCH) -> 
             continue
         for m in _RESOURCES.finditer(section):
             resources[m.group(1)] = tuple(int(v) for v in m.group(2, 3, 4, 5))
-    sass = subprocess.run([tool, "--dump-sass", "-arch", arch, path], capture_output=True, text=True, check=True)
+    sass = subprocess.run(
+        [tool, "--dump-sass", "-arch", arch, path], capture_output=True, text=True, check=True
+    )
     bodies = {}
     marks = list(_FUNCTION.finditer(sass.stdout))
     for m, nxt in zip(marks, [*marks[1:], None]):
@@ -203,7 +209,9 @@ def extension_table(path: str | Path | None = None, arch: str = TARGET_ARCH) -> 
         regs, stack, shared, local = resources[raw]
         kernel, variant = split_name(pretty)
         f = facts(bodies.get(raw, ""))
-        rows.append(CudaKernelRow(kernel, variant, regs, stack + local, shared, f.vector_loads, f.mma, f.local_ops))
+        rows.append(
+            CudaKernelRow(kernel, variant, regs, stack + local, shared, f.vector_loads, f.mma, f.local_ops)
+        )
     return sorted(rows, key=lambda r: (r.kernel, r.variant))
 
 
@@ -211,8 +219,16 @@ def format_extension_table(rows: Sequence[CudaKernelRow]) -> str:
     """A plain-text table of :func:`extension_table` rows."""
     head = ("kernel", "variant", "regs", "stack B", "smem B", "LDG.128", "MMA", "LDL/STL")
     body = [
-        (r.kernel, r.variant, str(r.registers), str(r.stack_bytes), str(r.shared_bytes), str(r.vector_loads),
-         str(r.mma), str(r.local_ops))
+        (
+            r.kernel,
+            r.variant,
+            str(r.registers),
+            str(r.stack_bytes),
+            str(r.shared_bytes),
+            str(r.vector_loads),
+            str(r.mma),
+            str(r.local_ops),
+        )
         for r in rows
     ]
     widths = [max(len(line[i]) for line in [head, *body]) for i in range(len(head))]

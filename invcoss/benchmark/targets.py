@@ -169,7 +169,9 @@ def judge(
             copy = 100 * row.gbps / peaks["copy_gbps"] if peaks and row.gbps else None
             matmul = 100 * row.tflops / peaks["bf16_tflops"] if peaks and row.tflops else None
             out.append(
-                Verdict(t, provider, row.median_ms, row.ratio_compile, copy, matmul, missing="; ".join(missing))
+                Verdict(
+                    t, provider, row.median_ms, row.ratio_compile, copy, matmul, missing="; ".join(missing)
+                )
             )
     return out
 
@@ -217,7 +219,9 @@ def run_cpu_targets(
     rows = []
     for dtype in dtypes:
         cases = target_cases([t for t in targets if t.dtype == dtype])
-        measured = measure_rows(cases, ["eager", "compile", "cpu"], device, [getattr(torch, dtype)], reps, progress)
+        measured = measure_rows(
+            cases, ["eager", "compile", "cpu"], device, [getattr(torch, dtype)], reps, progress
+        )
         rows += [row for row, _ in measured]
     rows = add_ratios(rows)
     return judge(targets, rows, peaks, ["cpu"]), peaks, rows
@@ -241,7 +245,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from invcoss.benchmark.guard import machine
 
     print(f"machine: {machine()}", flush=True)
-    verdicts, peaks, _ = run_cpu_targets(targets, args.reps, progress=lambda s: print(f"  {s}", file=sys.stderr))
+    verdicts, peaks, _ = run_cpu_targets(
+        targets, args.reps, progress=lambda s: print(f"  {s}", file=sys.stderr)
+    )
     print(verdict_markdown(verdicts, peaks, "CPU targets"))
     return 1 if args.strict and not all(v.passed for v in verdicts) else 0
 

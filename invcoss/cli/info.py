@@ -42,8 +42,10 @@ def collect_info() -> dict:
 
 @click.command()
 @click.option(
-    "--kernels", is_flag=True, help="Also compile every Triton kernel for sm_90 and print its resources, and those of the "
-    "extension's sm_90 CUDA kernels."
+    "--kernels",
+    is_flag=True,
+    help="Also compile every Triton kernel for sm_90 and print its resources, and those of the "
+    "extension's sm_90 CUDA kernels.",
 )
 def info(kernels: bool) -> None:
     """Print versions, devices, which backends run here (and why not), and the extension build."""

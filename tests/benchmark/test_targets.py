@@ -9,8 +9,20 @@ from invcoss.benchmark.targets import CPU_TARGETS, GPU_TARGETS, Target, judge, t
 
 
 def _row(case: Case, mode: str, provider: str, ms: float, gbps=None, tflops=None, dtype="float32") -> Row:
-    return Row(case.name, case.op, "x".join(map(str, case.shape)), provider, mode, "cuda:0", dtype, ms, ms, ms,
-               gbps=gbps, tflops=tflops)
+    return Row(
+        case.name,
+        case.op,
+        "x".join(map(str, case.shape)),
+        provider,
+        mode,
+        "cuda:0",
+        dtype,
+        ms,
+        ms,
+        ms,
+        gbps=gbps,
+        tflops=tflops,
+    )
 
 
 CASE = Case("tv", (8, 1, 4, 16, 16))
@@ -19,14 +31,20 @@ PEAKS = {"copy_gbps": 4000.0, "bf16_tflops": 800.0}
 
 def test_a_target_holds_only_when_every_bound_holds():
     t = Target(CASE, "fwd+bwd", min_x_compile=1.5, min_copy_pct=85.0)
-    fast = add_ratios([_row(CASE, "fwd+bwd", "compile", 3.0), _row(CASE, "fwd+bwd", "triton", 1.5, gbps=3600.0)])
+    fast = add_ratios(
+        [_row(CASE, "fwd+bwd", "compile", 3.0), _row(CASE, "fwd+bwd", "triton", 1.5, gbps=3600.0)]
+    )
     (v,) = judge([t], fast, PEAKS, ["triton"])
     assert v.passed and v.x_compile == pytest.approx(2.0) and v.copy_pct == pytest.approx(90.0)
     # 84% of the copy roof misses, although the speed-up holds.
-    slow_bw = add_ratios([_row(CASE, "fwd+bwd", "compile", 3.0), _row(CASE, "fwd+bwd", "triton", 1.5, gbps=3360.0)])
+    slow_bw = add_ratios(
+        [_row(CASE, "fwd+bwd", "compile", 3.0), _row(CASE, "fwd+bwd", "triton", 1.5, gbps=3360.0)]
+    )
     assert not judge([t], slow_bw, PEAKS, ["triton"])[0].passed
     # 1.4x compile misses, although the bandwidth holds.
-    slow_x = add_ratios([_row(CASE, "fwd+bwd", "compile", 2.1), _row(CASE, "fwd+bwd", "triton", 1.5, gbps=3600.0)])
+    slow_x = add_ratios(
+        [_row(CASE, "fwd+bwd", "compile", 2.1), _row(CASE, "fwd+bwd", "triton", 1.5, gbps=3600.0)]
+    )
     assert not judge([t], slow_x, PEAKS, ["triton"])[0].passed
 
 
@@ -59,7 +77,11 @@ def test_gpu_targets_use_inputs_at_least_four_times_the_l2():
 def test_cpu_targets_cover_every_memory_bound_op_in_both_modes():
     covered = {(t.case.op, t.mode) for t in CPU_TARGETS if t.min_copy_pct is not None}
     assert covered == {
-        ("tv", "fwd"), ("tv", "fwd+bwd"), ("stat_matching", "fwd"), ("stat_matching", "fwd+bwd"), ("welford", "fwd")
+        ("tv", "fwd"),
+        ("tv", "fwd+bwd"),
+        ("stat_matching", "fwd"),
+        ("stat_matching", "fwd+bwd"),
+        ("welford", "fwd"),
     }
     assert {t.case.tag for t in CPU_TARGETS} >= {"paper"}
 

@@ -69,12 +69,19 @@ def test_info_kernels_prints_the_triton_and_cuda_tables(monkeypatch):
     from invcoss.cli import info as info_mod
     from invcoss.kernels import aot, sass
 
-    monkeypatch.setattr(aot, "kernel_table", lambda: [aot.KernelRow("tv_fwd", "fp32", "W=512 w4 s2", 40, 0, 0, 4, 0)])
-    monkeypatch.setattr(sass, "extension_table", lambda: [sass.CudaKernelRow("col_kernel", "fp32", 38, 0, 0, 6, 0, 0)])
+    monkeypatch.setattr(
+        aot, "kernel_table", lambda: [aot.KernelRow("tv_fwd", "fp32", "W=512 w4 s2", 40, 0, 0, 4, 0)]
+    )
+    monkeypatch.setattr(
+        sass, "extension_table", lambda: [sass.CudaKernelRow("col_kernel", "fp32", 38, 0, 0, 6, 0, 0)]
+    )
     data = info_mod.collect_info()
     data["extension"]["cuda kernels"] = True
     monkeypatch.setattr(info_mod, "collect_info", lambda: data)
     result = CliRunner().invoke(main, ["info", "--kernels"])
     assert result.exit_code == 0, result.output
     assert "Triton kernels compiled for sm_90 (1 configs)" in result.output and "tv_fwd" in result.output
-    assert "CUDA kernels of invcoss._C for sm_90 (1 instantiations)" in result.output and "col_kernel" in result.output
+    assert (
+        "CUDA kernels of invcoss._C for sm_90 (1 instantiations)" in result.output
+        and "col_kernel" in result.output
+    )

@@ -4,9 +4,8 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from torch._subclasses.fake_tensor import FakeTensorMode
-
 from invcoss.kernels import launch as launch_mod
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 
 def test_launch_runs_under_the_device_of_its_tensors(monkeypatch):
@@ -24,7 +23,9 @@ def test_launch_runs_under_the_device_of_its_tensors(monkeypatch):
             entered.append("exit")
 
     monkeypatch.setattr(torch.cuda, "device", Device)
-    monkeypatch.setattr(launch_mod, "wrap_triton", lambda k: {(1,): lambda *a, **kw: launched.append(list(entered))})
+    monkeypatch.setattr(
+        launch_mod, "wrap_triton", lambda k: {(1,): lambda *a, **kw: launched.append(list(entered))}
+    )
     with FakeTensorMode():
         x = torch.empty(4, device="cuda:1")
     launch_mod.launch("kernel", (1,), 3, x, flag=True)
@@ -49,7 +50,11 @@ def test_variant_key_adds_every_constexpr_the_configs_leave_free():
     configs = [triton.Config({"BLOCK": 64}), triton.Config({"BLOCK": 128})]
     assert launch_mod.variant_key(_variant_kernel, ["n"], configs) == ["n", "HAS_GRAD", "PRECISION"]
     # Idempotent when the caller already names them.
-    assert launch_mod.variant_key(_variant_kernel, ["HAS_GRAD", "n"], configs) == ["HAS_GRAD", "n", "PRECISION"]
+    assert launch_mod.variant_key(_variant_kernel, ["HAS_GRAD", "n"], configs) == [
+        "HAS_GRAD",
+        "n",
+        "PRECISION",
+    ]
 
 
 def test_every_autotuned_kernel_keys_on_its_variants():
@@ -65,4 +70,6 @@ def test_every_autotuned_kernel_keys_on_its_variants():
                 continue
             tuned = {k for cfg in obj.hopper_configs for k in cfg.kwargs}
             free = set(launch_mod.constexpr_names(obj)) - tuned
-            assert free <= set(obj.keys), f"{name}.{attr}: key {obj.keys} misses {sorted(free - set(obj.keys))}"
+            assert free <= set(obj.keys), (
+                f"{name}.{attr}: key {obj.keys} misses {sorted(free - set(obj.keys))}"
+            )

@@ -1,7 +1,6 @@
 """Reading SASS: the instruction counts and kernel names the design guards rely on."""
 
 import pytest
-
 from invcoss.kernels import sass
 
 SAMPLE = """
@@ -31,7 +30,10 @@ def test_facts_count_vector_loads_tensor_core_ops_and_local_memory():
             "(c10::BFloat16 const*, float*, long)",
             ("tv_forward_kernel", "bf16, fp32, u32"),
         ),
-        ("void invcoss::cuda::loss_kernel<double>(double const*, long, double, double*)", ("loss_kernel", "fp64")),
+        (
+            "void invcoss::cuda::loss_kernel<double>(double const*, long, double, double*)",
+            ("loss_kernel", "fp64"),
+        ),
         ("void plain_kernel(float*)", ("plain_kernel", "")),
         (
             "void ns::k<ns::Pair<float, int>, c10::Half>(float*)",
