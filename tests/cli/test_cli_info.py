@@ -66,8 +66,9 @@ def test_bench_inversion_step_table_and_files(tmp_path):
 
 
 def test_info_kernels_prints_the_triton_and_cuda_tables(monkeypatch):
-    from invcoss.cli import info as info_mod
     from invcoss.kernels import aot, sass
+
+    from invcoss.cli import info as info_mod
 
     monkeypatch.setattr(
         aot, "kernel_table", lambda: [aot.KernelRow("tv_fwd", "fp32", "W=512 w4 s2", 40, 0, 0, 4, 0)]
