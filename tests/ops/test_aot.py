@@ -76,5 +76,16 @@ def test_format_kernel_table_layout():
     row = aot.KernelRow("k", "fp32", "B=1 w4 s2", 40, 0, 0, 6, 2)
     lines = aot.format_kernel_table([row]).splitlines()
     assert lines[0].startswith("Triton kernels compiled for sm_90 (1 configs)")
-    assert lines[1].split() == ["kernel", "variant", "config", "regs", "smem", "B", "spill", "B", "LDG.128", "MMA"]
+    assert lines[1].split() == [
+        "kernel",
+        "variant",
+        "config",
+        "regs",
+        "smem",
+        "B",
+        "spill",
+        "B",
+        "LDG.128",
+        "MMA",
+    ]
     assert lines[3].split() == ["k", "fp32", "B=1", "w4", "s2", "40", "0", "0", "6", "2"]
