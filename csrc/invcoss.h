@@ -105,6 +105,10 @@ inline int cpu_threads(int64_t work) {
   return at::get_num_threads();
 }
 
+// A fresh contiguous tensor of x's sizes and dtype for a CPU backward pass that writes it once while
+// reading x: huge pages requested, data half a 4 KB page away from x's (csrc/cpu_alloc.cpp).
+at::Tensor empty_streaming_output(const at::Tensor& x);
+
 // Rows per reduction chunk of the CPU TV kernel; columns per tile of the CPU column statistics.
 // They fix how reductions are split, independent of the thread count.
 constexpr int64_t kTvRowsPerChunk = 16;

@@ -289,7 +289,7 @@ at::Tensor batch_mean_var_backward_cpu(const at::Tensor& x_in, const at::Tensor&
   check_state_args(op, x_in, mean_in, "mean", mean_in, "mean");
   check_device(op, "x", x_in, at::kCPU);
   const at::Tensor x = rows_with_unit_stride(x_in);
-  at::Tensor out = at::empty(x.sizes(), x.options());
+  at::Tensor out = empty_streaming_output(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_mean_var_backward_cpu", [&] {
     using A = at::opmath_type<scalar_t>;
     batch_mean_var_backward_kernel<scalar_t, A>(x, as_acc<A>(mean_in), as_acc<A>(gm_in), as_acc<A>(gv_in), out);

@@ -16,15 +16,7 @@
 // has no reduction.
 #include <algorithm>
 #include <cmath>
-#include <memory>
 #include <vector>
-
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
-
-#include <ATen/ops/from_blob.h>
-#include <c10/core/CPUAllocator.h>
 
 #include "invcoss.h"
 #include "simd.h"
@@ -238,40 +230,6 @@ void tv_backward_kernel(const at::Tensor& x, const at::Tensor& scale, at::Tensor
   }
 }
 
-// A fresh buffer of this size comes from mmap, and its first write faults in every 4 KB page (the
-// kernel zeroes each one): at 113 MB that costs more than the pass itself. Asking for transparent
-// huge pages (where the system leaves them to madvise) cuts the faults 512-fold.
-void advise_huge_pages(void* data, size_t bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  if (bytes < 2 * kHuge) return;
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHuge - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);  // advice only
-#else
-  (void)data;
-  (void)bytes;
-#endif
-}
-
-// A fresh contiguous tensor like x whose data starts half a 4 KB page away from x's. Two large
-// buffers from mmap share their offset in a page, and then every store to grad lands on the cache
-// set (and, on AMD, the way-predictor tag) of the loads of x at the same index: the backward pass of
-// the paper's 3-D batch ran at 133 ms against 17 ms with the offsets apart. The tensor owns its
-// allocation from the CPU allocator (storage offset 0, as the op's fake kernel says).
-at::Tensor empty_off_page_of(const at::Tensor& x) {
-  constexpr uintptr_t kPage = 4096, kShift = kPage / 2;
-  const size_t bytes = static_cast<size_t>(x.numel()) * x.element_size();
-  auto block = std::make_shared<at::DataPtr>(c10::GetCPUAllocator()->allocate(bytes + kPage));
-  const uintptr_t base = reinterpret_cast<uintptr_t>(block->get());
-  const uintptr_t want = (reinterpret_cast<uintptr_t>(x.const_data_ptr()) + kShift) % kPage;
-  const uintptr_t start = base + (want + kPage - base % kPage) % kPage;  // start % kPage == want
-  return at::for_blob(reinterpret_cast<void*>(start), x.sizes())
-      .deleter([block](void*) mutable { block.reset(); })
-      .options(x.options())
-      .make_tensor();
-}
-
 TvWeights tv_weights(const at::Tensor& x, at::ArrayRef<double> weights) {
   return {weights.back(), weights[weights.size() - 2], x.dim() == 5 ? weights[0] : 0.0};
 }
@@ -312,8 +270,7 @@ at::Tensor tv_backward_cpu(const at::Tensor& x_in, at::ArrayRef<double> weights,
   check_device("tv_backward", "x", x_in, at::kCPU);
   const at::Tensor x = x_in.contiguous();
   if (x.numel() == 0) return at::empty(x.sizes(), x.options());
-  at::Tensor grad = empty_off_page_of(x);
-  advise_huge_pages(grad.data_ptr(), grad.nbytes());
+  at::Tensor grad = empty_streaming_output(x);
   const TvWeights wt = tv_weights(x, weights);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "tv_backward_cpu", [&] {
     using A = at::opmath_type<scalar_t>;
