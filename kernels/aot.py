@@ -354,23 +354,45 @@ def compile_all(workers: int | None = None) -> list[KernelRow]:
         return list(pool.map(_compile_one, jobs))
 
 
+def start_kernel_table(workers: int | None = None) -> subprocess.Popen:
+    """Start the compile of :func:`kernel_table` in a child process (interpreter off) and return it.
+
+    ``workers`` bounds the child's compile processes (default: every core). The test suite starts
+    it with one worker when the session begins, so the compile overlaps the tests that run on the
+    other core; :func:`finish_kernel_table` collects the rows.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "invcoss.kernels.aot", "--json"]
+    if workers:
+        cmd += ["--workers", str(workers)]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish_kernel_table(proc: subprocess.Popen, timeout: float = 600.0) -> list[KernelRow]:
+    """The rows of a compile started by :func:`start_kernel_table`.
+
+    Raises:
+        RuntimeError: the compile failed (with the end of its error output).
+        subprocess.TimeoutExpired: it ran longer than ``timeout`` seconds (it is killed).
+    """
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    if proc.returncode != 0:
+        raise RuntimeError(f"ahead-of-time compile failed:\n{err[-4000:]}")
+    return [KernelRow(**row) for row in json.loads(out)]
+
+
 def kernel_table(timeout: float = 600.0) -> list[KernelRow]:
     """Rows for every (kernel, variant, config), compiled for sm_90 (see the module doc)."""
     from invcoss.kernels.launch import INTERPRET
 
     if not INTERPRET:
         return compile_all()
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "invcoss.kernels.aot", "--json"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"ahead-of-time compile failed:\n{proc.stderr[-4000:]}")
-    return [KernelRow(**row) for row in json.loads(proc.stdout)]
+    return finish_kernel_table(start_kernel_table(), timeout)
 
 
 def format_kernel_table(rows: Sequence[KernelRow]) -> str:
@@ -400,7 +422,8 @@ def format_kernel_table(rows: Sequence[KernelRow]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    rows = compile_all()
+    workers = int(args[args.index("--workers") + 1]) if "--workers" in args else None
+    rows = compile_all(workers)
     if "--json" in args:
         print(json.dumps([asdict(r) for r in rows]))
     else:

@@ -30,3 +30,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the sm_90 compile of the Triton kernels in the background when a test needs its table.
+
+    It takes a minute and one core: started now, with one worker, it overlaps the tests that run
+    before the first user of the ``kernel_rows`` fixture (tests/ops/conftest.py) collects it.
+    """
+    if any("kernel_rows" in getattr(item, "fixturenames", ()) for item in session.items):
+        from invcoss.kernels import aot
+
+        session.config._invcoss_aot = aot.start_kernel_table(workers=1)

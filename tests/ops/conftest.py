@@ -36,8 +36,10 @@ def device() -> torch.device:
 
 
 @pytest.fixture(scope="session")
-def kernel_rows():
-    """Every Triton kernel in every config, compiled for sm_90 once per session (kernels/aot.py)."""
+def kernel_rows(request):
+    """Every Triton kernel in every config, compiled for sm_90 once per session (kernels/aot.py);
+    the compile was started in the background when collection finished (tests/conftest.py)."""
     from invcoss.kernels import aot
 
-    return aot.kernel_table()
+    started = getattr(request.config, "_invcoss_aot", None)
+    return aot.finish_kernel_table(started) if started is not None else aot.kernel_table()
