@@ -53,6 +53,23 @@ TV_CONFIGS = [
     config(4, 2, BLOCK_H=8, BLOCK_W=128),
 ]
 TV_INTERPRET_CONFIG = config(4, 1, BLOCK_H=16, BLOCK_W=64)
+
+
+def values_per_thread(cfg: triton.Config) -> int:
+    """Values of a tile row a thread loads per step: 8 or more give 16-byte loads of bf16/fp16."""
+    return cfg.kwargs["BLOCK_H"] * cfg.kwargs["BLOCK_W"] // (cfg.num_warps * 32)
+
+
+def prune_for_dtype(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
+    """For 16-bit x, only the configs of eight values per thread (16-byte loads; the others load 8
+    bytes at a time); fp32 and fp64 keep every config. Never prunes to nothing."""
+    x = named_args.get("x_ptr")
+    if x is None or x.element_size() != 2:
+        return configs
+    wide = [c for c in configs if "BLOCK_H" in c.kwargs and values_per_thread(c) >= 8]
+    return wide or configs
+
+
 # Keys: the shape and every constexpr the launcher chooses (the autotuner adds the dtypes of the
 # tensor arguments to the key itself).
 TV_KEY = ["D", "H", "W", "ALIGNED", "WIDE_INDEX"]
@@ -93,7 +110,12 @@ def _plane_offsets(
     return bc, dg, hg, wg, x_off, stride_d, stride_h, W
 
 
-@autotune(TV_CONFIGS, key=TV_KEY, interpret=TV_INTERPRET_CONFIG)
+@autotune(
+    TV_CONFIGS,
+    key=TV_KEY,
+    interpret=TV_INTERPRET_CONFIG,
+    prune_configs_by={"early_config_prune": prune_for_dtype},
+)
 @triton.jit
 def tv_forward_kernel(
     x_ptr,  # (B, C, D, H, W) any strides
@@ -161,7 +183,12 @@ def tv_forward_kernel(
     tl.store(partial_ptr + pid, tl.sum(tl.sum(acc, axis=1), axis=0))
 
 
-@autotune(TV_CONFIGS, key=TV_KEY, interpret=TV_INTERPRET_CONFIG)
+@autotune(
+    TV_CONFIGS,
+    key=TV_KEY,
+    interpret=TV_INTERPRET_CONFIG,
+    prune_configs_by={"early_config_prune": prune_for_dtype},
+)
 @triton.jit
 def tv_backward_kernel(
     x_ptr,  # (B, C, D, H, W) any strides

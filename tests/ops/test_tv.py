@@ -291,3 +291,16 @@ def test_tv_identical_with_1_and_2_threads(backend):
         return out
 
     assert_same_bits_with_1_and_2_threads(run)
+
+
+def test_16_bit_inputs_tune_over_the_configs_of_16_byte_loads():
+    # bf16/fp16 tiles of four values per thread load 8 bytes at a time: the autotuner never picks them.
+    from invcoss.kernels import tv as tv_kernels
+
+    configs = tv_kernels.TV_CONFIGS
+    half = tv_kernels.prune_for_dtype(configs, {"x_ptr": torch.empty(1, dtype=torch.bfloat16)})
+    assert half and all(tv_kernels.values_per_thread(c) >= 8 for c in half)
+    assert len(half) < len(configs)
+    assert tv_kernels.prune_for_dtype(configs, {"x_ptr": torch.empty(1)}) == configs
+    interp = [tv_kernels.TV_INTERPRET_CONFIG]
+    assert tv_kernels.prune_for_dtype(interp, {"x_ptr": torch.empty(1, dtype=torch.float16)}) == interp
