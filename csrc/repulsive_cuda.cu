@@ -4,6 +4,8 @@
 // scaled by both rows' inverse norms, then one epilogue computes q_i = y_i . h^_i, the loss and the
 // gradient. Row reductions use warp shuffles; losses add their partials in index order in a
 // one-block pass, so they are deterministic.
+#include <algorithm>
+#include <cstring>
 #include <type_traits>
 
 #include "cuda_reduce.cuh"
@@ -59,40 +61,165 @@ __global__ void loss_kernel(const A* __restrict__ q, int64_t B, double c, A* __r
   if (threadIdx.x == 0) *loss = A(s * c);
 }
 
-// Grid: one block per row. out_r = 1 / max(|x_r|, eps).
-template <typename T, typename A>
-__global__ void inv_norm_kernel(const T* __restrict__ x, int64_t ldx, int64_t D, A eps, A* __restrict__ out) {
-  const T* r = x + int64_t(blockIdx.x) * ldx;
-  A ss = A(0);
-  for (int64_t d = threadIdx.x; d < D; d += kThreads) {
-    const A v = static_cast<A>(r[d]);
-    ss += v * v;
+// 16-byte accesses: a vector of V values is V * sizeof(T) / 16 loads or stores of 16 bytes
+// (float4, 8 x bf16/fp16, 2 x fp64; V = 1 is the scalar fallback for rows that do not start on 16 bytes).
+constexpr int kVecBytes = 16;
+
+// V values of T at p (16-byte aligned when V > 1), converted to A.
+template <typename T, typename A, int V>
+__device__ __forceinline__ void load_vec(const T* __restrict__ p, A (&out)[V]) {
+  if constexpr (V == 1) {
+    out[0] = static_cast<A>(p[0]);
+  } else {
+    constexpr int kPer = kVecBytes / int(sizeof(T));
+    static_assert(V % kPer == 0, "a vector is whole 16-byte accesses");
+#pragma unroll
+    for (int c = 0; c < V / kPer; ++c) {
+      const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p) + c);
+      T vals[kPer];
+      memcpy(vals, &raw, kVecBytes);
+#pragma unroll
+      for (int k = 0; k < kPer; ++k) out[c * kPer + k] = static_cast<A>(vals[k]);
+    }
   }
-  const A n = sqrt(block_sum(ss));
-  if (threadIdx.x == 0) out[blockIdx.x] = A(1) / (n > eps ? n : eps);
 }
 
-// Grid: one block per row i of the tile; see cosine_tile in cuda_launch.h.
-template <typename A, typename M>
+// V values of T to p (16-byte aligned when V > 1).
+template <typename T, int V>
+__device__ __forceinline__ void store_vec(T* __restrict__ p, const T (&vals)[V]) {
+  if constexpr (V == 1) {
+    p[0] = vals[0];
+  } else {
+    constexpr int kPer = kVecBytes / int(sizeof(T));
+    static_assert(V % kPer == 0, "a vector is whole 16-byte accesses");
+#pragma unroll
+    for (int c = 0; c < V / kPer; ++c) {
+      uint4 raw;
+      memcpy(&raw, vals + c * kPer, kVecBytes);
+      reinterpret_cast<uint4*>(p)[c] = raw;
+    }
+  }
+}
+
+// Vectors in flight per thread and operand: U vectors of V values of A in at most `bytes` bytes, 1 to 4.
+template <typename A, int V, int bytes>
+constexpr int vectors_in_flight() {
+  return std::max(1, std::min(4, bytes / (V * int(sizeof(A)))));
+}
+
+// Grid: one warp per row (kWarps rows per block). out_r = 1 / max(|x_r|, eps). A lane reads V
+// values per 16-byte load and issues up to U loads before it adds their squares into V independent
+// sums; the D % V values after the last whole vector go to the first lanes. The lane sums are added
+// in a fixed order, then over the warp in a fixed shuffle tree: the same bits on every run.
+template <typename T, typename A, int V>
+__global__ void inv_norm_kernel(const T* __restrict__ x, int64_t ldx, int64_t rows, int64_t D, A eps,
+                                A* __restrict__ out) {
+  constexpr int U = vectors_in_flight<A, V, 128>();
+  const int lane = threadIdx.x & 31;
+  const int64_t row = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  if (row >= rows) return;  // whole warps leave: the shuffles below involve one row's warp only
+  const T* r = x + row * ldx;
+  const int64_t nvec = D / V;
+  A acc[V];
+#pragma unroll
+  for (int k = 0; k < V; ++k) acc[k] = A(0);
+  for (int64_t v0 = lane; v0 < nvec; v0 += U * 32) {
+    A vals[U][V];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (v0 + u * 32 < nvec) load_vec<T, A, V>(r + (v0 + u * 32) * V, vals[u]);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (v0 + u * 32 < nvec) {
+#pragma unroll
+        for (int k = 0; k < V; ++k) acc[k] += vals[u][k] * vals[u][k];
+      }
+    }
+  }
+  const int64_t tail = nvec * V + lane;
+  if (tail < D) {
+    const A v = static_cast<A>(r[tail]);
+    acc[0] += v * v;
+  }
+  A ss = acc[0];
+#pragma unroll
+  for (int k = 1; k < V; ++k) ss += acc[k];
+  const A n = sqrt(warp_sum(ss));  // lane 0 holds the row's sum
+  if (lane == 0) out[row] = A(1) / (n > eps ? n : eps);
+}
+
+// Grid: one block per row i of the tile; see cosine_tile in cuda_launch.h. A thread handles V
+// adjacent columns per vector (16-byte loads of s and inv, 16-byte stores of u: V = 16 bytes of the
+// narrower of A and M), U vectors in flight, V independent sums of squares; the cols % V columns
+// after the last whole vector go to the first threads. The sums are added in a fixed order and
+// then over the block (block_sum): the same bits on every run.
+template <typename A, typename M, int V>
 __global__ void cosine_tile_kernel(const A* __restrict__ s, int64_t lds, const A* __restrict__ norm,
                                    const A* __restrict__ inv, int64_t B, int64_t cols, A* __restrict__ q_out,
                                    M* __restrict__ u, int64_t ldu) {
+  constexpr bool kSplit = !std::is_same_v<M, A>;
+  constexpr int U = vectors_in_flight<A, V, 64>();
   const int64_t i = blockIdx.x;
   const A* sr = s + i * lds;
+  M* u_hi = u == nullptr ? nullptr : u + i * ldu;
+  M* u_lo = u == nullptr || !kSplit ? nullptr : u + (i + B) * ldu;
   const A scale = A(1) / norm[i];
-  A ss = A(0);
-  for (int64_t j = threadIdx.x; j < cols; j += kThreads) {
-    const A c = sr[j] * scale * inv[j];
-    ss += c * c;
-    if (u != nullptr) {
-      const A w = c * inv[j];
-      const M hi = static_cast<M>(w);
-      u[i * ldu + j] = hi;
-      if constexpr (!std::is_same_v<M, A>) u[(i + B) * ldu + j] = static_cast<M>(w - static_cast<A>(hi));
+  const int64_t nvec = cols / V;
+  A acc[V];
+#pragma unroll
+  for (int k = 0; k < V; ++k) acc[k] = A(0);
+  for (int64_t v0 = threadIdx.x; v0 < nvec; v0 += U * kThreads) {
+    A sv[U][V], iv[U][V];
+#pragma unroll
+    for (int w = 0; w < U; ++w) {
+      const int64_t v = v0 + w * kThreads;
+      if (v < nvec) {
+        load_vec<A, A, V>(sr + v * V, sv[w]);
+        load_vec<A, A, V>(inv + v * V, iv[w]);
+      }
+    }
+#pragma unroll
+    for (int w = 0; w < U; ++w) {
+      const int64_t v = v0 + w * kThreads;
+      if (v >= nvec) continue;
+      M hi[V], lo[V];
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        const A c = sv[w][k] * scale * iv[w][k];
+        acc[k] += c * c;
+        const A wt = c * iv[w][k];
+        hi[k] = static_cast<M>(wt);
+        if constexpr (kSplit) lo[k] = static_cast<M>(wt - static_cast<A>(hi[k]));
+      }
+      if (u_hi != nullptr) {
+        store_vec<M, V>(u_hi + v * V, hi);
+        if constexpr (kSplit) store_vec<M, V>(u_lo + v * V, lo);
+      }
     }
   }
+  const int64_t j = nvec * V + threadIdx.x;
+  if (j < cols) {
+    const A c = sr[j] * scale * inv[j];
+    acc[0] += c * c;
+    if (u_hi != nullptr) {
+      const A wt = c * inv[j];
+      const M hi = static_cast<M>(wt);
+      u_hi[j] = hi;
+      if constexpr (kSplit) u_lo[j] = static_cast<M>(wt - static_cast<A>(hi));
+    }
+  }
+  A ss = acc[0];
+#pragma unroll
+  for (int k = 1; k < V; ++k) ss += acc[k];
   ss = block_sum(ss);
   if (threadIdx.x == 0) q_out[i] = ss;
+}
+
+// Whether rows `ld` values of T apart from p all start on 16 bytes (null: no rows to access).
+template <typename T>
+bool rows_aligned(const T* p, int64_t ld) {
+  return p == nullptr || (reinterpret_cast<uintptr_t>(p) % kVecBytes == 0 && (ld * int64_t(sizeof(T))) % kVecBytes == 0);
 }
 
 }  // namespace
@@ -100,7 +227,14 @@ __global__ void cosine_tile_kernel(const A* __restrict__ s, int64_t lds, const A
 template <typename T>
 void row_inv_norms(const T* x, int64_t ldx, int64_t rows, int64_t D, double eps, acc_t<T>* out) {
   if (rows == 0) return;
-  inv_norm_kernel<T, acc_t<T>><<<static_cast<unsigned>(rows), kThreads, 0, stream()>>>(x, ldx, D, acc_t<T>(eps), out);
+  using A = acc_t<T>;
+  constexpr int V = kVecBytes / int(sizeof(T));
+  const unsigned blocks = static_cast<unsigned>(ceil_div(rows, kWarps));
+  if (rows_aligned(x, ldx)) {
+    inv_norm_kernel<T, A, V><<<blocks, kThreads, 0, stream()>>>(x, ldx, rows, D, A(eps), out);
+  } else {
+    inv_norm_kernel<T, A, 1><<<blocks, kThreads, 0, stream()>>>(x, ldx, rows, D, A(eps), out);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -108,8 +242,13 @@ template <typename A, typename M>
 void cosine_tile(const A* s, int64_t lds, const A* norm, const A* inv, int64_t B, int64_t cols, A* q_out, M* u,
                  int64_t ldu) {
   if (B == 0) return;
-  cosine_tile_kernel<A, M><<<static_cast<unsigned>(B), kThreads, 0, stream()>>>(s, lds, norm, inv, B, cols, q_out, u,
-                                                                                ldu);
+  constexpr int V = kVecBytes / int(std::min(sizeof(A), sizeof(M)));
+  const unsigned blocks = static_cast<unsigned>(B);
+  if (rows_aligned(s, lds) && rows_aligned(inv, 0) && rows_aligned(u, ldu)) {
+    cosine_tile_kernel<A, M, V><<<blocks, kThreads, 0, stream()>>>(s, lds, norm, inv, B, cols, q_out, u, ldu);
+  } else {
+    cosine_tile_kernel<A, M, 1><<<blocks, kThreads, 0, stream()>>>(s, lds, norm, inv, B, cols, q_out, u, ldu);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
