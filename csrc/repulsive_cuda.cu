@@ -2,8 +2,11 @@
 // the cuBLAS matmuls that cuda_api.cpp runs through ATen. Same formulation as repulsive_cpu.cpp (its
 // header has the algebra): Y = h^ G, or Y = C P^ over pool tiles with C the cosines from raw dots
 // scaled by both rows' inverse norms, then one epilogue computes q_i = y_i . h^_i, the loss and the
-// gradient. Row reductions use warp shuffles; losses add their partials in index order in a
-// one-block pass, so they are deterministic.
+// gradient. Every kernel reads and writes its rows 16 bytes at a time along the contiguous axis
+// (the vector width V is the last template argument; V = 1 when a row does not start on 16 bytes),
+// keeps several vectors in flight per thread with one independent sum per vector lane, and divides
+// once per row, never per element. Row reductions add the lanes in a fixed order and then use warp
+// shuffles; losses add their partials in index order in a one-block pass, so they are deterministic.
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
@@ -12,54 +15,6 @@
 
 namespace invcoss::cuda {
 namespace {
-
-// Grid: one block per row (x up to 2^31 - 1 rows). out = in / max(|in|, eps).
-template <typename T, typename A>
-__global__ void normalise_rows_kernel(const T* __restrict__ in, A* __restrict__ out, int64_t D, A eps,
-                                      A* __restrict__ norm, A* __restrict__ proj) {
-  const int64_t row = blockIdx.x;
-  const T* x = in + row * D;
-  A ss = A(0);
-  for (int64_t d = threadIdx.x; d < D; d += kThreads) {
-    const A v = static_cast<A>(x[d]);
-    ss += v * v;
-  }
-  const A raw = sqrt(block_sum(ss));
-  const A n = raw > eps ? raw : eps;
-  const A inv = A(1) / n;
-  for (int64_t d = threadIdx.x; d < D; d += kThreads) out[row * D + d] = static_cast<A>(x[d]) * inv;
-  if (threadIdx.x == 0 && norm != nullptr) {
-    norm[row] = n;
-    proj[row] = raw >= eps ? A(1) : A(0);
-  }
-}
-
-// Grid: one block per row i of h. q_i = y_i . h^_i; grad_i = two_c / n_i (y_i - proj_i q_i h^_i).
-template <typename T, typename A>
-__global__ void epilogue_kernel(const A* __restrict__ y, const A* __restrict__ hh, const A* __restrict__ norm,
-                                const A* __restrict__ proj, int64_t D, A two_c, A* __restrict__ q_out,
-                                T* __restrict__ grad) {
-  const int64_t row = blockIdx.x;
-  const A* yr = y + row * D;
-  const A* hr = hh + row * D;
-  A q = A(0);
-  for (int64_t d = threadIdx.x; d < D; d += kThreads) q += yr[d] * hr[d];
-  q = block_sum(q);
-  if (threadIdx.x == 0) q_out[row] = q;
-  if (grad != nullptr) {
-    const A s = two_c / norm[row], pq = proj[row] * q;
-    for (int64_t d = threadIdx.x; d < D; d += kThreads) grad[row * D + d] = static_cast<T>(s * (yr[d] - pq * hr[d]));
-  }
-}
-
-// One block: loss = c * sum_i q_i, the rows added in index order in fp64.
-template <typename A>
-__global__ void loss_kernel(const A* __restrict__ q, int64_t B, double c, A* __restrict__ loss) {
-  double s = 0.0;
-  for (int64_t i = threadIdx.x; i < B; i += kThreads) s += double(q[i]);
-  s = block_sum(s);
-  if (threadIdx.x == 0) *loss = A(s * c);
-}
 
 // 16-byte accesses: a vector of V values is V * sizeof(T) / 16 loads or stores of 16 bytes
 // (float4, 8 x bf16/fp16, 2 x fp64; V = 1 is the scalar fallback for rows that do not start on 16 bytes).
@@ -105,6 +60,140 @@ __device__ __forceinline__ void store_vec(T* __restrict__ p, const T (&vals)[V])
 template <typename A, int V, int bytes>
 constexpr int vectors_in_flight() {
   return std::max(1, std::min(4, bytes / (V * int(sizeof(A)))));
+}
+
+// Grid: one block per row (x up to 2^31 - 1 rows). out = in / max(|in|, eps). A thread handles V
+// adjacent values per vector (16-byte loads of in: V = 16 bytes of T), U vectors in flight, V
+// independent sums of squares; the D % V values after the last whole vector go to the first threads.
+// The second pass reads the row again (L1/L2) and scales it by the reciprocal of the norm.
+template <typename T, typename A, int V>
+__global__ void normalise_rows_kernel(const T* __restrict__ in, A* __restrict__ out, int64_t D, A eps,
+                                      A* __restrict__ norm, A* __restrict__ proj) {
+  constexpr int U = vectors_in_flight<A, V, 64>();
+  const int64_t row = blockIdx.x;
+  const T* x = in + row * D;
+  A* o = out + row * D;
+  const int64_t nvec = D / V, tail = nvec * V + threadIdx.x;
+  A acc[V];
+#pragma unroll
+  for (int k = 0; k < V; ++k) acc[k] = A(0);
+  for (int64_t v0 = threadIdx.x; v0 < nvec; v0 += U * kThreads) {
+    A vals[U][V];
+#pragma unroll
+    for (int w = 0; w < U; ++w) {
+      if (v0 + w * kThreads < nvec) load_vec<T, A, V>(x + (v0 + w * kThreads) * V, vals[w]);
+    }
+#pragma unroll
+    for (int w = 0; w < U; ++w) {
+      if (v0 + w * kThreads < nvec) {
+#pragma unroll
+        for (int k = 0; k < V; ++k) acc[k] += vals[w][k] * vals[w][k];
+      }
+    }
+  }
+  if (tail < D) {
+    const A v = static_cast<A>(x[tail]);
+    acc[0] += v * v;
+  }
+  A ss = acc[0];
+#pragma unroll
+  for (int k = 1; k < V; ++k) ss += acc[k];
+  const A raw = sqrt(block_sum(ss));
+  const A n = raw > eps ? raw : eps;
+  const A inv = A(1) / n;
+  for (int64_t v0 = threadIdx.x; v0 < nvec; v0 += U * kThreads) {
+    A vals[U][V];
+#pragma unroll
+    for (int w = 0; w < U; ++w) {
+      if (v0 + w * kThreads < nvec) load_vec<T, A, V>(x + (v0 + w * kThreads) * V, vals[w]);
+    }
+#pragma unroll
+    for (int w = 0; w < U; ++w) {
+      if (v0 + w * kThreads < nvec) {
+#pragma unroll
+        for (int k = 0; k < V; ++k) vals[w][k] *= inv;
+        store_vec<A, V>(o + (v0 + w * kThreads) * V, vals[w]);
+      }
+    }
+  }
+  if (tail < D) o[tail] = static_cast<A>(x[tail]) * inv;
+  if (threadIdx.x == 0 && norm != nullptr) {
+    norm[row] = n;
+    proj[row] = raw >= eps ? A(1) : A(0);
+  }
+}
+
+// Grid: one block per row i of h. q_i = y_i . h^_i; grad_i = two_c / n_i (y_i - proj_i q_i h^_i).
+// Vectors of V values (16 bytes of the narrower of T and A) as in normalise_rows_kernel: U in
+// flight, V independent partial dots, the D % V values after the last whole vector to the first
+// threads; the gradient pass reads y_i and h^_i again (L1/L2) and writes grad 16 bytes at a time.
+template <typename T, typename A, int V>
+__global__ void epilogue_kernel(const A* __restrict__ y, const A* __restrict__ hh, const A* __restrict__ norm,
+                                const A* __restrict__ proj, int64_t D, A two_c, A* __restrict__ q_out,
+                                T* __restrict__ grad) {
+  constexpr int U = vectors_in_flight<A, V, 32>();
+  const int64_t row = blockIdx.x;
+  const A* yr = y + row * D;
+  const A* hr = hh + row * D;
+  const int64_t nvec = D / V, tail = nvec * V + threadIdx.x;
+  A acc[V];
+#pragma unroll
+  for (int k = 0; k < V; ++k) acc[k] = A(0);
+  for (int64_t v0 = threadIdx.x; v0 < nvec; v0 += U * kThreads) {
+    A yv[U][V], hv[U][V];
+#pragma unroll
+    for (int w = 0; w < U; ++w) {
+      if (v0 + w * kThreads < nvec) {
+        load_vec<A, A, V>(yr + (v0 + w * kThreads) * V, yv[w]);
+        load_vec<A, A, V>(hr + (v0 + w * kThreads) * V, hv[w]);
+      }
+    }
+#pragma unroll
+    for (int w = 0; w < U; ++w) {
+      if (v0 + w * kThreads < nvec) {
+#pragma unroll
+        for (int k = 0; k < V; ++k) acc[k] += yv[w][k] * hv[w][k];
+      }
+    }
+  }
+  if (tail < D) acc[0] += yr[tail] * hr[tail];
+  A q = acc[0];
+#pragma unroll
+  for (int k = 1; k < V; ++k) q += acc[k];
+  q = block_sum(q);
+  if (threadIdx.x == 0) q_out[row] = q;
+  if (grad == nullptr) return;
+  const A s = two_c / norm[row], pq = proj[row] * q;
+  T* g = grad + row * D;
+  for (int64_t v0 = threadIdx.x; v0 < nvec; v0 += U * kThreads) {
+    A yv[U][V], hv[U][V];
+#pragma unroll
+    for (int w = 0; w < U; ++w) {
+      if (v0 + w * kThreads < nvec) {
+        load_vec<A, A, V>(yr + (v0 + w * kThreads) * V, yv[w]);
+        load_vec<A, A, V>(hr + (v0 + w * kThreads) * V, hv[w]);
+      }
+    }
+#pragma unroll
+    for (int w = 0; w < U; ++w) {
+      if (v0 + w * kThreads < nvec) {
+        T out[V];
+#pragma unroll
+        for (int k = 0; k < V; ++k) out[k] = static_cast<T>(s * (yv[w][k] - pq * hv[w][k]));
+        store_vec<T, V>(g + (v0 + w * kThreads) * V, out);
+      }
+    }
+  }
+  if (tail < D) g[tail] = static_cast<T>(s * (yr[tail] - pq * hr[tail]));
+}
+
+// One block: loss = c * sum_i q_i, the rows added in index order in fp64.
+template <typename A>
+__global__ void loss_kernel(const A* __restrict__ q, int64_t B, double c, A* __restrict__ loss) {
+  double s = 0.0;
+  for (int64_t i = threadIdx.x; i < B; i += kThreads) s += double(q[i]);
+  s = block_sum(s);
+  if (threadIdx.x == 0) *loss = A(s * c);
 }
 
 // Grid: one warp per row (kWarps rows per block). out_r = 1 / max(|x_r|, eps). A lane reads V
@@ -262,8 +351,14 @@ template <typename T>
 void normalise_rows(const T* in, acc_t<T>* out, int64_t rows, int64_t D, double eps, acc_t<T>* norm,
                     acc_t<T>* proj) {
   if (rows == 0) return;
-  normalise_rows_kernel<T, acc_t<T>><<<static_cast<unsigned>(rows), kThreads, 0, stream()>>>(
-      in, out, D, acc_t<T>(eps), norm, proj);
+  using A = acc_t<T>;
+  constexpr int V = kVecBytes / int(sizeof(T));  // T is never wider than A
+  const unsigned blocks = static_cast<unsigned>(rows);
+  if (rows_aligned(in, D) && rows_aligned(out, D)) {
+    normalise_rows_kernel<T, A, V><<<blocks, kThreads, 0, stream()>>>(in, out, D, A(eps), norm, proj);
+  } else {
+    normalise_rows_kernel<T, A, 1><<<blocks, kThreads, 0, stream()>>>(in, out, D, A(eps), norm, proj);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -272,8 +367,13 @@ void repulsive_epilogue(const acc_t<T>* y, const acc_t<T>* hh, const acc_t<T>* n
                         int64_t B, int64_t D, double c, acc_t<T>* q, T* grad, acc_t<T>* loss) {
   using A = acc_t<T>;
   if (B > 0) {
-    epilogue_kernel<T, A><<<static_cast<unsigned>(B), kThreads, 0, stream()>>>(y, hh, norm, proj, D, A(2.0 * c), q,
-                                                                                grad);
+    constexpr int V = kVecBytes / int(sizeof(T));
+    const unsigned blocks = static_cast<unsigned>(B);
+    if (rows_aligned(y, D) && rows_aligned(hh, D) && rows_aligned(grad, D)) {
+      epilogue_kernel<T, A, V><<<blocks, kThreads, 0, stream()>>>(y, hh, norm, proj, D, A(2.0 * c), q, grad);
+    } else {
+      epilogue_kernel<T, A, 1><<<blocks, kThreads, 0, stream()>>>(y, hh, norm, proj, D, A(2.0 * c), q, grad);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   loss_kernel<A><<<1, kThreads, 0, stream()>>>(q, B, c, loss);
