@@ -73,11 +73,11 @@ CUDA_DESIGN: dict[str, Design] = {
     "stat_norms_kernel": Design(32),
     "stat_scale_kernel": Design(32),
     "scale_rows_kernel": Design(32),
-    "cosine_tile_kernel": Design(32),
-    "epilogue_kernel": Design(32),
-    "inv_norm_kernel": Design(32),
+    "cosine_tile_kernel": Design(80, vector_loads=_VECTOR_WIDTH),
+    "epilogue_kernel": Design(96, vector_loads=_VECTOR_WIDTH),
+    "inv_norm_kernel": Design(80, vector_loads=_VECTOR_WIDTH),
     "loss_kernel": Design(32),
-    "normalise_rows_kernel": Design(32),
+    "normalise_rows_kernel": Design(64, vector_loads=_VECTOR_WIDTH),
 }
 
 
