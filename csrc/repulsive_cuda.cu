@@ -308,7 +308,8 @@ __global__ void cosine_tile_kernel(const A* __restrict__ s, int64_t lds, const A
 // Whether rows `ld` values of T apart from p all start on 16 bytes (null: no rows to access).
 template <typename T>
 bool rows_aligned(const T* p, int64_t ld) {
-  return p == nullptr || (reinterpret_cast<uintptr_t>(p) % kVecBytes == 0 && (ld * int64_t(sizeof(T))) % kVecBytes == 0);
+  if (p == nullptr) return true;
+  return reinterpret_cast<uintptr_t>(p) % kVecBytes == 0 && (ld * int64_t(sizeof(T))) % kVecBytes == 0;
 }
 
 }  // namespace
