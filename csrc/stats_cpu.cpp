@@ -27,6 +27,15 @@
 #include "invcoss.h"
 #include "simd.h"
 
+// The row sweeps are also compiled for x86-64-v4 (AVX-512: 32 vector registers, half the
+// instructions per row): the CPU picks the version at load time, as for INVCOSS_CLONES.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && \
+    !defined(__CUDACC__) && !defined(INVCOSS_NO_CLONES)
+#define INVCOSS_STAT_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define INVCOSS_STAT_CLONES
+#endif
+
 namespace invcoss {
 namespace {
 
@@ -105,7 +114,7 @@ INVCOSS_CLONES void block_squares(const T* INVCOSS_RESTRICT x, int64_t ld, int64
 // deviations of the column's mean, v is small (and exact for x and c within a factor of two) and
 // q - s^2 / nb keeps its relative precision.
 template <typename T, typename A>
-INVCOSS_CLONES void block_sums_squares(const T* INVCOSS_RESTRICT x, int64_t ld, int64_t nb, int64_t nf,
+INVCOSS_STAT_CLONES void block_sums_squares(const T* INVCOSS_RESTRICT x, int64_t ld, int64_t nb, int64_t nf,
                                        const A* INVCOSS_RESTRICT c, A* INVCOSS_RESTRICT s,
                                        A* INVCOSS_RESTRICT q) {
   for (int64_t f = 0; f < nf; ++f) s[f] = A(0), q[f] = A(0);
