@@ -1,22 +1,25 @@
 // Column statistics of x (N, F) on CPU (Eq. 9 and Eq. 3): batch mean/variance, the Welford/Chan
 // update of a running state, the stat-matching loss and the shared backward.
 //
-// Work split: x is cut into items of (kColRowChunk rows) x (one group of kGroup<T> columns: one
-// 64-byte line per row), a grid fixed by the shape alone, spread over the threads. Row chunks let
-// a few wide columns ((B*L, D) features with D = 768) use every thread; groups do the same for
-// (B, L*D). With several chunks, each item writes its (mean, m2) to a staging buffer (chunks, F)
-// and a second, small pass merges the chunks of every column in chunk order (Chan et al.). Results
-// therefore do not depend on the thread count: no value is added in a thread-dependent order.
+// Work split: x is cut into items of (kStatRowChunk rows) x (one tile of up to kColTile columns), a
+// grid fixed by the shape alone, spread over the threads in chunk-major order, so that a thread
+// streams a contiguous band of whole rows (F = 768 fp32: 3 KB per row). Row chunks let a few wide
+// columns ((B*L, D) features with D = 768) use every thread; tiles do the same for (B, L*D) and
+// keep an item's per-column accumulators (a few KB) in L1. With several chunks, each item writes
+// its (mean, m2) to a staging buffer (chunks, F) and a second, small pass merges the chunks of every
+// column in chunk order (Chan et al.). Results therefore do not depend on the thread count: no value
+// is added in a thread-dependent order.
 //
-// Inside an item: rows are walked in blocks of kColRowBlock; a block (64 rows x 64 B) stays in L1,
-// so its statistics are computed in two passes (sum, then the sum of squared deviations from the
-// block mean: no cancellation and no divide in the inner loop), and consecutive blocks are merged
-// with Chan's formula. All values are shifted by x's first row, so a column with a large mean and a
-// small spread (randn * 0.01 + 100 in fp32) sums small numbers and the block means and the
-// differences between them keep their relative precision. A group's accumulators stay in
-// registers, so a row costs one vector load and one add per 8 fp32 columns; its rows are a
-// constant stride apart, which the hardware stride prefetcher follows (inductor's column reductions
-// walk memory the same way); a group twice as wide (128 B per row) ran 1.6x slower here.
+// Inside an item: rows are walked in blocks of kStatRowBlock, whole rows of the tile at a time. The
+// first block is done in two passes around x's first row (its sum, then, from the caches, the sum of
+// squared deviations from its mean: no cancellation). Every later block is read once: the sums of
+// v = x - c and of v^2 around c = the item's running mean (within a few standard deviations of each
+// column's mean, so q - s^2 / n loses nothing), 16 rows per sweep with the partial sums in
+// registers, then merged into the running state with Chan's formula. Means are kept shifted by x's
+// first row, so a column with a large mean and a small spread (randn * 0.01 + 100 in fp32) keeps
+// the relative precision of its block means and of the differences between them. A thread thus
+// streams contiguous rows (F = 768 fp32: 3 KB) with a few KB of per-column state in L1; items of
+// one 64-byte column line per row at a 3 KB stride (the earlier design) read 1.4x slower here.
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -24,65 +27,147 @@
 #include "invcoss.h"
 #include "simd.h"
 
+// The row sweeps are also compiled for x86-64-v4 (AVX-512: 32 vector registers, half the
+// instructions per row): the CPU picks the version at load time, as for INVCOSS_CLONES.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && \
+    !defined(__CUDACC__) && !defined(INVCOSS_NO_CLONES)
+#define INVCOSS_STAT_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define INVCOSS_STAT_CLONES
+#endif
+
 namespace invcoss {
 namespace {
 
-// Rows per work item (16 blocks of kColRowBlock). Fixed: the chunking, and so every result bit, is a
-// function of the shape only.
-constexpr int64_t kColRowChunk = 16 * kColRowBlock;
+// Rows per block (the unit merged with Chan's formula) and per work item. Fixed: the chunking, and
+// so every result bit, is a function of the shape only.
+constexpr int64_t kStatRowBlock = 32;
+constexpr int64_t kStatRowChunk = 16 * kStatRowBlock;
+// Rows per sweep over the columns of block_sums_squares: its per-column sums are loaded and stored
+// once per 16 rows (4 rows per sweep ran 1.4x slower, 32 spilled).
+constexpr int kStatRowsPerSweep = 16;
 
-// Columns per group: one 64-byte line of x per row (16 fp32, 32 bf16 columns), so that a group's
-// accumulators fit in AVX2 registers.
+// Columns per group of the epilogue and of the chunk merge: one 64-byte line (16 fp32, 32 bf16
+// columns). kColTile is a multiple of it for every dtype.
 template <typename T>
 constexpr int64_t kGroup = 64 / sizeof(T);
 
-// The shifted mean (the mean of x - shift) and m2 (sum of squared deviations) of `rows` rows of one
-// group of nf <= kGroup<T> columns (Full: exactly kGroup<T>, a constant the loops unroll over, so
-// every accumulator lives in a register); x points at the group's first column of its first row,
-// rows ld apart.
-template <typename T, typename A, bool Full>
-INVCOSS_CLONES void group_moments(const T* INVCOSS_RESTRICT x, int64_t ld, int64_t rows, int64_t nf_in,
-                                  const A* INVCOSS_RESTRICT shift_in, A* INVCOSS_RESTRICT mean_out,
-                                  A* INVCOSS_RESTRICT m2_out) {
-  constexpr int64_t W = kGroup<T>;
-  const int64_t nf = Full ? W : nf_in;
-  A shift[W], mean[W], m2[W];
-  for (int64_t f = 0; f < nf; ++f) shift[f] = shift_in[f], mean[f] = A(0), m2[f] = A(0);
-  int64_t n_done = 0;
-  for (int64_t r0 = 0; r0 < rows; r0 += kColRowBlock) {
-    const int64_t nb = std::min(kColRowBlock, rows - r0);
-    const T* blk = x + r0 * ld;
-    A s[W], q[W];
-    for (int64_t f = 0; f < nf; ++f) s[f] = A(0), q[f] = A(0);
-    for (int64_t r = 0; r < nb; ++r) {
-      const T* row = blk + r * ld;
+// s[f] = the sum of x[r][f] - shift[f] over nb rows of nf columns, rows ld apart; four rows per
+// sweep over the columns, so that s is loaded and stored once per four rows.
+template <typename T, typename A>
+INVCOSS_CLONES void block_sums(const T* INVCOSS_RESTRICT x, int64_t ld, int64_t nb, int64_t nf,
+                               const A* INVCOSS_RESTRICT shift, A* INVCOSS_RESTRICT s) {
+  for (int64_t f = 0; f < nf; ++f) s[f] = A(0);
+  int64_t r = 0;
+  for (; r + 4 <= nb; r += 4) {
+    const T* x0 = x + r * ld;
+    const T* x1 = x0 + ld;
+    const T* x2 = x1 + ld;
+    const T* x3 = x2 + ld;
 #pragma omp simd
-      for (int64_t f = 0; f < nf; ++f) s[f] += A(row[f]) - shift[f];
+    for (int64_t f = 0; f < nf; ++f) {
+      const A sh = shift[f];
+      s[f] += ((A(x0[f]) - sh) + (A(x1[f]) - sh)) + ((A(x2[f]) - sh) + (A(x3[f]) - sh));
     }
-    const A inv_nb = A(1) / A(nb);
-    for (int64_t f = 0; f < nf; ++f) s[f] *= inv_nb;  // the block mean, shifted
-    for (int64_t r = 0; r < nb; ++r) {  // the block again, from L1
-      const T* row = blk + r * ld;
-#pragma omp simd
-      for (int64_t f = 0; f < nf; ++f) {
-        const A d = (A(row[f]) - shift[f]) - s[f];
-        q[f] += d * d;
-      }
-    }
-    const double n = double(n_done + nb);
-    const A wa = A(double(nb) / n), wb = A(double(n_done) * double(nb) / n);
-#pragma omp simd
-    for (int64_t f = 0; f < nf; ++f) {  // Chan's merge; the first block (n_done = 0) is copied
-      const A d = s[f] - mean[f];
-      mean[f] += d * wa;
-      m2[f] += q[f] + d * d * wb;
-    }
-    n_done += nb;
   }
-  for (int64_t f = 0; f < nf; ++f) mean_out[f] = mean[f], m2_out[f] = m2[f];
+  for (; r < nb; ++r) {
+    const T* xr = x + r * ld;
+#pragma omp simd
+    for (int64_t f = 0; f < nf; ++f) s[f] += A(xr[f]) - shift[f];
+  }
 }
 
-// Folds the chunk state (nb rows: mean_b, m2_b) into (n_a rows: mean, m2), in place (Chan et al.).
+// q[f] = the sum of (x[r][f] - shift[f] - m[f])^2 over the same rows (m: the shifted block mean);
+// the rows come from the caches.
+template <typename T, typename A>
+INVCOSS_CLONES void block_squares(const T* INVCOSS_RESTRICT x, int64_t ld, int64_t nb, int64_t nf,
+                                  const A* INVCOSS_RESTRICT shift, const A* INVCOSS_RESTRICT m,
+                                  A* INVCOSS_RESTRICT q) {
+  for (int64_t f = 0; f < nf; ++f) q[f] = A(0);
+  int64_t r = 0;
+  for (; r + 4 <= nb; r += 4) {
+    const T* x0 = x + r * ld;
+    const T* x1 = x0 + ld;
+    const T* x2 = x1 + ld;
+    const T* x3 = x2 + ld;
+#pragma omp simd
+    for (int64_t f = 0; f < nf; ++f) {
+      const A c = shift[f], mf = m[f];
+      const A d0 = (A(x0[f]) - c) - mf, d1 = (A(x1[f]) - c) - mf;
+      const A d2 = (A(x2[f]) - c) - mf, d3 = (A(x3[f]) - c) - mf;
+      q[f] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+    }
+  }
+  for (; r < nb; ++r) {
+    const T* xr = x + r * ld;
+#pragma omp simd
+    for (int64_t f = 0; f < nf; ++f) {
+      const A d = (A(xr[f]) - shift[f]) - m[f];
+      q[f] += d * d;
+    }
+  }
+}
+
+// One pass over nb rows of nf columns, rows ld apart: s[f] = the sum of v = x[r][f] - c[f] and
+// q[f] = the sum of v^2, kStatRowsPerSweep rows per sweep over the columns (their partial sums stay
+// in registers). With c within a few standard
+// deviations of the column's mean, v is small (and exact for x and c within a factor of two) and
+// q - s^2 / nb keeps its relative precision.
+template <typename T, typename A>
+INVCOSS_STAT_CLONES void block_sums_squares(const T* INVCOSS_RESTRICT x, int64_t ld, int64_t nb, int64_t nf,
+                                       const A* INVCOSS_RESTRICT c, A* INVCOSS_RESTRICT s,
+                                       A* INVCOSS_RESTRICT q) {
+  for (int64_t f = 0; f < nf; ++f) s[f] = A(0), q[f] = A(0);
+  int64_t r = 0;
+  constexpr int K = kStatRowsPerSweep;
+  for (; r + K <= nb; r += K) {
+    const T* xr = x + r * ld;
+#pragma omp simd
+    for (int64_t f = 0; f < nf; ++f) {
+      const A cf = c[f];
+      A ss = A(0), qq = A(0);
+#pragma GCC unroll 16
+      for (int k = 0; k < K; ++k) {
+        const A v = A(xr[k * ld + f]) - cf;
+        ss += v;
+        qq += v * v;
+      }
+      s[f] += ss;
+      q[f] += qq;
+    }
+  }
+  for (; r < nb; ++r) {
+    const T* xr = x + r * ld;
+#pragma omp simd
+    for (int64_t f = 0; f < nf; ++f) {
+      const A v = A(xr[f]) - c[f];
+      s[f] += v;
+      q[f] += v * v;
+    }
+  }
+}
+
+// Folds the block of block_sums_squares (nb rows, sums s and q around c) into the running state
+// (n_a rows: mean, m2; means shifted by `shift`), in place (Chan et al.).
+template <typename A>
+INVCOSS_CLONES void merge_block(int64_t n_a, A* INVCOSS_RESTRICT mean, A* INVCOSS_RESTRICT m2, int64_t nb,
+                                const A* INVCOSS_RESTRICT shift, const A* INVCOSS_RESTRICT c,
+                                const A* INVCOSS_RESTRICT s, const A* INVCOSS_RESTRICT q, int64_t nf) {
+  const double n = double(n_a + nb);
+  const A wa = A(double(nb) / n), wb = A(double(n_a) * double(nb) / n), inv_nb = A(1) / A(nb);
+#pragma omp simd
+  for (int64_t f = 0; f < nf; ++f) {
+    const A sm = s[f] * inv_nb;
+    const A mb = (c[f] - shift[f]) + sm;
+    const A qb = std::max(A(0), q[f] - s[f] * sm);
+    const A d = mb - mean[f];
+    mean[f] += d * wa;
+    m2[f] += qb + d * d * wb;
+  }
+}
+
+// Folds a state (nb rows: mean_b, m2_b) into (n_a rows: mean, m2), in place (Chan et al.); with
+// n_a = 0 and mean = m2 = 0 it copies the state.
 template <typename A>
 INVCOSS_CLONES void merge_chunk(int64_t n_a, A* INVCOSS_RESTRICT mean, A* INVCOSS_RESTRICT m2, int64_t nb,
                                 const A* INVCOSS_RESTRICT mean_b, const A* INVCOSS_RESTRICT m2_b, int64_t nf) {
@@ -96,49 +181,79 @@ INVCOSS_CLONES void merge_chunk(int64_t n_a, A* INVCOSS_RESTRICT mean, A* INVCOS
   }
 }
 
-// The work grid of x (N, F) (see the file comment): row chunks times column groups of `width`.
-struct ColumnGrid {
-  int64_t width, groups, chunks;
-  ColumnGrid(int64_t N, int64_t F, int64_t width)
-      : width(width), groups((F + width - 1) / width), chunks((N + kColRowChunk - 1) / kColRowChunk) {}
-  int64_t cols(int64_t g, int64_t F) const { return std::min(width, F - g * width); }
-  int64_t rows(int64_t c, int64_t N) const { return std::min(kColRowChunk, N - c * kColRowChunk); }
+// The per-thread buffers of one item: kColTile columns each.
+template <typename A>
+struct TileBuffers {
+  alignas(64) A shift[kColTile];
+  alignas(64) A s[kColTile];
+  alignas(64) A q[kColTile];
+  alignas(64) A c[kColTile];
 };
 
-// The shifted (mean, m2) of one item: nf columns from f0, rows of chunk c.
+// The shifted mean (the mean of x - shift) and m2 (sum of squared deviations) of `rows` rows of nf
+// <= kColTile columns; x points at the item's first column of its first row, rows ld apart.
 template <typename T, typename A>
-void item_moments(const T* xp, int64_t ld, int64_t N, const ColumnGrid& grid, int64_t c, int64_t f0, int64_t nf,
-                  const A* shift, A* mean, A* m2) {
-  const T* item = xp + c * kColRowChunk * ld + f0;
-  if (nf == kGroup<T>) {
-    group_moments<T, A, true>(item, ld, grid.rows(c, N), nf, shift, mean, m2);
-  } else {
-    group_moments<T, A, false>(item, ld, grid.rows(c, N), nf, shift, mean, m2);
+void tile_moments(const T* x, int64_t ld, int64_t rows, int64_t nf, TileBuffers<A>& buf, A* mean, A* m2) {
+  // The first block in two passes around x's first row (the state is empty: no shift closer to the
+  // mean is known yet)...
+  const int64_t n0 = std::min(kStatRowBlock, rows);
+  block_sums<T, A>(x, ld, n0, nf, buf.shift, buf.s);
+  const A inv_n0 = A(1) / A(n0);
+  for (int64_t f = 0; f < nf; ++f) buf.s[f] *= inv_n0;
+  block_squares<T, A>(x, ld, n0, nf, buf.shift, buf.s, buf.q);
+  for (int64_t f = 0; f < nf; ++f) mean[f] = buf.s[f], m2[f] = buf.q[f];
+  // ...the others in one pass each around the running mean.
+  for (int64_t r0 = n0; r0 < rows; r0 += kStatRowBlock) {
+    const int64_t nb = std::min(kStatRowBlock, rows - r0);
+    for (int64_t f = 0; f < nf; ++f) buf.c[f] = buf.shift[f] + mean[f];
+    block_sums_squares<T, A>(x + r0 * ld, ld, nb, nf, buf.c, buf.s, buf.q);
+    merge_block<A>(r0, mean, m2, nb, buf.shift, buf.c, buf.s, buf.q, nf);
   }
 }
 
+// The work grid of x (N, F) (see the file comment): row chunks times column tiles.
+struct ColumnGrid {
+  int64_t tiles, chunks;
+  ColumnGrid(int64_t N, int64_t F)
+      : tiles((F + kColTile - 1) / kColTile), chunks((N + kStatRowChunk - 1) / kStatRowChunk) {}
+  static int64_t cols(int64_t t, int64_t F) { return std::min(kColTile, F - t * kColTile); }
+  static int64_t rows(int64_t c, int64_t N) { return std::min(kStatRowChunk, N - c * kStatRowChunk); }
+};
+
+// The number of epilogue groups of x's F columns.
+template <typename T>
+int64_t column_groups(int64_t F) {
+  return (F + kGroup<T> - 1) / kGroup<T>;
+}
+
 // Computes every column's (mean, m2) of x (N >= 1, F) over all rows in parallel and hands them, one
-// group of columns at a time, to epilogue(group, f0, nf, mean, m2). With one row chunk each thread
-// finishes its own groups; with more, pass 1 writes every item to a staging buffer (chunks, F) and
-// pass 2 merges the chunks of each group in chunk order.
+// group of kGroup<T> columns at a time, to epilogue(group, f0, nf, mean, m2). With one row chunk
+// each thread finishes its own tiles; with more, pass 1 writes every item to a staging buffer
+// (chunks, F) and pass 2 merges the chunks of each group in chunk order.
 template <typename T, typename A, typename Epilogue>
 void for_each_column_group(const at::Tensor& x, const Epilogue& epilogue) {
   constexpr int64_t W = kGroup<T>;
   const int64_t N = x.size(0), F = x.size(1), ld = x.stride(0);
-  const ColumnGrid grid(N, F, W);
+  const ColumnGrid grid(N, F);
+  const int64_t groups = column_groups<T>(F);
   const T* xp = x.const_data_ptr<T>();
   const int nt = cpu_threads(N * F);
   if (grid.chunks == 1) {
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t g = 0; g < grid.groups; ++g) {
-      const int64_t f0 = g * W, nf = grid.cols(g, F);
-      alignas(64) A shift[W];
-      alignas(64) A mean[W];
-      alignas(64) A m2[W];
-      for (int64_t f = 0; f < nf; ++f) shift[f] = A(xp[f0 + f]);
-      item_moments<T, A>(xp, ld, N, grid, 0, f0, nf, shift, mean, m2);
-      for (int64_t f = 0; f < nf; ++f) mean[f] += shift[f];
-      epilogue(g, f0, nf, mean, m2);
+#pragma omp parallel num_threads(nt)
+    {
+      TileBuffers<A> buf;
+      alignas(64) A mean[kColTile];
+      alignas(64) A m2[kColTile];
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < grid.tiles; ++t) {
+        const int64_t f0 = t * kColTile, nf = ColumnGrid::cols(t, F);
+        for (int64_t f = 0; f < nf; ++f) buf.shift[f] = A(xp[f0 + f]);
+        tile_moments<T, A>(xp + f0, ld, N, nf, buf, mean, m2);
+        for (int64_t f = 0; f < nf; ++f) mean[f] += buf.shift[f];
+        for (int64_t k = 0; k < nf; k += W) {
+          epilogue((f0 + k) / W, f0 + k, std::min(W, nf - k), mean + k, m2 + k);
+        }
+      }
     }
     return;
   }
@@ -147,24 +262,25 @@ void for_each_column_group(const at::Tensor& x, const Epilogue& epilogue) {
   A* part_m2 = part_mean + grid.chunks * F;
 #pragma omp parallel num_threads(nt)
   {
-    alignas(64) A shift[W];
+    TileBuffers<A> buf;
     // Items in chunk-major order: a thread's share of the items is a contiguous band of rows.
 #pragma omp for schedule(static)
-    for (int64_t i = 0; i < grid.chunks * grid.groups; ++i) {
-      const int64_t c = i / grid.groups, g = i % grid.groups;
-      const int64_t f0 = g * W, nf = grid.cols(g, F);
-      for (int64_t f = 0; f < nf; ++f) shift[f] = A(xp[f0 + f]);
-      item_moments<T, A>(xp, ld, N, grid, c, f0, nf, shift, part_mean + c * F + f0, part_m2 + c * F + f0);
+    for (int64_t i = 0; i < grid.chunks * grid.tiles; ++i) {
+      const int64_t c = i / grid.tiles, t = i % grid.tiles;
+      const int64_t f0 = t * kColTile, nf = ColumnGrid::cols(t, F);
+      for (int64_t f = 0; f < nf; ++f) buf.shift[f] = A(xp[f0 + f]);
+      tile_moments<T, A>(xp + c * kStatRowChunk * ld + f0, ld, ColumnGrid::rows(c, N), nf, buf,
+                         part_mean + c * F + f0, part_m2 + c * F + f0);
     }
 #pragma omp for schedule(static)
-    for (int64_t g = 0; g < grid.groups; ++g) {
-      const int64_t f0 = g * W, nf = grid.cols(g, F);
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t f0 = g * W, nf = std::min(W, F - f0);
       alignas(64) A mean[W];
       alignas(64) A m2[W];
       for (int64_t f = 0; f < nf; ++f) mean[f] = part_mean[f0 + f], m2[f] = part_m2[f0 + f];
       for (int64_t c = 1; c < grid.chunks; ++c) {
-        merge_chunk<A>(c * kColRowChunk, mean, m2, grid.rows(c, N), part_mean + c * F + f0, part_m2 + c * F + f0,
-                       nf);
+        merge_chunk<A>(c * kStatRowChunk, mean, m2, ColumnGrid::rows(c, N), part_mean + c * F + f0,
+                       part_m2 + c * F + f0, nf);
       }
       for (int64_t f = 0; f < nf; ++f) mean[f] += A(xp[f0 + f]);
       epilogue(g, f0, nf, mean, m2);
@@ -331,7 +447,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stat_matching_cpu(con
   at::Tensor loss = at::empty({}, opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "stat_matching_cpu", [&] {
     using A = at::opmath_type<scalar_t>;
-    const int64_t groups = ColumnGrid(N, F, kGroup<scalar_t>).groups;
+    const int64_t groups = column_groups<scalar_t>(F);
     std::vector<double> part_m(static_cast<size_t>(groups)), part_v(static_cast<size_t>(groups));
     const at::Tensor mu = as_acc<A>(mu_in), var = as_acc<A>(var_in);
     const A *mup = mu.const_data_ptr<A>(), *varp = var.const_data_ptr<A>();

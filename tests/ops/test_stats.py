@@ -126,10 +126,11 @@ def test_batch_mean_var_strided_and_one_output(backend, make_x):
     assert_matches(x.grad, np.full(x.shape, 1.0 / x.shape[0]), torch.float32)
 
 
-# The kernels' access paths. CPU: column groups of one 64-byte line per row (16 fp32, 32 bf16
-# columns) with a short last group, and row chunks of 1024 merged in order. CUDA: 16-byte vector
-# loads (4 fp32, 8 bf16/fp16 columns) when the rows allow them, else one column per lane; row
-# segments of >= 256 rows, rounds of several rows per thread and a partial last round.
+# The kernels' access paths. CPU: items of whole rows (row chunks of 512 merged in order, blocks of
+# 32 rows read 16 at a time with a short remainder), merged around the running mean, which a drift
+# along the rows keeps far from the next block's values. CUDA: 16-byte vector loads (4 fp32, 8
+# bf16/fp16 columns) when the rows allow them, else one column per lane; row segments of >= 256
+# rows, rounds of several rows per thread and a partial last round.
 PATH_CASES = {
     "one-row": lambda dt: make((1, 64), dt),
     "prime-width": lambda dt: make((7, 13), dt),
@@ -138,6 +139,10 @@ PATH_CASES = {
     "offset-by-one": lambda dt: make((9 * 40 + 1,), dt)[1:].view(9, 40),  # contiguous, misaligned start
     "chunks-vector": lambda dt: make((2100, 48), dt, scale=2.0, shift=5.0),
     "chunks-prime": lambda dt: make((2100, 37), dt, scale=2.0, shift=5.0),
+    "chunks-drift": lambda dt: (
+        make((2100, 37), torch.float64, scale=0.5, shift=20.0)
+        + torch.linspace(0, 40, 2100, dtype=torch.float64, device=DEVICE)[:, None]
+    ).to(dt),
 }
 PATH_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
