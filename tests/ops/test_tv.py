@@ -304,3 +304,22 @@ def test_16_bit_inputs_tune_over_the_configs_of_16_byte_loads():
     assert tv_kernels.prune_for_dtype(configs, {"x_ptr": torch.empty(1)}) == configs
     interp = [tv_kernels.TV_INTERPRET_CONFIG]
     assert tv_kernels.prune_for_dtype(interp, {"x_ptr": torch.empty(1, dtype=torch.float16)}) == interp
+
+
+@pytest.mark.skipif("cpu" not in ops.available_backends(), reason="the extension's cpu backend is not built")
+def test_cpu_backward_outputs_reuse_freed_blocks_half_a_page_from_x():
+    # A loop frees step t's gradient before step t+1 asks for one: the block comes back with its pages
+    # mapped. Live outputs never share a block, and every output starts half a 4 KB page from x.
+    x = torch.randn(2, 1, 8, 256, 256)  # 4 MiB: large enough for the cache
+    weights, scale = [1.0, 1.0, 1.0], torch.tensor([1.0, -2.0])
+    first = torch.ops.invcoss.tv_backward(x, weights, scale)
+    want = first.clone()
+    ptr = first.data_ptr()
+    assert (ptr - x.data_ptr()) % 4096 == 2048
+    live = torch.ops.invcoss.tv_backward(x, weights, scale)
+    assert live.data_ptr() != ptr
+    del first
+    again = torch.ops.invcoss.tv_backward(x, weights, scale * 0.5)
+    assert again.data_ptr() == ptr
+    torch.testing.assert_close(again, want * 0.5)
+    torch.testing.assert_close(live, want)
