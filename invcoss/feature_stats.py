@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from invcoss.data.atomic import atomic_write_bytes
+from invcoss.data.atomic import atomic_write_safetensors
 from invcoss.ops import RunningStats
 
 STATS_FORMAT = "invcoss-feature-stats/1"
@@ -209,9 +209,8 @@ def collect_feature_stats(
 
 
 def save_feature_stats(stats: FeatureStats, path: str | os.PathLike) -> Path:
-    """Write ``stats`` as a safetensors file with metadata (atomically); returns the path."""
-    from safetensors.torch import save
-
+    """Write ``stats`` as a safetensors file with metadata (atomically; the same bytes for the same
+    statistics); returns the path."""
     tensors = {}
     for i, (m, v) in enumerate(zip(stats.mean, stats.var)):
         tensors[f"block.{i}.mean"] = m.detach().contiguous().cpu()
@@ -227,7 +226,7 @@ def save_feature_stats(stats: FeatureStats, path: str | os.PathLike) -> Path:
         "dtype": stats.dtype,
         "num_layers": str(stats.num_layers),
     }
-    return atomic_write_bytes(path, save(tensors, metadata=metadata))
+    return atomic_write_safetensors(path, tensors, metadata)
 
 
 def load_feature_stats(

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from invcoss.data.atomic import atomic_write_bytes, atomic_write_json
+from invcoss.data.atomic import atomic_write_json, atomic_write_safetensors
 from invcoss.rng import keeps_global_rng
 from invcoss.training import CURRENT, Step, TrainingSchedule, TrainStep, train_epoch
 
@@ -101,8 +101,6 @@ def save_state(out: Path, model, opt, epoch: int, losses: list[float], meta: dic
 
     A crash while writing leaves the previous file whole, so a resumed run loses at most one epoch.
     """
-    from safetensors.torch import save
-
     tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     params = [p for g in opt.param_groups for p in g["params"]]
     for i, p in enumerate(params):
@@ -115,7 +113,7 @@ def save_state(out: Path, model, opt, epoch: int, losses: list[float], meta: dic
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
     metadata = {"epoch": str(epoch), "losses": json.dumps(losses), "meta": json.dumps(meta, sort_keys=True)}
-    atomic_write_bytes(out / STATE_NAME, save(tensors, metadata=metadata))
+    atomic_write_safetensors(out / STATE_NAME, tensors, metadata)
 
 
 def load_state(out: Path, model, opt, device: torch.device) -> tuple[int, list[float], dict]:

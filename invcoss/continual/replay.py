@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from invcoss.data.atomic import atomic_write_bytes
+from invcoss.data.atomic import atomic_write_safetensors
 from invcoss.training import CURRENT
 
 __all__ = [
@@ -277,12 +277,8 @@ class AuditedDataset(Dataset):
 
 def save_samples(path: str | os.PathLike, samples: Tensor, metadata: Mapping[str, object]) -> Path:
     """Write a ``(N, C, *S)`` float32 buffer with JSON-able metadata as safetensors (atomically)."""
-    from safetensors.torch import save
-
     meta = {k: json.dumps(v) for k, v in metadata.items()}
-    return atomic_write_bytes(
-        path, save({"samples": samples.detach().float().contiguous().cpu()}, metadata=meta)
-    )
+    return atomic_write_safetensors(path, {"samples": samples.detach().float().contiguous().cpu()}, meta)
 
 
 def load_samples(path: str | os.PathLike) -> tuple[Tensor, dict]:

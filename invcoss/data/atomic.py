@@ -69,6 +69,43 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return atomic_write_file(path, write)
 
 
+def canonical_safetensors(raw: bytes) -> bytes:
+    """``raw`` (a safetensors file) with its metadata keys in sorted order: the same bytes every run.
+
+    safetensors writes the ``__metadata__`` map in the order of a hash map seeded per instance, so
+    two saves of the same tensors and metadata differ in their header. Only the header changes
+    here (re-encoded compactly and padded with spaces to 8 bytes, as safetensors pads it); the
+    tensor entries, their offsets and the data are kept as they are.
+
+    Example:
+        >>> import torch
+        >>> from safetensors.torch import load, save
+        >>> raw = canonical_safetensors(save({"t": torch.ones(2)}, metadata={"b": "2", "a": "1"}))
+        >>> raw[8:60]
+        b'{"__metadata__":{"a":"1","b":"2"},"t":{"dtype":"F32"'
+        >>> load(raw)["t"].tolist()
+        [1.0, 1.0]
+    """
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    out = {}
+    if "__metadata__" in header:
+        out["__metadata__"] = dict(sorted(header.pop("__metadata__").items()))
+    out.update(header)
+    text = json.dumps(out, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + raw[8 + n :]
+
+
+def atomic_write_safetensors(
+    path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None
+) -> Path:
+    """Save ``tensors`` with ``metadata`` as a safetensors file, atomically and byte-reproducibly."""
+    from safetensors.torch import save
+
+    return atomic_write_bytes(path, canonical_safetensors(save(tensors, metadata=metadata)))
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Write ``obj`` as indented JSON to ``path`` atomically."""
     return atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())

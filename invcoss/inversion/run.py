@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from invcoss.data.atomic import atomic_write_bytes, atomic_write_json
+from invcoss.data.atomic import atomic_write_json, atomic_write_safetensors
 from invcoss.inversion.engine import BatchResult, InversionEngine, StepInfo
 from invcoss.inversion.files import (
     MANIFEST,
@@ -128,11 +128,9 @@ def _open_folder(out: Path, identity: dict, resume: bool) -> dict | None:
 
 
 def _save_state(out: Path, inv: InversionEngine, batch: int) -> str:
-    from safetensors.torch import save
-
     name = f"state/after_batch_{batch:05d}.safetensors"
     tensors = {k: v.contiguous() for k, v in inv.state_tensors().items()}
-    atomic_write_bytes(out / name, save(tensors, metadata={"format": FORMAT, "batch": str(batch)}))
+    atomic_write_safetensors(out / name, tensors, {"format": FORMAT, "batch": str(batch)})
     return name
 
 

@@ -29,11 +29,10 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from invcoss.configs import config_from_dict
-from invcoss.data.atomic import atomic_write_file
+from invcoss.data.atomic import atomic_write_file, atomic_write_safetensors
 
 __all__ = [
     "CONFIG_NAME",
@@ -192,7 +191,7 @@ class PretrainedMixin:
         header = {"model_type": type(self).__name__, "format_version": FORMAT_VERSION, "config": config}
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         metadata = {"format": "pt", "model_type": header["model_type"], "config": json.dumps(config)}
-        atomic_write_file(directory / WEIGHTS_NAME, lambda p: save_file(state, p, metadata=metadata))
+        atomic_write_safetensors(directory / WEIGHTS_NAME, state, metadata)
 
         def write_json(p: str) -> None:
             with open(p, "w", encoding="utf-8") as f:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
 import torch
 
-import invcoss.models.checkpoint as checkpoint
 from invcoss.models import MAE, InvUNet, MAEConfig, create_model, list_presets, load_pretrained_into
 from invcoss.models.pos_embed import sincos_pos_embed
 
@@ -295,12 +295,14 @@ def test_a_directory_mixing_two_saves_is_detected(tmp_path, small: MAE):
 def test_an_interrupted_save_keeps_the_previous_checkpoint(tmp_path, small: MAE, monkeypatch):
     small.save_pretrained(tmp_path)
 
-    def failing_save(tensors, path, metadata=None):
-        with open(path, "wb") as f:
-            f.write(b"half a file")
+    real_fsync = os.fsync
+
+    def failing_fsync(fd):  # the bytes are written, the disk fills before they are synced
+        os.write(fd, b"half a file")
+        real_fsync(fd)
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint, "save_file", failing_save)
+    monkeypatch.setattr(os, "fsync", failing_fsync)
     with pytest.raises(OSError, match="disk full"):
         create_model("vit_nano", **SMALL).save_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
