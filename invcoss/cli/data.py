@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from invcoss.cli.options import MODALITY, UserError, device_option, progress_bar
+from invcoss.cli.options import MODALITY, UserError, check_output_file, device_option, progress_bar
 from invcoss.modality import get_modality
 
 
@@ -229,9 +229,16 @@ def pretrain(
     "--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Output .safetensors."
 )
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
 @device_option()
-def stats(checkpoint: Path, data: Path, modality: str | None, out: Path, batch_size: int, device) -> None:
-    """Collect per-block feature statistics of a checkpoint over its data (Appendix B.2)."""
+def stats(
+    checkpoint: Path, data: Path, modality: str | None, out: Path, batch_size: int, overwrite: bool, device
+) -> None:
+    """Collect per-block feature statistics of a checkpoint over its data (Appendix B.2).
+
+    An existing --out is kept unless --overwrite is given; its folder is checked before the pass.
+    """
+    check_output_file(out, overwrite)
 
     from invcoss.feature_stats import collect_feature_stats
     from invcoss.models import MAE

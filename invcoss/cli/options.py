@@ -27,6 +27,35 @@ class UserError(click.ClickException):
     exit_code = 2
 
 
+def check_output_file(path, overwrite: bool, option: str = "--out") -> None:
+    """Refuse to start long work whose output file cannot or must not be written.
+
+    Raises :class:`UserError` (exit 2) when ``path`` exists and ``overwrite`` is false (the file may
+    be the only copy of an earlier result), when it is a folder, or when its folder cannot be
+    created or written. The folder is created when missing.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> check_output_file(pathlib.Path(tempfile.mkdtemp()) / "new" / "stats.safetensors", False)
+    """
+    import os
+    import tempfile
+    from pathlib import Path
+
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{option} {path} is a folder; give a file name")
+    if path.exists() and not overwrite:
+        raise UserError(f"{option} {path} exists; pass --overwrite to replace it, or choose another {option}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"{option} {path}: cannot write to {path.parent} ({e.strerror or e})") from None
+
+
 class ModalityType(click.Choice):
     """A modality name or alias, converted to the canonical name."""
 

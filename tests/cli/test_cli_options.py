@@ -82,3 +82,22 @@ def test_mean_forgetting_leaves_out_the_last_stage_modality():
     )  # fmt: skip
     assert table.mean_forgetting() == pytest.approx(0.2)  # ct 0.3 and mri 0.1 at stage 3
     assert RetentionTable(Path("run"), "er", ("ct",), [row(1, "ct", "ct", 0.0)]).mean_forgetting() is None
+
+
+def test_an_output_file_is_never_replaced_unasked(tmp_path):
+    from invcoss.cli.options import UserError, check_output_file
+
+    out = tmp_path / "a" / "b" / "stats.safetensors"
+    check_output_file(out, overwrite=False)  # creates the folder
+    assert out.parent.is_dir() and list(out.parent.iterdir()) == []
+    out.write_bytes(b"an earlier result")
+    with pytest.raises(UserError, match="--out .*stats.safetensors exists; pass --overwrite"):
+        check_output_file(out, overwrite=False)
+    check_output_file(out, overwrite=True)
+    assert out.read_bytes() == b"an earlier result"  # checking writes nothing
+    with pytest.raises(UserError, match="is a folder"):
+        check_output_file(out.parent, overwrite=True)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(UserError, match="cannot write to"):
+        check_output_file(blocker / "stats.safetensors", overwrite=False)

@@ -131,3 +131,14 @@ def test_phantoms_preprocess_pretrain_stats(tmp_path):
     loaded = load_feature_stats(stats, trained, modality="ct")
     assert loaded.count == 10 and loaded.input_size == (16, 96, 96)
     assert all(m.shape == (37, 96) for m in loaded.mean)  # class token + 1x6x6 patches, width 96
+    # The statistics are a stage's only replay artifact: kept unless --overwrite, and the same run
+    # writes the same bytes.
+    first = stats.read_bytes()
+    r = runner.invoke(main, ["stats", "--checkpoint", str(ckpt), "--data", str(cache), "--out", str(stats)])
+    assert r.exit_code == 2 and "pass --overwrite" in r.output
+    assert stats.read_bytes() == first
+    r = runner.invoke(
+        main, ["stats", "--checkpoint", str(ckpt), "--data", str(cache), "--out", str(stats), "--overwrite"]
+    )
+    assert r.exit_code == 0, r.output
+    assert stats.read_bytes() == first
