@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from invcoss.cli.data import Dims, human_bytes, open_data
-from invcoss.cli.options import UserError, device_option, progress_bar, threads_option
+from invcoss.cli.options import UserError, check_output_folder, device_option, progress_bar, threads_option
 from invcoss.modality import canonical_modality, get_modality
 
 _METHODS = click.Choice(["seq", "er", "invcoss"])
@@ -114,6 +114,7 @@ _INVERSION_WARMUP = click.option(
 @_THREADS
 def continual(order, method, data, out, profile, resume, device, threads, **overrides) -> None:
     """Continual pre-training over modalities with seq, er or invcoss replay (Algorithm 1)."""
+    check_output_folder(out)
     from invcoss.continual import run_continual
     from invcoss.continual.config import ContinualConfig
     from invcoss.continual.eval import storage_report
@@ -308,6 +309,7 @@ def forgetting(
     threads: int | None,
 ) -> None:
     """seq vs er vs invcoss on phantom X-ray, CT and MRI: forgetting and storage table."""
+    check_output_folder(out)
     import dataclasses
 
     from invcoss.continual.experiment import ForgettingExperiment, run_forgetting_experiment

@@ -11,7 +11,14 @@ from pathlib import Path
 
 import click
 
-from invcoss.cli.options import MODALITY, UserError, check_output_file, device_option, progress_bar
+from invcoss.cli.options import (
+    MODALITY,
+    UserError,
+    check_output_file,
+    check_output_folder,
+    device_option,
+    progress_bar,
+)
 from invcoss.modality import get_modality
 
 
@@ -66,6 +73,7 @@ def phantoms(
     spacing: tuple[float, ...] | None,
 ) -> None:
     """Write deterministic procedural phantoms (NIfTI for ct/mri, PNG for xray/pathology)."""
+    check_output_folder(out)
     from invcoss.data import write_phantoms
 
     with progress_bar() as bar:
@@ -98,6 +106,7 @@ def phantoms(
 )
 def preprocess(modality: str, data: Path, out: Path, profile: str, strict: bool) -> None:
     """Turn a folder of scans into a cache of preprocessed sub-volumes (re-runs skip finished files)."""
+    check_output_folder(out)
     from invcoss.data import ReadError
     from invcoss.data import preprocess as run_preprocess
 
@@ -179,6 +188,7 @@ def pretrain(
     device,
 ) -> None:
     """MAE pre-training (AdamW, warm-up then cosine), checkpointing every epoch."""
+    check_output_folder(out)
     import torch
 
     from invcoss.models import create_model

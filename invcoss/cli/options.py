@@ -56,6 +56,30 @@ def check_output_file(path, overwrite: bool, option: str = "--out") -> None:
         raise UserError(f"{option} {path}: cannot write to {path.parent} ({e.strerror or e})") from None
 
 
+def check_output_folder(path, option: str = "--out") -> None:
+    """Create the output folder ``path`` when missing and make sure files can be written in it,
+    before long work starts; :class:`UserError` (exit 2) naming the option otherwise.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> check_output_folder(pathlib.Path(tempfile.mkdtemp()) / "run")
+    """
+    import os
+    import tempfile
+    from pathlib import Path
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{option} {path} is a file; give a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"{option} {path}: cannot write there ({e.strerror or e})") from None
+
+
 class ModalityType(click.Choice):
     """A modality name or alias, converted to the canonical name."""
 

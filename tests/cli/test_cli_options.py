@@ -101,3 +101,24 @@ def test_an_output_file_is_never_replaced_unasked(tmp_path):
     blocker.write_text("x")
     with pytest.raises(UserError, match="cannot write to"):
         check_output_file(blocker / "stats.safetensors", overwrite=False)
+
+
+def test_output_folders_are_checked_before_the_work(tmp_path):
+    from invcoss.cli.options import UserError, check_output_folder
+
+    check_output_folder(tmp_path / "x" / "y")
+    assert (tmp_path / "x" / "y").is_dir() and list((tmp_path / "x" / "y").iterdir()) == []
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(UserError, match="--out .*file is a file; give a folder"):
+        check_output_folder(blocker)
+    with pytest.raises(UserError, match="--cache .*cannot write there"):
+        check_output_folder(blocker / "below", option="--cache")
+    # The commands that write a folder refuse it with exit 2 before any work.
+    for args in (
+        ["phantoms", "--modality", "ct", "--count", "1", "--out", str(blocker)],
+        ["preprocess", "--modality", "ct", "--data", str(tmp_path), "--out", str(blocker / "c")],
+        ["pretrain", "--data", str(tmp_path), "--modality", "ct", "--out", str(blocker / "k")],
+    ):
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code == 2 and "--out" in r.output and str(blocker) in r.output, (args, r.output)
