@@ -397,27 +397,15 @@ def kernel_table(timeout: float = 600.0) -> list[KernelRow]:
 
 def format_kernel_table(rows: Sequence[KernelRow]) -> str:
     """A plain-text table of ``rows``: kernel, variant, config, registers, shared memory, spills."""
+    from invcoss.kernels.sass import plain_table
+
     head = ("kernel", "variant", "config", "regs", "smem B", "spill B", "LDG.128", "MMA")
     body = [
-        (
-            r.kernel,
-            r.variant,
-            r.config,
-            str(r.registers),
-            str(r.shared_bytes),
-            str(r.spill_bytes),
-            str(r.vector_loads),
-            str(r.mma),
-        )
+        (r.kernel, r.variant, r.config, r.registers, r.shared_bytes, r.spill_bytes, r.vector_loads, r.mma)
         for r in rows
     ]
-    widths = [max(len(line[i]) for line in [head, *body]) for i in range(len(head))]
-    fmt = lambda line: "  ".join(
-        cell.rjust(w) if i >= 3 else cell.ljust(w) for i, (cell, w) in enumerate(zip(line, widths))
-    )
-    rule = "  ".join("-" * w for w in widths)
     title = f"Triton kernels compiled for sm_{TARGET_ARCH} ({len(rows)} configs)"
-    return "\n".join([title, fmt(head), rule, *map(fmt, body)])
+    return plain_table(title, head, body, text_columns=3)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

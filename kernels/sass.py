@@ -215,26 +215,25 @@ def extension_table(path: str | Path | None = None, arch: str = TARGET_ARCH) -> 
     return sorted(rows, key=lambda r: (r.kernel, r.variant))
 
 
+def plain_table(title: str, head: Sequence[str], body: Sequence[Sequence[object]], text_columns: int) -> str:
+    """A plain-text table (rich would wrap it when piped): the first ``text_columns`` columns
+    left-aligned, the numbers after them right-aligned, a rule under the header."""
+    lines = [tuple(head), *(tuple(str(c) for c in line) for line in body)]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+
+    def fmt(line: Sequence[str]) -> str:
+        cells = (c.ljust(w) if i < text_columns else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
+        return "  ".join(cells)
+
+    return "\n".join([title, fmt(lines[0]), "  ".join("-" * w for w in widths), *map(fmt, lines[1:])])
+
+
 def format_extension_table(rows: Sequence[CudaKernelRow]) -> str:
     """A plain-text table of :func:`extension_table` rows."""
     head = ("kernel", "variant", "regs", "stack B", "smem B", "LDG.128", "MMA", "LDL/STL")
     body = [
-        (
-            r.kernel,
-            r.variant,
-            str(r.registers),
-            str(r.stack_bytes),
-            str(r.shared_bytes),
-            str(r.vector_loads),
-            str(r.mma),
-            str(r.local_ops),
-        )
+        (r.kernel, r.variant, r.registers, r.stack_bytes, r.shared_bytes, r.vector_loads, r.mma, r.local_ops)
         for r in rows
     ]
-    widths = [max(len(line[i]) for line in [head, *body]) for i in range(len(head))]
-    fmt = lambda line: "  ".join(
-        cell.rjust(w) if i >= 2 else cell.ljust(w) for i, (cell, w) in enumerate(zip(line, widths))
-    )
-    rule = "  ".join("-" * w for w in widths)
     title = f"CUDA kernels of invcoss._C for {TARGET_ARCH} ({len(rows)} instantiations)"
-    return "\n".join([title, fmt(head), rule, *map(fmt, body)])
+    return plain_table(title, head, body, text_columns=2)
