@@ -75,6 +75,12 @@ _INVERSION_WARMUP = click.option(
 )  # fmt: skip
 
 
+_FLAT_STD = click.option(
+    "--buffer-mae-flat-std", type=click.FloatRange(min=0), default=None,
+    help="Leave buffer patches with a raw pixel std below this out of the buffer MAE term (0: keep all).",
+)  # fmt: skip
+
+
 @click.command()
 @click.option("--order", required=True, help="Modalities in stage order, e.g. ct,mri,xray.")
 @click.option("--method", type=_METHODS, default="invcoss", show_default=True, help="Replay method.")
@@ -99,6 +105,7 @@ _INVERSION_WARMUP = click.option(
 )
 @click.option("--distill-weight", type=float, default=None, help="Feature distillation weight (1).")
 @click.option("--buffer-mae-weight", type=float, default=None, help="MAE weight on buffer batches (0: off).")
+@_FLAT_STD
 @click.option("--mixup-alpha", type=float, default=None, help="Buffer mixup Beta(a, a) (0: off).")
 @click.option("--interleave", type=click.Choice(["shuffle", "alternate"]), default=None)
 @click.option(
@@ -293,6 +300,7 @@ def experiment() -> None:
 @device_option()
 @click.option("--distill-weight", type=float, default=None, help="Feature distillation weight (1).")
 @click.option("--buffer-mae-weight", type=float, default=None, help="MAE weight on buffer batches (0: off).")
+@_FLAT_STD
 @_INVERSION_STEPS
 @_INVERSION_WARMUP
 @_THREADS
@@ -304,6 +312,7 @@ def forgetting(
     device,
     distill_weight: float | None,
     buffer_mae_weight: float | None,
+    buffer_mae_flat_std: float | None,
     inversion_steps: int | None,
     inversion_warmup_steps: int | None,
     threads: int | None,
@@ -319,6 +328,7 @@ def forgetting(
         "inversion_warmup_steps": inversion_warmup_steps,
         "distill_weight": distill_weight,
         "buffer_mae_weight": buffer_mae_weight,
+        "buffer_mae_flat_std": buffer_mae_flat_std,
     }
     try:
         exp = ForgettingExperiment.from_size(size, **{k: v for k, v in overrides.items() if v is not None})

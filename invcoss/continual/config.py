@@ -108,6 +108,9 @@ class ContinualConfig(TrainingSchedule):
             compares 0.01, 0.05 and 0.10, Fig. 7); see :func:`buffer_count`.
         distill_weight: weight of the feature distillation on buffer batches (1).
         buffer_mae_weight: weight of the MAE loss on buffer batches (0 turns it off).
+        buffer_mae_flat_std: masked buffer patches whose raw pixels have a standard deviation
+            below this (model units) are left out of the buffer's MAE term (0, the default, keeps
+            every patch; see :func:`invcoss.continual.replay.replay_loss`).
         mixup_alpha: intra-batch mixup of buffer samples with ``lambda ~ Beta(alpha, alpha)`` per
             sample (0 turns it off).
         interleave: ``"shuffle"`` or ``"alternate"`` (module docstring).
@@ -131,6 +134,7 @@ class ContinualConfig(TrainingSchedule):
     buffer_fraction: float = 0.05
     distill_weight: float = 1.0
     buffer_mae_weight: float = 1.0
+    buffer_mae_flat_std: float = 0.0
     mixup_alpha: float = 1.0
     interleave: str = "shuffle"
     buffer_every: int = 1
@@ -166,7 +170,7 @@ class ContinualConfig(TrainingSchedule):
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.buffer_fraction <= 1:
             raise ValueError(f"buffer_fraction must be in (0, 1], got {self.buffer_fraction}")
-        for name in ("distill_weight", "buffer_mae_weight", "mixup_alpha"):
+        for name in ("distill_weight", "buffer_mae_weight", "buffer_mae_flat_std", "mixup_alpha"):
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")

@@ -36,6 +36,7 @@ __all__ = [
     "buffer_mixup",
     "epoch_schedule",
     "feature_distillation_loss",
+    "flat_patches",
     "load_samples",
     "replay_loss",
     "save_samples",
@@ -210,21 +211,53 @@ def replay_loss(
     mask_ratio: float,
     distill_weight: float = 1.0,
     mae_weight: float = 0.0,
+    mae_flat_std: float = 0.0,
 ) -> tuple[Tensor, dict[str, float]]:
     """The loss of one buffer batch: ``distill_weight * distillation + mae_weight * MAE`` (one encoder pass).
 
+    ``mae_flat_std > 0`` leaves the near-flat patches out of the MAE term: a masked patch whose raw
+    pixels have a standard deviation below ``mae_flat_std`` (model units) is not scored (see
+    :func:`flat_patches`). Under the per-patch normalised target such a patch asks the decoder for
+    its amplified low-amplitude texture; synthetic background is smooth where real background is
+    white noise, so scoring it teaches structure that real background does not have. The
+    distillation term still sees every patch.
+
     Returns:
-        ``(total, {"distill": ..., "mae": ...})`` (``mae`` only when ``mae_weight > 0``).
+        ``(total, {"distill": ..., "mae": ...})`` (``mae`` only when ``mae_weight > 0``; with
+        ``mae_flat_std > 0`` also ``"flat"``, the fraction of patches left out).
     """
     distill, latent, mask, ids_restore = feature_distillation_loss(model, teacher, x, mask_ratio)
     total = distill_weight * distill
     parts = {"distill": float(distill.detach())}
     if mae_weight > 0:
         pred = model.forward_decoder(latent, ids_restore, x.ndim - 2)
+        if mae_flat_std > 0:
+            flat = flat_patches(model, x, mae_flat_std)
+            parts["flat"] = float(flat.float().mean())
+            mask = mask * (~flat).to(mask.dtype)
         mae = model.forward_loss(x, pred, mask)
         total = total + mae_weight * mae
         parts["mae"] = float(mae.detach())
     return total, parts
+
+
+def flat_patches(model: nn.Module, x: Tensor, max_std: float) -> Tensor:
+    """``(B, L)`` bool: the patches of ``x`` whose raw pixels have a standard deviation below ``max_std``.
+
+    The standard deviation is taken over all pixels (and channels) of a patch, as ``model.patchify``
+    lays them out, in the model's input units.
+
+    Example:
+        >>> from invcoss.models import create_model
+        >>> m = create_model("vit_nano", img_size_2d=32)
+        >>> x = torch.zeros(1, 3, 32, 32)
+        >>> x[..., :16, :] = torch.rand(1, 3, 16, 32)
+        >>> flat_patches(m, x, 0.01).float().mean().item()
+        0.5
+    """
+    if max_std < 0:
+        raise ValueError(f"max_std must be >= 0, got {max_std}")
+    return model.patchify(x).float().std(dim=-1) < max_std
 
 
 class DataAccessError(RuntimeError):

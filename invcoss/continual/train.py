@@ -114,11 +114,13 @@ def train_stage(
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 loss, replay = replay_loss(
                     model, teacher, x.to(device, non_blocking=True), config.mask_ratio,
-                    config.distill_weight, config.buffer_mae_weight,
+                    config.distill_weight, config.buffer_mae_weight, config.buffer_mae_flat_std,
                 )  # fmt: skip
             parts = {"distill": replay["distill"]}
             if "mae" in replay:
                 parts["buffer_mae"] = replay["mae"]
+            if "flat" in replay:
+                parts["buffer_flat"] = replay["flat"]
             return loss, parts
 
         def steps(schedule=schedule, current=current):

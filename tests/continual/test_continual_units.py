@@ -17,6 +17,7 @@ from invcoss.continual.replay import (
     buffer_mixup,
     epoch_schedule,
     feature_distillation_loss,
+    flat_patches,
     load_samples,
     replay_loss,
     save_samples,
@@ -171,6 +172,31 @@ def test_replay_loss_adds_the_weighted_mae_term():
     assert parts["mae"] == pytest.approx(mae, rel=1e-6)
     assert float(total.detach()) == pytest.approx(0.5 * mae, rel=1e-6)
     assert "mae" not in replay_loss(model, teacher, x, 0.75, 1.0, 0.0)[1]
+
+
+def test_replay_loss_leaves_flat_patches_out_of_the_mae_term():
+    torch.manual_seed(1)
+    model = create_model("vit_nano", **SMALL)
+    teacher = copy.deepcopy(model).eval()
+    x = torch.full((2, 3, 32, 32), 0.5)
+    x[:, :, :16] += 0.3 * torch.rand(2, 3, 16, 32)  # top half structured, bottom half flat
+    assert flat_patches(model, x, 0.01).tolist() == [[False, False, True, True]] * 2
+    torch.manual_seed(5)
+    _, parts = replay_loss(model, teacher, x, 0.5, 1.0, 1.0, mae_flat_std=0.01)
+    assert parts["flat"] == 0.5
+    # The same masks (the first global draw is the mask noise), scored by hand without flat patches.
+    torch.manual_seed(5)
+    latent, mask, ids = model.forward_encoder(x, 0.5, torch.rand(2, 4))
+    pred = model.forward_decoder(latent, ids, 2)
+    keep = mask * (~flat_patches(model, x, 0.01)).float()
+    assert parts["mae"] == pytest.approx(float(model.forward_loss(x, pred, keep)), rel=1e-6)
+    assert parts["mae"] != pytest.approx(float(model.forward_loss(x, pred, mask)), rel=1e-3)
+    # Flat patches carry none of the loss: all-flat masks score zero.
+    all_flat = torch.full((2, 3, 32, 32), 0.5)
+    assert replay_loss(model, teacher, all_flat, 0.75, 1.0, 1.0, mae_flat_std=0.01)[1]["mae"] == 0.0
+    assert replay_loss(model, teacher, all_flat, 0.75, 1.0, 1.0)[1]["mae"] > 0.0
+    with pytest.raises(ValueError, match="max_std must be >= 0"):
+        flat_patches(model, x, -1.0)
 
 
 def test_audited_dataset_counts_reads_and_refuses_them_once_sealed():
