@@ -374,7 +374,9 @@ def _window_fractions(per_slice: np.ndarray, slice_mm: float, config: Preprocess
     """
     depth = len(per_slice)
     windows = Preprocessor(config).windows
-    resampled = depth if config.spacing is None else resampled_shape((depth,), (slice_mm,), config.spacing[:1])[0]
+    resampled = (
+        depth if config.spacing is None else resampled_shape((depth,), (slice_mm,), config.spacing[:1])[0]
+    )
     step = depth * slice_mm / resampled  # mm per resampled slice
     centres = (np.arange(depth) + 0.5) * slice_mm
     out = []
