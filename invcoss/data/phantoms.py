@@ -86,6 +86,19 @@ def ct_phantom(
     return _ct(seed, index, shape, spacing)[0]
 
 
+def _chest_draws(rng: np.random.Generator) -> dict[str, float]:
+    """The first draws of a CT phantom, in order: body size, fat, tissue offsets, lung extent.
+
+    Apart so that the anatomy labels read them without synthesising the volume.
+    """
+    d = {"width": rng.uniform(0.40, 0.46), "width_phase": rng.uniform(0, 6.28)}
+    d["depth"] = rng.uniform(0.27, 0.33)
+    d["fat_mm"] = rng.uniform(6.0, 18.0)
+    d["fat_hu"], d["tissue_hu"] = rng.normal(0, 8), rng.normal(0, 5)
+    d["lung_top"], d["lung_bottom"] = rng.uniform(0.75, 1.1), rng.uniform(-0.75, -0.35)
+    return d
+
+
 def _ct(
     seed: int, index: int, shape: Sequence[int], spacing: Sequence[float]
 ) -> tuple[np.ndarray, dict[str, object]]:
@@ -98,20 +111,20 @@ def _ct(
     zext = shape[0] * spacing[0]
     zn = z / (zext / 2)  # -1 (inferior) .. 1 (superior)
 
-    ax = fov * rng.uniform(0.40, 0.46) * (1 + 0.04 * np.sin(2.1 * zn + rng.uniform(0, 6.28)))
-    ay = fov * rng.uniform(0.27, 0.33) * (1 + 0.03 * np.cos(1.7 * zn))
+    d = _chest_draws(rng)
+    ax = fov * d["width"] * (1 + 0.04 * np.sin(2.1 * zn + d["width_phase"]))
+    ay = fov * d["depth"] * (1 + 0.03 * np.cos(1.7 * zn))
     body = (x / ax) ** 2 + (y / ay) ** 2
-    fat_mm = rng.uniform(6.0, 18.0)
+    fat_mm = d["fat_mm"]
     ix, iy = ax - fat_mm, ay - fat_mm
     inner = (x / ix) ** 2 + (y / iy) ** 2
 
     hu = np.full(np.broadcast_shapes(z.shape, y.shape, x.shape), -1000.0, dtype=np.float32)
-    hu[body <= 1] = -100.0 + rng.normal(0, 8)
-    hu[inner <= 1] = 40.0 + rng.normal(0, 5)
+    hu[body <= 1] = -100.0 + d["fat_hu"]
+    hu[inner <= 1] = 40.0 + d["tissue_hu"]
 
     # Lungs in the upper part of the volume, left and right of the mediastinum.
-    lung_top = rng.uniform(0.75, 1.1)
-    lung_bottom = rng.uniform(-0.75, -0.35)
+    lung_top, lung_bottom = d["lung_top"], d["lung_bottom"]
     zc, zr = (lung_top + lung_bottom) / 2, (lung_top - lung_bottom) / 2
     lungs = np.zeros(hu.shape, dtype=bool)
     for side in (-1.0, 1.0):
@@ -434,8 +447,10 @@ def phantom_labels(
     size = tuple(int(s) for s in (size or DEFAULT_SIZES[modality]))
     positive, negative = PHANTOM_LABELS[modality]
     if modality == "xray":
-        anatomy = _xray(seed, index, size)[1]
-        return [positive if anatomy["lung_bottom"] < -0.55 else negative]
+        # The draws of the CT phantom that _xray projects, without synthesising it.
+        ct_seed = int(_rng(seed, index, "xray").integers(2**31))
+        lung_bottom = _chest_draws(_rng(ct_seed, index, "ct"))["lung_bottom"]
+        return [positive if lung_bottom < -0.55 else negative]
     spacing = tuple(float(s) for s in (spacing or DEFAULT_SPACING[modality]))
     config = config or get_config(modality, "paper")
     if modality == "ct":
