@@ -8,6 +8,7 @@ size) exits with code 2 and a message, no traceback.
 
 from __future__ import annotations
 
+import math
 import types
 from pathlib import Path
 
@@ -46,6 +47,11 @@ class ModalityMap(click.ParamType):
         if not out:
             self.fail("no modality=PATH pair given", param, ctx)
         return out
+
+
+def _signed(value: float | None) -> str:
+    """``+0.1234``, or ``n/a`` for a missing value (no patch of a region, no probe)."""
+    return "n/a" if value is None or math.isnan(value) else f"{value:+.4f}"
 
 
 def _order(value: str) -> tuple[str, ...]:
@@ -206,7 +212,7 @@ def continual(order, method, data, out, profile, resume, device, threads, **over
 @device_option()
 @_THREADS
 def evaluate(checkpoints, data, labels, out, mask_repeats, batch_size, seed, device, threads) -> None:
-    """Held-out loss, forgetting and probe accuracy of every stage's checkpoint (Fig. 6b)."""
+    """Held-out loss (overall, background / structured patches, raw pixels), forgetting and probe of every stage (Fig. 6b)."""
     from invcoss.continual import read_run
     from invcoss.continual.eval import evaluate_run
     from invcoss.continual.probe import read_labelled_csv
@@ -245,11 +251,21 @@ def evaluate(checkpoints, data, labels, out, mask_repeats, batch_size, seed, dev
     for r in table.rows:
         probe = f" probe {r.probe_accuracy:.3f}" if r.probe_accuracy is not None else ""
         click.echo(
-            f"stage {r.stage} {r.stage_modality:>9}: {r.modality:>9} loss {r.loss:.4f} forgetting {r.forgetting:+.4f}{probe}"
+            f"stage {r.stage} {r.stage_modality:>9}: {r.modality:>9} loss {r.loss:.4f} forgetting {r.forgetting:+.4f} "
+            f"(background {_signed(r.forgetting_background)} in {r.background_patches} patches, "
+            f"structured {_signed(r.forgetting_structured)}; raw pixels {_signed(r.raw_forgetting)}){probe}"
         )
     stages = max(r.stage for r in table.rows)
     forgetting = table.mean_forgetting()
     mean = f"mean forgetting {forgetting:+.4f}" if forgetting is not None else "no earlier modality to forget"
+    if forgetting is not None:
+        parts = [
+            f"{name} {_signed(table.mean_forgetting(field))}"
+            for name, field in (("structured", "forgetting_structured"), ("raw", "raw_forgetting"))
+        ]
+        probe = table.mean_forgetting("probe_forgetting")
+        parts += [f"probe {probe:+.3f}"] if probe is not None else []
+        mean += f" ({', '.join(parts)})"
     click.echo(
         f"evaluated {stages} checkpoints of {config.method} on {len(held_out)} modalities: {mean}; "
         f"wrote {paths['csv']} and {paths.get('png', paths['json'])}"
@@ -364,6 +380,12 @@ def forgetting(
         except ValueError as e:
             raise UserError(str(e)) from None
     click.echo(result.markdown(), nl=False)
+    for name, field in (
+        ("background patches", "forgetting_background"), ("structured patches", "forgetting_structured"),
+        ("raw pixels", "raw_forgetting"), ("probe accuracy drop", "probe_forgetting"),
+    ):  # fmt: skip
+        values = ", ".join(f"{m} {_signed(v)}" for m, v in result.mean_forgetting(field).items())
+        click.echo(f"mean forgetting, {name}: {values}")
     mean = result.mean_forgetting()
     parts = ", ".join(f"{m} {v:+.4f}" for m, v in mean.items())
     click.echo(

@@ -4,14 +4,18 @@
 (training files from seed 0, held-out files from seed 1, so no held-out scan is a training scan),
 preprocesses them at the model's input size, runs :func:`invcoss.continual.run_continual` once per
 method with the same configuration otherwise, scores every stage's checkpoint on the held-out data
-(:func:`invcoss.continual.eval.evaluate_run`) and measures what each method keeps between stages
+(:func:`invcoss.continual.eval.evaluate_run`: the loss overall, on background and structured
+patches, against the normalised and the raw-pixel target, and a linear probe of the frozen
+encoder on the phantoms' anatomy labels, trained on the training phantoms' samples and scored on
+the held-out ones) and measures what each method keeps between stages
 (:func:`invcoss.continual.eval.storage_report`).
 
 Output folder ``OUT``::
 
     phantoms/{train,test}/<modality>/   cache/{train,test}/<modality>/   the data
+    phantoms/<modality>_labels.csv      the probe's labels (file,sample,label,split)
     runs/<method>/                      one continual run per method (with eval/ inside)
-    forgetting.csv  forgetting.md       the table: method x modality
+    forgetting.csv  forgetting.md       the table: method x modality (ForgettingResult.rows)
     retention.png                       held-out loss per stage, one panel per modality (Fig. 6b)
     experiment.json                     the configuration, the table and the storage numbers
 
@@ -32,11 +36,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from invcoss.continual.config import METHODS, ContinualConfig
-from invcoss.continual.eval import RetentionTable, StorageRow, evaluate_run, storage_report
+from invcoss.continual.eval import RetentionTable, StorageRow, evaluate_run, json_safe, storage_report
 from invcoss.continual.plot import Panel, line_plot
+from invcoss.continual.probe import read_labelled_csv, write_labelled_csv
 from invcoss.continual.run import run_continual
 from invcoss.data import get_config, open_dataset, preprocess, read_manifest, write_phantoms
 from invcoss.data.atomic import atomic_write_bytes, atomic_write_json
+from invcoss.data.phantoms import PHANTOM_LABELS, phantom_label_rows
 from invcoss.modality import get_modality
 from invcoss.models import preset_config
 
@@ -140,11 +146,19 @@ class ForgettingResult:
     seconds: float
 
     def rows(self) -> list[dict]:
-        """One row per method and modality: loss after its stage, at the end, forgetting, bytes kept."""
+        """One flat row per method and modality, every value a number (NaN where there is none).
+
+        Columns: the held-out loss after the modality's own stage and at the end, and the
+        forgetting (end minus after), overall, on background and on structured patches, and the
+        same against the raw pixels (``raw_*``); the background fraction of the masked patches;
+        the probe accuracy after the own stage and at the end and its drop
+        (``probe_forgetting``, positive: forgotten); the bytes kept for replay.
+        """
         rows = []
         for method, table in self.tables.items():
             kept = {r.modality: r.replay_bytes for r in self.storage[method]}
             for modality, row in table.final().items():
+                total = row.background_patches + row.structured_patches
                 rows.append(
                     {
                         "method": method,
@@ -152,32 +166,64 @@ class ForgettingResult:
                         "loss_after_own_stage": row.loss_after_own_stage,
                         "loss_at_end": row.loss,
                         "forgetting": row.forgetting,
+                        "loss_background_at_end": row.loss_background,
+                        "forgetting_background": row.forgetting_background,
+                        "loss_structured_at_end": row.loss_structured,
+                        "forgetting_structured": row.forgetting_structured,
+                        "raw_loss_at_end": row.raw_loss,
+                        "raw_forgetting": row.raw_forgetting,
+                        "raw_forgetting_background": row.raw_forgetting_background,
+                        "raw_forgetting_structured": row.raw_forgetting_structured,
+                        "background_fraction": row.background_patches / total if total else math.nan,
+                        "probe_accuracy_after_own_stage": _number(row.probe_accuracy_after_own_stage),
+                        "probe_accuracy_at_end": _number(row.probe_accuracy),
+                        "probe_forgetting": _number(row.probe_forgetting),
                         "replay_bytes": kept.get(modality, 0),
                     }
                 )
         return rows
 
-    def mean_forgetting(self) -> dict[str, float]:
-        """Per method, the mean forgetting over the modalities before the last stage."""
+    def mean_forgetting(self, field: str = "forgetting") -> dict[str, float]:
+        """Per method, the mean of ``field`` over the modalities before the last stage (NaN left out)."""
         last = self.experiment.base.order[-1]
         out = {}
         for method in self.tables:
-            values = [r["forgetting"] for r in self.rows() if r["method"] == method and r["modality"] != last]
+            values = [r[field] for r in self.rows() if r["method"] == method and r["modality"] != last]
+            values = [v for v in values if not math.isnan(v)]
             out[method] = sum(values) / len(values) if values else math.nan
         return out
 
     def markdown(self) -> str:
-        """The summary as a Markdown table (the README's)."""
+        """The summary as a Markdown table (the README's).
+
+        ``background`` / ``structured``: the forgetting on those patches; ``raw pixels``: the
+        forgetting against the raw-pixel target; ``probe``: the probe accuracy after the own stage
+        and at the end. ``n/a``: no such patch, or no probe.
+        """
         lines = [
-            "| method | modality | loss after its stage | loss at the end | forgetting | kept for replay |",
-            "|---|---|---:|---:|---:|---:|",
+            "| method | modality | loss after its stage | loss at the end | forgetting | background | structured "
+            "| raw pixels | probe | kept for replay |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in self.rows():
+            probe = (
+                f"{r['probe_accuracy_after_own_stage']:.2f} → {r['probe_accuracy_at_end']:.2f}"
+                if not math.isnan(r["probe_accuracy_at_end"])
+                else "n/a"
+            )
             lines.append(
                 f"| {r['method']} | {r['modality']} | {r['loss_after_own_stage']:.4f} | {r['loss_at_end']:.4f} "
-                f"| {r['forgetting']:+.4f} | {_bytes(r['replay_bytes'])} |"
+                f"| {r['forgetting']:+.4f} | {_signed(r['forgetting_background'])} "
+                f"| {_signed(r['forgetting_structured'])} | {_signed(r['raw_forgetting'])} | {probe} "
+                f"| {_bytes(r['replay_bytes'])} |"
             )
         return "\n".join(lines) + "\n"
+
+    def evaluation_settings(self) -> dict:
+        """Per modality, the background threshold and fraction and the probe's class counts."""
+        table = next(iter(self.tables.values()))
+        keys = ("background_std", "background_fraction", "probe", "probe_classes")
+        return {k: table.settings.get(k, {}) for k in keys}
 
     def write(self) -> dict[str, Path]:
         import csv
@@ -202,15 +248,32 @@ class ForgettingResult:
             ),
             "json": atomic_write_json(
                 self.out / "experiment.json",
-                {
-                    "experiment": self.experiment.to_dict(),
-                    "rows": rows,
-                    "mean_forgetting": self.mean_forgetting(),
-                    "storage": {m: [dataclasses.asdict(r) for r in s] for m, s in self.storage.items()},
-                    "seconds": self.seconds,
-                },
+                json_safe(
+                    {
+                        "experiment": self.experiment.to_dict(),
+                        "rows": rows,
+                        "mean_forgetting": self.mean_forgetting(),
+                        "mean_forgetting_by_column": {f: self.mean_forgetting(f) for f in _MEAN_FIELDS},
+                        "evaluation": self.evaluation_settings(),
+                        "storage": {m: [dataclasses.asdict(r) for r in s] for m, s in self.storage.items()},
+                        "seconds": self.seconds,
+                    }
+                ),
             ),
         }
+
+
+_MEAN_FIELDS = (
+    "forgetting", "forgetting_background", "forgetting_structured", "raw_forgetting", "probe_forgetting",
+)  # fmt: skip
+
+
+def _number(value: float | None) -> float:
+    return math.nan if value is None else float(value)
+
+
+def _signed(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:+.4f}"
 
 
 def _bytes(n: float) -> str:
@@ -221,18 +284,27 @@ def _bytes(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
-def _prepare_data(out: Path, exp: ForgettingExperiment, emit) -> dict[str, dict[str, Path]]:
-    """Phantoms and caches: ``{split: {modality: cache folder}}`` (reused when already there)."""
+def _prepare_data(
+    out: Path, exp: ForgettingExperiment, emit
+) -> tuple[dict[str, dict[str, Path]], dict[str, Path]]:
+    """Phantoms, caches and probe labels (reused when already there).
+
+    Returns ``{split: {modality: cache folder}}`` and ``{modality: labelled CSV}`` (the anatomy of
+    every training and held-out sample, :func:`invcoss.data.phantoms.phantom_labels`).
+    """
 
     model = preset_config(exp.base.preset, **exp.base.model_overrides())
     sizes = dict(exp.phantom_sizes)
     caches: dict[str, dict[str, Path]] = {"train": {}, "test": {}}
+    labels: dict[str, Path] = {}
     for modality, n_train, n_test in exp.files:
         if modality not in exp.base.order:
             continue
         ndim = get_modality(modality).ndim
         config = get_config(modality, "quick", size=model.img_size(ndim), channels=model.in_chans(ndim))
-        for split, count, seed in (("train", n_train, exp.seed), ("test", n_test, exp.seed + 1)):
+        splits = (("train", n_train, exp.seed), ("test", n_test, exp.seed + 1))
+        written = False
+        for split, count, seed in splits:
             src, cache = out / "phantoms" / split / modality, out / "cache" / split / modality
             caches[split][modality] = cache
             try:
@@ -243,7 +315,26 @@ def _prepare_data(out: Path, exp: ForgettingExperiment, emit) -> dict[str, dict[
             emit("data", None, modality=modality, split=split, files=count)
             write_phantoms(src, modality, count, seed=seed, size=sizes.get(modality))
             preprocess(src, cache, modality, config=config)
-    return caches
+            written = True
+        if modality not in PHANTOM_LABELS:
+            continue
+        labels[modality] = path = out / "phantoms" / f"{modality}_labels.csv"
+        if written or not path.is_file():
+            emit("data", None, modality=modality, split="labels", files=n_train + n_test)
+            rows = [
+                (file, k, label, split)
+                for split, count, seed in splits
+                for file, k, label in phantom_label_rows(
+                    out / "phantoms" / split / modality,
+                    modality,
+                    count,
+                    seed,
+                    sizes.get(modality),
+                    config=config,
+                )
+            ]
+            write_labelled_csv(path, rows)
+    return caches, labels
 
 
 def run_forgetting_experiment(
@@ -281,7 +372,12 @@ def run_forgetting_experiment(
             raise ValueError(
                 f"{out} already holds runs of {', '.join(existing)}; pass resume=True (--resume)"
             )
-    caches = _prepare_data(out, exp, emit)
+    caches, label_files = _prepare_data(out, exp, emit)
+    model = preset_config(exp.base.preset, **exp.base.model_overrides())
+    labelled = {}
+    for m, path in label_files.items():
+        ndim = get_modality(m).ndim
+        labelled[m] = read_labelled_csv(path, m, model.img_size(ndim), channels=model.in_chans(ndim))
     tables, storage = {}, {}
     for method in exp.methods:
         run = out / "runs" / method
@@ -298,6 +394,7 @@ def run_forgetting_experiment(
         tables[method] = evaluate_run(
             run,
             test,
+            labelled,
             repeats=exp.eval_repeats,
             seed=exp.seed,
             batch_size=exp.base.stats_batch_size,

@@ -1,6 +1,6 @@
 """Linear-probe accuracy on frozen features: a labelled CSV, its samples, and a logistic regression.
 
-The labelled format is a CSV file with a header and one row per scan::
+The labelled format is a CSV file with a header and one row per scan (or per sample)::
 
     file,label,split
     scans/case01.nii.gz,tumour,train
@@ -9,11 +9,16 @@ The labelled format is a CSV file with a header and one row per scan::
 - ``file``: a NIfTI volume or a picture, relative to the CSV's folder (or absolute);
 - ``label``: any text; the classes are the distinct labels;
 - ``split`` (optional column): ``train`` or ``test``. Without it a seeded ``test_fraction`` of the
-  files is held out (at least one file each side).
+  files is held out (at least one file each side);
+- ``sample`` (optional column): the index of one sample the preprocessing cuts from the file (a
+  CT/MRI window, a pathology patch, in the cache's order); the row labels that sample only, and
+  samples of the file without a row are left out. Empty: the row labels every sample of the file.
 
 Every file goes through the modality's preprocessing at the model's input size
-(:func:`invcoss.data.config_for_input`), and all samples cut from one file (CT/MRI windows,
-pathology patches) carry its label and its split, so no scan is on both sides.
+(:func:`invcoss.data.config_for_input`), and all samples cut from one file carry its split, so no
+scan is on both sides. Without ``sample`` they carry its label too. :func:`write_labelled_csv`
+writes the format; :func:`invcoss.data.phantoms.phantom_label_rows` gives the rows for phantoms
+(their anatomy, per CT/MRI window).
 
 The probe (:func:`linear_probe`) standardises the frozen ``model.embed`` features with the
 training mean and standard deviation and fits a multinomial logistic regression with L2 penalty by
@@ -23,7 +28,9 @@ L-BFGS; the score is the accuracy on the test samples.
 from __future__ import annotations
 
 import csv
+import io
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,8 +39,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from invcoss.data import Preprocessor, ReadError, config_for_input
+from invcoss.data.atomic import atomic_write_bytes
 
-__all__ = ["LabelledSet", "linear_probe", "probe_accuracy", "read_labelled_csv"]
+__all__ = ["LabelledSet", "linear_probe", "probe_accuracy", "read_labelled_csv", "write_labelled_csv"]
 
 
 @dataclass
@@ -56,6 +64,14 @@ class LabelledSet:
     targets: Tensor
     test: Tensor
 
+    def class_counts(self) -> dict[str, dict[str, int]]:
+        """Samples per class on each side: ``{"train": {label: n}, "test": {label: n}}``."""
+        out = {}
+        for side, keep in (("train", ~self.test), ("test", self.test)):
+            counts = torch.bincount(self.targets[keep], minlength=len(self.classes)).tolist()
+            out[side] = dict(zip(self.classes, counts))
+        return out
+
 
 def read_labelled_csv(
     path: str | os.PathLike,
@@ -69,7 +85,8 @@ def read_labelled_csv(
 
     Raises:
         ValueError: a missing column, file or split value, fewer than two classes or files, an
-            unreadable file (named), or no training or no test sample.
+            unreadable file (named), a ``sample`` index the file does not have, or no training or
+            no test sample.
 
     Example:
         >>> import tempfile, pathlib
@@ -101,27 +118,43 @@ def read_labelled_csv(
     classes = sorted({r["label"] for r in rows})
     if len(classes) < 2:
         raise ValueError(f"labelled CSV {path} has a single class {classes}; a probe needs at least two")
-    if "split" in header:
-        bad = sorted({r["split"] for r in rows} - {"train", "test"})
+    if "split" in header and any(r.get("split") for r in rows):
+        bad = sorted({r.get("split", "") for r in rows} - {"train", "test"})
         if bad:
             raise ValueError(f"labelled CSV {path}: split must be train or test, got {bad}")
         is_test = [r["split"] == "test" for r in rows]
     else:
+        # Held out by file, so the samples of one scan stay on one side.
+        files = list(dict.fromkeys(r["file"] for r in rows))
         g = torch.Generator().manual_seed(seed)
-        n_test = min(len(rows) - 1, max(1, round(test_fraction * len(rows))))
-        held = set(torch.randperm(len(rows), generator=g)[:n_test].tolist())
-        is_test = [i in held for i in range(len(rows))]
+        n_test = min(len(files) - 1, max(1, round(test_fraction * len(files))))
+        held = {files[i] for i in torch.randperm(len(files), generator=g)[:n_test].tolist()}
+        is_test = [r["file"] in held for r in rows]
     ndim = len(input_size)
     pre = Preprocessor(config_for_input(modality, tuple(input_size), channels=channels))
     samples, targets, test = [], [], []
+    cuts: dict[Path, list] = {}  # one preprocessing per file when rows label its samples one by one
     for row, held_out in zip(rows, is_test):
         file = Path(row["file"]) if Path(row["file"]).is_absolute() else path.parent / row["file"]
-        if not file.is_file():
-            raise ValueError(f"labelled CSV {path}: file {row['file']} does not exist")
-        try:
-            cut = pre(file)
-        except ReadError as e:
-            raise ValueError(f"labelled CSV {path}: cannot read {row['file']}: {e.reason}") from None
+        if file not in cuts:
+            if not file.is_file():
+                raise ValueError(f"labelled CSV {path}: file {row['file']} does not exist")
+            try:
+                cuts[file] = pre(file)
+            except ReadError as e:
+                raise ValueError(f"labelled CSV {path}: cannot read {row['file']}: {e.reason}") from None
+        cut = cuts[file]
+        if row.get("sample"):
+            try:
+                k = int(row["sample"])
+            except ValueError:
+                k = -1
+            if not 0 <= k < len(cut):
+                raise ValueError(
+                    f"labelled CSV {path}: sample must be an index in 0..{len(cut) - 1} for {row['file']}, "
+                    f"got {row['sample']!r}"
+                )
+            cut = cut[k : k + 1]
         for sample in cut:
             samples.append(torch.from_numpy(sample.array))
             targets.append(classes.index(row["label"]))
@@ -135,6 +168,34 @@ def read_labelled_csv(
     if x.ndim != ndim + 2:
         raise ValueError(f"labelled CSV {path}: {modality} files give {x.ndim - 1}-D samples, not {ndim}-D")
     return LabelledSet(modality, path, classes, x, torch.tensor(targets), test_t)
+
+
+def write_labelled_csv(
+    path: str | os.PathLike, rows: Iterable[tuple[str | os.PathLike, int | None, str, str | None]]
+) -> Path:
+    """Write a labelled CSV (module docstring) from ``(file, sample, label, split)`` rows, atomically.
+
+    Files under the CSV's folder are written relative to it; ``sample`` or ``split`` None leaves
+    the cell empty (every sample of the file; the seeded split).
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> p = write_labelled_csv(d / "labels.csv", [(d / "a.png", None, "x", "train"), (d / "b.png", 0, "y", "test")])
+        >>> p.read_text().splitlines()
+        ['file,sample,label,split', 'a.png,,x,train', 'b.png,0,y,test']
+    """
+    path = Path(path)
+    folder = path.parent.resolve()
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["file", "sample", "label", "split"])
+    for file, sample, label, split in rows:
+        file = Path(file)
+        if file.resolve().is_relative_to(folder):
+            file = file.resolve().relative_to(folder)
+        w.writerow([file.as_posix(), "" if sample is None else int(sample), label, split or ""])
+    return atomic_write_bytes(path, buf.getvalue().encode())
 
 
 def linear_probe(

@@ -26,10 +26,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from invcoss.data.pipeline import PreprocessConfig, Preprocessor, get_config
+from invcoss.data.transforms import resampled_shape, resize_array
 from invcoss.data.writers import write_nifti, write_png
 from invcoss.modality import modality_names
 
 PHANTOM_MODALITIES = modality_names()
+# The anatomy label of every sample the preprocessing cuts from a phantom (:func:`phantom_labels`).
+PHANTOM_LABELS = {
+    "ct": ("upper_chest", "lower_chest"),
+    "mri": ("ventricles", "no_ventricles"),
+    "xray": ("low_lung_bases", "high_lung_bases"),
+}
 DEFAULT_SIZES = {"ct": (64, 160, 160), "mri": (48, 128, 128), "xray": (256, 256), "pathology": (512, 512)}
 DEFAULT_SPACING = {"ct": (2.5, 1.6, 1.6), "mri": (1.5, 1.25, 1.25)}
 _MODALITY_CODE = {m: i for i, m in enumerate(PHANTOM_MODALITIES)}
@@ -75,26 +83,48 @@ def ct_phantom(
         >>> v.shape, bool(v.min() < -900), bool(v.max() > 300)
         ((24, 64, 64), True, True)
     """
+    return _ct(seed, index, shape, spacing)[0]
+
+
+def _chest_draws(rng: np.random.Generator) -> dict[str, float]:
+    """The first draws of a CT phantom, in order: body size, fat, tissue offsets, lung extent.
+
+    Apart so that the anatomy labels read them without synthesising the volume.
+    """
+    d = {"width": rng.uniform(0.40, 0.46), "width_phase": rng.uniform(0, 6.28)}
+    d["depth"] = rng.uniform(0.27, 0.33)
+    d["fat_mm"] = rng.uniform(6.0, 18.0)
+    d["fat_hu"], d["tissue_hu"] = rng.normal(0, 8), rng.normal(0, 5)
+    d["lung_top"], d["lung_bottom"] = rng.uniform(0.75, 1.1), rng.uniform(-0.75, -0.35)
+    return d
+
+
+def _ct(
+    seed: int, index: int, shape: Sequence[int], spacing: Sequence[float]
+) -> tuple[np.ndarray, dict[str, object]]:
+    """:func:`ct_phantom` and its anatomy: ``upper`` ``(D,)`` bool (the slice lies above the middle
+    of the lungs' craniocaudal extent) and ``lung_bottom`` (the lung bases, from -1 at the inferior
+    edge of the volume to 1 at the superior edge)."""
     rng = _rng(seed, index, "ct")
     z, y, x = _grid(shape, spacing)
     fov = min(shape[1] * spacing[1], shape[2] * spacing[2])
     zext = shape[0] * spacing[0]
     zn = z / (zext / 2)  # -1 (inferior) .. 1 (superior)
 
-    ax = fov * rng.uniform(0.40, 0.46) * (1 + 0.04 * np.sin(2.1 * zn + rng.uniform(0, 6.28)))
-    ay = fov * rng.uniform(0.27, 0.33) * (1 + 0.03 * np.cos(1.7 * zn))
+    d = _chest_draws(rng)
+    ax = fov * d["width"] * (1 + 0.04 * np.sin(2.1 * zn + d["width_phase"]))
+    ay = fov * d["depth"] * (1 + 0.03 * np.cos(1.7 * zn))
     body = (x / ax) ** 2 + (y / ay) ** 2
-    fat_mm = rng.uniform(6.0, 18.0)
+    fat_mm = d["fat_mm"]
     ix, iy = ax - fat_mm, ay - fat_mm
     inner = (x / ix) ** 2 + (y / iy) ** 2
 
     hu = np.full(np.broadcast_shapes(z.shape, y.shape, x.shape), -1000.0, dtype=np.float32)
-    hu[body <= 1] = -100.0 + rng.normal(0, 8)
-    hu[inner <= 1] = 40.0 + rng.normal(0, 5)
+    hu[body <= 1] = -100.0 + d["fat_hu"]
+    hu[inner <= 1] = 40.0 + d["tissue_hu"]
 
     # Lungs in the upper part of the volume, left and right of the mediastinum.
-    lung_top = rng.uniform(0.75, 1.1)
-    lung_bottom = rng.uniform(-0.75, -0.35)
+    lung_top, lung_bottom = d["lung_top"], d["lung_bottom"]
     zc, zr = (lung_top + lung_bottom) / 2, (lung_top - lung_bottom) / 2
     lungs = np.zeros(hu.shape, dtype=bool)
     for side in (-1.0, 1.0):
@@ -139,7 +169,8 @@ def ct_phantom(
     hu[rib_level & rib_ring & posterior] = 650.0
 
     hu += rng.normal(0, rng.uniform(8.0, 18.0), size=hu.shape).astype(np.float32)
-    return np.clip(hu, -1024.0, 3071.0).astype(np.float32)
+    anatomy = {"upper": zn.reshape(-1) >= zc, "lung_bottom": float(lung_bottom)}
+    return np.clip(hu, -1024.0, 3071.0).astype(np.float32), anatomy
 
 
 def mri_phantom(
@@ -155,6 +186,13 @@ def mri_phantom(
         >>> v.shape, bool(v.min() >= 0)
         ((16, 48, 48), True)
     """
+    return _mri(seed, index, shape, spacing)[0]
+
+
+def _mri(
+    seed: int, index: int, shape: Sequence[int], spacing: Sequence[float]
+) -> tuple[np.ndarray, dict[str, object]]:
+    """:func:`mri_phantom` and its anatomy: ``ventricles`` ``(D,)`` bool (the slice cuts one)."""
     rng = _rng(seed, index, "mri")
     z, y, x = _grid(shape, spacing)
     fov = min(shape[1] * spacing[1], shape[2] * spacing[2])
@@ -170,6 +208,7 @@ def mri_phantom(
     fold = 0.035 * np.sin(9 * theta + rng.uniform(0, 6.28)) + 0.02 * _smooth_noise(rng, r.shape, 10)
 
     img = np.zeros(r.shape, dtype=np.float32)
+    ventricles = np.zeros(shape[0], dtype=bool)
     img[r <= 1.0] = 800.0  # scalp
     img[r <= 0.93] = 90.0  # skull
     img[r <= 0.86] = 180.0  # cerebrospinal fluid
@@ -182,12 +221,13 @@ def mri_phantom(
             + ((x - side * 0.11 * a[2]) / (0.07 * a[2])) ** 2
         )
         img[vent <= 1] = 170.0
+        ventricles |= (vent <= 1).any(axis=(1, 2))
 
     bias = 1.0 + 0.12 * _smooth_noise(rng, r.shape, 3)
     sigma = rng.uniform(10.0, 25.0)
     n1 = rng.normal(0, sigma, size=img.shape)
     n2 = rng.normal(0, sigma, size=img.shape)
-    return np.sqrt((img * bias + n1) ** 2 + n2**2).astype(np.float32)
+    return np.sqrt((img * bias + n1) ** 2 + n2**2).astype(np.float32), {"ventricles": ventricles}
 
 
 def xray_phantom(seed: int = 0, index: int = 0, size: Sequence[int] = (256, 256)) -> np.ndarray:
@@ -201,18 +241,21 @@ def xray_phantom(seed: int = 0, index: int = 0, size: Sequence[int] = (256, 256)
         >>> img.shape, 0.0 <= float(img.min()) and float(img.max()) <= 1.0
         ((1, 64, 64), True)
     """
-    from invcoss.data.transforms import resize_array
+    return _xray(seed, index, size)[0]
 
+
+def _xray(seed: int, index: int, size: Sequence[int]) -> tuple[np.ndarray, dict[str, object]]:
+    """:func:`xray_phantom` and the anatomy of the CT phantom it projects."""
     rng = _rng(seed, index, "xray")
     spacing = (3.0, 3.0, 3.0)
-    ct = ct_phantom(int(rng.integers(2**31)), index, shape=(110, 120, 120), spacing=spacing)
+    ct, anatomy = _ct(int(rng.integers(2**31)), index, shape=(110, 120, 120), spacing=spacing)
     mu = np.clip(ct + 1000.0, 0.0, None) * (0.02 / 1000.0)
     proj = mu.sum(axis=1) * spacing[1]  # (D, W)
     proj = proj[::-1] / max(float(np.percentile(proj, 99.7)), 1e-6)
     img = np.clip(proj, 0.0, 1.0) ** rng.uniform(0.8, 1.2)
     img = resize_array(np.ascontiguousarray(img, dtype=np.float32)[None], size)
     img += rng.normal(0, 0.01, size=img.shape).astype(np.float32)
-    return np.clip(img, 0.0, 1.0).astype(np.float32)
+    return np.clip(img, 0.0, 1.0).astype(np.float32), anatomy
 
 
 def pathology_phantom(seed: int = 0, index: int = 0, size: Sequence[int] = (512, 512)) -> np.ndarray:
@@ -315,19 +358,130 @@ def write_phantoms(
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(count):
+        name = out / phantom_name(modality, i)
         if modality == "ct":
-            p = write_nifti(
-                out / f"ct_{i:04d}.nii.gz", np.round(ct_phantom(seed, i, size, spacing)), spacing, np.int16
-            )
+            p = write_nifti(name, np.round(ct_phantom(seed, i, size, spacing)), spacing, np.int16)
         elif modality == "mri":
-            p = write_nifti(
-                out / f"mri_{i:04d}.nii.gz", mri_phantom(seed, i, size, spacing), spacing, np.float32
-            )
+            p = write_nifti(name, mri_phantom(seed, i, size, spacing), spacing, np.float32)
         elif modality == "xray":
-            p = write_png(out / f"xray_{i:04d}.png", xray_phantom(seed, i, size))
+            p = write_png(name, xray_phantom(seed, i, size))
         else:
-            p = write_png(out / f"pathology_{i:04d}.png", pathology_phantom(seed, i, size))
+            p = write_png(name, pathology_phantom(seed, i, size))
         paths.append(p)
         if on_written is not None:
             on_written(p)
     return paths
+
+
+def phantom_name(modality: str, index: int) -> str:
+    """The file name :func:`write_phantoms` gives phantom ``index`` of ``modality``."""
+    return f"{modality}_{index:04d}" + (".nii.gz" if modality in DEFAULT_SPACING else ".png")
+
+
+def _window_fractions(per_slice: np.ndarray, slice_mm: float, config: PreprocessConfig) -> list[float]:
+    """Per window the preprocessing cuts, the fraction of the phantom's slices in it that are True.
+
+    Mirrors :class:`invcoss.data.Preprocessor`: resample along D to ``config.spacing`` (the
+    physical extent is kept, voxel edges map onto voxel edges), then windows of ``window`` slices
+    every ``stride``. A phantom slice is in a window when its centre is.
+    """
+    depth = len(per_slice)
+    windows = Preprocessor(config).windows
+    resampled = (
+        depth if config.spacing is None else resampled_shape((depth,), (slice_mm,), config.spacing[:1])[0]
+    )
+    step = depth * slice_mm / resampled  # mm per resampled slice
+    centres = (np.arange(depth) + 0.5) * slice_mm
+    out = []
+    for start in windows.positions(resampled):
+        inside = (centres >= start * step) & (centres < (start + windows.size) * step)
+        out.append(float(per_slice[inside].mean()) if inside.any() else 0.0)
+    return out
+
+
+def phantom_labels(
+    modality: str,
+    seed: int = 0,
+    index: int = 0,
+    size: Sequence[int] | None = None,
+    spacing: Sequence[float] | None = None,
+    config: PreprocessConfig | None = None,
+) -> list[str]:
+    """The anatomy label of every sample the preprocessing cuts from phantom ``(seed, index)``.
+
+    The generator knows the anatomy it draws, so the labels are exact and need no annotation:
+
+    - ``ct``, per window (slice level): ``upper_chest`` when at least half of the phantom's slices
+      in the window lie above the middle of the lungs' craniocaudal extent (lung apices, upper
+      ribs), else ``lower_chest`` (lung bases, heart, liver). Lung presence itself is no usable
+      label: the lungs fill about two thirds of the windows completely;
+    - ``mri``, per window: ``ventricles`` when at least half of its slices cut a lateral
+      ventricle, else ``no_ventricles`` (the vertex and the skull base);
+    - ``xray``, per image (the level of the diaphragm): ``low_lung_bases`` when the lung bases of
+      the projected chest lie in the lower half of the range the generator draws them from (more
+      than 55% of the half-height below the centre), else ``high_lung_bases``; an even split by
+      construction.
+
+    Args:
+        modality: ``ct``, ``mri`` or ``xray`` (``PHANTOM_LABELS``).
+        seed, index, size, spacing: as given to :func:`write_phantoms`.
+        config: the preprocessing whose windows are labelled (CT, MRI; default: the ``paper``
+            profile's windows, which the ``quick`` profile shares). Unused for X-ray.
+
+    Returns:
+        One label per sample, in the order :class:`invcoss.data.Preprocessor` cuts them.
+
+    Raises:
+        ValueError: a modality without labels, or a config of another modality.
+
+    Example:
+        >>> phantom_labels("ct", 0, 0, size=(24, 48, 48))
+        ['lower_chest', 'lower_chest', 'lower_chest', 'upper_chest']
+        >>> phantom_labels("xray", 0, 1, size=(32, 32))
+        ['high_lung_bases']
+    """
+    if modality not in PHANTOM_LABELS:
+        raise ValueError(f"phantom labels exist for {', '.join(PHANTOM_LABELS)}, got {modality!r}")
+    if config is not None and config.modality != modality:
+        raise ValueError(f"config is for {config.modality}, not {modality}")
+    size = tuple(int(s) for s in (size or DEFAULT_SIZES[modality]))
+    positive, negative = PHANTOM_LABELS[modality]
+    if modality == "xray":
+        # The draws of the CT phantom that _xray projects, without synthesising it.
+        ct_seed = int(_rng(seed, index, "xray").integers(2**31))
+        lung_bottom = _chest_draws(_rng(ct_seed, index, "ct"))["lung_bottom"]
+        return [positive if lung_bottom < -0.55 else negative]
+    spacing = tuple(float(s) for s in (spacing or DEFAULT_SPACING[modality]))
+    config = config or get_config(modality, "paper")
+    if modality == "ct":
+        per_slice = _ct(seed, index, size, spacing)[1]["upper"]
+    else:
+        per_slice = _mri(seed, index, size, spacing)[1]["ventricles"]
+    return [positive if f >= 0.5 else negative for f in _window_fractions(per_slice, spacing[0], config)]
+
+
+def phantom_label_rows(
+    folder: str | os.PathLike,
+    modality: str,
+    count: int,
+    seed: int = 0,
+    size: Sequence[int] | None = None,
+    spacing: Sequence[float] | None = None,
+    config: PreprocessConfig | None = None,
+) -> list[tuple[Path, int, str]]:
+    """``(file, sample index, label)`` for every sample of the phantoms :func:`write_phantoms` wrote.
+
+    The same arguments as the :func:`write_phantoms` call that wrote ``folder``; the rows are the
+    ``file,sample,label`` columns of a labelled CSV (:mod:`invcoss.continual.probe`).
+
+    Example:
+        >>> rows = phantom_label_rows("scans", "ct", 2, size=(24, 48, 48))
+        >>> [(p.name, k, label) for p, k, label in rows][:2]
+        [('ct_0000.nii.gz', 0, 'lower_chest'), ('ct_0000.nii.gz', 1, 'lower_chest')]
+    """
+    folder = Path(folder)
+    rows = []
+    for i in range(count):
+        labels = phantom_labels(modality, seed, i, size, spacing, config)
+        rows.extend((folder / phantom_name(modality, i), k, label) for k, label in enumerate(labels))
+    return rows

@@ -253,19 +253,31 @@ class MAE(PretrainedMixin, nn.Module):
         With ``norm_pix_loss`` each target patch is standardised by its own mean and variance.
         ``x: (B, C, *S)``, ``pred: (B, L, patch_dim)``, ``mask: (B, L)``.
         """
-        target = self.patchify(x)  # (B, L, patch_dim)
-        if pred.shape != target.shape or mask.shape != target.shape[:2]:
+        if mask.shape != pred.shape[:2]:
             raise ValueError(
-                f"MAE.forward_loss expects pred {tuple(target.shape)} and mask {tuple(target.shape[:2])}, "
-                f"got {tuple(pred.shape)} and {tuple(mask.shape)}"
+                f"MAE.forward_loss expects mask {tuple(pred.shape[:2])} for pred {tuple(pred.shape)}, "
+                f"got {tuple(mask.shape)}"
             )
-        target = target.float()
-        if self.config.norm_pix_loss:
-            mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
-            target = (target - mean) / (var + 1.0e-6).sqrt()
-        per_patch = (pred.float() - target).pow(2).mean(dim=-1)  # (B, L)
+        per_patch = self.patch_losses(x, pred)  # (B, L)
         mask = mask.float()
         return (per_patch * mask).sum() / mask.sum().clamp_min(1.0)
+
+    def patch_losses(self, x: torch.Tensor, pred: torch.Tensor, norm_pix: bool | None = None) -> torch.Tensor:
+        """The squared error of every patch, averaged over its pixels: ``(B, L)`` fp32.
+
+        Args:
+            x: ``(B, C, *S)``, the input whose patches are the target.
+            pred: ``(B, L, patch_dim)``, the decoder's prediction.
+            norm_pix: standardise each target patch by its own mean and variance (the training
+                target); False scores the raw pixels. Default: the config's ``norm_pix_loss``.
+        """
+        target = self.patchify(x).float()  # (B, L, patch_dim)
+        if pred.shape != target.shape:
+            raise ValueError(f"MAE.patch_losses expects pred {tuple(target.shape)}, got {tuple(pred.shape)}")
+        if self.config.norm_pix_loss if norm_pix is None else norm_pix:
+            mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1.0e-6).sqrt()
+        return (pred.float() - target).pow(2).mean(dim=-1)
 
     def forward(
         self, x: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None

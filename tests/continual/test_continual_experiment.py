@@ -58,6 +58,11 @@ def test_experiment_forgetting_tiny_end_to_end(tmp_path):
             float(by["seq", "ct"]["loss_after_own_stage"])
         )
         assert float(by[m, "xray"]["forgetting"]) == 0.0
+        # The probe is scored at every stage for every seen modality.
+        retention = list(csv.DictReader((run / "eval" / "retention.csv").open()))
+        assert [(row["stage"], row["modality"]) for row in retention if row["probe_accuracy"]] == [
+            ("1", "ct"), ("2", "ct"), ("2", "xray")
+        ]  # fmt: skip
     assert int(by["seq", "ct"]["replay_bytes"]) == 0
     assert int(by["er", "ct"]["replay_bytes"]) > int(by["invcoss", "ct"]["replay_bytes"]) > 0
     summary = json.loads((out / "experiment.json").read_text())
@@ -82,7 +87,24 @@ def test_experiment_forgetting_passes_the_buffer_weights(tmp_path):
     args = ["experiment", "forgetting", "--size", "tiny", "--out", str(out), "--methods", "invcoss"]
     r = CliRunner().invoke(main, [*args, "--buffer-mae-weight", "0", "--distill-weight", "2.5"])
     assert r.exit_code == 0, r.output
-    base = json.loads((out / "experiment.json").read_text())["experiment"]["base"]
+    summary = json.loads((out / "experiment.json").read_text())
+    base = summary["experiment"]["base"]
     assert (base["buffer_mae_weight"], base["distill_weight"], base["method"]) == (0.0, 2.5, "invcoss")
+    # Region, raw-pixel and probe columns, numbers in every row; the probe's labels on both sides.
+    (ct,) = [row for row in summary["rows"] if row["modality"] == "ct"]
+    assert ct["forgetting_structured"] == pytest.approx(ct["forgetting"])  # no CT air at the tiny size
+    assert ct["background_fraction"] == 0.0 and ct["forgetting_background"] is None
+    assert ct["raw_forgetting"] != ct["forgetting"] and 0 <= ct["probe_accuracy_at_end"] <= 1
+    assert ct["probe_forgetting"] == pytest.approx(
+        ct["probe_accuracy_after_own_stage"] - ct["probe_accuracy_at_end"]
+    )
+    classes = summary["evaluation"]["probe_classes"]
+    assert classes["ct"] == {
+        "train": {"lower_chest": 3, "upper_chest": 1},
+        "test": {"lower_chest": 3, "upper_chest": 1},
+    }
+    assert classes["xray"]["train"] == {"high_lung_bases": 4, "low_lung_bases": 4}
+    assert "| background | structured | raw pixels | probe |" in (out / "forgetting.md").read_text()
+    assert "mean forgetting, structured patches: invcoss " in r.stdout
     r = CliRunner().invoke(main, [*args, "--resume", "--buffer-mae-weight", "-1"])
     assert r.exit_code == 2 and "buffer_mae_weight" in r.output and "Traceback" not in r.output
