@@ -9,10 +9,12 @@ kept of the data.
 
 The file is safetensors: tensors ``block.<i>.mean`` and ``block.<i>.var`` (``(L, D)`` each) and
 string metadata ``format``, ``preset``, ``config_hash``, ``config`` (JSON), ``modality``,
-``input_size`` (JSON), ``count``, ``dtype`` and ``num_layers``. The config hash covers every field
-of the model's configuration that changes the block features (not its name, not the loss
-normalisation), so statistics collected with one model can guide the inversion of a later model
-of the same architecture, as Algorithm 1 needs; the weights are not part of the check.
+``input_size`` (JSON), ``count``, ``dtype``, ``num_layers`` and ``compute`` (JSON: the CPU thread
+count and determinism of the pass, which the model's features depend on in their last bits). The
+config hash covers every field of the model's configuration that changes the block features (not
+its name, not the loss normalisation), so statistics collected with one model can guide the
+inversion of a later model of the same architecture, as Algorithm 1 needs; the weights are not part
+of the check.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from torch import Tensor, nn
 
 from invcoss.data.atomic import atomic_write_safetensors
 from invcoss.ops import RunningStats
+from invcoss.rng import compute_record
 
 STATS_FORMAT = "invcoss-feature-stats/1"
 _NOT_HASHED = ("name", "norm_pix_loss")
@@ -62,6 +65,8 @@ class FeatureStats:
         count: number of samples folded in.
         dtype: the dtype of the tensors as stored (``"float32"`` or ``"float64"``).
         config: the model's config as a dict (informative).
+        compute: the compute settings of the pass (:func:`invcoss.rng.compute_record`: CPU
+            threads, deterministic algorithms); empty when unknown.
     """
 
     mean: list[Tensor]
@@ -73,6 +78,7 @@ class FeatureStats:
     count: int
     dtype: str
     config: dict = dataclasses.field(default_factory=dict)
+    compute: dict = dataclasses.field(default_factory=dict)
 
     @property
     def num_layers(self) -> int:
@@ -202,6 +208,7 @@ def collect_feature_stats(
         count=running[0].count,
         dtype=str(store_dtype).removeprefix("torch."),
         config=json.loads(json.dumps(dataclasses.asdict(cfg))),
+        compute=compute_record(),
     )
     if out is not None:
         save_feature_stats(stats, out)
@@ -226,6 +233,8 @@ def save_feature_stats(stats: FeatureStats, path: str | os.PathLike) -> Path:
         "dtype": stats.dtype,
         "num_layers": str(stats.num_layers),
     }
+    if stats.compute:
+        metadata["compute"] = json.dumps(stats.compute, sort_keys=True)
     return atomic_write_safetensors(path, tensors, metadata)
 
 
@@ -281,6 +290,7 @@ def load_feature_stats(
         count=int(meta["count"]),
         dtype=meta["dtype"],
         config=json.loads(meta["config"]),
+        compute=json.loads(meta.get("compute", "{}")),
     )
     if modality is not None and modality != stats.modality:
         raise ValueError(f"feature statistics {path} are for {stats.modality}, not {modality}")

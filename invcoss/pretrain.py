@@ -11,7 +11,9 @@ Output folder ``OUT`` after every epoch:
 - ``config.json`` + ``model.safetensors``: the model (``MAE.from_pretrained(OUT)``);
 - ``training_state.safetensors``: model, AdamW moments, RNG state, epoch and losses in one file,
   so a resumed run continues from exactly the last finished epoch;
-- ``pretrain.json``: the resolved configuration, the data, and the loss of every epoch.
+- ``pretrain.json``: the resolved configuration, the data, the compute settings (``compute``:
+  CPU threads, deterministic algorithms; :func:`invcoss.rng.compute_record`) and the loss of every
+  epoch.
 
 Each file is written atomically; an interrupted run leaves the last finished epoch's files.
 """
@@ -32,7 +34,7 @@ import torch
 from torch import nn
 
 from invcoss.data.atomic import atomic_write_json, atomic_write_safetensors
-from invcoss.rng import keeps_global_rng
+from invcoss.rng import keeps_global_rng, pinned_compute, resolve_threads
 from invcoss.training import CURRENT, Step, TrainingSchedule, TrainStep, train_epoch
 
 STATE_NAME = "training_state.safetensors"
@@ -150,6 +152,7 @@ def pretrain(
     resume: bool = False,
     device: torch.device | str | None = None,
     on_step: Callable[[TrainStep], None] | None = None,
+    threads: int | None = None,
 ) -> PretrainResult:
     """Train ``model`` with its masked-reconstruction loss on ``data``, saving to ``out`` every epoch.
 
@@ -167,13 +170,16 @@ def pretrain(
         device: default: CUDA when available, else CPU.
         on_step: called after every step with its :class:`~invcoss.training.TrainStep`
             (``losses["mae"]`` is the step's loss).
+        threads: torch's CPU threads (:func:`invcoss.rng.pinned_compute`); None: the current
+            count, or when resuming the count the run was made with. Recorded as ``compute`` in
+            ``pretrain.json``.
 
     Returns:
         :class:`PretrainResult`.
 
     Raises:
-        ValueError: empty data, an existing state without ``resume``, or a state from another
-            model or configuration.
+        ValueError: empty data, an existing state without ``resume``, a state from another
+            model or configuration, or ``threads`` other than the resumed run's.
 
     Example:
         >>> import tempfile
@@ -183,10 +189,35 @@ def pretrain(
         >>> r.epochs_run, len(r.losses)
         (2, 2)
     """
+    out = Path(out)
+    threads = resolve_threads(threads, _recorded_threads(out) if resume else None, f"the run in {out}")
+    with pinned_compute(threads) as compute:
+        return _pretrain(
+            model, data, out, config or PretrainConfig(), modality, resume, device, on_step, compute
+        )
+
+
+def _recorded_threads(out: Path) -> int | None:
+    """The thread count ``OUT/pretrain.json`` records (None for a new folder or an older run)."""
+    try:
+        return int(json.loads((out / SUMMARY_NAME).read_text())["compute"]["threads"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _pretrain(
+    model: nn.Module,
+    data,
+    out: Path,
+    config: PretrainConfig,
+    modality: str | None,
+    resume: bool,
+    device: torch.device | str | None,
+    on_step: Callable[[TrainStep], None] | None,
+    compute: dict,
+) -> PretrainResult:
     from torch.utils.data import DataLoader
 
-    config = config or PretrainConfig()
-    out = Path(out)
     if len(data) == 0:
         raise ValueError("pretrain got an empty dataset")
     device = (
@@ -201,6 +232,7 @@ def pretrain(
         "pretrain": dataclasses.asdict(config),
         "modality": modality or getattr(data, "modality", None),
         "samples": len(data),
+        "compute": compute,
     }
     start_epoch, losses = 0, []
     if (out / STATE_NAME).exists():

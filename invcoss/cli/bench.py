@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from invcoss.cli.options import device_option
+from invcoss.cli.options import device_option, threads_option
 
 
 @click.command()
@@ -32,13 +32,23 @@ from invcoss.cli.options import device_option
     type=click.Path(path_type=Path),
     help="Also write the rows as JSON and Markdown to OUT.json / OUT.md.",
 )
-def bench(device, quick: bool, families: tuple[str, ...], reps: int, steps: int, out: Path | None) -> None:
+@threads_option()
+def bench(
+    device,
+    quick: bool,
+    families: tuple[str, ...],
+    reps: int,
+    steps: int,
+    out: Path | None,
+    threads: int | None,
+) -> None:
     """Time every op for every provider (eager, torch.compile, kernels) and print the ratios.
 
     Then the inversion step (family ``inversion``): steps/s of the whole loop with each fused backend
     against the reference ops, at the reduced size on CPU and the paper's on CUDA, as
     ``benchmarks/inversion_step.py`` measures it. Every family and op comes from the table of
-    :mod:`invcoss.benchmark.specs`.
+    :mod:`invcoss.benchmark.specs`. The CPU thread count is part of the table's title and of the JSON
+    (``compute``); deterministic algorithms are left as they are, since the table times the usual path.
     """
     import json
 
@@ -46,6 +56,7 @@ def bench(device, quick: bool, families: tuple[str, ...], reps: int, steps: int,
     from rich.console import Console
 
     from invcoss import benchmark as bm
+    from invcoss.rng import compute_record
 
     dev = device
     cases = bm.cases_for(dev, quick)
@@ -75,13 +86,18 @@ def bench(device, quick: bool, families: tuple[str, ...], reps: int, steps: int,
                     steps=steps,
                     progress=lambda s: status.update(f"benchmarking the inversion step: {s}"),
                 )
-    md = bm.to_markdown(rows, f"{device}, torch {torch.__version__}") if rows else ""
+    compute = compute_record()
+    md = (
+        bm.to_markdown(rows, f"{device}, {compute['threads']} CPU threads, torch {torch.__version__}")
+        if rows
+        else ""
+    )
     if inversion_rows:
         md += ("\n" if md else "") + bm.inversion_markdown(inversion_rows, "inversion step")
     click.echo(md)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"rows": bm.rows_to_dicts(rows), "inversion": inversion_rows}
+        payload = {"rows": bm.rows_to_dicts(rows), "inversion": inversion_rows, "compute": compute}
         out.with_suffix(".json").write_text(json.dumps(payload, indent=1))
         out.with_suffix(".md").write_text(md)
     best = max(

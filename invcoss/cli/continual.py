@@ -69,6 +69,7 @@ def _model_stub(config):
 
 
 _THREADS = threads_option()
+_EXPERIMENT_THREADS = threads_option(default=1)
 
 
 _INVERSION_STEPS = click.option(
@@ -126,7 +127,11 @@ _FLAT_STD = click.option(
 @device_option()
 @_THREADS
 def continual(order, method, data, out, profile, resume, device, threads, **overrides) -> None:
-    """Continual pre-training over modalities with seq, er or invcoss replay (Algorithm 1)."""
+    """Continual pre-training over modalities with seq, er or invcoss replay (Algorithm 1).
+
+    The CPU thread count is a setting of the run, recorded in continual.json; --resume continues at
+    the recorded count and refuses another --threads.
+    """
     check_output_folder(out)
     from invcoss.continual import run_continual
     from invcoss.continual.config import ContinualConfig
@@ -173,7 +178,9 @@ def continual(order, method, data, out, profile, resume, device, threads, **over
                     bar.remove_task(tasks.pop(key))
 
         try:
-            result = run_continual(sources, out, config, resume=resume, device=device, on_event=on_event)
+            result = run_continual(
+                sources, out, config, resume=resume, device=device, on_event=on_event, threads=threads
+            )
         except ValueError as e:
             raise UserError(str(e)) from None
         except (NonFiniteLossError, FloatingPointError, DataAccessError) as e:
@@ -216,6 +223,7 @@ def evaluate(checkpoints, data, labels, out, mask_repeats, batch_size, seed, dev
     from invcoss.continual import read_run
     from invcoss.continual.eval import evaluate_run
     from invcoss.continual.probe import read_labelled_csv
+    from invcoss.rng import pinned_compute
 
     try:
         config = read_run(checkpoints)
@@ -235,7 +243,7 @@ def evaluate(checkpoints, data, labels, out, mask_repeats, batch_size, seed, dev
             )
     except ValueError as e:
         raise UserError(str(e)) from None
-    with progress_bar() as bar:
+    with progress_bar() as bar, pinned_compute(threads):
         task = bar.add_task("evaluate", total=None, info="")
         try:
             table = evaluate_run(
@@ -319,7 +327,7 @@ def experiment() -> None:
 @_FLAT_STD
 @_INVERSION_STEPS
 @_INVERSION_WARMUP
-@_THREADS
+@_EXPERIMENT_THREADS
 def forgetting(
     out: Path,
     size: str,
@@ -331,9 +339,13 @@ def forgetting(
     buffer_mae_flat_std: float | None,
     inversion_steps: int | None,
     inversion_warmup_steps: int | None,
-    threads: int | None,
+    threads: int,
 ) -> None:
-    """seq vs er vs invcoss on phantom X-ray, CT and MRI: forgetting and storage table."""
+    """seq vs er vs invcoss on phantom X-ray, CT and MRI: forgetting and storage table.
+
+    Runs at one CPU thread unless --threads says otherwise, so the table does not depend on the
+    machine; the count is recorded in experiment.json.
+    """
     check_output_folder(out)
     import dataclasses
 
@@ -376,7 +388,9 @@ def forgetting(
             bar.update(tasks[key], advance=1, info=info)
 
         try:
-            result = run_forgetting_experiment(out, exp, resume=resume, device=device, on_event=on_event)
+            result = run_forgetting_experiment(
+                out, exp, resume=resume, device=device, on_event=on_event, threads=threads
+            )
         except ValueError as e:
             raise UserError(str(e)) from None
     click.echo(result.markdown(), nl=False)

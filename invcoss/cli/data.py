@@ -18,6 +18,7 @@ from invcoss.cli.options import (
     check_output_folder,
     device_option,
     progress_bar,
+    threads_option,
 )
 from invcoss.modality import get_modality
 
@@ -64,6 +65,7 @@ class Dims(click.ParamType):
 @click.option(
     "--spacing", type=Dims(float, "2.5x1.6x1.6"), default=None, help="Voxel spacing in mm (ct/mri)."
 )
+@threads_option()
 def phantoms(
     modality: str,
     count: int,
@@ -71,12 +73,14 @@ def phantoms(
     seed: int,
     size: tuple[int, ...] | None,
     spacing: tuple[float, ...] | None,
+    threads: int | None,
 ) -> None:
     """Write deterministic procedural phantoms (NIfTI for ct/mri, PNG for xray/pathology)."""
     check_output_folder(out)
     from invcoss.data import write_phantoms
+    from invcoss.rng import pinned_compute
 
-    with progress_bar() as bar:
+    with progress_bar() as bar, pinned_compute(threads):
         task = bar.add_task(f"phantoms {modality}", total=count, info="")
         try:
             paths = write_phantoms(
@@ -104,13 +108,15 @@ def phantoms(
 @click.option(
     "--strict", is_flag=True, help="Fail on the first file that cannot be read instead of skipping it."
 )
-def preprocess(modality: str, data: Path, out: Path, profile: str, strict: bool) -> None:
+@threads_option()
+def preprocess(modality: str, data: Path, out: Path, profile: str, strict: bool, threads: int | None) -> None:
     """Turn a folder of scans into a cache of preprocessed sub-volumes (re-runs skip finished files)."""
     check_output_folder(out)
     from invcoss.data import ReadError
     from invcoss.data import preprocess as run_preprocess
+    from invcoss.rng import pinned_compute
 
-    with progress_bar() as bar:
+    with progress_bar() as bar, pinned_compute(threads):
         task = bar.add_task(f"preprocess {modality}", total=None, info="")
 
         def on_file(done: int, total: int, rel: str, status: str) -> None:
@@ -174,6 +180,7 @@ def open_data(path: Path, modality: str | None, model, strict: bool = False):
 @click.option("--warmup-epochs", type=float, default=None, help="Default: 40/300 of --epochs, as the paper.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @device_option()
+@threads_option()
 def pretrain(
     modality: str | None,
     data: Path,
@@ -186,8 +193,13 @@ def pretrain(
     warmup_epochs: float | None,
     seed: int,
     device,
+    threads: int | None,
 ) -> None:
-    """MAE pre-training (AdamW, warm-up then cosine), checkpointing every epoch."""
+    """MAE pre-training (AdamW, warm-up then cosine), checkpointing every epoch.
+
+    The CPU thread count is recorded in pretrain.json; --resume continues at the recorded count and
+    refuses another --threads.
+    """
     check_output_folder(out)
     import torch
 
@@ -217,7 +229,9 @@ def pretrain(
             bar.update(task, completed=s.done, total=s.total, info=info)
 
         try:
-            result = run_pretrain(model, ds, out, config, resume=resume, device=device, on_step=on_step)
+            result = run_pretrain(
+                model, ds, out, config, resume=resume, device=device, on_step=on_step, threads=threads
+            )
         except ValueError as e:
             raise UserError(str(e)) from None
     if result.epochs_run == 0:
@@ -241,17 +255,27 @@ def pretrain(
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
 @device_option()
+@threads_option()
 def stats(
-    checkpoint: Path, data: Path, modality: str | None, out: Path, batch_size: int, overwrite: bool, device
+    checkpoint: Path,
+    data: Path,
+    modality: str | None,
+    out: Path,
+    batch_size: int,
+    overwrite: bool,
+    device,
+    threads: int | None,
 ) -> None:
     """Collect per-block feature statistics of a checkpoint over its data (Appendix B.2).
 
     An existing --out is kept unless --overwrite is given; its folder is checked before the pass.
+    The CPU thread count of the pass is recorded in the file's metadata (``compute``).
     """
     check_output_file(out, overwrite)
 
     from invcoss.feature_stats import collect_feature_stats
     from invcoss.models import MAE
+    from invcoss.rng import pinned_compute
 
     try:
         model = MAE.from_pretrained(checkpoint)
@@ -263,7 +287,7 @@ def stats(
         raise UserError(str(e)) from None
     dev = device
     model.to(dev)
-    with progress_bar() as bar:
+    with progress_bar() as bar, pinned_compute(threads):
         task = bar.add_task("stats", total=len(ds), info="")
         try:
             result = collect_feature_stats(

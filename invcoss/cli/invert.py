@@ -54,6 +54,18 @@ def _load(modality: str, checkpoint: Path | None, stats_path: Path | None):
     return model, stats, {"model": source, "stats": str(stats_path)}
 
 
+def _recorded_threads(out: Path) -> int | None:
+    """The thread count of the inversion run in ``out`` (None when there is none, or it has none)."""
+    import json
+
+    from invcoss.inversion.files import MANIFEST
+
+    try:
+        return int(json.loads((out / MANIFEST).read_text())["compute"]["threads"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _parse_settings(settings: tuple[str, ...]) -> dict:
     """``("alpha_rep=1.0", "generator_channels=16,8,8,4")`` → ``{"alpha_rep": 1.0, ...}``.
 
@@ -164,12 +176,17 @@ def invert(
     reference: Path | None,
     compare_rep: bool,
 ) -> None:
-    """Invert a frozen model into synthetic samples that match its feature statistics (Eq. 6)."""
+    """Invert a frozen model into synthetic samples that match its feature statistics (Eq. 6).
+
+    The CPU thread count is recorded in the manifest; --resume continues at the recorded count and
+    refuses another --threads.
+    """
     from invcoss.inversion import Inverter, NonFiniteLossError
     from invcoss.inversion.config import InversionConfig
     from invcoss.inversion.report import format_report, reference_batches
     from invcoss.inversion.run import RunFolderError
     from invcoss.ops import available_backends
+    from invcoss.rng import pinned_compute
 
     dev = device
     if backend is not None and backend not in available_backends():
@@ -198,9 +215,11 @@ def invert(
         sources["reference"] = str(reference)
     num_samples = num_samples or 2 * config.batch_size
     out = out or Path(f"inversion-{modality}")
+    if resume and threads is None:
+        threads = _recorded_threads(out)
     sizes = inverter.batch_sizes(num_samples)
     total_steps = sum(config.steps_for(b) for b in range(len(sizes)))
-    with progress_bar() as bar:
+    with progress_bar() as bar, pinned_compute(threads):
         task = bar.add_task("invert", total=total_steps, info="")
         offsets = [sum(config.steps_for(i) for i in range(b)) for b in range(len(sizes))]
 

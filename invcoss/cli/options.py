@@ -7,7 +7,8 @@
 - :func:`device_option` validates ``--device`` once, for every command, with
   :func:`resolve_device`: the command receives a ``torch.device`` (CUDA when available by default),
   and a name torch does not know, or CUDA on a machine without it, is a user error.
-- :func:`threads_option` applies ``--threads`` to torch before the command runs.
+- :func:`threads_option` applies ``--threads`` to torch before the command runs; the command runs
+  its work inside :func:`invcoss.rng.pinned_compute` and records the count it used.
 
 With the group's ``-v/--verbose`` the resolved device and thread count are printed to stderr.
 """
@@ -141,10 +142,19 @@ def device_option(default: str | None = None) -> Callable:
     )
 
 
-def threads_option() -> Callable:
-    """``--threads N``: torch's CPU threads for the command (default: torch's own choice)."""
+def threads_option(default: int | None = None) -> Callable:
+    """``--threads N``: torch's intra-op CPU threads, a setting of the run like its seed.
+
+    Results depend on the count (a reduction is split into one chunk per thread, so its float sums
+    are grouped differently) and are bit-identical at the same count under any load; the count used
+    is recorded in what the command writes. A given value reaches torch before the command runs.
+    ``default``: what the command uses without ``--threads``; None means torch's own count (the
+    machine's cores, or ``OMP_NUM_THREADS``) for new work, and for ``--resume`` the count the run
+    was made with. The command receives the given value, ``default``, or None.
+    """
 
     def callback(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
+        value = value if value is not None else default
         if value is not None:
             import torch
 
@@ -152,12 +162,14 @@ def threads_option() -> Callable:
             _verbose(ctx, f"{value} CPU thread(s)")
         return value
 
+    where = f"{default}" if default is not None else "the machine's cores, or the resumed run's count"
     return click.option(
         "--threads",
         type=click.IntRange(min=1),
         default=None,
         callback=callback,
-        help="torch CPU threads (default: torch's); 1 avoids oversubscription on a busy machine.",
+        help=f"torch CPU threads, a setting of the run: results differ across counts and are identical "
+        f"at one (default: {where}); recorded in the outputs.",
     )
 
 

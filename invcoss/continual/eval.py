@@ -34,6 +34,7 @@ from invcoss.continual.plot import Panel, line_plot
 from invcoss.continual.probe import LabelledSet, probe_accuracy
 from invcoss.data.atomic import atomic_write_bytes, atomic_write_json
 from invcoss.models import MAE
+from invcoss.rng import compute_record
 
 __all__ = [
     "BACKGROUND_STD",
@@ -470,6 +471,7 @@ def evaluate_run(
         "background_std": {m: thresholds[m] for m in data}, "background_fraction": background,
         "probe": {m: str(s.source) for m, s in labelled.items()},
         "probe_classes": {m: s.class_counts() for m, s in labelled.items()},
+        "compute": compute_record(),
     }  # fmt: skip
     return RetentionTable(run, config.method, config.order, rows, settings)
 

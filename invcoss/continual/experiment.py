@@ -17,7 +17,8 @@ Output folder ``OUT``::
     runs/<method>/                      one continual run per method (with eval/ inside)
     forgetting.csv  forgetting.md       the table: method x modality (ForgettingResult.rows)
     retention.png                       held-out loss per stage, one panel per modality (Fig. 6b)
-    experiment.json                     the configuration, the table and the storage numbers
+    experiment.json                     the configuration, the table, the storage numbers and the
+                                        compute settings (the CPU thread count, 1 by default)
 
 Sizes (:meth:`ForgettingExperiment.from_size`): ``quick`` (the default, a benchmark-style run of a
 few minutes on a laptop CPU: X-ray, CT then MRI, the paper's order of these three, at the quick
@@ -45,8 +46,11 @@ from invcoss.data.atomic import atomic_write_bytes, atomic_write_json
 from invcoss.data.phantoms import PHANTOM_LABELS, phantom_label_rows
 from invcoss.modality import get_modality
 from invcoss.models import preset_config
+from invcoss.rng import pinned_compute
 
 __all__ = ["ExperimentEvent", "ForgettingExperiment", "ForgettingResult", "run_forgetting_experiment"]
+
+EXPERIMENT_THREADS = 1  # the default thread count: the table does not depend on the machine
 
 _SIZES = {
     "quick": dict(
@@ -144,6 +148,7 @@ class ForgettingResult:
     tables: dict[str, RetentionTable]
     storage: dict[str, list[StorageRow]]
     seconds: float
+    compute: dict = dataclasses.field(default_factory=dict)
 
     def rows(self) -> list[dict]:
         """One flat row per method and modality, every value a number (NaN where there is none).
@@ -257,6 +262,7 @@ class ForgettingResult:
                         "evaluation": self.evaluation_settings(),
                         "storage": {m: [dataclasses.asdict(r) for r in s] for m, s in self.storage.items()},
                         "seconds": self.seconds,
+                        "compute": self.compute,
                     }
                 ),
             ),
@@ -343,6 +349,7 @@ def run_forgetting_experiment(
     resume: bool = False,
     device: str | None = None,
     on_event: Callable[[ExperimentEvent], None] | None = None,
+    threads: int = EXPERIMENT_THREADS,
 ) -> ForgettingResult:
     """Run every method on phantoms, evaluate, and write the table (module docstring).
 
@@ -352,14 +359,27 @@ def run_forgetting_experiment(
         resume: continue the runs already in ``out`` (finished stages are kept).
         device: default: CUDA when available, else CPU.
         on_event: receives every :class:`ExperimentEvent`.
+        threads: torch's CPU threads for the whole experiment (:func:`invcoss.rng.pinned_compute`);
+            1 by default, so the numbers do not depend on the machine's core count. Recorded as
+            ``compute`` in ``experiment.json`` and in every run and evaluation.
 
     Raises:
         ValueError: ``out`` already holds runs and ``resume`` is not set, or they were made with
-            another configuration.
+            another configuration or thread count.
     """
+    with pinned_compute(threads) as compute:
+        return _run_experiment(Path(out), experiment, resume, device, on_event, compute)
 
+
+def _run_experiment(
+    out: Path,
+    experiment: ForgettingExperiment | None,
+    resume: bool,
+    device: str | None,
+    on_event: Callable[[ExperimentEvent], None] | None,
+    compute: dict,
+) -> ForgettingResult:
     exp = experiment or ForgettingExperiment.from_size("quick")
-    out = Path(out)
     t0 = time.perf_counter()
 
     def emit(phase: str, method: str | None, **info) -> None:
@@ -389,6 +409,7 @@ def run_forgetting_experiment(
             resume=resume,
             device=device,
             on_event=lambda e, method=method: emit("continual", method, event=e),
+            threads=compute["threads"],
         )
         test = {m: open_dataset(c, m) for m, c in caches["test"].items()}
         tables[method] = evaluate_run(
@@ -405,6 +426,6 @@ def run_forgetting_experiment(
         )
         tables[method].write(run / "eval")
         storage[method] = storage_report(run)
-    result = ForgettingResult(out, exp, tables, storage, time.perf_counter() - t0)
+    result = ForgettingResult(out, exp, tables, storage, time.perf_counter() - t0, compute)
     result.write()
     return result

@@ -2,7 +2,7 @@
 
 Run folder ``RUN``::
 
-    continual.json                  the configuration and the stage folders
+    continual.json                  the configuration, the stage folders, the compute settings
     stage1_ct/                      one folder per stage, named stage<k>_<modality>
         config.json model.safetensors   the checkpoint (MAE.from_pretrained(folder))
         stats.safetensors           per-block feature statistics of the stage's data

@@ -19,12 +19,20 @@ The run folder's layout: :mod:`invcoss.continual.layout`.
 Resuming (``resume=True``) skips finished stages without opening their data, continues a stage from
 its last finished epoch (model, AdamW moments and RNG state), and reuses synthetic samples already
 written. Each file is written atomically.
+
+A run is a function of its settings: the configuration and the CPU thread count (``threads``,
+recorded as ``compute`` in ``continual.json`` and every ``stage.json``). At one thread count two runs
+give bit-identical checkpoints, losses and synthetic samples, in one process or two and under any
+load; at another count they differ (reductions in conv3d, conv_transpose3d and group_norm are summed
+in another order, by about 1e-6, and the inversion amplifies it), so resuming at another count is
+refused.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -55,7 +63,7 @@ from invcoss.inversion.engine import derive_seed
 from invcoss.inversion.run import Inverter
 from invcoss.models import MAE, create_model
 from invcoss.pretrain import STATE_NAME
-from invcoss.rng import keeps_global_rng
+from invcoss.rng import keeps_global_rng, pinned_compute, resolve_threads
 from invcoss.training import TrainStep
 
 __all__ = ["ContinualEvent", "ContinualResult", "run_continual"]
@@ -118,7 +126,15 @@ def _check_shape(ds: AuditedDataset, model: nn.Module, modality: str) -> tuple[i
     return shape
 
 
-def _run_header(out: Path, config: ContinualConfig, resume: bool) -> None:
+def _recorded_threads(out: Path) -> int | None:
+    """The thread count ``RUN/continual.json`` records (None for a new folder or an older run)."""
+    try:
+        return int(json.loads((out / RUN_NAME).read_text())["compute"]["threads"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _run_header(out: Path, config: ContinualConfig, resume: bool, compute: dict) -> None:
     path = out / RUN_NAME
     if path.exists():
         if not resume:
@@ -134,7 +150,8 @@ def _run_header(out: Path, config: ContinualConfig, resume: bool) -> None:
         if diff:
             raise ValueError(f"cannot resume {out}: the configuration differs ({'; '.join(diff)})")
     stages = [stage_dir(out, t, m).name for t, m in enumerate(config.order)]
-    atomic_write_json(path, {"format": RUN_FORMAT, "config": config.to_dict(), "stages": stages})
+    header = {"format": RUN_FORMAT, "config": config.to_dict(), "stages": stages, "compute": compute}
+    atomic_write_json(path, header)
 
 
 @keeps_global_rng
@@ -146,6 +163,7 @@ def run_continual(
     device: torch.device | str | None = None,
     on_event: Callable[[ContinualEvent], None] | None = None,
     backend: str | None = None,
+    threads: int | None = None,
 ) -> ContinualResult:
     """Train an MAE through the stages of ``config.order`` with the replay of ``config.method``.
 
@@ -160,13 +178,17 @@ def run_continual(
         device: default: CUDA when available, else CPU.
         on_event: receives every :class:`ContinualEvent`.
         backend: :mod:`invcoss.ops` backend of the inversion losses.
+        threads: torch's CPU threads for the run (:func:`invcoss.rng.pinned_compute`, which also
+            turns deterministic algorithms on); None: the current count for a new run, the recorded
+            one when resuming. Recorded as ``compute`` in ``continual.json`` and every ``stage.json``.
 
     Returns:
         :class:`ContinualResult`.
 
     Raises:
         ValueError: missing data for a stage to run, data of the wrong size, an existing run
-            without ``resume`` or with another configuration.
+            without ``resume`` or with another configuration, or ``threads`` other than the count
+            the resumed run was made with (its numbers would depend on two counts).
         DataAccessError: a sealed stage's data was read (a bug; never expected).
 
     Example:
@@ -180,6 +202,21 @@ def run_continual(
     """
 
     out = Path(out)
+    threads = resolve_threads(threads, _recorded_threads(out) if resume else None, f"the run in {out}")
+    with pinned_compute(threads) as compute:
+        return _run_stages(data, out, config, resume, device, on_event, backend, compute)
+
+
+def _run_stages(
+    data: Mapping[str, object],
+    out: Path,
+    config: ContinualConfig,
+    resume: bool,
+    device: torch.device | str | None,
+    on_event: Callable[[ContinualEvent], None] | None,
+    backend: str | None,
+    compute: dict,
+) -> ContinualResult:
     t_start = time.perf_counter()
     dev = (
         torch.device(device)
@@ -193,7 +230,7 @@ def run_continual(
             f"no data given for stage(s) {', '.join(missing)} of the order {','.join(config.order)}"
         )
     out.mkdir(parents=True, exist_ok=True)
-    _run_header(out, config, resume)
+    _run_header(out, config, resume, compute)
 
     def emit(kind: str, stage: int, modality: str, **info) -> None:
         if on_event is not None:
@@ -262,6 +299,7 @@ def run_continual(
             "kept": kept,
             "reads": ds.reads,
             "seconds": times,
+            "compute": compute,
             "done": True,
         }
         atomic_write_json(folder / STAGE_NAME, summary)

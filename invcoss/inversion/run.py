@@ -31,6 +31,7 @@ from invcoss.inversion.files import (
     write_preview,
 )
 from invcoss.inversion.report import quality_report
+from invcoss.rng import compute_record
 
 __all__ = ["CURVE_POINTS", "FORMAT", "InversionResult", "Inverter", "RunFolderError", "run_inversion"]
 
@@ -183,7 +184,8 @@ def run_inversion(
         max_reference: at most this many reference samples are read.
 
     Raises:
-        RunFolderError: the folder holds another run, or is not empty without ``resume``.
+        RunFolderError: the folder holds another run, is not empty without ``resume``, or its run
+            was made at another CPU thread count (recorded as ``compute`` in the manifest).
         NonFiniteLossError: a loss became non-finite (the manifest keeps the finished batches).
     """
 
@@ -194,8 +196,15 @@ def run_inversion(
     inv.start(num_samples)
     sizes = inv.batch_sizes(num_samples)
     spacing = inv.config.spacing or inv.space.spacing(inv.input_shape[1:])
+    compute = compute_record()
     if existing is not None:
         manifest = existing
+        made_with = (manifest.get("compute") or {}).get("threads", compute["threads"])
+        if made_with != compute["threads"]:
+            raise RunFolderError(
+                f"cannot resume {out}: it was made with {made_with} CPU threads and this process has "
+                f"{compute['threads']}; the samples depend on the count, so resume with --threads {made_with}"
+            )
         done = len(manifest["batches"])
         if 0 < done < len(sizes):
             inv.load_state_tensors(_load_state(out, manifest["resume_state"]), batch=done)
@@ -215,6 +224,7 @@ def run_inversion(
         }
         done = 0
     manifest["device"], manifest["backend"] = str(inv.device), inv.backend or "default"
+    manifest["compute"] = compute
     if out.is_dir():
         _remove_stale(out, manifest.get("resume_state"))
     for b in range(done, len(sizes)):
