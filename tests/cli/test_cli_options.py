@@ -28,6 +28,27 @@ def test_device_is_declared_by_every_command_that_computes():
     }  # fmt: skip
 
 
+def test_threads_is_declared_by_every_command_that_computes():
+    assert set(_commands_with("--threads")) == {
+        "phantoms", "preprocess", "pretrain", "stats", "invert", "continual", "evaluate",
+        "experiment forgetting", "bench",
+    }  # fmt: skip
+
+
+def test_experiment_forgetting_runs_at_one_thread_unless_told(tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        for argv, expected in (([], 1), (["--threads", "3"], 3)):
+            torch.set_num_threads(2)
+            r = CliRunner().invoke(
+                main, ["experiment", "forgetting", "--out", str(tmp_path / "x"), "--methods", "sgd", *argv]
+            )
+            assert r.exit_code == 2 and "methods must be" in r.output  # stops before any work
+            assert torch.get_num_threads() == expected
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("command", sorted(_commands_with("--device")))
 def test_every_device_option_rejects_an_unknown_device_the_same_way(command):
     argv = _commands_with("--device")[command]

@@ -208,6 +208,7 @@ def test_evaluate_scores_seen_modalities_and_forgetting(runs, tmp_path):
     assert (31, 119, 180) in {c for _, c in img.getcolors(1 << 20)}  # the run's curve is drawn
     saved = json.loads(paths["json"].read_text())
     assert saved["order"] == ["ct", "xray"]
+    assert saved["settings"].pop("compute")["threads"] == torch.get_num_threads()  # the count it ran at
     assert saved["settings"] == {
         "mask_ratio": 0.75,
         "repeats": 1,

@@ -68,6 +68,9 @@ def test_experiment_forgetting_tiny_end_to_end(tmp_path):
     summary = json.loads((out / "experiment.json").read_text())
     assert set(summary["mean_forgetting"]) == {"seq", "er", "invcoss"}
     assert summary["experiment"]["base"]["order"] == ["ct", "xray"]
+    assert summary["compute"]["threads"] == 1  # the experiment's default, whatever the machine
+    retention = json.loads((out / "runs" / "invcoss" / "eval" / "retention.json").read_text())
+    assert retention["settings"]["compute"]["threads"] == 1
     assert Image.open(out / "retention.png").size == (840, 344)
     # The synthetic replay of stage 2 has as many samples as er keeps.
     stage = json.loads((out / "runs" / "invcoss" / "stage2_xray" / "stage.json").read_text())

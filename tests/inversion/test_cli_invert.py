@@ -155,6 +155,27 @@ def test_other_user_errors_exit_2(runner, tmp_path, tiny_checkpoint):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"] and os.listdir(out) == ["keep.txt"]
 
 
+def test_resume_continues_at_the_recorded_thread_count(runner, tmp_path, tiny_checkpoint):
+    out = tmp_path / "run"
+    args = [
+        "invert", "--modality", "ct", "--checkpoint", str(tiny_checkpoint), "--num-samples", "2",
+        "--batch-size", "2", *FAST, "--set", "upsample=1", "--out", str(out),
+    ]  # fmt: skip
+    assert runner.invoke(main, [*args, "--threads", "1"]).exit_code == 0
+    assert json.loads((out / "manifest.json").read_text())["compute"]["threads"] == 1
+    try:
+        assert_user_error(
+            runner.invoke(main, [*args, "--resume", "--threads", "2"]),
+            "made with 1 CPU threads and this process has 2", "--threads 1",
+        )  # fmt: skip
+        torch.set_num_threads(2)
+        r = runner.invoke(main, [*args, "--resume"])  # no --threads: the run's count
+        assert r.exit_code == 0, r.output
+        assert "0 of 1 batches run" in r.stdout
+    finally:
+        torch.set_num_threads(1)
+
+
 def _files(out) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted((out / "samples").iterdir())}
 

@@ -201,3 +201,26 @@ def test_a_non_finite_loss_stops_the_batch_and_writes_none_of_it(tmp_path, model
     assert len(m["batches"]) == 1
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["ct_00000.nii.gz", "ct_00001.nii.gz"]
     assert len(inv.pool) == 2  # the failed batch pushed nothing into the pool
+
+
+def test_the_manifest_records_the_thread_count_and_resume_needs_the_same(tmp_path, model, ct_stats):
+    out = tmp_path / "run"
+
+    def stop(info) -> None:
+        if info.batch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Inverter(model, ct_stats, ct_config(), backend="torch").run(4, out, on_step=stop)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["compute"]["threads"] == torch.get_num_threads() == 1
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(
+            RunFolderError, match=r"made with 1 CPU threads and this process has 2.*--threads 1"
+        ):
+            Inverter(model, ct_stats, ct_config(), backend="torch").run(4, out, resume=True)
+    finally:
+        torch.set_num_threads(1)
+    assert len(json.loads((out / "manifest.json").read_text())["batches"]) == 1  # nothing more was done
+    assert Inverter(model, ct_stats, ct_config(), backend="torch").run(4, out, resume=True).batches_run == 1

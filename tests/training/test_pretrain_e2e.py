@@ -63,6 +63,13 @@ def test_resume_continues_exactly(tmp_path):
 
 def test_existing_run_needs_resume_and_the_same_model(tmp_path):
     tiny_run(tmp_path, 1)
+    made_with = json.loads((tmp_path / "pretrain.json").read_text())["compute"]["threads"]
+    assert made_with == torch.get_num_threads()
+    with pytest.raises(ValueError, match=f"it was made with {made_with}, .*--threads {made_with}"):
+        pretrain(
+            create_model("vit_nano", **SMALL), torch.rand(4, 3, 32, 32), tmp_path,
+            PretrainConfig(epochs=2), modality="xray", resume=True, threads=made_with + 1,
+        )  # fmt: skip
     with pytest.raises(ValueError, match="already holds a training run"):
         tiny_run(tmp_path, 2)
     other = create_model("vit_nano", img_size_2d=48)
