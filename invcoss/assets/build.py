@@ -11,13 +11,14 @@ called through the library functions behind them, because the model is ``vit_nan
 (``embed_dim=64``), which the pretrain command has no option for. The narrower width keeps each
 checkpoint under 2 MB. The trained weights are rounded to float16 for storage, and the statistics
 are collected with the rounded weights, so they describe exactly the model that is loaded.
-Training on a CPU is deterministic for a given machine and torch build; another machine may differ
-in the last bits.
+The build runs at one CPU thread by default (``--threads``), recorded in ``asset.json`` as
+``compute``: at one count the build is bit-identical, at another the weights differ in the last bits.
 
 Usage::
 
     python -m invcoss.assets.build                      # all four modalities into invcoss/assets
     python -m invcoss.assets.build --modality ct --epochs 2 --out /tmp/assets   # a quick try
+    python -m invcoss.assets.build --threads 2          # another thread count (other bits)
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from invcoss.data import open_dataset, preprocess, write_phantoms
 from invcoss.feature_stats import collect_feature_stats
 from invcoss.models import MAE, create_model
 from invcoss.pretrain import PretrainConfig, pretrain
+from invcoss.rng import compute_record, pinned_compute
 
 # Phantom files per modality: about 150-200 training samples each at the quick profile's sizes.
 RECIPES = {
@@ -98,7 +100,9 @@ def build_one(modality: str, out: Path, work: Path, epochs: int = EPOCHS, log=pr
             "tokens_x_width": list(stats.mean[0].shape),
         },
         "torch": torch.__version__,
-        "command": f"python -m invcoss.assets.build --modality {modality} --epochs {epochs}",
+        "compute": compute_record(),
+        "command": f"python -m invcoss.assets.build --modality {modality} --epochs {epochs} "
+        f"--threads {torch.get_num_threads()}",
         "seconds": round(time.perf_counter() - t0, 1),
     }
     (target / "asset.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -115,12 +119,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=ASSETS_DIR, help="default: the package's assets folder")
     parser.add_argument("--epochs", type=int, default=EPOCHS)
     parser.add_argument("--work", type=Path, default=None, help="keep phantoms, caches and checkpoints here")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads, recorded (default: 1)")
     args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
     modalities = list(RECIPES) if args.modality == "all" else [args.modality]
     work = args.work or Path(tempfile.mkdtemp(prefix="invcoss-assets-"))
     try:
-        for m in modalities:
-            build_one(m, args.out, work, args.epochs)
+        with pinned_compute(args.threads):
+            for m in modalities:
+                build_one(m, args.out, work, args.epochs)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
