@@ -51,6 +51,11 @@ def keeps_global_rng(fn: F) -> F:
 # submits (torch.jit.fork), so its size is recorded but not set.
 
 
+def _check_threads(threads: int | None) -> None:
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be an int >= 1, got {threads!r}")
+
+
 def compute_record() -> dict:
     """What a manifest records of the compute settings: intra- and inter-op threads, determinism.
 
@@ -85,10 +90,7 @@ def resolve_threads(requested: int | None, recorded: int | None, what: str) -> i
         ...
         ValueError: cannot resume the run in out at 2 CPU threads: it was made with 3, and its numbers depend on the count; resume it with 3 (--threads 3)
     """
-    if requested is not None and (
-        isinstance(requested, bool) or not isinstance(requested, int) or requested < 1
-    ):
-        raise ValueError(f"threads must be an int >= 1, got {requested!r}")
+    _check_threads(requested)
     if requested is not None and recorded is not None and requested != recorded:
         raise ValueError(
             f"cannot resume {what} at {requested} CPU threads: it was made with {recorded}, and its "
@@ -105,10 +107,14 @@ def pinned_compute(threads: int | None = None) -> Iterator[dict]:
 
     ``threads=None`` keeps the current count. :func:`torch.use_deterministic_algorithms` is on
     with ``warn_only=True``: on the CPU every op invcoss uses is deterministic at a fixed thread
-    count already, so it changes no number there; on CUDA it selects the deterministic kernels
-    (cuDNN included) and warns, rather than fails, for an op that has none (the trilinear
-    upsampling backward of the 3D generator). It also sets ``CUBLAS_WORKSPACE_CONFIG`` when unset,
-    which cuBLAS needs for reproducible sums. Yields :func:`compute_record` of the block.
+    count already, so it changes no number there (and costs no measurable time). On CUDA it
+    selects the deterministic kernels (cuDNN included) and warns, rather than fails, for an op that
+    has none, such as the trilinear upsampling backward of the 3D generator; such a run is not
+    bit-identical. It also sets ``CUBLAS_WORKSPACE_CONFIG`` when unset (and leaves it set), which
+    cuBLAS reads when it starts and needs for reproducible sums. Yields :func:`compute_record`.
+
+    Raises:
+        ValueError: ``threads`` is not None or an int >= 1.
 
     Example:
         >>> before = torch.get_num_threads()
@@ -118,8 +124,7 @@ def pinned_compute(threads: int | None = None) -> Iterator[dict]:
         >>> torch.get_num_threads() == before
         True
     """
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"threads must be an int >= 1, got {threads!r}")
+    _check_threads(threads)
     saved_threads = torch.get_num_threads()
     saved_det = (
         torch.are_deterministic_algorithms_enabled(),

@@ -17,6 +17,7 @@ from safetensors import safe_open
 from invcoss.continual import run_continual
 from invcoss.continual.config import ContinualConfig
 from invcoss.continual.experiment import ForgettingExperiment
+from invcoss.rng import pinned_compute, resolve_threads
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -104,3 +105,19 @@ def test_the_invcoss_path_is_bit_identical_in_a_fresh_process(tmp_path):
     assert done.returncode == 0, done.stderr
     assert_identical(tmp_path / "here", tmp_path / "there")
     assert_records_one_thread(tmp_path / "there")
+
+
+def test_pinned_compute_restores_the_settings_and_checks_the_count():
+    torch.use_deterministic_algorithms(False)
+    with pytest.raises(KeyError):
+        with pinned_compute(2) as record:
+            assert record["threads"] == torch.get_num_threads() == 2
+            assert torch.are_deterministic_algorithms_enabled()
+            raise KeyError("the block fails")
+    assert torch.get_num_threads() == 1 and not torch.are_deterministic_algorithms_enabled()
+    for bad in (0, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="threads must be an int >= 1"):
+            pinned_compute(bad).__enter__()
+        with pytest.raises(ValueError, match="threads must be an int >= 1"):
+            resolve_threads(bad, None, "a run")
+    assert resolve_threads(None, None, "a run") == torch.get_num_threads()
