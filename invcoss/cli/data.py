@@ -24,6 +24,33 @@ from invcoss.modality import get_modality
 # The defaults of invcoss.data.ReadLimits (importing it here would import torch before --help;
 # tests/data/test_data_robust.py checks they agree).
 LIMIT_DEFAULTS = {"max_voxels": 2**29, "max_pixels": 100_000_000, "min_spacing": 0.01, "max_spacing": 50.0}
+_LIMIT_HELP = {
+    "max_voxels": "Skip a volume (or one frame) with more voxels, also after resampling; checked from the header.",
+    "max_pixels": "Skip a 2D image with more pixels; checked from the header.",
+    "min_spacing": "Skip a volume with a voxel spacing below this (mm).",
+    "max_spacing": "Skip a volume with a voxel spacing above this (mm).",
+}
+
+
+def limit_options():
+    """``--max-voxels``, ``--max-pixels``, ``--min-spacing``, ``--max-spacing``: the fields of ReadLimits."""
+
+    def decorate(f):
+        for name in reversed(list(LIMIT_DEFAULTS)):
+            default = LIMIT_DEFAULTS[name]
+            kind = (
+                click.IntRange(min=1) if isinstance(default, int) else click.FloatRange(min=0, min_open=True)
+            )
+            f = click.option(
+                "--" + name.replace("_", "-"),
+                type=kind,
+                default=default,
+                show_default=True,
+                help=_LIMIT_HELP[name],
+            )(f)
+        return f
+
+    return decorate
 
 
 def human_bytes(n: float) -> str:
@@ -117,34 +144,7 @@ def phantoms(
     show_default=True,
     help="Of a 4D series: the first volume only, or every volume as a sample source (warned either way).",
 )
-@click.option(
-    "--max-voxels",
-    type=click.IntRange(min=1),
-    default=LIMIT_DEFAULTS["max_voxels"],
-    show_default=True,
-    help="Skip a volume (or one frame) with more voxels, also after resampling; checked from the header.",
-)
-@click.option(
-    "--max-pixels",
-    type=click.IntRange(min=1),
-    default=LIMIT_DEFAULTS["max_pixels"],
-    show_default=True,
-    help="Skip a 2D image with more pixels; checked from the header.",
-)
-@click.option(
-    "--min-spacing",
-    type=click.FloatRange(min=0, min_open=True),
-    default=LIMIT_DEFAULTS["min_spacing"],
-    show_default=True,
-    help="Skip a volume with a voxel spacing below this (mm).",
-)
-@click.option(
-    "--max-spacing",
-    type=click.FloatRange(min=0, min_open=True),
-    default=LIMIT_DEFAULTS["max_spacing"],
-    show_default=True,
-    help="Skip a volume with a voxel spacing above this (mm).",
-)
+@limit_options()
 def preprocess(
     modality: str,
     data: Path,

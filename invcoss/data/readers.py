@@ -354,16 +354,37 @@ def _pillow_unbounded() -> Iterator[None]:
         Image.MAX_IMAGE_PIXELS = saved
 
 
-def _check_pixels(path: Path, width: int, height: int, limits: ReadLimits) -> None:
-    if width < 1 or height < 1:
-        raise ReadError(path, f"image of {width}x{height} pixels is empty")
-    if width * height > limits.max_pixels:
+@contextmanager
+def _open_picture(path: Path, limits: ReadLimits) -> Iterator:
+    """The Pillow image of ``path`` (header read, pixels not yet), after the suffix and pixel checks.
+
+    Any error of Pillow inside the block becomes a :class:`ReadError` naming the file.
+    """
+    from PIL import Image
+
+    if not picture_suffix(path):
         raise ReadError(
-            path,
-            f"{width}x{height} = {width * height:,} pixels, more than the limit of {limits.max_pixels:,} "
-            "(raise it with --max-pixels / ReadLimits.max_pixels)",
-            OVER_LIMIT,
+            path, f"not a picture file (expected one of {', '.join(PICTURE_SUFFIXES)})", NOT_AN_IMAGE
         )
+    try:
+        with _pillow_unbounded(), Image.open(path) as im:
+            width, height = im.size
+            if width < 1 or height < 1:
+                raise ReadError(path, f"image of {width}x{height} pixels is empty")
+            if width * height > limits.max_pixels:
+                raise ReadError(
+                    path,
+                    f"{width}x{height} = {width * height:,} pixels, more than the limit of "
+                    f"{limits.max_pixels:,} (raise it with --max-pixels / ReadLimits.max_pixels)",
+                    OVER_LIMIT,
+                )
+            yield im
+    except ReadError:
+        raise
+    except (
+        Exception
+    ) as e:  # Pillow raises many types on corrupt files (OSError, SyntaxError, struct.error, ...)
+        raise ReadError(path, f"cannot decode image ({type(e).__name__}: {e})") from e
 
 
 def picture_size(path: str | os.PathLike, limits: ReadLimits = DEFAULT_LIMITS) -> tuple[int, int]:
@@ -372,19 +393,8 @@ def picture_size(path: str | os.PathLike, limits: ReadLimits = DEFAULT_LIMITS) -
     Raises:
         ReadError: unsupported suffix, Pillow cannot identify the file, or it breaks ``limits``.
     """
-    from PIL import Image
-
-    path = Path(path)
-    if not picture_suffix(path):
-        raise ReadError(
-            path, f"not a picture file (expected one of {', '.join(PICTURE_SUFFIXES)})", NOT_AN_IMAGE
-        )
-    try:
-        with _pillow_unbounded(), Image.open(path) as im:
-            width, height = im.size
-    except Exception as e:  # Pillow raises many types on corrupt headers
-        raise ReadError(path, f"cannot decode image ({type(e).__name__}: {e})") from e
-    _check_pixels(path, width, height, limits)
+    with _open_picture(Path(path), limits) as im:
+        width, height = im.size
     return height, width
 
 
@@ -407,24 +417,10 @@ def read_picture(path: str | os.PathLike, limits: ReadLimits = DEFAULT_LIMITS) -
         >>> pic.array.shape, float(pic.array.max())
         ((1, 4, 6), 1.0)
     """
-    from PIL import Image
-
     path = Path(path)
-    if not picture_suffix(path):
-        raise ReadError(
-            path, f"not a picture file (expected one of {', '.join(PICTURE_SUFFIXES)})", NOT_AN_IMAGE
-        )
-    try:
-        with _pillow_unbounded(), Image.open(path) as im:
-            _check_pixels(path, *im.size, limits)
-            im.load()
-            array = _picture_array(im)
-    except ReadError:
-        raise
-    except (
-        Exception
-    ) as e:  # Pillow raises many types on corrupt data (OSError, SyntaxError, struct.error, ...)
-        raise ReadError(path, f"cannot decode image ({type(e).__name__}: {e})") from e
+    with _open_picture(path, limits) as im:
+        im.load()
+        array = _picture_array(im)
     return Picture(array=array, path=path)
 
 
