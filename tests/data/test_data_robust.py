@@ -20,6 +20,7 @@ from click.testing import CliRunner
 import invcoss.data.cache as cache_module
 from invcoss.cli import main
 from invcoss.cli.data import LIMIT_DEFAULTS
+from invcoss.continual.probe import read_labelled_csv
 from invcoss.data import (
     DEFAULT_LIMITS,
     FolderDataset,
@@ -453,3 +454,12 @@ def test_no_samples_error_keeps_the_report(tmp_path):
     assert e.value.report.skipped == [
         ("a.txt", "not a NIfTI file (.nii or .nii.gz), which modality ct needs")
     ]
+
+
+def test_labelled_csv_names_a_file_over_a_limit(tmp_path):
+    files = write_phantoms(tmp_path, "xray", 2, size=(32, 32))
+    claiming_png(tmp_path / "slide.png", 15000, 15000)
+    rows = [f"{p.name},{label}" for p, label in zip(files, "ab")] + ["slide.png,a"]
+    (tmp_path / "labels.csv").write_text("file,label\n" + "\n".join(rows) + "\n")
+    with pytest.raises(ValueError, match="cannot read slide.png: 15000x15000 = 225,000,000 pixels"):
+        read_labelled_csv(tmp_path / "labels.csv", "xray", (32, 32), channels=3)
