@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -253,38 +254,32 @@ def preprocess(
     last_flush = time.monotonic()
     for done, path in enumerate(files, start=1):
         rel = path.relative_to(folder).as_posix()
-        st = path.stat()
         prev = old_sources.get(rel)
-        if (
-            prev is not None
-            and prev["size"] == st.st_size
-            and prev["mtime_ns"] == st.st_mtime_ns
-            and prev.get("frames", "first") == frames
-            and (cache / prev["array"]).is_file()
-        ):
-            sources.append(prev)
-            report.reused += 1
-            status = "reused"
-        else:
-            try:
+        try:
+            st = _regular_stat(path)
+            reuse = (
+                prev is not None
+                and prev["size"] == st.st_size
+                and prev["mtime_ns"] == st.st_mtime_ns
+                and prev.get("frames", "first") == frames
+                and (cache / prev["array"]).is_file()
+            )
+            if not reuse:
                 check_suffix(path, config)
                 result = pre.run(path)
                 name = _array_name(rel)
-                try:
-                    atomic_save_npy(
-                        cache / name,
-                        np.stack([s.array for s in result.samples]).astype(np.float32, copy=False),
-                    )
-                except Exception as e:  # a full disk, a vanished folder: this file's sample is lost
-                    raise ReadError(
-                        path, f"cannot write its samples ({type(e).__name__}: {e})", FAILED
-                    ) from e
-            except ReadError as e:
-                if strict:
-                    raise
-                report.skipped.append((rel, e.reason))
-                report.skip_kinds[rel] = e.kind
-                status = "skipped"
+                _save_samples(path, cache / name, result.samples)
+        except ReadError as e:
+            if strict:
+                raise
+            report.skipped.append((rel, e.reason))
+            report.skip_kinds[rel] = e.kind
+            status = "skipped"
+        else:
+            if reuse:
+                sources.append(prev)
+                report.reused += 1
+                status = "reused"
             else:
                 owned.add(name)
                 shape = list(config.sample_shape)
@@ -332,6 +327,25 @@ def _changed(cache: Path, manifest: dict) -> bool:
         return json.loads((cache / MANIFEST).read_text()) != json.loads(json.dumps(manifest))
     except (OSError, json.JSONDecodeError):
         return True
+
+
+def _regular_stat(path: Path) -> os.stat_result:
+    """``path.stat()``, or :class:`ReadError` for a broken link, a vanished file, a pipe or a device."""
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise ReadError(path, f"cannot open ({e.strerror or e})") from e
+    if not stat.S_ISREG(st.st_mode):  # reading a pipe or a device would block or never end
+        raise ReadError(path, "not a regular file", NOT_AN_IMAGE)
+    return st
+
+
+def _save_samples(path: Path, target: Path, samples: list) -> None:
+    """Write the samples of ``path`` as one array; any failure (a full disk) is this file's ReadError."""
+    try:
+        atomic_save_npy(target, np.stack([s.array for s in samples]).astype(np.float32, copy=False))
+    except Exception as e:
+        raise ReadError(path, f"cannot write its samples ({type(e).__name__}: {e})", FAILED) from e
 
 
 def _remove_orphans(cache: Path, orphans: set[str]) -> None:

@@ -213,7 +213,10 @@ def _check_header(path: Path, img, limits: ReadLimits) -> tuple[tuple[int, ...],
             OVER_LIMIT,
         )
     claimed = math.prod(shape) * itemsize
-    size = path.stat().st_size
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise ReadError(path, f"cannot open ({e.strerror or e})") from e
     gz = str(path).lower().endswith(".gz")
     room = size * _DEFLATE_MAX_RATIO if gz else size - offset
     if claimed > room:

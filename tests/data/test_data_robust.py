@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -463,3 +464,16 @@ def test_labelled_csv_names_a_file_over_a_limit(tmp_path):
     (tmp_path / "labels.csv").write_text("file,label\n" + "\n".join(rows) + "\n")
     with pytest.raises(ValueError, match="cannot read slide.png: 15000x15000 = 225,000,000 pixels"):
         read_labelled_csv(tmp_path / "labels.csv", "xray", (32, 32), channels=3)
+
+
+def test_broken_links_and_pipes_are_skipped_not_read(tmp_path):
+    scans = tmp_path / "scans"
+    write_phantoms(scans, "ct", 1, size=(20, 32, 32))
+    (scans / "gone.nii.gz").symlink_to(tmp_path / "nowhere.nii.gz")
+    os.mkfifo(scans / "pipe.nii")  # reading it would block forever
+    report = preprocess(scans, tmp_path / "cache", "ct", "quick")
+    assert report.processed == 1
+    assert dict(report.skipped) == {
+        "gone.nii.gz": "cannot open (No such file or directory)",
+        "pipe.nii": "not a regular file",
+    }
