@@ -114,8 +114,10 @@ def list_files(folder: str | os.PathLike, exclude: str | os.PathLike | None = No
 def check_suffix(path: Path, config: PreprocessConfig) -> None:
     """Raise :class:`ReadError` when the file's suffix is not a format of the config's modality.
 
-    A DICOM file (``.dcm`` or the ``DICM`` preamble) gets its own kind and a conversion hint.
+    A DICOM file (``.dcm`` or the ``DICM`` preamble) gets its own kind and a conversion hint; a
+    broken link, a pipe or a device is refused before anything opens it.
     """
+    _regular_stat(path)
     if nifti_suffix(path) if config.ndim == 3 else picture_suffix(path):
         return
     if looks_like_dicom(path):

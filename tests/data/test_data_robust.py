@@ -477,3 +477,4 @@ def test_broken_links_and_pipes_are_skipped_not_read(tmp_path):
         "gone.nii.gz": "cannot open (No such file or directory)",
         "pipe.nii": "not a regular file",
     }
+    assert dict(FolderDataset(scans, QUICK_CT).skipped) == dict(report.skipped)
