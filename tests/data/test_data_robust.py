@@ -19,6 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 import invcoss.data.cache as cache_module
+import invcoss.data.limits as limits_module
 import invcoss.data.readers as readers_module
 from invcoss.cli import main
 from invcoss.cli.data import LIMIT_DEFAULTS
@@ -80,17 +81,19 @@ def volume(path, shape=(30, 24, 24), spacing=(2.0, 2.0, 2.0), frames: int | None
 # --- limits checked from the header ------------------------------------------------------------
 
 
-# Loads readers.py alone (it imports numpy and nibabel only), so the subprocess starts in half a
-# second instead of importing torch with the package.
+# Loads limits.py and readers.py alone (they import numpy and nibabel only), so the subprocess
+# starts in half a second instead of importing torch with the package.
 MEMORY_PROBE = """
 import importlib.util, json, resource, sys
-spec = importlib.util.spec_from_file_location("readers", sys.argv[1])
-readers = importlib.util.module_from_spec(spec)
-sys.modules["readers"] = readers
-spec.loader.exec_module(readers)
+for name, file in (("invcoss.data.limits", sys.argv[1]), ("readers", sys.argv[2])):
+    spec = importlib.util.spec_from_file_location(name, file)
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+readers = sys.modules["readers"]
 import nibabel  # noqa: F401  (its import is not what is measured)
+assert "torch" not in sys.modules
 peaks = {}
-for path in sys.argv[2:]:
+for path in sys.argv[3:]:
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     try:
         readers.read_nifti(path)
@@ -112,7 +115,14 @@ def test_header_claims_are_rejected_before_any_allocation(tmp_path):
     ]
     assert all(f.stat().st_size < 1500 for f in files)
     out = subprocess.run(
-        [sys.executable, "-c", MEMORY_PROBE, readers_module.__file__, *map(str, files)],
+        [
+            sys.executable,
+            "-c",
+            MEMORY_PROBE,
+            limits_module.__file__,
+            readers_module.__file__,
+            *map(str, files),
+        ],
         capture_output=True,
         text=True,
         check=True,
