@@ -22,6 +22,37 @@ from invcoss.cli.options import (
 )
 from invcoss.modality import get_modality
 
+# The defaults of invcoss.data.ReadLimits (importing it here would import torch before --help;
+# tests/data/test_data_robust.py checks they agree).
+LIMIT_DEFAULTS = {"max_voxels": 2**29, "max_pixels": 100_000_000, "min_spacing": 0.01, "max_spacing": 50.0}
+_LIMIT_HELP = {
+    "max_voxels": "Skip a volume (or one frame) with more voxels, also after resampling; checked from the header.",
+    "max_pixels": "Skip a 2D image with more pixels; checked from the header.",
+    "min_spacing": "Skip a volume with a voxel spacing below this (mm).",
+    "max_spacing": "Skip a volume with a voxel spacing above this (mm).",
+}
+
+
+def limit_options():
+    """``--max-voxels``, ``--max-pixels``, ``--min-spacing``, ``--max-spacing``: the fields of ReadLimits."""
+
+    def decorate(f):
+        for name in reversed(list(LIMIT_DEFAULTS)):
+            default = LIMIT_DEFAULTS[name]
+            kind = (
+                click.IntRange(min=1) if isinstance(default, int) else click.FloatRange(min=0, min_open=True)
+            )
+            f = click.option(
+                "--" + name.replace("_", "-"),
+                type=kind,
+                default=default,
+                show_default=True,
+                help=_LIMIT_HELP[name],
+            )(f)
+        return f
+
+    return decorate
+
 
 def human_bytes(n: float) -> str:
     """``1536`` → ``'1.5 KiB'``."""
@@ -106,16 +137,46 @@ def phantoms(
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Cache folder.")
 @click.option("--profile", type=click.Choice(["paper", "quick"]), default="paper", show_default=True)
 @click.option(
-    "--strict", is_flag=True, help="Fail on the first file that cannot be read instead of skipping it."
+    "--strict",
+    is_flag=True,
+    help="Stop at the first file that cannot be used (exit 2) instead of skipping it.",
 )
+@click.option(
+    "--frames",
+    type=click.Choice(["first", "all"]),
+    default="first",
+    show_default=True,
+    help="Of a 4D series: the first volume only, or every volume as a sample source (warned either way).",
+)
+@limit_options()
 @threads_option()
-def preprocess(modality: str, data: Path, out: Path, profile: str, strict: bool, threads: int | None) -> None:
-    """Turn a folder of scans into a cache of preprocessed sub-volumes (re-runs skip finished files)."""
+def preprocess(
+    modality: str,
+    data: Path,
+    out: Path,
+    profile: str,
+    strict: bool,
+    frames: str,
+    max_voxels: int,
+    max_pixels: int,
+    min_spacing: float,
+    max_spacing: float,
+    threads: int | None,
+) -> None:
+    """Turn a folder of scans into a cache of preprocessed sub-volumes (re-runs skip finished files).
+
+    A file that cannot be used (unreadable, over a limit, no usable sample for the modality) is
+    named, counted and skipped; --strict stops at the first instead (exit 2). A run that gives no
+    sample at all exits 2 with the reason.
+    """
+    if not min_spacing < max_spacing:
+        raise UserError(f"--min-spacing ({min_spacing}) must be below --max-spacing ({max_spacing})")
     check_output_folder(out)
-    from invcoss.data import ReadError
+    from invcoss.data import NoSamplesError, ReadError, ReadLimits
     from invcoss.data import preprocess as run_preprocess
     from invcoss.rng import pinned_compute
 
+    limits = ReadLimits(max_voxels, max_pixels, min_spacing, max_spacing)
     with progress_bar() as bar, pinned_compute(threads):
         task = bar.add_task(f"preprocess {modality}", total=None, info="")
 
@@ -123,17 +184,31 @@ def preprocess(modality: str, data: Path, out: Path, profile: str, strict: bool,
             bar.update(task, completed=done, total=total, info=f"{status} {rel}")
 
         try:
-            report = run_preprocess(data, out, modality, profile, strict=strict, on_file=on_file)
+            report = run_preprocess(
+                data, out, modality, profile, strict=strict, on_file=on_file, limits=limits, frames=frames
+            )
         except ReadError as e:
-            raise UserError(f"cannot read {e.path}: {e.reason} (--strict)") from None
+            raise UserError(f"cannot use {e.path}: {e.reason} (--strict)") from None
+        except NoSamplesError as e:
+            _print_files(e.report)
+            raise UserError(str(e)) from None
         except ValueError as e:
             raise UserError(str(e)) from None
-    for rel, reason in report.skipped:
-        click.echo(f"skipped {rel}: {reason}", err=True)
+    _print_files(report)
+    skipped = f"{len(report.skipped)} skipped"
+    if report.skipped:
+        skipped += ": " + ", ".join(f"{n} {kind}" for kind, n in report.skipped_by_kind().items())
     click.echo(
-        f"preprocessed {report.processed} files ({report.reused} already done, {len(report.skipped)} skipped) "
+        f"preprocessed {report.processed} files ({report.reused} already done, {skipped}) "
         f"-> {report.samples} samples, {human_bytes(report.cache_bytes)} in {out}"
     )
+
+
+def _print_files(report) -> None:
+    for rel, message in report.warnings:
+        click.echo(f"warning: {rel}: {message}", err=True)
+    for rel, reason in report.skipped:
+        click.echo(f"skipped {rel}: {reason}", err=True)
 
 
 def open_data(path: Path, modality: str | None, model, strict: bool = False):

@@ -21,7 +21,7 @@ Example:
 """
 
 from invcoss.data.atomic import atomic_save_npy, atomic_write_bytes, atomic_write_json
-from invcoss.data.cache import PreprocessReport, list_files, preprocess, read_manifest
+from invcoss.data.cache import NoSamplesError, PreprocessReport, list_files, preprocess, read_manifest
 from invcoss.data.datasets import CachedDataset, FolderDataset, open_dataset
 from invcoss.data.phantoms import (
     PHANTOM_MODALITIES,
@@ -32,15 +32,30 @@ from invcoss.data.phantoms import (
     xray_phantom,
 )
 from invcoss.data.pipeline import (
+    FRAMES,
     MODALITIES,
     PROFILES,
+    FileResult,
     PreprocessConfig,
     Preprocessor,
     Sample,
     config_for_input,
     get_config,
 )
-from invcoss.data.readers import Picture, ReadError, Volume, nifti_geometry, read_nifti, read_picture
+from invcoss.data.readers import (
+    DEFAULT_LIMITS,
+    SKIP_KINDS,
+    Picture,
+    ReadError,
+    ReadLimits,
+    Volume,
+    VolumeHeader,
+    nifti_geometry,
+    picture_size,
+    read_nifti,
+    read_nifti_header,
+    read_picture,
+)
 from invcoss.data.transforms import (
     Clip,
     Compose,
@@ -58,28 +73,35 @@ from invcoss.data.transforms import (
 from invcoss.data.writers import write_nifti, write_png
 
 __all__ = [
+    "DEFAULT_LIMITS",
+    "FRAMES",
     "MODALITIES",
     "PHANTOM_MODALITIES",
     "PROFILES",
     "CachedDataset",
     "Clip",
     "Compose",
+    "FileResult",
     "FillNonFinite",
     "FolderDataset",
     "GridPatches",
     "IntensityWindow",
+    "NoSamplesError",
     "Picture",
     "PreprocessConfig",
     "PreprocessReport",
     "Preprocessor",
     "ReadError",
+    "ReadLimits",
     "ReplicateChannels",
     "Resample",
     "Resize",
+    "SKIP_KINDS",
     "Sample",
     "SlidingWindows",
     "ToGrey",
     "Volume",
+    "VolumeHeader",
     "ZScore",
     "atomic_save_npy",
     "atomic_write_bytes",
@@ -92,9 +114,11 @@ __all__ = [
     "nifti_geometry",
     "open_dataset",
     "pathology_phantom",
+    "picture_size",
     "preprocess",
     "read_manifest",
     "read_nifti",
+    "read_nifti_header",
     "read_picture",
     "window_starts",
     "write_nifti",

@@ -9,10 +9,16 @@ Cache layout::
 digest, one ``sources`` entry per file (relative path, size, modification time, array file,
 sample count, original shape and spacing), one ``samples`` entry per sub-volume (source file,
 window index, window position, voxel spacing, shape, array file and row) and the ``skipped``
-files with the reason. A re-run reuses every source whose size and modification time are
-unchanged and whose array is present, so it does no work on a finished cache; files that failed
-are tried again. Arrays and the manifest are written atomically, and the manifest is refreshed
-while the run goes, so an interrupted run resumes where it stopped.
+files with the reason and its kind. A re-run reuses every source whose size and modification
+time are unchanged and whose array is present, so it does no work on a finished cache; files that
+failed are tried again. Arrays and the manifest are written atomically, and the manifest is
+refreshed while the run goes, so an interrupted run resumes where it stopped.
+
+One file never ends a run: any failure of one file (reading, decoding, a limit, preprocessing,
+writing its array) is caught as a :class:`~invcoss.data.ReadError`, named, counted by kind and
+skipped (``strict`` stops at the first instead). A run that leaves the cache without any sample
+raises :class:`NoSamplesError` with the reason and a hint, and writes no manifest. Only arrays
+listed in the cache's own earlier manifest are ever deleted; other files in the folder are kept.
 """
 
 from __future__ import annotations
@@ -21,16 +27,31 @@ import hashlib
 import json
 import os
 import re
+import stat
 import time
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from invcoss.data.atomic import atomic_save_npy, atomic_write_json
-from invcoss.data.pipeline import PreprocessConfig, Preprocessor, get_config
-from invcoss.data.readers import ReadError, nifti_suffix, picture_suffix
+from invcoss.data.pipeline import FRAMES, PreprocessConfig, Preprocessor, get_config
+from invcoss.data.readers import (
+    DEFAULT_LIMITS,
+    DICOM,
+    FAILED,
+    NIFTI_SUFFIXES,
+    NOT_AN_IMAGE,
+    OVER_LIMIT,
+    PICTURE_SUFFIXES,
+    ReadError,
+    ReadLimits,
+    looks_like_dicom,
+    nifti_suffix,
+    picture_suffix,
+)
 
 MANIFEST = "manifest.json"
 CACHE_FORMAT = "invcoss-cache/1"
@@ -42,18 +63,38 @@ class PreprocessReport:
     """What a :func:`preprocess` run did.
 
     ``processed``: files turned into samples in this run; ``reused``: files already in the cache;
-    ``skipped``: ``(relative path, reason)`` of the files that could not be read; ``samples``:
-    sub-volumes in the cache now; ``new_samples``: of those, written in this run.
+    ``skipped``: ``(relative path, reason)`` of the files that could not be used, and
+    ``skip_kinds``: the kind of each (``ReadError.kind``, by relative path); ``warnings``:
+    ``(relative path, message)`` for files used with a warning (4D series, unusual spacing);
+    ``samples``: sub-volumes in the cache now; ``new_samples``: of those, written in this run.
     """
 
     cache: Path
     processed: int = 0
     reused: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    skip_kinds: dict[str, str] = field(default_factory=dict)
+    warnings: list[tuple[str, str]] = field(default_factory=list)
     samples: int = 0
     new_samples: int = 0
     cache_bytes: int = 0
     source_bytes: int = 0
+
+    def skipped_by_kind(self) -> dict[str, int]:
+        """Skipped files counted by kind, most frequent first."""
+        return dict(Counter(self.skip_kinds[rel] for rel, _ in self.skipped).most_common())
+
+
+class NoSamplesError(ValueError):
+    """A :func:`preprocess` run that leaves the cache without a single sample.
+
+    The message says why (no file, no file of the modality, DICOM, every file skipped) and what to
+    do; ``report`` is the :class:`PreprocessReport` of the run, with every skipped file named.
+    """
+
+    def __init__(self, message: str, report: PreprocessReport) -> None:
+        super().__init__(message)
+        self.report = report
 
 
 def list_files(folder: str | os.PathLike, exclude: str | os.PathLike | None = None) -> list[Path]:
@@ -71,11 +112,25 @@ def list_files(folder: str | os.PathLike, exclude: str | os.PathLike | None = No
 
 
 def check_suffix(path: Path, config: PreprocessConfig) -> None:
-    """Raise :class:`ReadError` when the file's suffix is not a format of the config's modality."""
-    if config.ndim == 3 and not nifti_suffix(path):
-        raise ReadError(path, f"not a NIfTI file (.nii or .nii.gz), which modality {config.modality} needs")
-    if config.ndim == 2 and not picture_suffix(path):
-        raise ReadError(path, f"not a PNG/JPEG/TIFF file, which modality {config.modality} needs")
+    """Raise :class:`ReadError` when the file's suffix is not a format of the config's modality.
+
+    A DICOM file (``.dcm`` or the ``DICM`` preamble) gets its own kind and a conversion hint; a
+    broken link, a pipe or a device is refused before anything opens it.
+    """
+    _regular_stat(path)
+    if nifti_suffix(path) if config.ndim == 3 else picture_suffix(path):
+        return
+    if looks_like_dicom(path):
+        raise ReadError(
+            path,
+            "a DICOM file: DICOM is not supported yet; convert the series to NIfTI (e.g. dcm2niix)",
+            DICOM,
+        )
+    if config.ndim == 3:
+        raise ReadError(
+            path, f"not a NIfTI file (.nii or .nii.gz), which modality {config.modality} needs", NOT_AN_IMAGE
+        )
+    raise ReadError(path, f"not a PNG/JPEG/TIFF file, which modality {config.modality} needs", NOT_AN_IMAGE)
 
 
 def _array_name(rel: str) -> str:
@@ -112,6 +167,8 @@ def preprocess(
     strict: bool = False,
     config: PreprocessConfig | None = None,
     on_file: Callable[[int, int, str, str], None] | None = None,
+    limits: ReadLimits = DEFAULT_LIMITS,
+    frames: str = "first",
 ) -> PreprocessReport:
     """Preprocess every file of ``folder`` into the cache ``out_cache`` (see the module docstring).
 
@@ -120,18 +177,21 @@ def preprocess(
         out_cache: the cache folder (created; may already hold a cache of the same configuration).
         modality: ``ct``, ``mri``, ``xray`` or ``pathology``.
         profile: ``paper`` or ``quick`` (ignored when ``config`` is given).
-        strict: raise on the first file that cannot be read instead of skipping it.
+        strict: raise on the first file that cannot be used instead of skipping it.
         config: a full configuration instead of ``(modality, profile)``.
         on_file: called after each file as ``on_file(done, total, relative_path, status)`` with
             status ``"processed"``, ``"reused"`` or ``"skipped"``.
+        limits: :class:`~invcoss.data.ReadLimits` checked from each header.
+        frames: of a 4D series, the ``"first"`` volume or ``"all"`` volumes (a warning either way).
 
     Returns:
-        :class:`PreprocessReport`; unreadable files are listed by name in ``report.skipped``.
+        :class:`PreprocessReport`; skipped files are listed by name in ``report.skipped``.
 
     Raises:
-        ValueError: ``folder`` missing, bad modality/profile, or the cache was built with another
-            configuration.
-        ReadError: with ``strict``, the first file that cannot be read.
+        ValueError: ``folder`` missing, bad modality/profile/frames, or the cache was built with
+            another configuration.
+        NoSamplesError: the cache would hold no sample (no manifest is written).
+        ReadError: with ``strict``, the first file that cannot be used (any failure of one file).
 
     Example:
         >>> import tempfile
@@ -151,9 +211,12 @@ def preprocess(
         raise ValueError(
             f"config is for modality {config.modality!r}, but modality {modality!r} was asked for"
         )
+    if frames not in FRAMES:
+        raise ValueError(f"frames must be one of {', '.join(FRAMES)}, got {frames!r}")
     digest = config.digest()
 
     old_sources: dict[str, dict] = {}
+    owned: set[str] = set()  # arrays an earlier run of this cache wrote: the only files it may delete
     samples_by_source: dict[str, list[dict]] = {}
     if (cache / MANIFEST).exists():
         old = read_manifest(cache)
@@ -163,11 +226,12 @@ def preprocess(
                 f"({old.get('config')}); use a new output folder or delete this one"
             )
         old_sources = {s["source"]: s for s in old["sources"]}
+        owned = {s["array"] for s in old["sources"]}
         for s in old["samples"]:
             samples_by_source.setdefault(s["source"], []).append(s)
     cache.mkdir(parents=True, exist_ok=True)
 
-    pre = Preprocessor(config)
+    pre = Preprocessor(config, limits, frames)
     files = list_files(folder, exclude=cache)
     report = PreprocessReport(cache=cache)
     sources: list[dict] = []
@@ -182,51 +246,64 @@ def preprocess(
             "dtype": "float32",
             "sources": sources,
             "samples": [s for src in sources for s in samples_by_source[src["source"]]],
-            "skipped": [{"source": r, "reason": why} for r, why in report.skipped],
+            "skipped": [
+                {"source": r, "reason": why, "kind": report.skip_kinds[r]} for r, why in report.skipped
+            ],
+            "frames": frames,
+            "limits": asdict(limits),
         }
 
     last_flush = time.monotonic()
     for done, path in enumerate(files, start=1):
         rel = path.relative_to(folder).as_posix()
-        st = path.stat()
         prev = old_sources.get(rel)
-        if (
-            prev is not None
-            and prev["size"] == st.st_size
-            and prev["mtime_ns"] == st.st_mtime_ns
-            and (cache / prev["array"]).is_file()
-        ):
-            sources.append(prev)
-            report.reused += 1
-            status = "reused"
-        else:
-            try:
+        try:
+            st = _regular_stat(path)
+            reuse = (
+                prev is not None
+                and prev["size"] == st.st_size
+                and prev["mtime_ns"] == st.st_mtime_ns
+                and prev.get("frames", "first") == frames
+                and (cache / prev["array"]).is_file()
+            )
+            if not reuse:
                 check_suffix(path, config)
-                image = pre.read(path)
-                samples = pre(image)
-            except ReadError as e:
-                if strict:
-                    raise
-                report.skipped.append((rel, e.reason))
-                status = "skipped"
-            else:
+                result = pre.run(path)
                 name = _array_name(rel)
-                atomic_save_npy(cache / name, np.stack([s.array for s in samples]).astype(np.float32))
+                _save_samples(path, cache / name, result.samples)
+        except ReadError as e:
+            if strict:
+                raise
+            report.skipped.append((rel, e.reason))
+            report.skip_kinds[rel] = e.kind
+            status = "skipped"
+        else:
+            if reuse:
+                sources.append(prev)
+                report.reused += 1
+                status = "reused"
+            else:
+                owned.add(name)
                 shape = list(config.sample_shape)
+                first = {}
+                for s in result.samples:
+                    first.setdefault(s.frame, s.index)
                 samples_by_source[rel] = [
-                    {"source": rel, "window": s.index, "position": list(s.position),
+                    {"source": rel, "frame": s.frame, "window": s.index - first[s.frame],
+                     "position": list(s.position),
                      "spacing": list(s.spacing) if s.spacing is not None else None,
                      "shape": shape, "array": name, "row": s.index}
-                    for s in samples
+                    for s in result.samples
                 ]  # fmt: skip
-                geometry = image.array.shape
                 sources.append({
                     "source": rel, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "array": name,
-                    "count": len(samples), "source_shape": list(geometry),
-                    "source_spacing": list(getattr(image, "spacing", ())) or None,
+                    "count": len(result.samples), "source_shape": list(result.shape),
+                    "source_spacing": list(result.spacing) if result.spacing is not None else None,
+                    "frames": frames, "source_frames": result.frames, "warnings": result.warnings,
                 })  # fmt: skip
+                report.warnings.extend((rel, w) for w in result.warnings)
                 report.processed += 1
-                report.new_samples += len(samples)
+                report.new_samples += len(result.samples)
                 status = "processed"
         if on_file is not None:
             on_file(done, len(files), rel, status)
@@ -235,10 +312,12 @@ def preprocess(
             last_flush = time.monotonic()
 
     final = manifest()
+    report.samples = len(final["samples"])
+    if report.samples == 0:
+        raise NoSamplesError(_nothing_usable(folder, files, report, config), report)
     if report.processed or not (cache / MANIFEST).exists() or _changed(cache, final):
         atomic_write_json(cache / MANIFEST, final)
-    _remove_orphans(cache, {s["array"] for s in sources})
-    report.samples = len(final["samples"])
+    _remove_orphans(cache, owned - {s["array"] for s in sources})
     report.source_bytes = sum(s["size"] for s in sources)
     report.cache_bytes = sum((cache / s["array"]).stat().st_size for s in sources)
     return report
@@ -252,11 +331,57 @@ def _changed(cache: Path, manifest: dict) -> bool:
         return True
 
 
-def _remove_orphans(cache: Path, keep: set[str]) -> None:
-    """Delete arrays of sources that left the folder (only ``arrays/*.npy`` this cache wrote)."""
-    arrays = cache / "arrays"
-    if not arrays.is_dir():
-        return
-    for p in arrays.glob("*.npy"):
-        if f"arrays/{p.name}" not in keep:
-            p.unlink()
+def _regular_stat(path: Path) -> os.stat_result:
+    """``path.stat()``, or :class:`ReadError` for a broken link, a vanished file, a pipe or a device."""
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise ReadError(path, f"cannot open ({e.strerror or e})") from e
+    if not stat.S_ISREG(st.st_mode):  # reading a pipe or a device would block or never end
+        raise ReadError(path, "not a regular file", NOT_AN_IMAGE)
+    return st
+
+
+def _save_samples(path: Path, target: Path, samples: list) -> None:
+    """Write the samples of ``path`` as one array; any failure (a full disk) is this file's ReadError."""
+    try:
+        atomic_save_npy(target, np.stack([s.array for s in samples]).astype(np.float32, copy=False))
+    except Exception as e:
+        raise ReadError(path, f"cannot write its samples ({type(e).__name__}: {e})", FAILED) from e
+
+
+def _remove_orphans(cache: Path, orphans: set[str]) -> None:
+    """Delete arrays this cache wrote for sources that left the folder (nothing else is touched)."""
+    for rel in sorted(orphans):
+        (cache / rel).unlink(missing_ok=True)
+
+
+def _nothing_usable(
+    folder: Path, files: list[Path], report: PreprocessReport, config: PreprocessConfig
+) -> str:
+    """Why a run gave no sample, and what to do about it."""
+    m = config.modality
+    if not files:
+        return f"{folder} holds no files (hidden ones are ignored): nothing to preprocess; check --data"
+    kinds = report.skipped_by_kind()
+    wanted = " or ".join(NIFTI_SUFFIXES if config.ndim == 3 else PICTURE_SUFFIXES)
+    if kinds.get(DICOM) == len(files):
+        return (
+            f"{folder} holds {len(files)} DICOM file(s), which invcoss does not read yet: convert each "
+            f"series to NIfTI first (e.g. dcm2niix -z y -o NIFTI_FOLDER {folder}) and preprocess that folder"
+        )
+    if set(kinds) <= {NOT_AN_IMAGE, DICOM}:
+        found = Counter(Path(r).suffix.lower() or "(no suffix)" for r, _ in report.skipped).most_common(5)
+        return (
+            f"none of the {len(files)} files in {folder} is a {m} file ({wanted}); found "
+            + ", ".join(f"{n} {suffix}" for suffix, n in found)
+            + "; check --data and --modality"
+        )
+    counts = ", ".join(f"{n} {kind}" for kind, n in kinds.items())
+    rel, reason = report.skipped[0]
+    hint = "fix or remove them"
+    if OVER_LIMIT in kinds:
+        hint += ", or raise a limit (--max-voxels, --max-pixels, --min-spacing, --max-spacing)"
+    if DICOM in kinds:
+        hint += "; DICOM files need converting to NIfTI first (e.g. dcm2niix)"
+    return f"none of the {len(files)} files in {folder} gave a {m} sample ({counts}; first: {rel}: {reason}); {hint}"

@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 
 from invcoss.data.cache import MANIFEST, check_suffix, list_files, read_manifest
 from invcoss.data.pipeline import PreprocessConfig, Preprocessor, Sample, get_config
-from invcoss.data.readers import ReadError
+from invcoss.data.readers import DEFAULT_LIMITS, ReadError, ReadLimits
 
 
 class CachedDataset(Dataset):
@@ -77,7 +77,8 @@ class FolderDataset(Dataset):
 
     Files are listed and their sample counts taken from headers when the dataset is built;
     files whose header cannot be read (or of the wrong type) are left out and listed in
-    ``skipped`` (or raise with ``strict``). Voxel data is read when an item is asked for, and the
+    ``skipped`` (or raise with ``strict``); ``limits`` and ``frames`` are those of
+    :class:`~invcoss.data.Preprocessor`. Voxel data is read when an item is asked for, and the
     samples of the most recent file are kept, so in-order access reads each file once. For
     repeated epochs, :func:`invcoss.data.preprocess` once and use :class:`CachedDataset`.
 
@@ -96,14 +97,21 @@ class FolderDataset(Dataset):
         (3, (3, 112, 112))
     """
 
-    def __init__(self, folder: str | os.PathLike, config: PreprocessConfig, strict: bool = False) -> None:
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        config: PreprocessConfig,
+        strict: bool = False,
+        limits: ReadLimits = DEFAULT_LIMITS,
+        frames: str = "first",
+    ) -> None:
         self.root = Path(folder)
         if not self.root.is_dir():
             raise ValueError(f"data folder {self.root} does not exist or is not a folder")
         self.config = config
         self.modality = config.modality
         self.sample_shape = config.sample_shape
-        self.pre = Preprocessor(config)
+        self.pre = Preprocessor(config, limits, frames)
         self.files: list[Path] = []
         self.index: list[tuple[int, int]] = []
         self.skipped: list[tuple[str, str]] = []

@@ -16,26 +16,42 @@ size=(16, 128, 128))``.
 
 Samples are channel-first float32: 3D ``(1, D, H, W)``, 2D ``(3, H, W)``. Non-finite voxels
 (NaN, inf) are replaced by the volume's finite minimum / maximum before anything else.
+
+A file that cannot make a meaningful sample raises :class:`~invcoss.data.ReadError` (kind
+``no usable sample``) before its voxels are resampled: a single slice (a 2D image) for a 3D
+modality, or a volume with fewer slices than one window after resampling (0.02 mm voxels collapse
+to one voxel at 1 mm). A 4D series gives its first volume (``frames="first"``) or every volume
+(``frames="all"``), with a warning either way; voxel spacing outside 0.1 to 10 mm is warned about
+(a header in metres or microns).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import zlib
-from dataclasses import asdict, dataclass, fields, replace
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
 
 from invcoss.configs import config_from_dict
 from invcoss.data.readers import (
+    DEFAULT_LIMITS,
+    FAILED,
+    OVER_LIMIT,
+    UNUSABLE,
     Picture,
     ReadError,
+    ReadLimits,
     Volume,
-    nifti_geometry,
+    picture_size,
     read_nifti,
+    read_nifti_header,
     read_picture,
 )
 from invcoss.data.transforms import (
@@ -57,6 +73,9 @@ from invcoss.modality import modality_names
 MODALITIES = modality_names()
 PROFILES = ("paper", "quick")
 VOLUME_MODALITIES = modality_names(ndim=3)
+FRAMES = ("first", "all")
+# Voxel spacing outside this range (mm) is warned about: real scans lie well inside it.
+USUAL_SPACING = (0.1, 10.0)
 
 
 @dataclass(frozen=True)
@@ -185,17 +204,61 @@ class Sample:
 
     ``array`` is the channel-first float32 model input; ``index`` numbers the samples of the file;
     ``position`` is the window's first slice (volumes) or the patch's ``(top, left)`` (2D);
-    ``spacing`` is the physical size in mm of one output voxel (volumes; None for 2D).
+    ``spacing`` is the physical size in mm of one output voxel (volumes; None for 2D);
+    ``frame`` the volume of a 4D series it comes from (0 otherwise).
     """
 
     array: np.ndarray
     index: int
     position: tuple[int, ...]
     spacing: tuple[float, ...] | None
+    frame: int = 0
+
+
+@dataclass
+class FileResult:
+    """Everything :meth:`Preprocessor.run` makes of one file.
+
+    ``samples`` in file order; ``warnings`` for a person (4D series, unusual spacing); ``shape``
+    of the source, ``(D, H, W)`` of one volume or ``(C, H, W)``; ``spacing`` in mm (volumes;
+    None for 2D); ``frames`` the volumes the file holds (1 unless a 4D series).
+    """
+
+    samples: list[Sample]
+    shape: tuple[int, ...]
+    spacing: tuple[float, ...] | None = None
+    frames: int = 1
+    warnings: list[str] = field(default_factory=list)
+
+
+@contextmanager
+def one_file(path: str | os.PathLike) -> Iterator[None]:
+    """Turn any error raised while handling ``path`` into a :class:`ReadError` naming it.
+
+    A folder scan then has one error type to catch per file, whatever failed (a resample too large
+    for memory, a bug in a decoder); :class:`ReadError` passes through unchanged.
+    """
+    try:
+        yield
+    except ReadError:
+        raise
+    except Exception as e:
+        text = str(e).strip().splitlines()
+        detail = f"{type(e).__name__}: {text[0][:300] if text else ''}"
+        raise ReadError(path, f"failed while preprocessing ({detail})", FAILED) from e
 
 
 class Preprocessor:
     """Turns one file into samples under a :class:`PreprocessConfig` (a composition of transforms).
+
+    Args:
+        config: the processing.
+        limits: :class:`~invcoss.data.ReadLimits` checked from each file's header (also the voxels
+            after resampling).
+        frames: of a 4D series, ``"first"`` volume only or ``"all"`` volumes, each a sample source.
+
+    Every error about one file is a :class:`~invcoss.data.ReadError` naming it (see
+    :func:`one_file`).
 
     Example:
         >>> import os
@@ -206,8 +269,15 @@ class Preprocessor:
         (11, (1, 16, 96, 96))
     """
 
-    def __init__(self, config: PreprocessConfig) -> None:
+    def __init__(
+        self, config: PreprocessConfig, limits: ReadLimits = DEFAULT_LIMITS, frames: str = "first"
+    ) -> None:
+        if frames not in FRAMES:
+            raise ValueError(f"frames must be one of {', '.join(FRAMES)}, got {frames!r}")
+        if not isinstance(limits, ReadLimits):
+            raise TypeError(f"limits must be a ReadLimits, got {type(limits).__name__}")
         self.config = c = config
+        self.limits, self.frames = limits, frames
         if c.ndim == 3:
             steps = []
             if c.a_min is not None and c.a_max is not None:
@@ -228,30 +298,100 @@ class Preprocessor:
 
     def read(self, path: str | os.PathLike) -> Volume | Picture:
         """Read ``path`` with the reader of this modality (:class:`ReadError` if it cannot)."""
-        return read_nifti(path) if self.config.ndim == 3 else read_picture(path)
+        if self.config.ndim == 3:
+            return read_nifti(path, limits=self.limits)
+        return read_picture(path, self.limits)
 
     def count(self, path: str | os.PathLike) -> int:
         """Number of samples ``path`` gives, from its header only (no voxel data decoded)."""
         return len(self.positions(path))
 
     def positions(self, path: str | os.PathLike) -> list:
-        """Window starts (volumes) or patch corners (2D) of ``path``, from its header only."""
-        c = self.config
-        if c.ndim == 3:
-            shape, spacing = nifti_geometry(path)
-            if c.spacing is not None:
-                shape = resampled_shape(shape, spacing, c.spacing)
-            return [(s,) for s in self.windows.positions(shape[0])]
-        if self.patches is None:
-            return [(0, 0)]
-        from PIL import Image
+        """Window starts (volumes; repeated per frame with ``frames="all"``) or patch corners (2D),
+        from the header only.
 
-        try:
-            with Image.open(path) as im:
-                width, height = im.size
-        except Exception as e:
-            raise ReadError(path, f"cannot decode image ({type(e).__name__}: {e})") from e
-        return self._choose(Path(path), self.patches.positions(height, width))
+        Raises:
+            ReadError: the header is unreadable, breaks the limits, or gives no usable sample.
+        """
+        with one_file(path):
+            if self.config.ndim == 3:
+                header = read_nifti_header(path, self.limits)
+                target = self._check_volume(Path(path), header.shape, header.spacing)
+                starts = [(s,) for s in self.windows.positions(target[0])]
+                return starts * (header.frames if self.frames == "all" else 1)
+            height, width = picture_size(path, self.limits)
+            if self.patches is None:
+                return [(0, 0)]
+            return self._choose(Path(path), self.patches.positions(height, width))
+
+    def _check_volume(
+        self, path: Path, shape: tuple[int, ...], spacing: tuple[float, ...]
+    ) -> tuple[int, ...]:
+        """The shape after resampling, or :class:`ReadError` when no meaningful sample can come out."""
+        c = self.config
+        dims = "x".join(map(str, shape))
+        if min(shape) == 1:
+            raise ReadError(
+                path, f"a single slice ({dims} voxels), but {c.modality} needs a volume", UNUSABLE
+            )
+        target = tuple(shape) if c.spacing is None else resampled_shape(shape, spacing, c.spacing)
+        where = ""
+        if c.spacing is not None:
+            where = f" after resampling {dims} voxels of {_mm(spacing)} mm to {_mm(c.spacing)} mm"
+            voxels = math.prod(target)
+            if voxels > self.limits.max_voxels:
+                raise ReadError(
+                    path,
+                    f"{'x'.join(map(str, target))} = {voxels:,} voxels{where}, more than the limit of "
+                    f"{self.limits.max_voxels:,} (raise it with --max-voxels / ReadLimits.max_voxels)",
+                    OVER_LIMIT,
+                )
+        if target[0] < self.windows.size:
+            raise ReadError(
+                path,
+                f"{'x'.join(map(str, target))} voxels{where}: fewer than one window of "
+                f"{self.windows.size} slices ({shape[0] * spacing[0]:.3g} mm along the axial axis)",
+                UNUSABLE,
+            )
+        if min(target[1:]) < 2:
+            raise ReadError(
+                path, f"{'x'.join(map(str, target))} voxels{where}: under 2 voxels across in plane", UNUSABLE
+            )
+        return target
+
+    def run(self, path: str | os.PathLike) -> FileResult:
+        """All samples of the file ``path``, with its geometry and warnings.
+
+        Raises:
+            ReadError: anything wrong with the file (unreadable, over a limit, no usable sample,
+                any failure while preprocessing it).
+        """
+        path = Path(path)
+        with one_file(path):
+            if self.config.ndim == 2:
+                picture = read_picture(path, self.limits)
+                return FileResult(self._picture_samples(picture), tuple(picture.array.shape))
+            header = read_nifti_header(path, self.limits)
+            warnings = []
+            lo, hi = USUAL_SPACING
+            if not all(lo <= s <= hi for s in header.spacing):
+                warnings.append(
+                    f"unusual voxel spacing {_mm(header.spacing)} mm (outside {lo} to {hi} mm): check the header"
+                )
+            self._check_volume(path, header.shape, header.spacing)
+            frames = header.frames if self.frames == "all" else 1
+            if header.frames > 1 and self.frames == "first":
+                warnings.append(
+                    f"a 4D series of {header.frames} volumes: only the first is used "
+                    "(--frames all / frames='all' makes every volume a sample source)"
+                )
+            elif header.frames > 1:
+                warnings.append(f"a 4D series of {header.frames} volumes: each is preprocessed as a volume")
+            samples: list[Sample] = []
+            for f in range(frames):
+                for s in self._volume_samples(read_nifti(path, f, self.limits)):
+                    samples.append(replace(s, index=len(samples), frame=f))
+            return FileResult(samples, header.shape, header.spacing, header.frames, warnings)
 
     def _choose(self, path: Path, positions: list) -> list:
         k = self.config.max_patches
@@ -263,16 +403,21 @@ class Preprocessor:
         return [positions[i] for i in keep]
 
     def __call__(self, source: str | os.PathLike | Volume | Picture) -> list[Sample]:
-        """All samples of a file (or of an image already read)."""
-        image = self.read(source) if isinstance(source, str | os.PathLike) else source
-        if self.config.ndim == 3:
-            return self._volume_samples(image)
-        return self._picture_samples(image)
+        """All samples of a file (see :meth:`run`) or of an image already read."""
+        if isinstance(source, str | os.PathLike):
+            return self.run(source).samples
+        with one_file(source.path or "<image>"):
+            if self.config.ndim == 3:
+                return self._volume_samples(source)
+            return self._picture_samples(source)
 
     def _volume_samples(self, volume: Volume) -> list[Sample]:
         c = self.config
+        self._check_volume(volume.path or Path("<volume>"), volume.array.shape, volume.spacing)
         if not np.isfinite(volume.array).any():
-            raise ReadError(volume.path or "<volume>", "no finite voxel value (all NaN or infinite)")
+            raise ReadError(
+                volume.path or "<volume>", "no finite voxel value (all NaN or infinite)", UNUSABLE
+            )
         volume = replace(volume, array=FillNonFinite()(volume.array))
         if self.resample is not None:
             volume = self.resample(volume)
@@ -306,3 +451,7 @@ class Preprocessor:
             )
             for i, (r, q) in enumerate(positions)
         ]
+
+
+def _mm(spacing) -> str:
+    return "x".join(f"{float(s):g}" for s in spacing)

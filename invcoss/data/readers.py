@@ -10,29 +10,81 @@ Axis order of what the readers return:
   [0, 1] (8-bit values divided by 255, 16-bit by 65535), ``C`` = 1 (grey) or 3 (RGB); row 0 is the
   top of the image as stored.
 
-Anything that cannot be read raises :class:`ReadError` naming the file, so a folder scan can
-report it and go on.
+Anything wrong with one file raises :class:`ReadError` naming the file and the reason, and
+nothing else escapes a reader (errors of nibabel and Pillow are wrapped), so a folder scan can
+report the file and go on. :class:`ReadLimits` are checked from the header, before any voxel or
+pixel is decoded: a 1 KB file whose header claims a billion voxels is rejected without allocating
+them.
 """
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from invcoss.data.limits import (
+    DEFAULT_LIMITS,
+    DICOM,
+    FAILED,
+    NOT_AN_IMAGE,
+    OVER_LIMIT,
+    SKIP_KINDS,
+    UNREADABLE,
+    UNUSABLE,
+    ReadError,
+    ReadLimits,
+)
+
+__all__ = [
+    "DEFAULT_LIMITS",
+    "DICOM",
+    "FAILED",
+    "NOT_AN_IMAGE",
+    "OVER_LIMIT",
+    "SKIP_KINDS",
+    "UNREADABLE",
+    "UNUSABLE",
+    "Picture",
+    "ReadError",
+    "ReadLimits",
+    "Volume",
+    "VolumeHeader",
+    "looks_like_dicom",
+    "nifti_geometry",
+    "nifti_suffix",
+    "picture_size",
+    "picture_suffix",
+    "read_nifti",
+    "read_nifti_header",
+    "read_picture",
+]
+
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+DICOM_SUFFIXES = (".dcm", ".dicom")
+
+# Deflate cannot compress better than 1032:1, so a .nii.gz of n bytes holds at most 1032 n bytes.
+_DEFLATE_MAX_RATIO = 1032
 
 
-class ReadError(ValueError):
-    """A file that cannot be read as the image it should be; the message names the file."""
+@dataclass(frozen=True)
+class VolumeHeader:
+    """What a NIfTI header says, in the canonical axes of :func:`read_nifti`.
 
-    def __init__(self, path: str | os.PathLike, reason: str) -> None:
-        self.path = Path(path)
-        self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
+    ``shape`` ``(D, H, W)`` of one volume, ``spacing`` in mm in the same order, ``frames`` the
+    number of volumes (4D series; 1 otherwise), ``ndim`` the dimensions stored in the file.
+    """
+
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    frames: int
+    ndim: int
 
 
 @dataclass
@@ -72,61 +124,156 @@ def picture_suffix(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(PICTURE_SUFFIXES)
 
 
-def _canonical_nifti(path: Path):
+def looks_like_dicom(path: str | os.PathLike) -> bool:
+    """True for a ``.dcm`` name or a file with the DICOM preamble (``DICM`` at byte 128)."""
+    if str(path).lower().endswith(DICOM_SUFFIXES):
+        return True
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _load_nifti(path: Path):
     import nibabel as nib
 
     if not nifti_suffix(path):
-        raise ReadError(path, f"not a NIfTI file (expected a name ending in {' or '.join(NIFTI_SUFFIXES)})")
+        raise ReadError(
+            path, f"not a NIfTI file (expected a name ending in {' or '.join(NIFTI_SUFFIXES)})", NOT_AN_IMAGE
+        )
     try:
-        img = nib.load(str(path))
+        img = nib.load(str(path))  # the header only; voxel data stays on disk
     except Exception as e:  # nibabel raises many types for bad headers and bad gzip streams
         raise ReadError(path, f"cannot read NIfTI header ({type(e).__name__}: {e})") from e
     if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
         raise ReadError(path, f"expected a NIfTI-1/2 image, got {type(img).__name__}")
+    return img
+
+
+def _check_header(path: Path, img, limits: ReadLimits) -> tuple[tuple[int, ...], np.ndarray]:
+    """Shape checks and :class:`ReadLimits` from the header; returns the stored shape and orientation."""
+    import nibabel as nib
+
     try:
-        return nib.as_closest_canonical(img)
+        shape = tuple(int(s) for s in img.header.get_data_shape())
+        itemsize = img.header.get_data_dtype().itemsize
+        # Where the voxels are read from: the loaded image's header may no longer carry it.
+        offset = int(getattr(img.dataobj, "offset", img.header.get_data_offset()))
+        zooms = [float(z) for z in img.header.get_zooms()[: min(len(shape), 3)]]
     except Exception as e:
-        raise ReadError(path, f"cannot reorient to canonical ({type(e).__name__}: {e})") from e
-
-
-def _check_frame(path: Path, shape: tuple[int, ...], frame: int) -> None:
+        raise ReadError(path, f"cannot read NIfTI header ({type(e).__name__}: {e})") from e
     if len(shape) < 2 or len(shape) > 4 or any(s < 1 for s in shape):
         raise ReadError(path, f"expected a 2D, 3D or 4D NIfTI image, got shape {tuple(shape)}")
+    voxels = math.prod(shape[:3])
+    if voxels > limits.max_voxels:
+        raise ReadError(
+            path,
+            f"{'x'.join(map(str, shape[:3]))} = {voxels:,} voxels per volume, more than the limit "
+            f"of {limits.max_voxels:,} (raise it with --max-voxels / ReadLimits.max_voxels)",
+            OVER_LIMIT,
+        )
+    claimed = math.prod(shape) * itemsize
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise ReadError(path, f"cannot open ({e.strerror or e})") from e
+    gz = str(path).lower().endswith(".gz")
+    room = size * _DEFLATE_MAX_RATIO if gz else size - offset
+    if claimed > room:
+        holds = (
+            f"a gzip file of {size:,} bytes holds at most {room:,}"
+            if gz
+            else f"the file holds {max(room, 0):,} after its {offset:,}-byte header"
+        )
+        raise ReadError(
+            path, f"header claims {claimed:,} bytes of voxel data but {holds} (truncated or a wrong header)"
+        )
+    if not all(math.isfinite(z) and z > 0 for z in zooms):
+        raise ReadError(path, f"voxel spacing {tuple(zooms)} mm is not positive and finite")
+    out = [z for z in zooms if not limits.min_spacing <= z <= limits.max_spacing]
+    if out:
+        raise ReadError(
+            path,
+            f"voxel spacing {tuple(round(z, 6) for z in zooms)} mm is outside "
+            f"[{limits.min_spacing}, {limits.max_spacing}] mm "
+            "(raise the range with --min-spacing / --max-spacing, ReadLimits.min_spacing / max_spacing)",
+            OVER_LIMIT,
+        )
+    try:
+        ornt = nib.io_orientation(img.affine)
+    except Exception as e:
+        raise ReadError(path, f"cannot find the orientation ({type(e).__name__}: {e})") from e
+    if np.isnan(ornt).any():
+        raise ReadError(path, "cannot find the orientation (degenerate affine)")
+    return shape, ornt
+
+
+def _header_of(shape: tuple[int, ...], zooms, ornt: np.ndarray) -> VolumeHeader:
+    shape3 = (shape + (1, 1))[:3]
+    zooms3 = ([float(z) for z in zooms[: min(len(shape), 3)]] + [1.0, 1.0])[:3]
+    canon_shape, canon_zooms = [0, 0, 0], [0.0, 0.0, 0.0]
+    for axis, (new, _) in enumerate(ornt):
+        canon_shape[int(new)], canon_zooms[int(new)] = shape3[axis], zooms3[axis]
     frames = shape[3] if len(shape) == 4 else 1
-    if not 0 <= frame < frames:
-        raise ReadError(path, f"frame {frame} out of range for {frames} frame(s)")
+    # Canonical (x, y, z) -> (D=z, H=y, W=x).
+    return VolumeHeader(tuple(canon_shape[::-1]), tuple(canon_zooms[::-1]), frames, len(shape))  # type: ignore[arg-type]
 
 
-def nifti_geometry(path: str | os.PathLike, frame: int = 0) -> tuple[tuple[int, int, int], tuple[float, ...]]:
+def read_nifti_header(path: str | os.PathLike, limits: ReadLimits = DEFAULT_LIMITS) -> VolumeHeader:
+    """Shape, spacing and frame count of a NIfTI file from its header only (no voxel data read).
+
+    Raises:
+        ReadError: the header cannot be read, the image is not 2D/3D/4D, or it breaks ``limits``.
+
+    Example:
+        >>> import os
+        >>> from nibabel.testing import data_path
+        >>> read_nifti_header(os.path.join(data_path, "example4d.nii.gz")).frames
+        2
+    """
+    path = Path(path)
+    img = _load_nifti(path)
+    shape, ornt = _check_header(path, img, limits)
+    return _header_of(shape, img.header.get_zooms(), ornt)
+
+
+def nifti_geometry(
+    path: str | os.PathLike, frame: int = 0, limits: ReadLimits = DEFAULT_LIMITS
+) -> tuple[tuple[int, int, int], tuple[float, ...]]:
     """Shape ``(D, H, W)`` and spacing of a NIfTI file from its header only (no voxel data read).
 
     Raises:
-        ReadError: the header cannot be read or the image is not 2D/3D/4D.
+        ReadError: the header cannot be read, the image is not 2D/3D/4D, ``frame`` is out of range,
+            or the header breaks ``limits``.
     """
-    path = Path(path)
-    img = _canonical_nifti(path)
-    shape = tuple(int(s) for s in img.shape)
-    _check_frame(path, shape, frame)
-    return _geometry_of(img, shape)
+    header = read_nifti_header(path, limits)
+    if not 0 <= frame < header.frames:
+        raise ReadError(path, f"frame {frame} out of range for {header.frames} frame(s)")
+    return header.shape, header.spacing
 
 
-def read_nifti(path: str | os.PathLike, frame: int = 0) -> Volume:
+def read_nifti(path: str | os.PathLike, frame: int = 0, limits: ReadLimits = DEFAULT_LIMITS) -> Volume:
     """Read a ``.nii`` / ``.nii.gz`` file as a canonical ``(D, H, W)`` volume (see module docstring).
 
     The data scaling of the header (``scl_slope`` / ``scl_inter``) is applied, so CT comes out in
     Hounsfield units. A 2D image becomes one slice (``D = 1``); of a 4D series the volume number
-    ``frame`` is returned. Voxels are returned as stored, NaN included (the preprocessing
-    replaces non-finite voxels, see :class:`invcoss.data.Preprocessor`).
+    ``frame`` is returned (only that frame is decoded). Voxels are returned as stored, NaN
+    included (the preprocessing replaces non-finite voxels, see :class:`invcoss.data.Preprocessor`).
+    ``limits`` are checked from the header before any voxel is decoded.
 
     Args:
         path: the file.
         frame: which volume of a 4D series to read.
+        limits: see :class:`ReadLimits`.
 
     Returns:
         :class:`Volume` with float32 ``array`` ``(D, H, W)`` and ``spacing`` in mm, ``(D, H, W)`` order.
 
     Raises:
-        ReadError: the file is not NIfTI, is truncated or corrupt, or ``frame`` is out of range.
+        ReadError: the file is not NIfTI, is truncated or corrupt, breaks ``limits``, or ``frame``
+            is out of range.
 
     Example:
         >>> import os
@@ -135,37 +282,96 @@ def read_nifti(path: str | os.PathLike, frame: int = 0) -> Volume:
         >>> v.array.shape, v.spacing
         ((7, 5, 4), (2.0, 3.0, 1.0))
     """
+    import nibabel as nib
+
     path = Path(path)
-    img = _canonical_nifti(path)
-    shape = tuple(int(s) for s in img.shape)
-    _check_frame(path, shape, frame)
+    img = _load_nifti(path)
+    shape, ornt = _check_header(path, img, limits)
+    header = _header_of(shape, img.header.get_zooms(), ornt)
+    if not 0 <= frame < header.frames:
+        raise ReadError(path, f"frame {frame} out of range for {header.frames} frame(s)")
     try:
         proxy = img.dataobj[..., frame] if len(shape) == 4 else img.dataobj
         data = np.asarray(proxy, dtype=np.float32)
+        if data.ndim == 2:
+            data = data[:, :, None]
+        # What nibabel's as_closest_canonical does, on the one frame decoded instead of the file.
+        shape3 = data.shape
+        data = nib.orientations.apply_orientation(data, ornt)
+        affine = np.asarray(img.affine, dtype=np.float64) @ nib.orientations.inv_ornt_aff(ornt, shape3)
     except Exception as e:  # truncated gzip streams raise EOFError, short files ValueError/OSError
         raise ReadError(path, f"cannot read voxel data ({type(e).__name__}: {e})") from e
-    if data.ndim == 2:
-        data = data[:, :, None]
-    (d, h, w), spacing = _geometry_of(img, shape)
     array = np.ascontiguousarray(data.transpose(2, 1, 0))  # (x, y, z) -> (D=z, H=y, W=x)
-    return Volume(array=array, spacing=spacing, affine=np.asarray(img.affine, dtype=np.float64), path=path)
+    return Volume(array=array, spacing=header.spacing, affine=affine, path=path)
 
 
-def _geometry_of(img, shape: tuple[int, ...]) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
-    shape3 = (shape + (1,))[:3]
-    zooms = [float(z) for z in img.header.get_zooms()[:3]]
-    zooms += [1.0] * (3 - len(zooms))
-    return (shape3[2], shape3[1], shape3[0]), (zooms[2], zooms[1], zooms[0])
+@contextmanager
+def _pillow_unbounded() -> Iterator[None]:
+    # Pillow refuses images over its own global pixel bound at open(); ReadLimits.max_pixels is
+    # checked instead, from the same header, so the bound is lifted while one file is opened.
+    from PIL import Image
+
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
 
 
-def read_picture(path: str | os.PathLike) -> Picture:
+@contextmanager
+def _open_picture(path: Path, limits: ReadLimits) -> Iterator:
+    """The Pillow image of ``path`` (header read, pixels not yet), after the suffix and pixel checks.
+
+    Any error of Pillow inside the block becomes a :class:`ReadError` naming the file.
+    """
+    from PIL import Image
+
+    if not picture_suffix(path):
+        raise ReadError(
+            path, f"not a picture file (expected one of {', '.join(PICTURE_SUFFIXES)})", NOT_AN_IMAGE
+        )
+    try:
+        with _pillow_unbounded(), Image.open(path) as im:
+            width, height = im.size
+            if width < 1 or height < 1:
+                raise ReadError(path, f"image of {width}x{height} pixels is empty")
+            if width * height > limits.max_pixels:
+                raise ReadError(
+                    path,
+                    f"{width}x{height} = {width * height:,} pixels, more than the limit of "
+                    f"{limits.max_pixels:,} (raise it with --max-pixels / ReadLimits.max_pixels)",
+                    OVER_LIMIT,
+                )
+            yield im
+    except ReadError:
+        raise
+    except (
+        Exception
+    ) as e:  # Pillow raises many types on corrupt files (OSError, SyntaxError, struct.error, ...)
+        raise ReadError(path, f"cannot decode image ({type(e).__name__}: {e})") from e
+
+
+def picture_size(path: str | os.PathLike, limits: ReadLimits = DEFAULT_LIMITS) -> tuple[int, int]:
+    """``(height, width)`` of a picture from its header only, checked against ``limits``.
+
+    Raises:
+        ReadError: unsupported suffix, Pillow cannot identify the file, or it breaks ``limits``.
+    """
+    with _open_picture(Path(path), limits) as im:
+        width, height = im.size
+    return height, width
+
+
+def read_picture(path: str | os.PathLike, limits: ReadLimits = DEFAULT_LIMITS) -> Picture:
     """Read a PNG, JPEG or TIFF file as a ``(C, H, W)`` float32 array in [0, 1].
 
     Grey images (8- or 16-bit) give ``C = 1``; colour, palette and alpha images give ``C = 3``
-    (alpha is dropped). Float TIFFs are clipped to [0, 1].
+    (alpha is dropped). Float TIFFs are clipped to [0, 1]. ``limits.max_pixels`` is checked from
+    the header before the pixels are decoded.
 
     Raises:
-        ReadError: unsupported suffix, or Pillow cannot decode the file.
+        ReadError: unsupported suffix, Pillow cannot decode the file, or it breaks ``limits``.
 
     Example:
         >>> import tempfile, pathlib
@@ -176,17 +382,10 @@ def read_picture(path: str | os.PathLike) -> Picture:
         >>> pic.array.shape, float(pic.array.max())
         ((1, 4, 6), 1.0)
     """
-    from PIL import Image, UnidentifiedImageError
-
     path = Path(path)
-    if not picture_suffix(path):
-        raise ReadError(path, f"not a picture file (expected one of {', '.join(PICTURE_SUFFIXES)})")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            array = _picture_array(im)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise ReadError(path, f"cannot decode image ({type(e).__name__}: {e})") from e
+    with _open_picture(path, limits) as im:
+        im.load()
+        array = _picture_array(im)
     return Picture(array=array, path=path)
 
 

@@ -79,7 +79,10 @@ def test_preprocess_reports_skipped_files_by_name(runner, tmp_path):
         ],
     )
     assert r.exit_code == 0, r.output
-    assert "preprocessed 2 files (0 already done, 2 skipped) -> 6 samples" in r.stdout
+    assert (
+        "preprocessed 2 files (0 already done, 2 skipped: 1 unreadable, 1 not an image) -> 6 samples"
+        in r.stdout
+    )
     assert "skipped ct_9999_truncated.nii.gz: cannot read voxel data" in r.stderr
     assert "skipped readme.txt: not a NIfTI file" in r.stderr
 
