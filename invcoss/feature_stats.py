@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from invcoss.data.atomic import atomic_write_safetensors
-from invcoss.models.checkpoint import weights_hash
+from invcoss.models.weights import weights_hash
 from invcoss.ops import RunningStats
 
 STATS_FORMAT = "invcoss-feature-stats/1"

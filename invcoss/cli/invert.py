@@ -30,7 +30,7 @@ def _load(modality: str, checkpoint: Path | None, stats_path: Path | None, allow
     from invcoss.assets import STATS_NAME, default_model_dir
     from invcoss.feature_stats import load_feature_stats
     from invcoss.models import MAE
-    from invcoss.models.checkpoint import weights_hash
+    from invcoss.models.weights import weights_hash
 
     if checkpoint is None:
         try:

@@ -25,18 +25,15 @@ exactly), so a truncated or corrupt file is a ``ValueError`` naming it; the head
 allocates nothing) equal the stored ones, with a floating dtype where the model has one. An edited
 ``config.json`` therefore cannot make the loader allocate a model larger than its weights file.
 
-:func:`weights_hash` is the identity of a model's weights (SHA-256 over every state-dict entry's
-name, dtype, shape and bytes, in name order); feature statistics record it
-(:mod:`invcoss.feature_stats`) and :func:`checkpoint_weights_hash` computes it from a checkpoint
-directory.
+:func:`checkpoint_weights_hash` is :func:`invcoss.models.weights.weights_hash` of the weights a
+checkpoint directory holds, as loaded; feature statistics record that hash
+(:mod:`invcoss.feature_stats`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -44,10 +41,10 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 from safetensors import safe_open
-from torch import nn
 
 from invcoss.configs import config_from_dict
 from invcoss.data.atomic import atomic_write_file, atomic_write_safetensors
+from invcoss.models.weights import FLOATING_DTYPES, TORCH_DTYPE_NAMES, read_safetensors_header, weights_hash
 
 __all__ = [
     "CONFIG_NAME",
@@ -58,29 +55,15 @@ __all__ = [
     "config_from_dict",
     "load_pretrained_into",
     "read_checkpoint_config",
-    "read_safetensors_header",
     "validate_checkpoint",
-    "weights_hash",
 ]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = 1
-# safetensors' own limit on the JSON header; a larger length field is a corrupt file.
-MAX_HEADER_BYTES = 100 * 1024 * 1024
 # Tables derived from the config and not stored (the MAE's sin-cos position tables): a config whose
 # tables exceed both this and the weights file's size is refused as edited or corrupt.
 MAX_DERIVED_BYTES = 1 << 30
-_ITEMSIZE = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
-    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
-}  # fmt: skip
-_FLOATING = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
-_TORCH_NAMES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
-}  # fmt: skip
 
 C = TypeVar("C")
 M = TypeVar("M", bound="PretrainedMixin")
@@ -104,119 +87,15 @@ def config_differences(
     return rows
 
 
-def weights_hash(state: nn.Module | Mapping[str, torch.Tensor]) -> str:
-    """SHA-256 (hex) of a model's weights: every state-dict entry's name, dtype, shape and bytes, in
-    name order. The same weights give the same hash on any device; a cast or any changed value gives
-    another.
-
-    Example:
-        >>> from invcoss.models import create_model
-        >>> _ = torch.manual_seed(0); a = create_model("vit_nano")
-        >>> _ = torch.manual_seed(0); b = create_model("vit_nano")
-        >>> weights_hash(a) == weights_hash(b.state_dict()), weights_hash(a) == weights_hash(b.half())
-        (True, False)
-    """
-    if isinstance(state, nn.Module):
-        state = state.state_dict()
-    h = hashlib.sha256()
-    for name in sorted(state):
-        t = state[name].detach()
-        h.update(f"{name}\0{str(t.dtype).removeprefix('torch.')}\0{list(t.shape)}\0".encode())
-        h.update(t.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def checkpoint_weights_hash(directory: str | os.PathLike) -> str:
     """:func:`weights_hash` of a checkpoint's weights as ``from_pretrained`` loads them (floating
     tensors as float32), so it equals the hash of the loaded model; the files are checked first
-    (:func:`read_safetensors_header`)."""
+    (:func:`~invcoss.models.weights.read_safetensors_header`)."""
     directory = Path(directory)
     _read_header(directory)
     read_safetensors_header(directory / WEIGHTS_NAME)
     state = _read_tensors(directory / WEIGHTS_NAME)
     return weights_hash({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
-
-
-def read_safetensors_header(
-    path: str | os.PathLike,
-) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dict[str, str]]:
-    """``({name: (dtype, shape)}, metadata)`` of a safetensors file, checked without loading a tensor.
-
-    Raises:
-        ValueError: naming the file, when it is shorter than its header says, the header is not
-            JSON or not a safetensors header, a tensor's dtype is unknown, its byte range does not
-            match its shape or lies outside the file, or the ranges do not cover the data exactly
-            (a truncated or padded file).
-
-    Example:
-        >>> import tempfile, pathlib
-        >>> from safetensors.torch import save_file
-        >>> p = pathlib.Path(tempfile.mkdtemp()) / "w.safetensors"
-        >>> save_file({"w": torch.zeros(2, 3)}, str(p), {"format": "pt"})
-        >>> read_safetensors_header(p)
-        ({'w': ('F32', (2, 3))}, {'format': 'pt'})
-        >>> p.write_bytes(p.read_bytes()[:-4])  # truncated
-        116
-        >>> try:
-        ...     read_safetensors_header(p)
-        ... except ValueError as e:
-        ...     print(str(e).split(" is ", 1)[1])
-        truncated or padded: its tensors end at byte 24 of the data, the file holds 20
-    """
-    path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        length = int.from_bytes(f.read(8).ljust(8, b"\0"), "little")
-        if size < 8 or length > min(MAX_HEADER_BYTES, size - 8):
-            raise ValueError(
-                f"{path} is truncated or not a safetensors file: its header length field says "
-                f"{length} bytes, the file has {size}"
-            )
-        raw = f.read(length)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is corrupt: its header is not JSON ({e})") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{path} is corrupt: its header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise ValueError(f"{path} is corrupt: its metadata is not a string mapping")
-    data_size = size - 8 - length
-    tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
-    ranges = []
-    for name, info in header.items():
-        dtype = info.get("dtype") if isinstance(info, dict) else None
-        shape = info.get("shape") if isinstance(info, dict) else None
-        offsets = info.get("data_offsets") if isinstance(info, dict) else None
-        if (
-            dtype not in _ITEMSIZE
-            or not isinstance(shape, list)
-            or not all(isinstance(n, int) and n >= 0 for n in shape)
-            or not isinstance(offsets, list)
-            or len(offsets) != 2
-            or not all(isinstance(n, int) for n in offsets)
-        ):
-            raise ValueError(f"{path} is corrupt: tensor {name!r} has no valid dtype, shape and data_offsets")
-        begin, end = offsets
-        if not 0 <= begin <= end or end - begin != math.prod(shape) * _ITEMSIZE[dtype]:
-            raise ValueError(
-                f"{path} is corrupt: tensor {name!r} ({dtype} {shape}) has byte range {offsets}, "
-                f"which does not fit its shape"
-            )
-        tensors[name] = (dtype, tuple(shape))
-        ranges.append((begin, end))
-    covered = 0
-    for begin, end in sorted(ranges):
-        if begin != covered:
-            raise ValueError(f"{path} is corrupt: its tensors overlap or leave a gap at byte {covered}")
-        covered = end
-    if covered != data_size:
-        raise ValueError(
-            f"{path} is truncated or padded: its tensors end at byte {covered} of the data, "
-            f"the file holds {data_size}"
-        )
-    return tensors, metadata
 
 
 def _read_header(directory: Path) -> dict[str, Any]:
@@ -251,7 +130,7 @@ def validate_checkpoint(directory: str | os.PathLike, cls: type[PretrainedMixin]
 
     Checks, in this order and without allocating the model: ``config.json`` is JSON of a
     ``cls`` with correctly typed values; ``model.safetensors`` is whole
-    (:func:`read_safetensors_header`) and was saved with the same config; every parameter and
+    (:func:`~invcoss.models.weights.read_safetensors_header`) and was saved with the same config; every parameter and
     buffer the config implies is stored with that shape and a compatible dtype, none is missing or
     extra; the tables the config derives (not stored) are not larger than the weights and 1 GiB.
 
@@ -297,8 +176,8 @@ def validate_checkpoint(directory: str | os.PathLike, cls: type[PretrainedMixin]
     dtypes = [
         f"{k}: checkpoint {stored[k][0]}, model {own[k].dtype}"
         for k in sorted(own)
-        if (stored[k][0] in _FLOATING) != own[k].dtype.is_floating_point
-        or (not own[k].dtype.is_floating_point and stored[k][0] != _TORCH_NAMES.get(own[k].dtype))
+        if (stored[k][0] in FLOATING_DTYPES) != own[k].dtype.is_floating_point
+        or (not own[k].dtype.is_floating_point and stored[k][0] != TORCH_DTYPE_NAMES.get(own[k].dtype))
     ]
     if dtypes:
         raise ValueError(f"weights in {directory} have the wrong dtype for {model_type}: {dtypes[:5]}")

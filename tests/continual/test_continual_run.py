@@ -17,7 +17,8 @@ from invcoss.continual.config import ContinualConfig, buffer_count
 from invcoss.continual.replay import load_samples
 from invcoss.feature_stats import collect_feature_stats, load_feature_stats
 from invcoss.models import MAE, create_model
-from invcoss.models.checkpoint import checkpoint_weights_hash, weights_hash
+from invcoss.models.checkpoint import checkpoint_weights_hash
+from invcoss.models.weights import weights_hash
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

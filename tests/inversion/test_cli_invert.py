@@ -20,7 +20,7 @@ from invcoss.cli import main
 from invcoss.data import read_nifti
 from invcoss.feature_stats import collect_feature_stats, load_feature_stats
 from invcoss.models import MAE, create_model
-from invcoss.models.checkpoint import weights_hash
+from invcoss.models.weights import weights_hash
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

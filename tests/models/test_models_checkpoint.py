@@ -10,12 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from invcoss.models import MAE, create_model
-from invcoss.models.checkpoint import (
-    checkpoint_weights_hash,
-    read_safetensors_header,
-    validate_checkpoint,
-    weights_hash,
-)
+from invcoss.models.checkpoint import checkpoint_weights_hash, validate_checkpoint
+from invcoss.models.weights import read_safetensors_header, weights_hash
 
 SMALL = {"img_size_2d": 32, "img_size_3d": (16, 32, 32)}
 

@@ -18,7 +18,7 @@ from invcoss.feature_stats import (
     save_feature_stats,
 )
 from invcoss.models import create_model
-from invcoss.models.checkpoint import weights_hash
+from invcoss.models.weights import weights_hash
 
 SMALL = {"img_size_2d": 32, "img_size_3d": (16, 32, 32)}  # 4 patches + class token in 2D and 3D
 
