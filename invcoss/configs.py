@@ -24,9 +24,19 @@ import typing
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
-__all__ = ["check_field_types", "config_from_dict"]
+__all__ = ["ConfigTypeError", "check_field_types", "config_from_dict"]
 
 C = TypeVar("C")
+
+
+class ConfigTypeError(TypeError, ValueError):
+    """A configuration value of the wrong type.
+
+    A ``TypeError``, and also a ``ValueError`` because the value usually comes from a file (a
+    checkpoint's ``config.json``, a run's ``continual.json``, a cache manifest) or the command line,
+    whose readers report a bad value as ``ValueError`` (as ``numpy.exceptions.AxisError`` is both an
+    ``IndexError`` and a ``ValueError``).
+    """
 
 
 def _tuples(value: Any) -> Any:
@@ -80,15 +90,15 @@ def check_field_types(config_class: type, values: Mapping[str, Any], where: str 
         where: how the fields are named in the message (default: ``ClassName.field``), e.g. ``--set``.
 
     Raises:
-        TypeError: naming the field, the type it needs and the value received, e.g.
-            ``MAEConfig.depth expects int, got '12' (str)``.
+        ConfigTypeError: (a ``TypeError`` and a ``ValueError``) naming the field, the type it needs
+            and the value received, e.g. ``MAEConfig.depth expects int, got '12' (str)``.
 
     Example:
         >>> from invcoss.models import MAEConfig
         >>> check_field_types(MAEConfig, {"depth": 4, "img_size_2d": [32, 32]})
         >>> try:
         ...     check_field_types(MAEConfig, {"depth": "4"})
-        ... except TypeError as e:
+        ... except ConfigTypeError as e:
         ...     print(e)
         MAEConfig.depth expects int, got '4' (str)
     """
@@ -97,7 +107,9 @@ def check_field_types(config_class: type, values: Mapping[str, Any], where: str 
         hint = hints.get(name)
         if hint is not None and not _fits(_tuples(value), hint):
             label = f"{where} {name}" if where else f"{config_class.__name__}.{name}"
-            raise TypeError(f"{label} expects {_type_name(hint)}, got {value!r} ({type(value).__name__})")
+            raise ConfigTypeError(
+                f"{label} expects {_type_name(hint)}, got {value!r} ({type(value).__name__})"
+            )
 
 
 def config_from_dict(config_class: type[C], values: Mapping[str, Any]) -> C:
@@ -107,7 +119,7 @@ def config_from_dict(config_class: type[C], values: Mapping[str, Any]) -> C:
     Raises:
         ValueError: a key that is not a field of ``config_class`` (the message lists the fields), or
             ``values`` that is not a mapping.
-        TypeError: a value of the wrong type (:func:`check_field_types`).
+        ConfigTypeError: a value of the wrong type (:func:`check_field_types`).
     """
     if not isinstance(values, Mapping):
         raise ValueError(f"{config_class.__name__} is read from a JSON object, got {type(values).__name__}")
