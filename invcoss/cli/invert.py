@@ -55,11 +55,12 @@ def _load(modality: str, checkpoint: Path | None, stats_path: Path | None, allow
             )
     elif not stats_path.is_file():
         raise UserError(f"statistics file {stats_path} does not exist")
+    own = weights_hash(model)  # about a second for vit_base: computed once
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             stats = load_feature_stats(
-                stats_path, model, modality=modality, allow_other_weights=allow_other_weights
+                stats_path, model, modality, expect_weights=own, allow_other_weights=allow_other_weights
             )
     except ValueError as e:
         raise UserError(str(e)) from None
@@ -68,7 +69,7 @@ def _load(modality: str, checkpoint: Path | None, stats_path: Path | None, allow
     sources = {
         "model": source,
         "stats": str(stats_path),
-        "model_weights_hash": weights_hash(model),
+        "model_weights_hash": own,
         "stats_weights_hash": stats.weights_hash,
     }
     return model, stats, sources
