@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from invcoss.configs import config_from_dict
 from invcoss.data.atomic import atomic_write_file, atomic_write_safetensors
@@ -128,11 +128,12 @@ def _config(config_class: type[C], header: dict[str, Any], directory: Path) -> C
 def validate_checkpoint(directory: str | os.PathLike, cls: type[PretrainedMixin]) -> Any:
     """Check a checkpoint directory before a model of class ``cls`` is built from it; its config.
 
-    Checks, in this order and without allocating the model: ``config.json`` is JSON of a
-    ``cls`` with correctly typed values; ``model.safetensors`` is whole
-    (:func:`~invcoss.models.weights.read_safetensors_header`) and was saved with the same config; every parameter and
-    buffer the config implies is stored with that shape and a compatible dtype, none is missing or
-    extra; the tables the config derives (not stored) are not larger than the weights and 1 GiB.
+    Checks, in this order and without allocating the model: ``config.json`` is JSON of a ``cls``
+    with correctly typed values; ``model.safetensors`` is whole
+    (:func:`~invcoss.models.weights.read_safetensors_header`) and was saved with the same config;
+    every parameter and buffer the config implies (the model built on the ``meta`` device) is
+    stored with that shape and a compatible dtype, none is missing or extra; the tables the config
+    derives (not stored) are not larger than the weights and 1 GiB.
 
     Raises:
         FileNotFoundError: a file of the checkpoint is missing.
@@ -192,8 +193,6 @@ def validate_checkpoint(directory: str | os.PathLike, cls: type[PretrainedMixin]
 
 
 def _read_tensors(weights_path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-
     try:
         with safe_open(str(weights_path), framework="pt", device="cpu") as f:
             return {k: f.get_tensor(k) for k in f.keys()}
