@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from invcoss.models import MAE, create_model
 from invcoss.models.checkpoint import checkpoint_weights_hash, validate_checkpoint
 from invcoss.models.weights import read_safetensors_header, weights_hash
+from invcoss.pretrain import STATE_NAME, load_state, save_state
 
 SMALL = {"img_size_2d": 32, "img_size_3d": (16, 32, 32)}
 
@@ -124,3 +125,18 @@ def test_half_precision_weights_load_and_hash_as_loaded(ckpt, tmp_path):
     loaded = MAE.from_pretrained(tmp_path / "half")  # float32, values of the float16 file
     assert next(loaded.parameters()).dtype == torch.float32
     assert checkpoint_weights_hash(tmp_path / "half") == weights_hash(loaded) != weights_hash(model)
+
+
+def test_a_training_state_is_checked_before_it_is_loaded(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("vit_nano", **SMALL)
+    save_state(tmp_path, model, torch.optim.AdamW(model.parameters()), 1, [0.5], {"model": {}})
+    other = create_model("vit_nano", **SMALL, depth=2)
+    with pytest.raises(
+        ValueError, match=r"not a training state of this model \(parameters that differ: \['blocks.2"
+    ):
+        load_state(tmp_path, other, torch.optim.AdamW(other.parameters()), torch.device("cpu"))
+    path = tmp_path / STATE_NAME
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="training_state.safetensors is truncated"):
+        load_state(tmp_path, model, torch.optim.AdamW(model.parameters()), torch.device("cpu"))
