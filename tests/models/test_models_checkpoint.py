@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from invcoss.continual.replay import load_samples, save_samples
 from invcoss.models import MAE, create_model
 from invcoss.models.checkpoint import checkpoint_weights_hash, validate_checkpoint
 from invcoss.models.weights import read_safetensors_header, weights_hash
@@ -140,3 +141,11 @@ def test_a_training_state_is_checked_before_it_is_loaded(tmp_path):
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(ValueError, match="training_state.safetensors is truncated"):
         load_state(tmp_path, model, torch.optim.AdamW(model.parameters()), torch.device("cpu"))
+
+
+def test_a_truncated_replay_buffer_is_named(tmp_path):
+    path = save_samples(tmp_path / "buffer.safetensors", torch.rand(3, 1, 4, 4), {"modality": "ct"})
+    assert load_samples(path)[1] == {"modality": "ct"}
+    path.write_bytes(path.read_bytes()[:-8])
+    with pytest.raises(ValueError, match="buffer.safetensors is truncated"):
+        load_samples(path)
