@@ -23,13 +23,14 @@ CAP_MB = 384
 FAST = (300, 40)  # (inputs to the readers, inputs to preprocess)
 SLOW = (3000, 300)
 # Found by this suite and left to the per-file isolation and header limits of issue 17 (readers.py,
-# cache.py): Pillow's DecompressionBombError escapes read_picture; headers claiming huge images make
-# nibabel and Pillow allocate past the cap before the file is rejected; an infinite pixdim crashes
-# preprocess with OverflowError. Strict: the marks must go when those land.
+# cache.py): Pillow's DecompressionBombError (and, in the slow run, a TypeError from a TIFF) escapes
+# read_picture; headers claiming huge images make nibabel and Pillow allocate past the cap before the
+# file is rejected; an infinite or huge pixdim crashes preprocess's resampling (OverflowError,
+# TypeError). Strict: the marks must go when those land.
 KNOWN = pytest.mark.xfail(
     strict=True,
     reason="issue 17: DecompressionBombError and allocations past the cap in the readers, "
-    "OverflowError in preprocess (README: Reliability)",
+    "OverflowError/TypeError from extreme spacing in preprocess (docs/data.md: Reliability)",
 )
 
 
