@@ -9,12 +9,21 @@ kept of the data.
 
 The file is safetensors: tensors ``block.<i>.mean`` and ``block.<i>.var`` (``(L, D)`` each) and
 string metadata ``format``, ``preset``, ``config_hash``, ``config`` (JSON), ``modality``,
-``input_size`` (JSON), ``count``, ``dtype``, ``num_layers`` and ``compute`` (JSON: the CPU thread
-count and determinism of the pass, which the model's features depend on in their last bits). The
-config hash covers every field of the model's configuration that changes the block features (not
-its name, not the loss normalisation), so statistics collected with one model can guide the
-inversion of a later model of the same architecture, as Algorithm 1 needs; the weights are not part
-of the check.
+``input_size`` (JSON), ``count``, ``dtype``, ``num_layers``, ``weights_hash`` and ``compute`` (JSON:
+the CPU thread count and determinism of the pass, which the model's features depend on in their last
+bits).
+
+Two checks bind a statistics file to a model (:func:`load_feature_stats`):
+
+* the architecture: the config hash covers every field of the model's configuration that changes
+  the block features (not its name, not the loss normalisation), plus the block count and shapes;
+* the weights: ``weights_hash`` is :func:`invcoss.models.checkpoint.weights_hash` of the model the
+  statistics were collected with. By default they must be that model's; ``expect_weights`` names
+  another hash to require (the continual run checks the statistics of stage ``s`` against the
+  stage ``s`` checkpoint while it inverts the stage ``T-1`` model with them, as Algorithm 1 does),
+  and ``allow_other_weights=True`` accepts any weights of the architecture with a warning (a
+  fine-tuned model inverted with its parent's statistics, knowingly). A file without the hash
+  (written before it was recorded) is refused in the same way.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from invcoss.data.atomic import atomic_write_safetensors
+from invcoss.models.weights import weights_hash
 from invcoss.ops import RunningStats
 from invcoss.rng import compute_record
 
@@ -64,6 +75,8 @@ class FeatureStats:
         input_size: spatial size of one sample, e.g. ``(16, 96, 96)``.
         count: number of samples folded in.
         dtype: the dtype of the tensors as stored (``"float32"`` or ``"float64"``).
+        weights_hash: :func:`~invcoss.models.checkpoint.weights_hash` of the model they were
+            collected with (None for a file written before it was recorded).
         config: the model's config as a dict (informative).
         compute: the compute settings of the pass (:func:`invcoss.rng.compute_record`: CPU
             threads, deterministic algorithms); empty when unknown.
@@ -77,6 +90,7 @@ class FeatureStats:
     input_size: tuple[int, ...]
     count: int
     dtype: str
+    weights_hash: str | None = None
     config: dict = dataclasses.field(default_factory=dict)
     compute: dict = dataclasses.field(default_factory=dict)
 
@@ -207,6 +221,7 @@ def collect_feature_stats(
         input_size=tuple(cfg.img_size(ndim)),
         count=running[0].count,
         dtype=str(store_dtype).removeprefix("torch."),
+        weights_hash=weights_hash(model),
         config=json.loads(json.dumps(dataclasses.asdict(cfg))),
         compute=compute_record(),
     )
@@ -235,17 +250,34 @@ def save_feature_stats(stats: FeatureStats, path: str | os.PathLike) -> Path:
     }
     if stats.compute:
         metadata["compute"] = json.dumps(stats.compute, sort_keys=True)
+    if stats.weights_hash is not None:
+        metadata["weights_hash"] = stats.weights_hash
     return atomic_write_safetensors(path, tensors, metadata)
 
 
 def load_feature_stats(
-    path: str | os.PathLike, model: nn.Module | None = None, modality: str | None = None
+    path: str | os.PathLike,
+    model: nn.Module | None = None,
+    modality: str | None = None,
+    *,
+    expect_weights: str | None = None,
+    allow_other_weights: bool = False,
 ) -> FeatureStats:
     """Read a statistics file; with ``model`` (and ``modality``) check it belongs to them.
 
+    Args:
+        path: what :func:`save_feature_stats` wrote.
+        model: the model the statistics must fit: its architecture, and its weights unless
+            ``expect_weights`` names others.
+        modality: the modality the statistics must be of.
+        expect_weights: the weights hash the statistics must record (default: ``model``'s).
+        allow_other_weights: accept statistics of other weights (or of unknown weights) of the same
+            architecture, with a ``UserWarning`` naming both hashes.
+
     Raises:
         ValueError: not a statistics file, or the metadata does not match the model (config hash,
-            number of blocks, token count or width) or the modality; the message says both sides.
+            number of blocks, token count or width, weights hash) or the modality; the message says
+            both sides.
 
     Example:
         >>> import tempfile, pathlib
@@ -259,6 +291,12 @@ def load_feature_stats(
         ...     load_feature_stats(p, create_model("vit_nano"))  # 112x112 input: other token count
         ... except ValueError as e:
         ...     print("input (32, 32)" in str(e) and "input (112, 112)" in str(e))
+        True
+        >>> other = create_model("vit_nano", img_size_2d=32)  # same architecture, other weights
+        >>> try:
+        ...     load_feature_stats(p, other)
+        ... except ValueError as e:
+        ...     print("collected with weights" in str(e))
         True
     """
     from safetensors import safe_open
@@ -289,6 +327,7 @@ def load_feature_stats(
         input_size=tuple(json.loads(meta["input_size"])),
         count=int(meta["count"]),
         dtype=meta["dtype"],
+        weights_hash=meta.get("weights_hash"),
         config=json.loads(meta["config"]),
         compute=json.loads(meta.get("compute", "{}")),
     )
@@ -296,7 +335,28 @@ def load_feature_stats(
         raise ValueError(f"feature statistics {path} are for {stats.modality}, not {modality}")
     if model is not None:
         _check_against_model(path, stats, model)
+    if model is not None or expect_weights is not None:
+        want = expect_weights if expect_weights is not None else weights_hash(model)  # type: ignore[arg-type]
+        _check_weights(path, stats, want, allow_other_weights)
     return stats
+
+
+def _check_weights(path: Path, stats: FeatureStats, want: str, allow_other_weights: bool) -> None:
+    if stats.weights_hash == want:
+        return
+    got = (
+        "unknown weights (the file records no weights hash)"
+        if stats.weights_hash is None
+        else (f"weights {stats.weights_hash[:16]}")
+    )
+    text = f"feature statistics {path} were collected with {got}, but the model's weights are {want[:16]}"
+    if allow_other_weights:
+        warnings.warn(f"{text}; using them anyway (allow_other_weights)", UserWarning, stacklevel=3)
+        return
+    raise ValueError(
+        f"{text}; collect statistics with this model (`invcoss-cli stats`), or pass --allow-other-weights "
+        "(allow_other_weights=True) to invert it with another model's statistics knowingly"
+    )
 
 
 def _check_against_model(path: Path, stats: FeatureStats, model: nn.Module) -> None:

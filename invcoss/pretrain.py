@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from invcoss.data.atomic import atomic_write_json, atomic_write_safetensors
+from invcoss.models.weights import read_safetensors_header
 from invcoss.rng import keeps_global_rng, pinned_compute, resolve_threads
 from invcoss.training import CURRENT, Step, TrainingSchedule, TrainStep, train_epoch
 
@@ -119,10 +120,25 @@ def save_state(out: Path, model, opt, epoch: int, losses: list[float], meta: dic
 
 
 def load_state(out: Path, model, opt, device: torch.device) -> tuple[int, list[float], dict]:
-    """Restore what :func:`save_state` wrote into ``model`` and ``opt``; ``(epoch, losses, meta)``."""
+    """Restore what :func:`save_state` wrote into ``model`` and ``opt``; ``(epoch, losses, meta)``.
+
+    Raises:
+        ValueError: naming the file, when it is truncated or corrupt, or holds the state of a model
+            with other parameters (checked before anything is loaded).
+    """
     from safetensors import safe_open
 
     path = out / STATE_NAME
+    stored, metadata = read_safetensors_header(path)
+    shapes = {k.removeprefix("model."): shape for k, (_, shape) in stored.items() if k.startswith("model.")}
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if shapes != own or not {"epoch", "losses", "meta"} <= set(metadata) or "rng.cpu" not in stored:
+        differ = sorted(k for k in set(shapes) | set(own) if shapes.get(k) != own.get(k))
+        raise ValueError(
+            f"{path} is not a training state of this model (parameters that differ: {differ[:5]}"
+            f"{', metadata or RNG state missing' if not differ else ''}); resume with the same model or "
+            "use a new folder"
+        )
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
         keys = set(f.keys())

@@ -3,8 +3,9 @@
 A thin layer over :class:`invcoss.inversion.Inverter`. Without ``--checkpoint`` it inverts the
 model packaged with invcoss for the modality (:mod:`invcoss.assets`). Everything that can be wrong
 with the input (an unknown modality, a missing checkpoint, statistics of another model or
-modality, an occupied output folder, a missing reference) is found before anything is written and
-exits with code 2 and a one-line message.
+modality, statistics collected with other weights unless ``--allow-other-weights``, a truncated or
+inconsistent checkpoint, a wrongly typed ``--set`` value, an occupied output folder, a missing
+reference) is found before anything is written and exits with code 2 and a one-line message.
 """
 
 from __future__ import annotations
@@ -18,11 +19,18 @@ from invcoss.cli.options import MODALITY, UserError, device_option, progress_bar
 LOSSES = ["task", "norm", "img", "rep"]
 
 
-def _load(modality: str, checkpoint: Path | None, stats_path: Path | None):
-    """``(model, stats, sources)``; a UserError for anything missing or mismatched."""
+def _load(modality: str, checkpoint: Path | None, stats_path: Path | None, allow_other_weights: bool = False):
+    """``(model, stats, sources)``; a UserError for anything missing or mismatched.
+
+    The statistics must have been collected with this checkpoint's weights (their recorded weights
+    hash); ``allow_other_weights`` accepts another model's of the same architecture, with a warning.
+    """
+    import warnings
+
     from invcoss.assets import STATS_NAME, default_model_dir
     from invcoss.feature_stats import load_feature_stats
     from invcoss.models import MAE
+    from invcoss.models.weights import weights_hash
 
     if checkpoint is None:
         try:
@@ -47,11 +55,24 @@ def _load(modality: str, checkpoint: Path | None, stats_path: Path | None):
             )
     elif not stats_path.is_file():
         raise UserError(f"statistics file {stats_path} does not exist")
+    own = weights_hash(model)  # about a second for vit_base: computed once
     try:
-        stats = load_feature_stats(stats_path, model, modality=modality)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            stats = load_feature_stats(
+                stats_path, model, modality, expect_weights=own, allow_other_weights=allow_other_weights
+            )
     except ValueError as e:
         raise UserError(str(e)) from None
-    return model, stats, {"model": source, "stats": str(stats_path)}
+    for w in caught:
+        click.echo(f"Warning: {w.message}", err=True)
+    sources = {
+        "model": source,
+        "stats": str(stats_path),
+        "model_weights_hash": own,
+        "stats_weights_hash": stats.weights_hash,
+    }
+    return model, stats, sources
 
 
 def _recorded_threads(out: Path) -> int | None:
@@ -104,6 +125,12 @@ def _parse_settings(settings: tuple[str, ...]) -> dict:
     type=click.Path(path_type=Path),
     default=None,
     help="Feature statistics of the model. Default: stats.safetensors in the checkpoint folder.",
+)
+@click.option(
+    "--allow-other-weights",
+    is_flag=True,
+    help="Accept statistics collected with other weights of the same architecture (e.g. the model "
+    "before fine-tuning), with a warning. Default: they must be this checkpoint's.",
 )
 @click.option("--num-samples", type=click.IntRange(min=1), default=None, help="Default: two batches.")
 @click.option(
@@ -159,6 +186,7 @@ def invert(
     modality: str,
     checkpoint: Path | None,
     stats_path: Path | None,
+    allow_other_weights: bool,
     num_samples: int | None,
     out: Path | None,
     profile: str,
@@ -181,6 +209,7 @@ def invert(
     The CPU thread count is recorded in the manifest; --resume continues at the recorded count and
     refuses another --threads.
     """
+    from invcoss.configs import check_field_types
     from invcoss.inversion import Inverter, NonFiniteLossError
     from invcoss.inversion.config import InversionConfig
     from invcoss.inversion.report import format_report, reference_batches
@@ -193,7 +222,7 @@ def invert(
         raise UserError(
             f"backend {backend!r} is not available here; available: {', '.join(available_backends())}"
         )
-    model, stats, sources = _load(modality, checkpoint, stats_path)
+    model, stats, sources = _load(modality, checkpoint, stats_path, allow_other_weights)
     overrides = {"seed": seed, "generator": generator}
     for name, value in (("batch_size", batch_size), ("steps", steps), ("warmup_steps", warmup_steps)):
         if value is not None:
@@ -202,6 +231,7 @@ def invert(
         overrides["losses"] = tuple(t for t in LOSSES if t not in disabled)
     overrides |= _parse_settings(settings)
     try:
+        check_field_types(InversionConfig, overrides, where="--set")
         config = InversionConfig.from_profile(profile, modality, **overrides)
         inverter = Inverter(model, stats, config, device=dev, backend=backend)
     except (ValueError, TypeError) as e:

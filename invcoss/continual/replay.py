@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from invcoss.data.atomic import atomic_write_safetensors
+from invcoss.models.weights import read_safetensors_header
 from invcoss.training import CURRENT
 
 __all__ = [
@@ -315,9 +316,16 @@ def save_samples(path: str | os.PathLike, samples: Tensor, metadata: Mapping[str
 
 
 def load_samples(path: str | os.PathLike) -> tuple[Tensor, dict]:
-    """Read what :func:`save_samples` wrote: ``(samples, metadata)``."""
+    """Read what :func:`save_samples` wrote: ``(samples, metadata)``.
+
+    Raises:
+        ValueError: naming the file, when it is truncated, corrupt or holds no ``samples``.
+    """
     from safetensors import safe_open
 
+    stored, _ = read_safetensors_header(path)
+    if "samples" not in stored:
+        raise ValueError(f"{path} is not a replay buffer (it holds no samples)")
     with safe_open(str(path), framework="pt") as f:
         meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
         return f.get_tensor("samples"), meta

@@ -62,6 +62,7 @@ from invcoss.feature_stats import collect_feature_stats, load_feature_stats
 from invcoss.inversion.engine import derive_seed
 from invcoss.inversion.run import Inverter
 from invcoss.models import MAE, create_model
+from invcoss.models.checkpoint import checkpoint_weights_hash
 from invcoss.pretrain import STATE_NAME
 from invcoss.rng import keeps_global_rng, pinned_compute, resolve_threads
 from invcoss.training import TrainStep
@@ -349,7 +350,12 @@ def _synthetic_buffer(
     path = stage_dir(out, t, config.order[t]) / REPLAY_DIR / f"{modality}.safetensors"
     if path.exists():
         return load_samples(path)[0]
-    stats = load_feature_stats(stage_dir(out, s, modality) / STATS_NAME, teacher, modality)
+    # Stage s's statistics were collected with stage s's model; the teacher is stage t-1's, its
+    # descendant (Algorithm 1): bind them to the stage s checkpoint of this run, not to the teacher.
+    earlier = stage_dir(out, s, modality)
+    stats = load_feature_stats(
+        earlier / STATS_NAME, teacher, modality, expect_weights=checkpoint_weights_hash(earlier)
+    )
     n = buffer_count(stats.count, config.buffer_fraction)
     inv_config = config.inversion_config(modality, seed=derive_seed(config.seed, f"invert{t}", s))
     inverter = Inverter(teacher, stats, inv_config, device=device, backend=backend)

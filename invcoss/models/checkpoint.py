@@ -16,6 +16,18 @@ Two ways to load:
   loaded at another input size, its position tables being rebuilt, not stored).
 
 Every mismatch raises ``ValueError`` naming each field that differs, with both values.
+
+A checkpoint is validated before a model is built from it (:func:`validate_checkpoint`): the
+config's values have their fields' types; the safetensors header is read on its own (8-byte length,
+JSON, every tensor's dtype, shape and byte range inside the file, the ranges covering the data
+exactly), so a truncated or corrupt file is a ``ValueError`` naming it; the header's config equals
+``config.json``; and the parameter shapes the config implies (computed on the ``meta`` device, which
+allocates nothing) equal the stored ones, with a floating dtype where the model has one. An edited
+``config.json`` therefore cannot make the loader allocate a model larger than its weights file.
+
+:func:`checkpoint_weights_hash` is :func:`invcoss.models.weights.weights_hash` of the weights a
+checkpoint directory holds, as loaded; feature statistics record that hash
+(:mod:`invcoss.feature_stats`).
 """
 
 from __future__ import annotations
@@ -28,25 +40,30 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import torch
-from safetensors import safe_open
-from torch import nn
+from safetensors import SafetensorError, safe_open
 
 from invcoss.configs import config_from_dict
 from invcoss.data.atomic import atomic_write_file, atomic_write_safetensors
+from invcoss.models.weights import FLOATING_DTYPES, TORCH_DTYPE_NAMES, read_safetensors_header, weights_hash
 
 __all__ = [
     "CONFIG_NAME",
     "WEIGHTS_NAME",
     "PretrainedMixin",
+    "checkpoint_weights_hash",
     "config_differences",
     "config_from_dict",
     "load_pretrained_into",
     "read_checkpoint_config",
+    "validate_checkpoint",
 ]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = 1
+# Tables derived from the config and not stored (the MAE's sin-cos position tables): a config whose
+# tables exceed both this and the weights file's size is refused as edited or corrupt.
+MAX_DERIVED_BYTES = 1 << 30
 
 C = TypeVar("C")
 M = TypeVar("M", bound="PretrainedMixin")
@@ -70,49 +87,137 @@ def config_differences(
     return rows
 
 
+def checkpoint_weights_hash(directory: str | os.PathLike) -> str:
+    """:func:`weights_hash` of a checkpoint's weights as ``from_pretrained`` loads them (floating
+    tensors as float32), so it equals the hash of the loaded model; the files are checked first
+    (:func:`~invcoss.models.weights.read_safetensors_header`)."""
+    directory = Path(directory)
+    _read_header(directory)
+    read_safetensors_header(directory / WEIGHTS_NAME)
+    state = _read_tensors(directory / WEIGHTS_NAME)
+    return weights_hash({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+
+
 def _read_header(directory: Path) -> dict[str, Any]:
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     for path in (config_path, weights_path):
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint directory {directory} has no {path.name}")
-    with open(config_path, encoding="utf-8") as f:
-        header = json.load(f)
-    if not isinstance(header, dict) or not {"model_type", "config"} <= set(header):
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            header = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{config_path} is not valid JSON ({e})") from None
+    if (
+        not isinstance(header, dict)
+        or not {"model_type", "config"} <= set(header)
+        or not isinstance(header["config"], dict)
+    ):
         raise ValueError(f"{config_path} is not an invcoss checkpoint config (needs model_type and config)")
     return header
 
 
+def _config(config_class: type[C], header: dict[str, Any], directory: Path) -> C:
+    """The checkpoint's config; a wrongly typed or invalid value is a ``ValueError`` naming the file."""
+    try:
+        return config_from_dict(config_class, header["config"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{directory / CONFIG_NAME}: {e}") from None
+
+
+def validate_checkpoint(directory: str | os.PathLike, cls: type[PretrainedMixin]) -> Any:
+    """Check a checkpoint directory before a model of class ``cls`` is built from it; its config.
+
+    Checks, in this order and without allocating the model: ``config.json`` is JSON of a ``cls``
+    with correctly typed values; ``model.safetensors`` is whole
+    (:func:`~invcoss.models.weights.read_safetensors_header`) and was saved with the same config;
+    every parameter and buffer the config implies (the model built on the ``meta`` device) is
+    stored with that shape and a compatible dtype, none is missing or extra; the tables the config
+    derives (not stored) are not larger than the weights and 1 GiB.
+
+    Raises:
+        FileNotFoundError: a file of the checkpoint is missing.
+        ValueError: anything else, naming the file and what differs.
+    """
+    directory = Path(directory)
+    model_type, config_class = cls.__name__, cls.config_class
+    header = _read_header(directory)
+    if header["model_type"] != model_type:
+        raise ValueError(f"checkpoint {directory} holds a {header['model_type']}, not a {model_type}")
+    config = _config(config_class, header, directory)
+    weights_path = directory / WEIGHTS_NAME
+    stored, metadata = read_safetensors_header(weights_path)
+    saved_with = metadata.get("config")
+    if saved_with is not None:
+        try:
+            same = json.loads(saved_with) == header["config"]
+        except json.JSONDecodeError:
+            same = False
+        if not same:
+            raise ValueError(
+                f"{weights_path} was saved with a different config than {directory / CONFIG_NAME}; "
+                "the directory mixes two checkpoints or config.json was edited"
+            )
+    with torch.device("meta"):
+        try:
+            meta = cls.from_config(config)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{directory / CONFIG_NAME} does not describe a {model_type}: {e}") from None
+    own = meta.state_dict()
+    try:
+        _check_shapes(
+            {k: v.shape for k, v in own.items()}, {k: v[1] for k, v in stored.items()}, model_type, directory
+        )
+    except ValueError as e:
+        implied = sum(t.numel() for t in own.values()) * 4
+        raise ValueError(
+            f"{e}; {directory / CONFIG_NAME} implies {implied / 2**20:.1f} MiB of float32 weights, "
+            f"{weights_path} holds {weights_path.stat().st_size / 2**20:.1f} MiB"
+        ) from None
+    dtypes = [
+        f"{k}: checkpoint {stored[k][0]}, model {own[k].dtype}"
+        for k in sorted(own)
+        if (stored[k][0] in FLOATING_DTYPES) != own[k].dtype.is_floating_point
+        or (not own[k].dtype.is_floating_point and stored[k][0] != TORCH_DTYPE_NAMES.get(own[k].dtype))
+    ]
+    if dtypes:
+        raise ValueError(f"weights in {directory} have the wrong dtype for {model_type}: {dtypes[:5]}")
+    derived = sum(b.numel() * b.element_size() for n, b in meta.named_buffers() if n not in own)
+    if derived > max(MAX_DERIVED_BYTES, weights_path.stat().st_size):
+        raise ValueError(
+            f"{directory / CONFIG_NAME} implies {derived / 2**30:.1f} GiB of derived tables (input sizes "
+            f"{[getattr(config, f) for f in config_class.runtime_fields if f.startswith('img_size')]}) for "
+            f"{weights_path.stat().st_size / 2**20:.1f} MiB of weights; the config was edited or is corrupt"
+        )
+    return config
+
+
+def _read_tensors(weights_path: Path) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(str(weights_path), framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except SafetensorError as e:
+        raise ValueError(f"cannot read {weights_path}: {e}") from None
+
+
 def read_checkpoint_config(directory: str | os.PathLike, config_class: type[C]) -> tuple[str, C]:
     """``(model_type, config)`` of a checkpoint directory, without loading its weights."""
-    header = _read_header(Path(directory))
-    return header["model_type"], config_from_dict(config_class, header["config"])
+    directory = Path(directory)
+    header = _read_header(directory)
+    return header["model_type"], _config(config_class, header, directory)
 
 
-def _load_state(directory: Path, header: dict[str, Any]) -> dict[str, torch.Tensor]:
-    weights_path = directory / WEIGHTS_NAME
-    with safe_open(str(weights_path), framework="pt", device="cpu") as f:
-        stored = (f.metadata() or {}).get("config")
-        state = {k: f.get_tensor(k) for k in f.keys()}
-    if stored is not None and json.loads(stored) != header["config"]:
-        raise ValueError(
-            f"{weights_path} was saved with a different config than {directory / CONFIG_NAME}; "
-            "the directory mixes two checkpoints"
-        )
-    return state
-
-
-def _check_state(model: nn.Module, state: Mapping[str, torch.Tensor], directory: Path) -> None:
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
+def _check_shapes(own: Mapping[str, Any], stored: Mapping[str, Any], kind: str, directory: Path) -> None:
+    missing = sorted(set(own) - set(stored))
+    unexpected = sorted(set(stored) - set(own))
     shapes = [
-        f"{k}: checkpoint {tuple(state[k].shape)}, model {tuple(own[k].shape)}"
-        for k in sorted(set(own) & set(state))
-        if state[k].shape != own[k].shape
+        f"{k}: checkpoint {tuple(stored[k])}, model {tuple(own[k])}"
+        for k in sorted(set(own) & set(stored))
+        if tuple(stored[k]) != tuple(own[k])
     ]
     if missing or unexpected or shapes:
         raise ValueError(
-            f"weights in {directory} do not fit {type(model).__name__}: missing {missing[:5]}, "
+            f"weights in {directory} do not fit {kind}: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}, shape mismatches {shapes[:5]}"
         )
 
@@ -144,17 +249,19 @@ def load_pretrained_into(model: PretrainedMixin, directory: str | os.PathLike, s
         True
     """
     directory = Path(directory)
-    header = _read_header(directory)
     kind = type(model).__name__
-    if header["model_type"] != kind:
-        raise ValueError(f"checkpoint {directory} holds a {header['model_type']}, not a {kind}")
-    saved = config_from_dict(type(model.config), header["config"])
+    saved = validate_checkpoint(directory, type(model))
     ignore = () if strict else type(model.config).runtime_fields
     diffs = config_differences(saved, model.config, ignore=ignore)
     if diffs:
         raise ValueError(f"checkpoint {directory} does not match this {kind}: " + "; ".join(diffs))
-    state = _load_state(directory, header)
-    _check_state(model, state, directory)
+    state = _read_tensors(directory / WEIGHTS_NAME)
+    _check_shapes(
+        {k: v.shape for k, v in model.state_dict().items()},
+        {k: v.shape for k, v in state.items()},
+        kind,
+        directory,
+    )
     model.load_state_dict(state, strict=True)
 
 
@@ -209,12 +316,14 @@ class PretrainedMixin:
             directory: what ``save_pretrained`` wrote.
             expect: optional config (or, for MAE, a preset name) the checkpoint must match in
                 every field that shapes the weights; a mismatch raises ``ValueError``.
+
+        Raises:
+            FileNotFoundError: a file of the checkpoint is missing.
+            ValueError: the checkpoint fails :func:`validate_checkpoint` or ``expect``.
         """
         directory = Path(directory)
-        header = _read_header(directory)
-        if header["model_type"] != cls.__name__:
-            raise ValueError(f"checkpoint {directory} holds a {header['model_type']}, not a {cls.__name__}")
-        saved = config_from_dict(cls.config_class, header["config"])
+        # Everything about the files is checked before the model is allocated.
+        saved = validate_checkpoint(directory, cls)
         if expect is not None:
             wanted = cls._resolve_expected(expect)
             ignore = cls.config_class.runtime_fields

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
 
 import pytest
@@ -14,8 +15,10 @@ from torch.utils.data import Dataset
 from invcoss.continual import run_continual, stage_dir
 from invcoss.continual.config import ContinualConfig, buffer_count
 from invcoss.continual.replay import load_samples
-from invcoss.feature_stats import load_feature_stats
-from invcoss.models import MAE
+from invcoss.feature_stats import collect_feature_stats, load_feature_stats
+from invcoss.models import MAE, create_model
+from invcoss.models.checkpoint import checkpoint_weights_hash
+from invcoss.models.weights import weights_hash
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -197,3 +200,26 @@ def test_user_errors(tmp_path):
         run_continual(data, tmp_path / "c", config.replace(epochs=2), resume=True, device="cpu")
     with pytest.raises(TypeError, match="data for xray must be"):
         run_continual({"xray": [1, 2], "ct": data["ct"]}, tmp_path / "d", config, device="cpu")
+
+
+def test_replay_statistics_are_bound_to_their_stage_checkpoint(tmp_path):
+    """Stage 1 inverts the stage 0 model with stage 0's statistics; statistics of any other weights
+    put in their place are refused, naming both hashes."""
+    order = ("ct", "xray")
+    data = tensors(order)
+    config = tiny_config("invcoss", order, epochs=1)
+    run_continual(data, tmp_path, config, device="cpu")
+    first, second = stage_dir(tmp_path, 0, "ct"), stage_dir(tmp_path, 1, "xray")
+    recorded = load_feature_stats(first / "stats.safetensors").weights_hash
+    assert recorded == checkpoint_weights_hash(first) != checkpoint_weights_hash(second)
+    # Statistics of the same architecture with other weights, as if the file had been swapped.
+    torch.manual_seed(5)
+    other = create_model(config.preset, **config.model_overrides())
+    collect_feature_stats(other, data["ct"], modality="ct", out=first / "stats.safetensors")
+    (second / "stage.json").unlink()  # stage 1 runs again on resume, with its replay made anew
+    shutil.rmtree(second / "replay")
+    with pytest.raises(
+        ValueError,
+        match=f"collected with weights {weights_hash(other)[:16]}, but the model's weights are {recorded[:16]}",
+    ):
+        run_continual(data, tmp_path, config, resume=True, device="cpu")

@@ -18,8 +18,9 @@ from click.testing import CliRunner
 from invcoss.assets import available, default_model_dir
 from invcoss.cli import main
 from invcoss.data import read_nifti
-from invcoss.feature_stats import collect_feature_stats
-from invcoss.models import create_model
+from invcoss.feature_stats import collect_feature_stats, load_feature_stats
+from invcoss.models import MAE, create_model
+from invcoss.models.weights import weights_hash
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -133,6 +134,52 @@ def test_statistics_of_another_model_or_modality_exit_2_and_write_nothing(runner
     )
     assert_user_error(r, "bottleneck is a single voxel")  # the quick profile's upsample=2 on a 32x32 input
     assert not out.exists()
+
+
+def test_statistics_of_other_weights_exit_2_unless_allowed(runner, tmp_path, tiny_checkpoint):
+    """The same architecture with other weights (e.g. a fine-tuned model) is another model."""
+    torch.manual_seed(7)
+    other = tmp_path / "other"
+    create_model("vit_nano", img_size_2d=32, img_size_3d=(16, 32, 32)).save_pretrained(other)
+    mine = load_feature_stats(tiny_checkpoint / "stats.safetensors").weights_hash
+    theirs = weights_hash(MAE.from_pretrained(other))
+    base = ["invert", "--modality", "ct", "--checkpoint", str(other), "--set", "upsample=1"]
+    base += ["--stats", str(tiny_checkpoint / "stats.safetensors"), "--num-samples", "1", "--batch-size", "1"]
+    r = runner.invoke(main, [*base, *FAST, "--out", str(tmp_path / "o")])
+    assert_user_error(r, f"collected with weights {mine[:16]}, but the model's weights are {theirs[:16]}")
+    assert "--allow-other-weights" in r.output and not (tmp_path / "o").exists()
+    r = runner.invoke(main, [*base, *FAST, "--allow-other-weights", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    assert f"Warning: feature statistics {tiny_checkpoint / 'stats.safetensors'} were collected" in r.output
+    sources = json.loads((tmp_path / "o" / "manifest.json").read_text())["sources"]
+    assert (sources["model_weights_hash"], sources["stats_weights_hash"]) == (theirs, mine)
+
+
+def test_checkpoint_and_config_errors_exit_2(runner, tmp_path, tiny_checkpoint):
+    base = ["invert", "--modality", "ct", "--set", "upsample=1", "--out", str(tmp_path / "o")]
+    r = runner.invoke(main, [*base, "--checkpoint", str(tiny_checkpoint), "--set", "steps=abc"])
+    assert_user_error(r, "--set steps expects int, got 'abc' (str)")
+    r = runner.invoke(main, [*base, "--checkpoint", str(tiny_checkpoint), "--set", "alpha_rep=x"])
+    assert_user_error(r, "--set alpha_rep expects float, got 'x' (str)")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("config.json", "stats.safetensors"):
+        (broken / name).write_bytes((tiny_checkpoint / name).read_bytes())
+    weights = (tiny_checkpoint / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    r = runner.invoke(main, [*base, "--checkpoint", str(broken)])
+    assert_user_error(r, f"cannot load checkpoint {broken}", "model.safetensors is truncated")
+    (broken / "model.safetensors").write_bytes(weights)
+    header = json.loads((broken / "config.json").read_text())
+    header["config"]["depth"] = "4"
+    (broken / "config.json").write_text(json.dumps(header))
+    r = runner.invoke(main, [*base, "--checkpoint", str(broken)])
+    assert_user_error(r, "MAEConfig.depth expects int, got '4' (str)")
+    header["config"]["depth"], header["config"]["embed_dim"] = 4, 96 * 4096
+    (broken / "config.json").write_text(json.dumps(header))
+    r = runner.invoke(main, [*base, "--checkpoint", str(broken)])
+    assert_user_error(r, "saved with a different config")
+    assert not (tmp_path / "o").exists()
 
 
 def test_other_user_errors_exit_2(runner, tmp_path, tiny_checkpoint):

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from invcoss.data import preprocess, write_phantoms
 from invcoss.data.datasets import CachedDataset
-from invcoss.feature_stats import FeatureStats, collect_feature_stats, config_hash, load_feature_stats
+from invcoss.feature_stats import (
+    FeatureStats,
+    collect_feature_stats,
+    config_hash,
+    load_feature_stats,
+    save_feature_stats,
+)
 from invcoss.models import create_model
+from invcoss.models.weights import weights_hash
 
 SMALL = {"img_size_2d": 32, "img_size_3d": (16, 32, 32)}  # 4 patches + class token in 2D and 3D
 
@@ -83,9 +92,38 @@ def test_save_load_roundtrip(tmp_path):
     # safetensors: an 8-byte header length, the JSON header, then the tensors and nothing else.
     header = int.from_bytes(path.read_bytes()[:8], "little")
     assert path.stat().st_size == 8 + header + loaded.nbytes
-    # Statistics of one model guide a later model of the same architecture (other weights).
+
+
+def test_statistics_are_bound_to_the_weights_they_were_collected_with(tmp_path):
+    model = small_model()
+    path = tmp_path / "stats.safetensors"
+    stats = collect_feature_stats(model, samples(3, 4), modality="ct", out=path)
+    assert stats.weights_hash == weights_hash(model) == load_feature_stats(path, model).weights_hash
+    assert len(stats.weights_hash) == 64
     torch.manual_seed(1)
-    load_feature_stats(path, create_model("vit_nano", **SMALL))
+    other = create_model("vit_nano", **SMALL)  # the same architecture, other weights
+    mine, theirs = stats.weights_hash[:16], weights_hash(other)[:16]
+    assert mine != theirs
+    with pytest.raises(
+        ValueError, match=f"collected with weights {mine}, but the model's weights are {theirs}"
+    ):
+        load_feature_stats(path, other, modality="ct")
+    with pytest.warns(UserWarning, match=f"weights {mine}, but the model's weights are {theirs}.*anyway"):
+        assert load_feature_stats(path, other, allow_other_weights=True).count == 4
+    # The continual run inverts a later model with an earlier stage's statistics: the weights they
+    # must record are then named explicitly, and any other hash is still refused.
+    assert load_feature_stats(path, other, expect_weights=stats.weights_hash).count == 4
+    with pytest.raises(ValueError, match=f"but the model's weights are {theirs}"):
+        load_feature_stats(path, model, expect_weights=weights_hash(other))
+    # One changed value, or a cast, is other weights.
+    with torch.no_grad():
+        model.cls_token.add_(1e-6)
+    with pytest.raises(ValueError, match="collected with weights"):
+        load_feature_stats(path, model)
+    # A file that records no weights hash is refused the same way.
+    save_feature_stats(dataclasses.replace(stats, weights_hash=None), path)
+    with pytest.raises(ValueError, match="unknown weights .*records no weights hash"):
+        load_feature_stats(path, small_model())
 
 
 def test_mismatches_are_clear(tmp_path):
