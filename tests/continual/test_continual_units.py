@@ -186,8 +186,9 @@ def test_replay_loss_leaves_flat_patches_out_of_the_mae_term():
     assert parts["flat"] == 0.5
     # The same masks (the first global draw is the mask noise), scored by hand without flat patches.
     torch.manual_seed(5)
-    latent, mask, ids = model.forward_encoder(x, 0.5, torch.rand(2, 4))
-    pred = model.forward_decoder(latent, ids, 2)
+    with torch.no_grad():
+        latent, mask, ids = model.forward_encoder(x, 0.5, torch.rand(2, 4))
+        pred = model.forward_decoder(latent, ids, 2)
     keep = mask * (~flat_patches(model, x, 0.01)).float()
     assert parts["mae"] == pytest.approx(float(model.forward_loss(x, pred, keep)), rel=1e-6)
     assert parts["mae"] != pytest.approx(float(model.forward_loss(x, pred, mask)), rel=1e-3)
