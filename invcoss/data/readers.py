@@ -330,7 +330,7 @@ class _SizedReader(io.BufferedReader):
     """
 
     def __init__(self, path: Path) -> None:
-        super().__init__(io.FileIO(path, "rb"))
+        super().__init__(io.FileIO(str(path), "rb"))
         self._size = os.fstat(self.fileno()).st_size
 
     def read(self, size: int | None = -1) -> bytes:
@@ -378,6 +378,25 @@ def _check_png_data(path: Path, f) -> None:
         )
 
 
+def _check_tiles(path: Path, im) -> None:
+    """The pixel data a file points to (Pillow's tiles: TIFF strips) must cover the whole image.
+
+    Pillow leaves uncovered pixels at zero, so a TIFF whose width or length was raised past its
+    strips read as an image of zeros (6x65535 pixels from a 284-byte file).
+    """
+    width, height = im.size
+    covered = 0
+    for tile in im.tile:
+        x0, y0, x1, y1 = tile[1]
+        covered += max(min(x1, width) - max(x0, 0), 0) * max(min(y1, height) - max(y0, 0), 0)
+    if im.tile and covered < width * height:
+        raise ReadError(
+            path,
+            f"its pixel data covers {covered:,} of the {width}x{height} = {width * height:,} pixels "
+            "of its header (truncated or a wrong header)",
+        )
+
+
 @contextmanager
 def _open_picture(path: Path, limits: ReadLimits) -> Iterator:
     """The Pillow image of ``path`` (header read, pixels not yet), after the suffix and pixel checks.
@@ -404,6 +423,7 @@ def _open_picture(path: Path, limits: ReadLimits) -> Iterator:
                 )
             if im.format == "PNG":
                 _check_png_data(path, f)
+            _check_tiles(path, im)
             yield im
     except ReadError:
         raise

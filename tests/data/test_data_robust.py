@@ -238,6 +238,22 @@ def test_a_chunk_length_past_the_end_of_a_png_allocates_nothing(tmp_path):
     assert peak < 2**20, peak
 
 
+def test_a_tiff_whose_strips_do_not_cover_its_size_is_unreadable(tmp_path):
+    """ImageLength raised from 8 to 65535 past the one strip: Pillow read 65535 rows, 65527 of zeros."""
+    path = tmp_path / "strip.tif"
+    Image.fromarray(np.full((8, 6, 3), 200, np.uint8)).save(path)
+    blob = bytearray(path.read_bytes())
+    ifd = struct.unpack_from("<I", blob, 4)[0]
+    for i in range(struct.unpack_from("<H", blob, ifd)[0]):
+        entry = ifd + 2 + 12 * i
+        if struct.unpack_from("<H", blob, entry)[0] == 257:  # ImageLength
+            struct.pack_into("<I", blob, entry + 8, 65535)
+    path.write_bytes(bytes(blob))
+    with pytest.raises(ReadError, match=r"covers 48 of the 6x65535 = 393,210 pixels of its header") as e:
+        read_picture(path)
+    assert e.value.kind == "unreadable"
+
+
 # --- samples that mean something -------------------------------------------------------------
 
 
