@@ -19,8 +19,10 @@ them.
 
 from __future__ import annotations
 
+import io
 import math
 import os
+import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -319,6 +321,82 @@ def _pillow_unbounded() -> Iterator[None]:
         Image.MAX_IMAGE_PIXELS = saved
 
 
+class _SizedReader(io.BufferedReader):
+    """A file whose ``read(n)`` never asks for more than is left in it.
+
+    CPython allocates ``n`` bytes before reading, and Pillow reads chunk and tag lengths taken from
+    the file, so a 100-byte PNG whose IDAT length says 4 GB would allocate 4 GB. Clamping ``n``
+    changes no result: a read never returns more than is left.
+    """
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(io.FileIO(str(path), "rb"))
+        self._size = os.fstat(self.fileno()).st_size
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is not None and size > 0:
+            size = min(size, max(self._size - self.tell(), 0))
+        return super().read(size)
+
+
+# Channels of each PNG colour type (grey, RGB, palette, grey + alpha, RGBA).
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+
+
+def _check_png_data(path: Path, f) -> None:
+    """A PNG's pixel bytes must fit in what its IDAT chunks can inflate to (1032 times their size).
+
+    Pillow allocates the whole image before decoding, so a 70-byte file claiming 10000x10000 RGBA
+    would take 400 MB before it is found truncated. Reads only the chunk headers and leaves ``f``
+    where it was.
+    """
+    where = f.tell()
+    f.seek(0)
+    head = f.read(33)
+    if len(head) < 33 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        return  # Pillow reports a broken signature or header itself
+    width, height, depth, colour = struct.unpack_from(">IIBB", head, 16)
+    bits = depth * _PNG_CHANNELS.get(colour, 1)
+    claimed = (width * height * bits + 7) // 8  # a lower bound: no filter bytes
+    idat, pos = 0, 8
+    size = os.fstat(f.fileno()).st_size
+    while idat * _DEFLATE_MAX_RATIO < claimed:
+        f.seek(pos)
+        chunk = f.read(8)
+        if len(chunk) < 8 or chunk[4:] == b"IEND":
+            break
+        length = struct.unpack(">I", chunk[:4])[0]
+        if chunk[4:] == b"IDAT":
+            idat += min(length, size - pos - 8)  # a chunk running past the end holds only the rest
+        pos += 12 + length
+    f.seek(where)
+    if idat * _DEFLATE_MAX_RATIO < claimed:
+        raise ReadError(
+            path,
+            f"header claims {width}x{height} pixels ({claimed:,} bytes) but its {idat:,} bytes of "
+            f"compressed data inflate to at most {idat * _DEFLATE_MAX_RATIO:,} (truncated or a wrong header)",
+        )
+
+
+def _check_tiles(path: Path, im) -> None:
+    """The pixel data a file points to (Pillow's tiles: TIFF strips) must cover the whole image.
+
+    Pillow leaves uncovered pixels at zero, so a TIFF whose width or length was raised past its
+    strips read as an image of zeros (6x65535 pixels from a 284-byte file).
+    """
+    width, height = im.size
+    covered = 0
+    for tile in im.tile:
+        x0, y0, x1, y1 = tile[1]
+        covered += max(min(x1, width) - max(x0, 0), 0) * max(min(y1, height) - max(y0, 0), 0)
+    if im.tile and covered < width * height:
+        raise ReadError(
+            path,
+            f"its pixel data covers {covered:,} of the {width}x{height} = {width * height:,} pixels "
+            "of its header (truncated or a wrong header)",
+        )
+
+
 @contextmanager
 def _open_picture(path: Path, limits: ReadLimits) -> Iterator:
     """The Pillow image of ``path`` (header read, pixels not yet), after the suffix and pixel checks.
@@ -332,7 +410,7 @@ def _open_picture(path: Path, limits: ReadLimits) -> Iterator:
             path, f"not a picture file (expected one of {', '.join(PICTURE_SUFFIXES)})", NOT_AN_IMAGE
         )
     try:
-        with _pillow_unbounded(), Image.open(path) as im:
+        with _SizedReader(path) as f, _pillow_unbounded(), Image.open(f) as im:
             width, height = im.size
             if width < 1 or height < 1:
                 raise ReadError(path, f"image of {width}x{height} pixels is empty")
@@ -343,6 +421,9 @@ def _open_picture(path: Path, limits: ReadLimits) -> Iterator:
                     f"{limits.max_pixels:,} (raise it with --max-pixels / ReadLimits.max_pixels)",
                     OVER_LIMIT,
                 )
+            if im.format == "PNG":
+                _check_png_data(path, f)
+            _check_tiles(path, im)
             yield im
     except ReadError:
         raise

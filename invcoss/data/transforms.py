@@ -168,12 +168,20 @@ def resize_array(x: np.ndarray, size: Sequence[int]) -> np.ndarray:
 
     2D uses bilinear interpolation with antialiasing (so 512 → 224 does not alias), 3D trilinear,
     both with ``align_corners=False`` (pixel edges map onto pixel edges).
+
+    Antialiased 2D resizing runs one pass per axis, widths first, through a ``(C, H, new W)``
+    intermediate; an image narrower and taller than ``size`` (6x65535 to 224x224) would make that
+    intermediate far larger than input and output (here 176 MB), so its heights are resized first.
     """
     size = tuple(int(s) for s in size)
     if tuple(x.shape[1:]) == size:
         return np.ascontiguousarray(x, dtype=np.float32)
     t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None]
     if len(size) == 2:
+        if size[1] > t.shape[3] and size[0] < t.shape[2]:  # heights first: the pass keeps the width
+            t = F.interpolate(
+                t, size=(size[0], t.shape[3]), mode="bilinear", align_corners=False, antialias=True
+            )
         out = F.interpolate(t, size=size, mode="bilinear", align_corners=False, antialias=True)
     else:
         out = F.interpolate(t, size=size, mode="trilinear", align_corners=False)

@@ -1,19 +1,26 @@
 """Fuzz worker: writes seeded mutated NIfTI / PNG / TIFF files and feeds them to the readers or to
 ``preprocess`` under an address-space cap, one outcome per input (tests/data/test_fuzz.py runs it).
 
-Run as ``python fuzz_worker.py FOLDER READS PREPROCESSES SEED CAP_MB RESULT_JSON``: ``READS`` inputs
-each go to :func:`read_nifti` / :func:`nifti_geometry` / :func:`read_picture`, then ``PREPROCESSES``
-other inputs each go, with one good file beside it, to :func:`invcoss.data.preprocess`. The cap is set with
-``RLIMIT_AS`` after the imports: the address space then in use plus ``CAP_MB``, so an input whose
-header makes a reader allocate more fails with ``MemoryError`` and is reported, not swapped.
+Run as ``python fuzz_worker.py FOLDER READS PREPROCESSES SEED CAP_MB CLAIM_MB RESULT_JSON``:
+``READS`` inputs each go to :func:`read_nifti` / :func:`nifti_geometry` / :func:`read_picture`, then
+``PREPROCESSES`` other inputs each go, with one good file beside it, to
+:func:`invcoss.data.preprocess`. The cap is set with ``RLIMIT_AS`` after the imports: the address
+space then in use plus ``CAP_MB``, so an input whose header makes a reader allocate more fails with
+``MemoryError`` and is reported, not swapped. An input whose header claims sizes or lengths
+(``CLAIMS``) gets only ``CLAIM_MB`` above what is in use before it: rejecting a claim must not
+allocate it. Preprocessing uses :class:`ReadLimits` sized to the cap (``FUZZ_VOXELS``,
+``FUZZ_PIXELS``); reads alternate between those and the defaults.
 
 Mutations of small valid seed files: bit flips (anywhere, or in the header), truncations, header
 fields overwritten with extreme values (NIfTI dims, datatype, bitpix, pixdim, vox_offset, scaling,
 qform/sform; PNG IHDR fields with a valid CRC and chunk lengths; TIFF IFD entries such as width,
 length, bits per sample, strip offsets and counts), random bytes after a valid magic number, and
 splices of two seeds. Each outcome is ``read`` (a float32 array came back), ``skipped`` (a
-``ReadError`` with its reason) or a failure: ``over_cap`` (MemoryError or a failed allocation),
-``crash`` (any other exception), ``slow`` (longer than the time limit per input).
+``ReadError`` with its reason and kind) or a failure: ``over_cap`` (MemoryError or a failed
+allocation), ``crash`` (any other exception, or a ReadError without a reason or known kind),
+``lost`` (``preprocess`` did not account for a file), ``slow`` (longer than the time limit per
+input). Each outcome also records its mutation, the limits used and ``rss_mb``, the growth of the
+peak resident memory while the input ran.
 """
 
 from __future__ import annotations
@@ -39,6 +46,10 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 SECONDS_PER_INPUT = 20
+# ReadLimits sized to the cap: the largest image they let through (2**22 voxels or RGB pixels,
+# 48 MB as float32) is read and resampled well inside CAP_MB, so a MemoryError under them is a
+# reader allocating past its own limits. Read inputs alternate between these and the defaults.
+FUZZ_VOXELS = FUZZ_PIXELS = 2**22
 
 INT_EXTREMES = [0, 1, -1, 2, 3, 7, 8, 255, 32767, -32768]
 FLOAT_EXTREMES = [0.0, -1.0, 1e-30, 1e-3, 500.0, 1e30, float("nan"), float("inf"), float("-inf")]
@@ -137,20 +148,36 @@ def _nifti_field(data: bytearray, rng: random.Random) -> None:
     struct.pack_into(fmt, data, offset, value)
 
 
-def mutate(suffix: str, data: bytes, rng: random.Random, other: bytes) -> bytes:
-    """One mutation of a seed file (for .nii.gz the header mutations act on the gunzipped bytes)."""
+# The mutations by number; those in CLAIMS make a header claim sizes or lengths the file does not hold.
+MUTATIONS = (
+    "flip",
+    "header flip",
+    "truncation",
+    "header field",
+    "header field",
+    "random body",
+    "splice",
+    "size claim",
+)
+CLAIMS = ("header field", "size claim")
+
+
+def mutate(suffix: str, data: bytes, rng: random.Random, other: bytes) -> tuple[bytes, str]:
+    """One mutation of a seed file and its name in ``MUTATIONS`` (for .nii.gz the header mutations
+    act on the gunzipped bytes)."""
     gz = suffix == ".nii.gz"
     body = bytearray(gzip.decompress(data) if gz else data)
     kind = rng.randrange(8)
+    name = MUTATIONS[kind]
     if kind == 0:  # bit flips anywhere (in the compressed stream for .nii.gz)
         raw = bytearray(data)
         _flip(raw, rng, len(raw))
-        return bytes(raw)
+        return bytes(raw), name
     if kind == 1:
         _flip(body, rng, 352 if suffix.startswith(".nii") else 64)
     elif kind == 2:  # truncation (of the compressed stream, or of the data inside it)
         if gz and rng.random() < 0.5:
-            return data[: rng.randrange(len(data))]
+            return data[: rng.randrange(len(data))], name
         body = body[: rng.randrange(len(body))]
     elif kind in (3, 4):  # header fields with extreme values
         if suffix.startswith(".nii"):
@@ -180,20 +207,22 @@ def mutate(suffix: str, data: bytes, rng: random.Random, other: bytes) -> bytes:
     else:  # a splice of two seeds
         cut = rng.randrange(1, len(body))
         body = bytearray(bytes(body[:cut]) + other[rng.randrange(len(other)) :])
-    return gzip.compress(bytes(body), mtime=0) if gz else bytes(body)
+    return (gzip.compress(bytes(body), mtime=0) if gz else bytes(body)), name
 
 
-def write_inputs(folder: Path, count: int, seed: int) -> list[Path]:
+def write_inputs(folder: Path, count: int, seed: int) -> list[tuple[Path, str]]:
+    """``count`` mutated files in ``folder``, each with the name of its mutation."""
     rng = random.Random(seed)
     pool = seeds()
-    paths = []
+    inputs = []
     for i in range(count):
         suffix, data = rng.choice(pool)
         same_kind = [d for s, d in pool if s.startswith(suffix[:4])]
         path = folder / f"input{i:05d}{suffix}"
-        path.write_bytes(mutate(suffix, data, rng, rng.choice(same_kind)))
-        paths.append(path)
-    return paths
+        blob, mutation = mutate(suffix, data, rng, rng.choice(same_kind))
+        path.write_bytes(blob)
+        inputs.append((path, mutation))
+    return inputs
 
 
 class _Slow(Exception):
@@ -204,32 +233,35 @@ def _alarm(signum, frame):
     raise _Slow
 
 
-def _classify(e: BaseException) -> tuple[str, str]:
-    from invcoss.data.readers import ReadError
+def _classify(e: BaseException) -> tuple[str, str, str]:
+    """``(outcome, detail, ReadError kind or "")`` of an exception."""
+    from invcoss.data.readers import SKIP_KINDS, ReadError
 
     text = f"{type(e).__name__}: {e}"[:300]
     hit_cap = isinstance(e, MemoryError) or "allocate" in str(e).lower() or "MemoryError" in str(e)
     if isinstance(e, ReadError) and not hit_cap:
-        return ("skipped", e.reason) if e.reason else ("crash", "ReadError without a reason")
+        if not e.reason or e.kind not in SKIP_KINDS:
+            return "crash", f"ReadError without a reason or a known kind: {text}", ""
+        return "skipped", e.reason, e.kind
     if hit_cap:  # also a ReadError that caught the MemoryError: the allocation was attempted
-        return "over_cap", text
+        return "over_cap", text, ""
     if isinstance(e, _Slow):
-        return "slow", f"more than {SECONDS_PER_INPUT} s"
-    return "crash", text
+        return "slow", f"more than {SECONDS_PER_INPUT} s", ""
+    return "crash", text, ""
 
 
-def _read_one(path: Path) -> None:
+def _read_one(path: Path, limits) -> None:
     from invcoss.data.readers import nifti_geometry, read_nifti, read_picture
 
     if path.name.endswith((".nii", ".nii.gz")):
-        (d, h, w), _ = nifti_geometry(path)
-        volume = read_nifti(path)
+        (d, h, w), _ = nifti_geometry(path, limits=limits)
+        volume = read_nifti(path, limits=limits)
         if volume.array.dtype != np.float32 or volume.array.shape != (d, h, w):
             raise AssertionError(
                 f"read_nifti gave {volume.array.dtype} {volume.array.shape}, header ({d}, {h}, {w})"
             )
     else:
-        pic = read_picture(path)
+        pic = read_picture(path, limits)
         if pic.array.dtype != np.float32 or pic.array.ndim != 3 or pic.array.shape[0] not in (1, 3):
             raise AssertionError(f"read_picture gave {pic.array.dtype} {pic.array.shape}")
 
@@ -245,51 +277,88 @@ def _good_file(folder: Path, suffix: str) -> Path:
     return path
 
 
-def _preprocess_one(path: Path, work: Path) -> tuple[str, str]:
+def _preprocess_one(path: Path, work: Path, limits) -> tuple[str, str, str]:
     """``preprocess`` of a folder with ``path`` and one good file: both must be accounted for."""
-    from invcoss.data import preprocess
+    from invcoss.data import SKIP_KINDS, preprocess
 
     modality = "ct" if path.name.endswith((".nii", ".nii.gz")) else "xray"
     folder = Path(tempfile.mkdtemp(dir=work))
     (folder / path.name).write_bytes(path.read_bytes())
     good = _good_file(folder, ".nii" if modality == "ct" else ".png")
-    report = preprocess(folder, Path(tempfile.mkdtemp(dir=work)) / "cache", modality, "quick")
+    report = preprocess(folder, Path(tempfile.mkdtemp(dir=work)) / "cache", modality, "quick", limits=limits)
     skipped = dict(report.skipped)
     if good.name in skipped or report.processed + len(skipped) != 2:
         return (
             "lost",
             f"processed {report.processed}, skipped {report.skipped}: the good file or an input is lost",
+            "",
         )
     if path.name in skipped:
-        reason = skipped[path.name]
+        reason, kind = skipped[path.name], report.skip_kinds.get(path.name, "")
         if "MemoryError" in reason or "allocate" in reason.lower():
-            return "over_cap", reason
-        return ("skipped", reason) if reason else ("lost", "skipped without a reason")
-    return "read", ""
+            return "over_cap", reason, kind
+        if not reason or kind not in SKIP_KINDS:
+            return "lost", f"skipped without a reason or a known kind: {reason!r} ({kind!r})", kind
+        return "skipped", reason, kind
+    return "read", "", ""
 
 
-def _run(mode: str, paths: list[Path], work: Path) -> list[dict]:
+def _status_mb(field: str) -> float:
+    return int(Path("/proc/self/status").read_text().split(field + ":")[1].split()[0]) / 1024
+
+
+def _run(mode: str, inputs: list[tuple[Path, str]], work: Path, cap: int, claim_mb: int) -> list[dict]:
+    """One outcome per input. An input whose mutation is in ``CLAIMS`` runs with only ``claim_mb``
+    of address space above what is in use before it (never above ``cap``): its header claims sizes
+    the file does not hold, and a reader must reject them before allocating.
+
+    ``rss_mb`` of an outcome is the growth of the peak resident memory while that input ran.
+    """
+    from invcoss.data.readers import DEFAULT_LIMITS, ReadLimits
+
+    fuzz_limits = ReadLimits(max_voxels=FUZZ_VOXELS, max_pixels=FUZZ_PIXELS)
+    hard = resource.getrlimit(resource.RLIMIT_AS)[1]
     outcomes = []
-    for path in paths:
+    for i, (path, mutation) in enumerate(inputs):
+        limits = DEFAULT_LIMITS if mode == "read" and i % 2 == 0 else fuzz_limits
         (work / "current").write_text(f"{mode} {path.name}")  # names the input if the process dies on it
+        if mutation in CLAIMS:
+            in_use = int(_status_mb("VmSize") * 2**20)
+            resource.setrlimit(resource.RLIMIT_AS, (min(cap, in_use + claim_mb * 2**20), hard))
+        Path("/proc/self/clear_refs").write_text("5")  # restart the peak (VmHWM) at what is resident now
+        rss = _status_mb("VmRSS")
         signal.alarm(SECONDS_PER_INPUT)
         try:
             if mode == "read":
-                _read_one(path)
-                outcome = ("read", "")
+                _read_one(path, limits)
+                outcome = ("read", "", "")
             else:
-                outcome = _preprocess_one(path, work)
+                outcome = _preprocess_one(path, work, limits)
         except BaseException as e:  # noqa: BLE001  (every failure is an outcome to report)
             if isinstance(e, KeyboardInterrupt):
                 raise
             outcome = _classify(e)
         finally:
             signal.alarm(0)
-        outcomes.append({"input": path.name, "mode": mode, "outcome": outcome[0], "detail": outcome[1]})
+            resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+        outcomes.append(
+            {
+                "input": path.name,
+                "mode": mode,
+                "mutation": mutation,
+                "limits": "default" if limits is DEFAULT_LIMITS else "fuzz",
+                "outcome": outcome[0],
+                "detail": outcome[1],
+                "kind": outcome[2],
+                "rss_mb": round(_status_mb("VmHWM") - rss, 2),
+            }
+        )
     return outcomes
 
 
-def main(folder: str, reads: int, preprocesses: int, seed: int, cap_mb: int, result: str) -> None:
+def main(
+    folder: str, reads: int, preprocesses: int, seed: int, cap_mb: int, claim_mb: int, result: str
+) -> None:
     import torch
 
     torch.set_num_threads(1)
@@ -297,8 +366,8 @@ def main(folder: str, reads: int, preprocesses: int, seed: int, cap_mb: int, res
     (root / "read").mkdir()
     (root / "preprocess").mkdir()
     (root / "work").mkdir()
-    read_paths = write_inputs(root / "read", reads, seed)
-    preprocess_paths = write_inputs(root / "preprocess", preprocesses, seed + 1)
+    read_inputs = write_inputs(root / "read", reads, seed)
+    preprocess_inputs = write_inputs(root / "preprocess", preprocesses, seed + 1)
     _good_file(root / "work", ".nii"), _good_file(root / "work", ".png")  # load the writers before the cap
     vm_kb = int(Path("/proc/self/status").read_text().split("VmSize:")[1].split()[0])
     cap = vm_kb * 1024 + cap_mb * 2**20
@@ -306,12 +375,16 @@ def main(folder: str, reads: int, preprocesses: int, seed: int, cap_mb: int, res
     signal.signal(signal.SIGALRM, _alarm)
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
-    outcomes = _run("read", read_paths, root / "work") + _run("preprocess", preprocess_paths, root / "work")
+    work = root / "work"
+    outcomes = _run("read", read_inputs, work, cap, claim_mb) + _run(
+        "preprocess", preprocess_inputs, work, cap, claim_mb
+    )
     Path(result).write_text(
         json.dumps(
             {
                 "inputs": len(outcomes),
                 "cap_mb": cap_mb,
+                "claim_mb": claim_mb,
                 "peak_rss_growth_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024,
                 "seconds": time.perf_counter() - t0,
                 "outcomes": outcomes,
@@ -321,5 +394,5 @@ def main(folder: str, reads: int, preprocesses: int, seed: int, cap_mb: int, res
 
 
 if __name__ == "__main__":
-    folder, reads, preprocesses, seed, cap_mb, result = sys.argv[1:]
-    main(folder, int(reads), int(preprocesses), int(seed), int(cap_mb), result)
+    folder, reads, preprocesses, seed, cap_mb, claim_mb, result = sys.argv[1:]
+    main(folder, int(reads), int(preprocesses), int(seed), int(cap_mb), int(claim_mb), result)

@@ -11,12 +11,14 @@ import os
 import struct
 import subprocess
 import sys
+import tracemalloc
 import zlib
 
 import nibabel as nib
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from PIL import Image
 
 import invcoss.data.cache as cache_module
 import invcoss.data.limits as limits_module
@@ -191,13 +193,65 @@ def test_huge_png_claims_are_rejected_from_the_header(tmp_path):
     assert e.value.kind == "over a limit" and huge.stat().st_size < 100
     # Raised over Pillow's own bound, the limit is ours alone; a claim the data cannot back is unreadable.
     small = claiming_png(tmp_path / "tile.png", 3000, 3000)
-    with pytest.raises(ReadError, match="cannot decode image") as e:
+    with pytest.raises(ReadError, match="claims 3000x3000 pixels .* inflate to at most") as e:
         read_picture(small, ReadLimits(max_pixels=10**7))
     assert e.value.kind == "unreadable"
     real = write_png(tmp_path / "real.png", np.full((64, 64), 0.5))
     assert read_picture(real, ReadLimits(max_pixels=64 * 64)).array.shape == (1, 64, 64)
     with pytest.raises(ReadError, match="4,096 pixels, more than the limit of 4,095"):
         read_picture(real, ReadLimits(max_pixels=64 * 64 - 1))
+
+
+def test_png_pixels_the_compressed_data_cannot_hold_are_rejected_before_decoding(tmp_path):
+    """Within max_pixels, a 70-byte PNG claiming 10000x10000 RGBA made Pillow allocate 400 MB."""
+    claim = claiming_png(tmp_path / "claim.png", 10000, 10000)
+    blob = bytearray(claim.read_bytes())
+    blob[25] = 6  # colour type RGBA, CRC fixed
+    struct.pack_into(">I", blob, 29, zlib.crc32(bytes(blob[12:29])))
+    claim.write_bytes(bytes(blob))
+    with pytest.raises(
+        ReadError, match=r"claims 10000x10000 pixels \(400,000,000 bytes\) but its \d+ bytes"
+    ) as e:
+        read_picture(claim)
+    assert e.value.kind == "unreadable"
+    # The bound is deflate's best ratio: constant images, the most compressible there are, still read.
+    for mode, value in (("1", 1), ("L", 0), ("RGB", (0, 0, 0))):
+        path = tmp_path / f"flat-{mode}.png"
+        Image.new(mode, (3000, 2000), value).save(path)
+        assert read_picture(path).array.shape[1:] == (2000, 3000)
+
+
+def test_a_chunk_length_past_the_end_of_a_png_allocates_nothing(tmp_path):
+    """An IDAT length of 4 GB in a 100-byte PNG: Pillow read(length) allocated all of it first."""
+    path = write_png(tmp_path / "grey.png", np.full((7, 5), 0.5))
+    blob = bytearray(path.read_bytes())
+    idat = blob.index(b"IDAT") - 4
+    struct.pack_into(">I", blob, idat, 2**32 - 1)
+    path.write_bytes(bytes(blob))
+    tracemalloc.start()
+    try:
+        array = read_picture(path).array  # the pixels are all there: Pillow reads them
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_allclose(array, np.full((1, 7, 5), 128 / 255), atol=1e-6)
+    assert peak < 2**20, peak
+
+
+def test_a_tiff_whose_strips_do_not_cover_its_size_is_unreadable(tmp_path):
+    """ImageLength raised from 8 to 65535 past the one strip: Pillow read 65535 rows, 65527 of zeros."""
+    path = tmp_path / "strip.tif"
+    Image.fromarray(np.full((8, 6, 3), 200, np.uint8)).save(path)
+    blob = bytearray(path.read_bytes())
+    ifd = struct.unpack_from("<I", blob, 4)[0]
+    for i in range(struct.unpack_from("<H", blob, ifd)[0]):
+        entry = ifd + 2 + 12 * i
+        if struct.unpack_from("<H", blob, entry)[0] == 257:  # ImageLength
+            struct.pack_into("<I", blob, entry + 8, 65535)
+    path.write_bytes(bytes(blob))
+    with pytest.raises(ReadError, match=r"covers 48 of the 6x65535 = 393,210 pixels of its header") as e:
+        read_picture(path)
+    assert e.value.kind == "unreadable"
 
 
 # --- samples that mean something -------------------------------------------------------------

@@ -118,6 +118,32 @@ def test_resize_and_channels():
         ReplicateChannels(3)(np.zeros((2, 4, 4), np.float32))
 
 
+def test_resizing_a_narrow_tall_image_stays_within_input_and_output_memory():
+    """A 6-pixel-wide strip 65535 tall went through a (3, 65535, 224) intermediate (176 MB)."""
+    import torch
+    import torch.nn.functional as F
+
+    small = np.random.default_rng(2).random((3, 2000, 6), dtype=np.float32)
+    expected = F.interpolate(
+        torch.from_numpy(small)[None], size=(112, 112), mode="bilinear", align_corners=False, antialias=True
+    )[0].numpy()
+    np.testing.assert_allclose(Resize((112, 112))(small), expected, atol=1e-6)
+    if not os.path.exists("/proc/self/clear_refs"):
+        pytest.skip("measures the peak resident memory through Linux's /proc/self/clear_refs")
+
+    def status_mb(field: str) -> float:
+        with open("/proc/self/status") as f:
+            return int(f.read().split(field + ":")[1].split()[0]) / 1024
+
+    strip = np.full((3, 65535, 6), 0.5, np.float32)  # 4.7 MB
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # the peak (VmHWM) restarts at what is resident now
+    before = status_mb("VmRSS")
+    out = Resize((224, 224))(strip)
+    assert status_mb("VmHWM") - before < 40, status_mb("VmHWM") - before
+    np.testing.assert_allclose(out, 0.5, atol=1e-4)
+
+
 def test_grid_patches_positions_and_content():
     tile = np.random.default_rng(2).random((3, 1100, 1200), dtype=np.float32)
     g = GridPatches(512)

@@ -1,11 +1,14 @@
 """Fuzzing the readers and ``preprocess`` with mutated NIfTI / PNG / TIFF files under a memory cap.
 
 ``fuzz_worker.py`` (beside this file) writes seeded mutations of small valid files and runs them in
-a subprocess whose address space is capped at what it uses after its imports plus ``CAP_MB``. Each
-input must be read or skipped with a reason (:class:`~invcoss.data.ReadError`); a crash of any
-other type, an allocation past the cap, a file lost by ``preprocess`` or more than 20 s on one
-input is a failure naming the input. The default run tries ``FAST`` inputs in a few seconds; the
-``slow`` one ``SLOW``.
+a subprocess whose address space is capped at what it uses after its imports plus ``CAP_MB``; an
+input whose header claims sizes or lengths the file does not hold gets only ``CLAIM_MB`` (an eighth
+of the cap) above what is in use before it. Each input must be read or skipped with a reason and a
+kind (:class:`~invcoss.data.ReadError`); a crash of any other type, an allocation past the cap or
+the claim budget, a file lost by ``preprocess`` or more than 20 s on one input is a failure naming
+the input. ``preprocess`` runs with :class:`~invcoss.data.ReadLimits` sized to the cap, the readers
+alternately with those and the defaults. The default run tries ``FAST`` inputs in a few seconds;
+the ``slow`` one ``SLOW``.
 """
 
 from __future__ import annotations
@@ -18,20 +21,14 @@ from pathlib import Path
 
 import pytest
 
+from invcoss.data.limits import OVER_LIMIT, SKIP_KINDS, UNREADABLE
+
 WORKER = Path(__file__).with_name("fuzz_worker.py")
+CLAIMS = ("header field", "size claim")  # fuzz_worker.CLAIMS: mutations that claim sizes
 CAP_MB = 384
+CLAIM_MB = CAP_MB // 8
 FAST = (300, 40)  # (inputs to the readers, inputs to preprocess)
 SLOW = (3000, 300)
-# Found by this suite and left to the per-file isolation and header limits of issue 17 (readers.py,
-# cache.py): Pillow's DecompressionBombError (and, in the slow run, a TypeError from a TIFF) escapes
-# read_picture; headers claiming huge images make nibabel and Pillow allocate past the cap before the
-# file is rejected; an infinite or huge pixdim crashes preprocess's resampling (OverflowError,
-# TypeError). Strict: the marks must go when those land.
-KNOWN = pytest.mark.xfail(
-    strict=True,
-    reason="issue 17: DecompressionBombError and allocations past the cap in the readers, "
-    "OverflowError/TypeError from extreme spacing in preprocess (docs/data.md: Reliability)",
-)
 
 
 def run_fuzz(folder: Path, reads: int, preprocesses: int, seed: int) -> dict:
@@ -45,6 +42,7 @@ def run_fuzz(folder: Path, reads: int, preprocesses: int, seed: int) -> dict:
             str(preprocesses),
             str(seed),
             str(CAP_MB),
+            str(CLAIM_MB),
             str(result),
         ],
         capture_output=True,
@@ -76,29 +74,54 @@ def slow(tmp_path_factory) -> dict:
     return run_fuzz(tmp_path_factory.mktemp("fuzz-slow"), *SLOW, seed=1000)
 
 
+def summary(result: dict) -> str:
+    """Outcomes by mode and, for skipped inputs, by ReadError kind."""
+    counts = collections.Counter(
+        (o["mode"], o["kind"] if o["outcome"] == "skipped" else o["outcome"]) for o in result["outcomes"]
+    )
+    claims = [o["rss_mb"] for o in result["outcomes"] if o["mutation"] in CLAIMS]
+    return (
+        f"fuzz: {result['inputs']} inputs in {result['seconds']:.1f} s, {dict(sorted(counts.items()))}; "
+        f"peak RSS growth per input {max(o['rss_mb'] for o in result['outcomes']):.1f} MB, "
+        f"{max(claims):.1f} MB over {len(claims)} header claims"
+    )
+
+
 def test_every_input_gets_an_outcome_and_both_paths_are_exercised(fast):
     assert fast["inputs"] == sum(FAST) == len(fast["outcomes"])
     counts = collections.Counter((o["mode"], o["outcome"]) for o in fast["outcomes"])
     # The mutations are neither all harmless nor all fatal: both outcomes occur on both paths.
     for mode in ("read", "preprocess"):
         assert counts[(mode, "read")] > 0 and counts[(mode, "skipped")] > 0, counts
-    assert all(o["detail"] for o in fast["outcomes"] if o["outcome"] == "skipped")
-    print(f"fuzz: {fast['inputs']} inputs in {fast['seconds']:.1f} s, {dict(counts)}")
+    skipped = [o for o in fast["outcomes"] if o["outcome"] == "skipped"]
+    assert all(o["detail"] and o["kind"] in SKIP_KINDS for o in skipped)
+    # Both the header checks (unreadable) and the limits (over a limit) reject inputs.
+    kinds = collections.Counter(o["kind"] for o in skipped)
+    assert kinds[UNREADABLE] > 0 and kinds[OVER_LIMIT] > 0, kinds
+    print(summary(fast))
 
 
-@KNOWN
 def test_readers_read_or_skip_every_input_within_the_cap(fast):
     assert not failures(fast, "read"), "\n".join(failures(fast, "read"))
 
 
-@KNOWN
 def test_preprocess_accounts_for_every_input_within_the_cap(fast):
     assert not failures(fast, "preprocess"), "\n".join(failures(fast, "preprocess"))
 
 
+def test_header_claims_are_rejected_far_below_the_cap(fast):
+    """Inputs whose headers claim sizes the file does not hold ran with CLAIM_MB of address space:
+    none failed (the tests above), and none grew the resident memory by more."""
+    claims = [o for o in fast["outcomes"] if o["mutation"] in CLAIMS]
+    assert {o["mode"] for o in claims} == {"read", "preprocess"}
+    assert max(o["rss_mb"] for o in claims) < CLAIM_MB, max(claims, key=lambda o: o["rss_mb"])
+    assert max(o["rss_mb"] for o in fast["outcomes"]) < CAP_MB
+
+
 @pytest.mark.slow
-@KNOWN
 def test_many_more_inputs(slow):
     assert slow["inputs"] == sum(SLOW)
     bad = failures(slow, "read") + failures(slow, "preprocess")
     assert not bad, f"{len(bad)} of {slow['inputs']} inputs failed:\n" + "\n".join(bad[:50])
+    assert max(o["rss_mb"] for o in slow["outcomes"] if o["mutation"] in CLAIMS) < CLAIM_MB
+    print(summary(slow))
