@@ -290,6 +290,11 @@ def experiment() -> None:
 @click.option("--size", type=click.Choice(["quick", "tiny"]), default="quick", show_default=True)
 @click.option("--methods", default="seq,er,invcoss", show_default=True, help="Methods to compare.")
 @click.option("--resume", is_flag=True, help="Continue the runs in --out.")
+@click.option(
+    "--seeds", type=click.IntRange(min=1), default=1, show_default=True,
+    help="Full repeats with their own phantom, model and inversion seeds, in --out/seed-<k>, "
+    "reported as mean +- sd with paired differences (1: one run in --out itself).",
+)  # fmt: skip
 @device_option()
 @click.option("--distill-weight", type=float, default=None, help="Feature distillation weight (1).")
 @click.option("--buffer-mae-weight", type=float, default=None, help="MAE weight on buffer batches (0: off).")
@@ -301,6 +306,7 @@ def forgetting(
     size: str,
     methods: str,
     resume: bool,
+    seeds: int,
     device,
     distill_weight: float | None,
     buffer_mae_weight: float | None,
@@ -308,11 +314,16 @@ def forgetting(
     inversion_warmup_steps: int | None,
     threads: int | None,
 ) -> None:
-    """seq vs er vs invcoss on phantom X-ray, CT and MRI: forgetting and storage table."""
+    """seq vs er vs invcoss on phantom X-ray, CT and MRI: forgetting and storage table.
+
+    With ``--seeds K`` > 1, K full repeats in ``--out/seed-<k>`` and their summary
+    (``seeds.md``, ``seeds.csv``, ``seeds_paired.csv``, ``seeds.json``, ``seeds.png``).
+    """
     check_output_folder(out)
     import dataclasses
 
     from invcoss.continual.experiment import ForgettingExperiment, run_forgetting_experiment
+    from invcoss.continual.seeds import run_seeds
 
     overrides = {
         "inversion_steps": inversion_steps,
@@ -329,6 +340,12 @@ def forgetting(
         tasks: dict[str, int] = {}
 
         def on_event(e) -> None:
+            if e.phase == "seed":
+                if "seeds" not in tasks:
+                    tasks["seeds"] = bar.add_task("seeds", total=e.info["seeds"], info="")
+                kept = " (finished earlier)" if e.info["kept"] else ""
+                bar.update(tasks["seeds"], completed=e.info["seed"], info=f"seed {e.info['seed']}{kept}")
+                return
             if e.phase == "data":
                 key = "data"
                 info = f"{e.info['split']} {e.info['modality']}"
@@ -350,9 +367,25 @@ def forgetting(
             bar.update(tasks[key], advance=1, info=info)
 
         try:
-            result = run_forgetting_experiment(out, exp, resume=resume, device=device, on_event=on_event)
+            if seeds > 1:
+                result = run_seeds(
+                    out, exp, seeds, resume=resume, device=device, on_event=lambda k, e: on_event(e)
+                )
+            else:
+                result = run_forgetting_experiment(out, exp, resume=resume, device=device, on_event=on_event)
         except ValueError as e:
             raise UserError(str(e)) from None
+    if seeds > 1:
+        click.echo(result.markdown(), nl=False)
+        means = {r["method"]: r for r in result.summary.table if r["modality"] == "mean"}
+        parts = ", ".join(
+            f"{m} {r['forgetting_mean']:+.4f} +- {r['forgetting_sd']:.4f}" for m, r in means.items()
+        )
+        click.echo(
+            f"mean forgetting over {', '.join(exp.base.order[:-1])}, {seeds} seeds: {parts}; "
+            f"{seeds} repeats in {result.seconds:.0f} s -> {out / 'seeds.md'}"
+        )
+        return
     click.echo(result.markdown(), nl=False)
     mean = result.mean_forgetting()
     parts = ", ".join(f"{m} {v:+.4f}" for m, v in mean.items())
