@@ -74,6 +74,11 @@ _INVERSION_WARMUP = click.option(
     help="invcoss: steps of a fresh generator's first batch (default: the inversion profile's; 200 in experiment forgetting).",
 )  # fmt: skip
 
+_FIRST_STAGE_EPOCHS = click.option(
+    "--first-stage-epochs", type=click.IntRange(min=1), default=None,
+    help="Epochs of the first stage (default: --epochs; 96 in experiment forgetting).",
+)  # fmt: skip
+
 
 @click.command()
 @click.option("--order", required=True, help="Modalities in stage order, e.g. ct,mri,xray.")
@@ -92,6 +97,7 @@ _INVERSION_WARMUP = click.option(
     "--img-size-3d", type=Dims(int, "16x96x96"), default=None, help="3D model input (default: the preset's)."
 )
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs per stage.")
+@_FIRST_STAGE_EPOCHS
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
 @click.option("--lr", type=float, default=None, help="Peak learning rate.")
 @click.option(
@@ -298,6 +304,7 @@ def experiment() -> None:
 @device_option()
 @click.option("--distill-weight", type=float, default=None, help="Feature distillation weight (1).")
 @click.option("--buffer-mae-weight", type=float, default=None, help="MAE weight on buffer batches (0: off).")
+@_FIRST_STAGE_EPOCHS
 @_INVERSION_STEPS
 @_INVERSION_WARMUP
 @_THREADS
@@ -310,6 +317,7 @@ def forgetting(
     device,
     distill_weight: float | None,
     buffer_mae_weight: float | None,
+    first_stage_epochs: int | None,
     inversion_steps: int | None,
     inversion_warmup_steps: int | None,
     threads: int | None,
@@ -330,6 +338,7 @@ def forgetting(
         "inversion_warmup_steps": inversion_warmup_steps,
         "distill_weight": distill_weight,
         "buffer_mae_weight": buffer_mae_weight,
+        "first_stage_epochs": first_stage_epochs,
     }
     try:
         exp = ForgettingExperiment.from_size(size, **{k: v for k, v in overrides.items() if v is not None})

@@ -6,8 +6,10 @@ import json
 
 import pytest
 import torch
+from click.testing import CliRunner
 from safetensors.torch import load_file
 
+from invcoss.cli import main
 from invcoss.continual import run_continual, stage_dir
 from invcoss.continual.config import ContinualConfig
 
@@ -59,3 +61,35 @@ def test_first_stage_epochs_validation_and_default():
     values = _config().to_dict()
     del values["first_stage_epochs"]
     assert ContinualConfig.from_dict(values).first_stage_epochs is None
+
+
+def test_cli_first_stage_epochs(tmp_path):
+    runner = CliRunner()
+    scans = tmp_path / "xray"
+    r = runner.invoke(
+        main, ["phantoms", "--modality", "xray", "--count", "4", "--out", str(scans), "--size", "48x48"]
+    )
+    assert r.exit_code == 0, r.output
+    run = tmp_path / "run"
+    args = [
+        "continual", "--order", "xray", "--method", "seq", "--out", str(run), "--epochs", "1", "--batch-size", "2",
+        "--img-size-2d", "32x32", "--threads", "1", "--data", f"xray={scans}",
+    ]  # fmt: skip
+    r = runner.invoke(main, [*args, "--first-stage-epochs", "0"])
+    assert r.exit_code == 2 and "--first-stage-epochs" in r.output
+    r = runner.invoke(main, [*args, "--first-stage-epochs", "2"])
+    assert r.exit_code == 0, r.output
+    stage = json.loads((stage_dir(run, 0, "xray") / "stage.json").read_text())
+    assert [h["epoch"] for h in stage["history"]] == [1, 2]
+    assert json.loads((run / "continual.json").read_text())["config"]["first_stage_epochs"] == 2
+
+
+def test_experiment_forgetting_first_stage_epochs(tmp_path):
+    out = tmp_path / "exp"
+    args = ["experiment", "forgetting", "--size", "tiny", "--methods", "seq", "--out", str(out)]
+    r = CliRunner().invoke(main, [*args, "--first-stage-epochs", "3", "--threads", "1"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "experiment.json").read_text())["experiment"]["base"]["first_stage_epochs"] == 3
+    history = json.loads((stage_dir(out / "runs" / "seq", 0, "ct") / "stage.json").read_text())["history"]
+    later = json.loads((stage_dir(out / "runs" / "seq", 1, "xray") / "stage.json").read_text())["history"]
+    assert (len(history), len(later)) == (3, 2)  # the tiny size trains 2 epochs per stage
