@@ -249,3 +249,16 @@ def test_forgetting_seeds_two_repeats_end_to_end(tmp_path):
     assert (out / "seeds.md").read_text() == before == result.markdown()
     r = runner.invoke(main, [*args[:-1], "0"])
     assert r.exit_code == 2 and "--seeds" in r.output
+
+
+def test_forgetting_seeds_user_errors(tmp_path):
+    runner = CliRunner()
+    args = ["experiment", "forgetting", "--size", "tiny", "--out", str(tmp_path / "exp")]
+    r = runner.invoke(main, [*args, "--seeds", "0"])
+    assert r.exit_code == 2 and "--seeds" in r.output and "0 is not in the range x>=1" in r.output
+    (tmp_path / "exp" / "seed-1" / "runs").mkdir(parents=True)
+    r = runner.invoke(main, [*args, "--seeds", "2"])
+    assert r.exit_code == 2 and "already holds repeats seed-1" in r.output and "--resume" in r.output
+    assert "Traceback" not in r.output and not (tmp_path / "exp" / "seed-0").exists()
+    with pytest.raises(ValueError, match="seeds must be an integer >= 1, got 0"):
+        run_seeds(tmp_path / "other", ForgettingExperiment.from_size("tiny"), seeds=0)
