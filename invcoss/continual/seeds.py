@@ -21,6 +21,7 @@ Output folder ``OUT``::
     seeds.csv  seeds.md           mean +- sd per method and modality; the paired differences
     seeds_paired.csv              the paired differences, one row each
     seeds.json                    settings, every repeat's rows, the summary and the differences
+                                  (an undefined number, such as the sd of one seed, is null)
     seeds.png                     forgetting per seed, one panel per modality before the last stage
                                   (and the mean when there are several)
 
@@ -47,7 +48,7 @@ from invcoss.continual.paired import PairedDifference, mean_sd, paired_differenc
 from invcoss.continual.plot import Panel, line_plot
 from invcoss.data.atomic import atomic_write_bytes, atomic_write_json
 
-__all__ = ["PAIRS", "SeedsResult", "aggregate", "run_seeds", "seed_experiment"]
+__all__ = ["MEAN", "PAIRS", "SeedsResult", "SeedsSummary", "aggregate", "run_seeds", "seed_experiment"]
 
 PAIRS = (("invcoss", "seq"), ("invcoss", "er"), ("er", "seq"))
 MEAN = "mean"
@@ -245,17 +246,19 @@ class SeedsResult:
             "md": atomic_write_bytes(self.out / "seeds.md", self.markdown().encode()),
             "json": atomic_write_json(
                 self.out / "seeds.json",
-                {
-                    "experiment": self.experiment.to_dict(),
-                    "seeds": self.seeds,
-                    "phantom_seeds": [seed_experiment(self.experiment, k).seed for k in self.seeds],
-                    "rows": self.rows,
-                    "stage1": self.stage1,
-                    "columns": s.columns,
-                    "summary": s.table,
-                    "paired": [dataclasses.asdict(d) for d in s.differences],
-                    "seconds": self.seconds,
-                },
+                _json_safe(
+                    {
+                        "experiment": self.experiment.to_dict(),
+                        "seeds": self.seeds,
+                        "phantom_seeds": [seed_experiment(self.experiment, k).seed for k in self.seeds],
+                        "rows": self.rows,
+                        "stage1": self.stage1,
+                        "columns": s.columns,
+                        "summary": s.table,
+                        "paired": [dataclasses.asdict(d) for d in s.differences],
+                        "seconds": self.seconds,
+                    }
+                ),
             ),
         }
         if panels:
@@ -268,6 +271,17 @@ def _forgetting(rows: list[dict], method: str, modality: str, exp: ForgettingExp
         v = [r["forgetting"] for r in rows if r["method"] == method and r["modality"] != exp.base.order[-1]]
         return sum(v) / len(v) if v else None
     return next((r["forgetting"] for r in rows if r["method"] == method and r["modality"] == modality), None)
+
+
+def _json_safe(value: object) -> object:
+    """``value`` with NaN and infinities as None (null): JSON has no literal for them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def _pm(mean: float, sd: float, column: str) -> str:

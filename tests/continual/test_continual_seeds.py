@@ -11,11 +11,12 @@ import statistics
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from PIL import Image
 
 from invcoss.cli import main
 from invcoss.continual.experiment import ForgettingExperiment
 from invcoss.continual.paired import bootstrap_interval, mean_sd, paired_difference, paired_t
-from invcoss.continual.seeds import MEAN, aggregate, run_seeds, seed_experiment
+from invcoss.continual.seeds import MEAN, SeedsResult, aggregate, run_seeds, seed_experiment
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -262,3 +263,26 @@ def test_forgetting_seeds_user_errors(tmp_path):
     assert "Traceback" not in r.output and not (tmp_path / "exp" / "seed-0").exists()
     with pytest.raises(ValueError, match="seeds must be an integer >= 1, got 0"):
         run_seeds(tmp_path / "other", ForgettingExperiment.from_size("tiny"), seeds=0)
+
+
+def test_report_files_of_fake_repeats(tmp_path):
+    exp = dataclasses.replace(ForgettingExperiment.from_size("quick"), seed=0)
+    for n in (1, 3):
+        rows = [fake_rows(k) for k in range(n)]
+        result = SeedsResult(
+            tmp_path, exp, list(range(n)), rows, [], aggregate(rows, last="mri", resamples=200), 1.0
+        )
+        files = result.write()
+
+        def refuse(name):
+            raise ValueError(f"{name} is not JSON")
+
+        saved = json.loads(files["json"].read_text(), parse_constant=refuse)  # NaN is written as null
+        assert saved["seeds"] == list(range(n)) and saved["phantom_seeds"] == [2 * k for k in range(n)]
+        sd = saved["summary"][0]["forgetting_sd"]
+        assert sd is None if n == 1 else sd == pytest.approx(result.summary.table[0]["forgetting_sd"])
+        assert len(list(csv.DictReader(files["csv"].open()))) == len(METHODS) * (len(ORDER) + 1)
+        assert len(list(csv.DictReader(files["paired_csv"].open()))) == len(result.summary.differences) == 18
+        assert Image.open(files["png"]).size[0] == 3 * 420  # xray, ct and their mean
+        assert files["md"].read_text() == result.markdown()
+    assert "| invcoss - seq | ct | forgetting | -0.1900 | 0.0100 | -32.91 | [" in result.markdown()
