@@ -98,6 +98,7 @@ class InversionConfig:
     modality: str = "ct"
     profile: str = "custom"
     batch_size: int = 48
+    min_batch_size: int = 4
     steps: int = 500
     warmup_steps: int = 2000
     generator_every: int = 10
@@ -132,7 +133,14 @@ class InversionConfig:
             object.__setattr__(self, "spacing", tuple(float(s) for s in self.spacing))
             if len(self.spacing) != 3 or min(self.spacing) <= 0:
                 raise ValueError(f"spacing must be 3 positive values in mm, got {self.spacing}")
-        for name in ("batch_size", "steps", "warmup_steps", "generator_every", "latent_dim"):
+        for name in (
+            "batch_size",
+            "min_batch_size",
+            "steps",
+            "warmup_steps",
+            "generator_every",
+            "latent_dim",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("lr_generator", "lr_latent", "lr_pixels"):

@@ -25,6 +25,8 @@ from invcoss.inversion.engine import BatchResult, InversionEngine, StepInfo
 from invcoss.inversion.files import (
     MANIFEST,
     model_digest,
+    nominal_spacing,
+    reference_spacing,
     sample_paths,
     targets_digest,
     write_batch,
@@ -193,9 +195,14 @@ def run_inversion(
     existing = _open_folder(out, identity, resume)
     inv.start(num_samples)
     sizes = inv.batch_sizes(num_samples)
-    spacing = inv.config.spacing or inv.space.spacing(inv.input_shape[1:])
+    spacing = (
+        inv.config.spacing
+        or reference_spacing(reference)
+        or nominal_spacing(inv.space.modality, inv.input_shape[1:])
+    )
     if existing is not None:
         manifest = existing
+        spacing = tuple(manifest["spacing_mm"]) if manifest.get("spacing_mm") else spacing
         done = len(manifest["batches"])
         if 0 < done < len(sizes):
             inv.load_state_tensors(_load_state(out, manifest["resume_state"]), batch=done)
@@ -261,7 +268,7 @@ class Inverter(InversionEngine):
         >>> cfg = InversionConfig.from_profile("quick", "xray", batch_size=2, steps=1, warmup_steps=1,
         ...                                    latent_dim=8, generator_channels=(8, 8, 4))
         >>> import tempfile
-        >>> Inverter(model, stats, cfg, backend="torch").run(2, tempfile.mkdtemp()).batches_run
+        >>> Inverter(model, stats, cfg, backend="torch").run(4, tempfile.mkdtemp()).batches_run
         1
     """
 
