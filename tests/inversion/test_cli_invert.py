@@ -82,7 +82,9 @@ def test_ct_end_to_end_with_the_packaged_model(runner, tmp_path):
     for i in range(3):
         img = nib.load(out / "samples" / f"ct_{i:05d}.nii.gz")
         assert img.get_data_dtype() == np.float32 and img.shape == (96, 96, 16)
-        assert read_nifti(out / "samples" / f"ct_{i:05d}.nii.gz").spacing == pytest.approx((1.5, 4.0, 4.0))
+        assert read_nifti(out / "samples" / f"ct_{i:05d}.nii.gz").spacing == pytest.approx(
+            (1.5, 256 / 96, 256 / 96), abs=1e-4
+        )
     m = json.loads((out / "manifest.json").read_text())
     assert m["complete"] and m["sources"]["model"].startswith("packaged ct model")
     assert m["identity"]["model"]["preset"] == "vit_nano_w64" and (out / "preview.png").is_file()
