@@ -105,6 +105,9 @@ def test_paper_profile_is_appendix_c():
     c = InversionConfig.from_profile("paper", "ct")
     assert [c.steps_for(b) for b in (0, 1, 9, 10, 11)] == [2000, 500, 500, 2000, 500]
     assert InversionConfig.from_profile("quick", "ct").upsample == 2
+    assert c.tv_reduction == "sum" and c.min_batch_size == 4  # Eq. 8 as written
+    q = InversionConfig.from_profile("quick", "ct")
+    assert (q.batch_size, q.warmup_steps, q.steps, q.alpha_img) == (8, 300, 150, ALPHA_IMG_QUICK)
     assert canonical_modality("path") == "pathology"
 
 
@@ -349,15 +352,16 @@ def test_dropping_l_task_leaves_the_masked_reconstruction_worse(trained):
 
 @pytest.mark.slow
 def test_the_quick_ct_tv_weight_smooths_the_samples(packaged):
-    """The quick CT profile's alpha_img acts at its own size: 30 steps of one batch of 4, on and off.
+    """The quick CT profile's alpha_img acts at its own size: 10 steps of one batch of 4, on and off.
 
-    (Measured at 300 steps and 5 samples: mean |gradient| 23.8 HU with the prior, 27.8 without.)
+    Here the mean |gradient| is 0.019 with the prior and 0.027 without (at 300 steps and 5 samples:
+    23.8 and 27.8 HU).
     """
     model, stats = packaged
     grads = {}
     for losses in (("task", "norm", "img", "rep"), ("task", "norm", "rep")):
-        config = InversionConfig.from_profile("quick", "ct", warmup_steps=30, losses=losses)
+        config = InversionConfig.from_profile("quick", "ct", warmup_steps=10, losses=losses)
         assert config.alpha_img == ALPHA_IMG_QUICK and config.tv_reduction == "sum"
         images = Inverter(model, stats, config, backend="torch").generate(4).images
         grads["img" in losses] = mean_abs_gradient(images)
-    assert grads[True] < 0.9 * grads[False]
+    assert grads[True] < 0.85 * grads[False]
