@@ -6,6 +6,7 @@ Layout of an output folder::
                                   timings, the quality report; rewritten after every batch
     preview.png                   central slices (3D) or images (2D) of the first 16 samples
     samples/<modality>_00000.nii.gz   3D: float32 NIfTI, (D, H, W), the spacing in the affine
+                                  (the config's, a reference cache's or :func:`nominal_spacing`)
     samples/<modality>_00000.npy      2D: float32 (C, H, W), what the model takes (PNG would round)
     png/<modality>_00000.png          2D: an 8-bit copy for viewing
     state/after_batch_00003.safetensors   what the next batch needs (generator, Adam moments,

@@ -181,6 +181,9 @@ def run_inversion(
         sources: where the model and statistics came from (recorded in the manifest).
         reference: a folder of real scans or a preprocessed cache of the modality (or its
             batches from :func:`invcoss.inversion.report.reference_batches`), for the reference columns of the quality report (:func:`invcoss.inversion.report.quality_report`).
+            A cache also gives the spacing written into 3D samples when the config has none
+            (:func:`invcoss.inversion.files.reference_spacing`; else
+            :func:`invcoss.inversion.files.nominal_spacing`).
         compare_rep: also invert once in memory with L_rep toggled and report both diversities.
         max_reference: at most this many reference samples are read.
 
