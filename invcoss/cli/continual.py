@@ -93,6 +93,12 @@ _FLAT_STD = click.option(
 )  # fmt: skip
 
 
+_MAE_TARGET = click.option(
+    "--buffer-mae-target", type=click.Choice(["pixels", "teacher"]), default=None,
+    help="What the buffer MAE term reconstructs: the buffer's pixels or the previous model's reconstruction.",
+)  # fmt: skip
+
+
 @click.command()
 @click.option("--order", required=True, help="Modalities in stage order, e.g. ct,mri,xray.")
 @click.option("--method", type=_METHODS, default="invcoss", show_default=True, help="Replay method.")
@@ -119,6 +125,7 @@ _FLAT_STD = click.option(
 @click.option("--distill-weight", type=float, default=None, help="Feature distillation weight (1).")
 @click.option("--buffer-mae-weight", type=float, default=None, help="MAE weight on buffer batches (0: off).")
 @_FLAT_STD
+@_MAE_TARGET
 @click.option("--mixup-alpha", type=float, default=None, help="Buffer mixup Beta(a, a) (0: off).")
 @click.option("--interleave", type=click.Choice(["shuffle", "alternate"]), default=None)
 @click.option(
@@ -336,6 +343,7 @@ def experiment() -> None:
 @click.option("--distill-weight", type=float, default=None, help="Feature distillation weight (1).")
 @click.option("--buffer-mae-weight", type=float, default=None, help="MAE weight on buffer batches (0: off).")
 @_FLAT_STD
+@_MAE_TARGET
 @_FIRST_STAGE_EPOCHS
 @_INVERSION_STEPS
 @_INVERSION_WARMUP
@@ -350,6 +358,7 @@ def forgetting(
     distill_weight: float | None,
     buffer_mae_weight: float | None,
     buffer_mae_flat_std: float | None,
+    buffer_mae_target: str | None,
     first_stage_epochs: int | None,
     inversion_steps: int | None,
     inversion_warmup_steps: int | None,
@@ -374,6 +383,7 @@ def forgetting(
         "distill_weight": distill_weight,
         "buffer_mae_weight": buffer_mae_weight,
         "buffer_mae_flat_std": buffer_mae_flat_std,
+        "buffer_mae_target": buffer_mae_target,
         "first_stage_epochs": first_stage_epochs,
     }
     try:

@@ -116,6 +116,9 @@ class ContinualConfig(TrainingSchedule):
         buffer_mae_flat_std: masked buffer patches whose raw pixels have a standard deviation
             below this (model units) are left out of the buffer's MAE term (0, the default, keeps
             every patch; see :func:`invcoss.continual.replay.replay_loss`).
+        buffer_mae_target: what the buffer's MAE term reconstructs: ``"pixels"`` (the buffer
+            sample, Eq. 7) or ``"teacher"`` (the frozen previous model's reconstruction of the
+            same masked sample; see :func:`invcoss.continual.replay.replay_loss`).
         mixup_alpha: intra-batch mixup of buffer samples with ``lambda ~ Beta(alpha, alpha)`` per
             sample (0 turns it off).
         interleave: ``"shuffle"`` or ``"alternate"`` (module docstring).
@@ -141,6 +144,7 @@ class ContinualConfig(TrainingSchedule):
     distill_weight: float = 1.0
     buffer_mae_weight: float = 1.0
     buffer_mae_flat_std: float = 0.0
+    buffer_mae_target: str = "pixels"
     mixup_alpha: float = 1.0
     interleave: str = "shuffle"
     buffer_every: int = 1
@@ -186,6 +190,10 @@ class ContinualConfig(TrainingSchedule):
             raise ValueError(
                 f"method {self.method} needs distill_weight > 0 or buffer_mae_weight > 0 "
                 "(both are 0: the buffer would not be used)"
+            )
+        if self.buffer_mae_target not in ("pixels", "teacher"):
+            raise ValueError(
+                f"buffer_mae_target must be 'pixels' or 'teacher', got {self.buffer_mae_target!r}"
             )
         if self.interleave not in INTERLEAVES:
             raise ValueError(f"interleave must be one of {', '.join(INTERLEAVES)}, got {self.interleave!r}")

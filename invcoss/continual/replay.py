@@ -31,6 +31,7 @@ from invcoss.training import CURRENT
 
 __all__ = [
     "CURRENT",
+    "MAE_TARGETS",
     "AuditedDataset",
     "DataAccessError",
     "ScheduledBatch",
@@ -167,7 +168,8 @@ def feature_distillation_loss(
     x: Tensor,
     mask_ratio: float = 0.75,
     noise: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return_teacher: bool = False,
+) -> tuple[Tensor, ...]:
     """MSE between the current and the frozen previous encoder's features on the same visible tokens.
 
     Both encoders see the same masked input: one ``noise`` decides the mask of both (MedCoSS's
@@ -180,10 +182,12 @@ def feature_distillation_loss(
         x: ``(B, C, H, W)`` or ``(B, C, D, H, W)`` buffer batch.
         mask_ratio: fraction of patches hidden.
         noise: ``(B, L)`` mask scores (drawn from the global generator when None).
+        return_teacher: also return the teacher's latent (last), for a term on its decoder.
 
     Returns:
         ``(loss, latent (B, 1 + K, D), mask (B, L), ids_restore (B, L))``: the 0-dim fp32 loss and
-        the current encoder's outputs, for an MAE term on the same pass.
+        the current encoder's outputs, for an MAE term on the same pass (and the teacher's latent
+        with ``return_teacher``).
 
     Example:
         >>> import copy
@@ -202,7 +206,8 @@ def feature_distillation_loss(
     latent, mask, ids_restore = model.forward_encoder(x, mask_ratio, noise)
     with torch.no_grad():
         target = teacher.forward_encoder(x, mask_ratio, noise)[0]
-    return F.mse_loss(latent.float(), target.float()), latent, mask, ids_restore
+    loss = F.mse_loss(latent.float(), target.float())
+    return (loss, latent, mask, ids_restore) + ((target,) if return_teacher else ())
 
 
 def replay_loss(
@@ -213,8 +218,16 @@ def replay_loss(
     distill_weight: float = 1.0,
     mae_weight: float = 0.0,
     mae_flat_std: float = 0.0,
+    mae_target: str = "pixels",
 ) -> tuple[Tensor, dict[str, float]]:
     """The loss of one buffer batch: ``distill_weight * distillation + mae_weight * MAE`` (one encoder pass).
+
+    ``mae_target`` decides what the MAE term asks the decoder for on the masked patches:
+    ``"pixels"`` (Eq. 7 on the buffer sample, the paper's "task-oriented self-supervision") or
+    ``"teacher"``: the frozen previous model's own reconstruction of the same masked input, so the
+    term keeps the previous encoder-decoder's behaviour on the buffer instead of fitting the
+    buffer's pixels (with synthetic samples, their blur and artefacts). Both are squared errors
+    per masked patch in the same (normalised) target space.
 
     ``mae_flat_std > 0`` leaves the near-flat patches out of the MAE term: a masked patch whose raw
     pixels have a standard deviation below ``mae_flat_std`` (model units) is not scored (see
@@ -227,19 +240,33 @@ def replay_loss(
         ``(total, {"distill": ..., "mae": ...})`` (``mae`` only when ``mae_weight > 0``; with
         ``mae_flat_std > 0`` also ``"flat"``, the fraction of patches left out).
     """
-    distill, latent, mask, ids_restore = feature_distillation_loss(model, teacher, x, mask_ratio)
+    if mae_target not in MAE_TARGETS:
+        raise ValueError(f"mae_target must be one of {', '.join(MAE_TARGETS)}, got {mae_target!r}")
+    distill, latent, mask, ids_restore, teacher_latent = feature_distillation_loss(
+        model, teacher, x, mask_ratio, return_teacher=True
+    )
     total = distill_weight * distill
     parts = {"distill": float(distill.detach())}
     if mae_weight > 0:
-        pred = model.forward_decoder(latent, ids_restore, x.ndim - 2)
+        ndim = x.ndim - 2
+        pred = model.forward_decoder(latent, ids_restore, ndim)
         if mae_flat_std > 0:
             flat = flat_patches(model, x, mae_flat_std)
             parts["flat"] = float(flat.float().mean())
             mask = mask * (~flat).to(mask.dtype)
-        mae = model.forward_loss(x, pred, mask)
+        if mae_target == "teacher":
+            with torch.no_grad():
+                target = teacher.forward_decoder(teacher_latent, ids_restore, ndim).float()
+            per_patch = (pred.float() - target).pow(2).mean(dim=-1)
+            mae = (per_patch * mask).sum() / mask.sum().clamp_min(1.0)
+        else:
+            mae = model.forward_loss(x, pred, mask)
         total = total + mae_weight * mae
         parts["mae"] = float(mae.detach())
     return total, parts
+
+
+MAE_TARGETS = ("pixels", "teacher")
 
 
 def flat_patches(model: nn.Module, x: Tensor, max_std: float) -> Tensor:

@@ -200,6 +200,35 @@ def test_replay_loss_leaves_flat_patches_out_of_the_mae_term():
         flat_patches(model, x, -1.0)
 
 
+def test_replay_loss_with_the_teacher_target_matches_the_previous_reconstruction():
+    torch.manual_seed(2)
+    teacher = create_model("vit_nano", **SMALL).eval()
+    x = torch.rand(2, 3, 32, 32)
+    # The same model as teacher: its reconstruction is the target, so the term is exactly zero,
+    # where the pixel target is not.
+    assert (
+        replay_loss(copy.deepcopy(teacher), teacher, x, 0.75, 1.0, 1.0, mae_target="teacher")[1]["mae"] == 0.0
+    )
+    assert replay_loss(copy.deepcopy(teacher), teacher, x, 0.75, 1.0, 1.0)[1]["mae"] > 0.1
+    model = create_model("vit_nano", **SMALL)
+    torch.manual_seed(5)
+    _, parts = replay_loss(model, teacher, x, 0.5, 1.0, 1.0, mae_target="teacher")
+    torch.manual_seed(5)
+    noise = torch.rand(2, 4)
+    with torch.no_grad():
+        latent, mask, ids = model.forward_encoder(x, 0.5, noise)
+        pred = model.forward_decoder(latent, ids, 2)
+        t_latent, t_mask, t_ids = teacher.forward_encoder(x, 0.5, noise)
+        target = teacher.forward_decoder(t_latent, t_ids, 2)
+    assert torch.equal(mask, t_mask)
+    expected = float(((pred - target).pow(2).mean(-1) * mask).sum() / mask.sum())
+    assert parts["mae"] == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="mae_target must be one of pixels, teacher"):
+        replay_loss(model, teacher, x, 0.5, 1.0, 1.0, mae_target="decoder")
+    with pytest.raises(ValueError, match="buffer_mae_target must be 'pixels' or 'teacher'"):
+        ContinualConfig.from_profile("quick", buffer_mae_target="decoder")
+
+
 def test_audited_dataset_counts_reads_and_refuses_them_once_sealed():
     ds = AuditedDataset(torch.arange(6.0).view(6, 1), "mri")
     assert len(ds) == 6 and float(ds[2][0]) == 2.0 and ds.reads == 1
