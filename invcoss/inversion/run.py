@@ -123,8 +123,11 @@ def _open_folder(out: Path, identity: dict, resume: bool) -> dict | None:
         return manifest
     if out.exists() and not out.is_dir():
         raise RunFolderError(f"{out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not resume:
-        raise RunFolderError(f"{out} is not empty; choose an empty or new folder for --out")
+    if out.is_dir() and any(out.iterdir()):
+        # With resume too: a folder without a manifest holds no run of ours to continue, and
+        # resuming would write over (and tidy away) whatever it holds.
+        what = "holds no inversion run to resume (no manifest.json)" if resume else "is not empty"
+        raise RunFolderError(f"{out} {what}; choose an empty or new folder for --out")
     return None
 
 
@@ -184,7 +187,8 @@ def run_inversion(
         max_reference: at most this many reference samples are read.
 
     Raises:
-        RunFolderError: the folder holds another run, is not empty without ``resume``, or its run
+        RunFolderError: the folder holds another run, is not empty and holds no run to ``resume``
+            (without ``resume``, or with it but no manifest: nothing in it is replaced), or its run
             was made at another CPU thread count (recorded as ``compute`` in the manifest).
         NonFiniteLossError: a loss became non-finite (the manifest keeps the finished batches).
     """
