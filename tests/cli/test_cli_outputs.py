@@ -132,3 +132,34 @@ def test_bench_keeps_an_existing_out_unless_overwrite(runner, tmp_path):
     refused(runner.invoke(main, argv), str(tmp_path / "bench.md"), "--overwrite")
     assert (tmp_path / "bench.md").read_bytes() == MINE
     assert not (tmp_path / "bench.json").exists()
+
+
+def test_inversion_step_script_keeps_an_existing_out_unless_overwrite(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "inversion_step.py"
+    spec = importlib.util.spec_from_file_location("inversion_step", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "step.md"
+    out.with_suffix(".json").write_bytes(MINE)
+    with pytest.raises(SystemExit) as stop:  # before any timing
+        module.main(["--out", str(out), "--steps", "1"])
+    assert stop.value.code == 2
+    assert f"{out.with_suffix('.json')} exists; pass --overwrite" in capsys.readouterr().err
+    assert out.with_suffix(".json").read_bytes() == MINE and not out.exists()
+
+
+def test_asset_build_keeps_models_in_another_out_unless_overwrite(tmp_path, capsys):
+    from invcoss.assets import build
+
+    (tmp_path / "xray").mkdir()
+    (tmp_path / "xray" / "model.safetensors").write_bytes(MINE)
+    with pytest.raises(SystemExit) as stop:  # before any phantom is written or step trained
+        build.main(
+            ["--modality", "xray", "--epochs", "1", "--out", str(tmp_path), "--work", str(tmp_path / "w")]
+        )
+    assert stop.value.code == 2
+    assert f"{tmp_path / 'xray' / 'model.safetensors'} exists; pass --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "xray" / "model.safetensors").read_bytes() == MINE and not (tmp_path / "w").exists()
