@@ -1,8 +1,8 @@
 """An inversion run into a folder: resumable, every file atomic (the file layout: :mod:`.files`).
 
 :func:`run_inversion` drives an :class:`~invcoss.inversion.engine.InversionEngine` batch by batch:
-it checks the folder (new, or the same run to resume), writes each batch's samples, its resume
-state and then the manifest, and at the end the preview and the quality report. :class:`Inverter`
+it checks the folder (new, or the same run to resume), writes the manifest before the first batch
+(so any folder of a run has one), then each batch's samples, its resume state and the manifest, and at the end the preview and the quality report. :class:`Inverter`
 is the engine with that run as a method, :meth:`Inverter.run`; it is what ``invcoss.inversion``
 exports.
 """
@@ -229,6 +229,9 @@ def run_inversion(
         done = 0
     manifest["device"], manifest["backend"] = str(inv.device), inv.backend or "default"
     manifest["compute"] = compute
+    if existing is None:
+        # Written before the first batch, so a run killed in it is still ours to --resume.
+        atomic_write_json(out / MANIFEST, manifest)
     if out.is_dir():
         _remove_stale(out, manifest.get("resume_state"))
     for b in range(done, len(sizes)):
