@@ -2,9 +2,9 @@
 
 :func:`run_inversion` drives an :class:`~invcoss.inversion.engine.InversionEngine` batch by batch:
 it checks the folder (new, or the same run to resume), writes the manifest before the first batch
-(so any folder of a run has one), then each batch's samples, its resume state and the manifest, and at the end the preview and the quality report. :class:`Inverter`
-is the engine with that run as a method, :meth:`Inverter.run`; it is what ``invcoss.inversion``
-exports.
+(so any folder of a run has one), then each batch's samples, its resume state and the manifest,
+and at the end the preview and the quality report. :class:`Inverter` is the engine with that run
+as a method, :meth:`Inverter.run`; it is what ``invcoss.inversion`` exports.
 """
 
 from __future__ import annotations
