@@ -54,8 +54,9 @@ class InputSpace:
         activation: the generator's output activation, ``"tanh"`` or ``"sigmoid"``.
         scale: model input = ``scale`` x activated output.
         channels: channels the generator makes (X-ray: 1, replicated to the model's channels).
-        fov_mm: nominal physical extent ``(D, H, W)`` of one sample (3D): the written spacing is
-            ``fov_mm / size`` unless the config gives one.
+        fov_mm: nominal physical extent ``(D, H, W)`` of one sample of the paper's data (3D;
+            informative). Synthetic volumes are written with the spacing of the data the model
+            saw instead: :func:`invcoss.inversion.files.nominal_spacing` (the phantoms').
         display_range: values mapped to black and white in previews.
         description: what the written values mean (stored in the manifest).
     """

@@ -88,6 +88,11 @@ _INVERSION_WARMUP = click.option(
     help="invcoss: steps of a fresh generator's first batch (default: the inversion profile's; 200 in experiment forgetting).",
 )  # fmt: skip
 
+_FIRST_STAGE_EPOCHS = click.option(
+    "--first-stage-epochs", type=click.IntRange(min=1), default=None,
+    help="Epochs of the first stage (default: --epochs; 96 in experiment forgetting).",
+)  # fmt: skip
+
 
 _FLAT_STD = click.option(
     "--buffer-mae-flat-std", type=click.FloatRange(min=0), default=None,
@@ -112,6 +117,7 @@ _FLAT_STD = click.option(
     "--img-size-3d", type=Dims(int, "16x96x96"), default=None, help="3D model input (default: the preset's)."
 )
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs per stage.")
+@_FIRST_STAGE_EPOCHS
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
 @click.option("--lr", type=float, default=None, help="Peak learning rate.")
 @click.option(
@@ -340,10 +346,16 @@ def experiment() -> None:
 @click.option("--size", type=click.Choice(["quick", "tiny"]), default="quick", show_default=True)
 @click.option("--methods", default="seq,er,invcoss", show_default=True, help="Methods to compare.")
 @click.option("--resume", is_flag=True, help="Continue the runs in --out.")
+@click.option(
+    "--seeds", type=click.IntRange(min=1), default=1, show_default=True,
+    help="Full repeats with their own phantom, model and inversion seeds, in --out/seed-<k>, "
+    "reported as mean +- sd with paired differences (1: one run in --out itself).",
+)  # fmt: skip
 @device_option()
 @click.option("--distill-weight", type=float, default=None, help="Feature distillation weight (1).")
 @click.option("--buffer-mae-weight", type=float, default=None, help="MAE weight on buffer batches (0: off).")
 @_FLAT_STD
+@_FIRST_STAGE_EPOCHS
 @_INVERSION_STEPS
 @_INVERSION_WARMUP
 @_EXPERIMENT_THREADS
@@ -352,10 +364,12 @@ def forgetting(
     size: str,
     methods: str,
     resume: bool,
+    seeds: int,
     device,
     distill_weight: float | None,
     buffer_mae_weight: float | None,
     buffer_mae_flat_std: float | None,
+    first_stage_epochs: int | None,
     inversion_steps: int | None,
     inversion_warmup_steps: int | None,
     threads: int,
@@ -363,13 +377,18 @@ def forgetting(
     """seq vs er vs invcoss on phantom X-ray, CT and MRI: forgetting and storage table.
 
     Runs at one CPU thread unless --threads says otherwise, so the table does not depend on the
-    machine; the count is recorded in experiment.json. Without --resume a folder that already
-    holds the experiment's runs or tables (forgetting.csv/md, experiment.json, retention.png) is
+    machine; the count is recorded in experiment.json.
+    With ``--seeds K`` > 1, K full repeats in ``--out/seed-<k>`` and their summary
+    (``seeds.md``, ``seeds.csv``, ``seeds_paired.csv``, ``seeds.json``, ``seeds.png``).
+    Without --resume a folder that already holds the experiment's runs or tables
+    (forgetting.csv/md, experiment.json, retention.png; with --seeds the seeds.* files) is
     refused (exit 2); --resume continues them and rewrites the tables.
     """
     if not resume:
-        tables = [out / n for n in ("forgetting.csv", "forgetting.md", "experiment.json", "retention.png")]
-        found = [p for p in tables if p.exists()]
+        names = ("forgetting.csv", "forgetting.md", "experiment.json", "retention.png")
+        if seeds > 1:
+            names = ("seeds.csv", "seeds_paired.csv", "seeds.md", "seeds.json", "seeds.png")
+        found = [out / n for n in names if (out / n).exists()]
         if found:
             raise UserError(
                 f"{found[0]} exists; pass --resume to continue the experiment in {out}, or choose another --out"
@@ -378,6 +397,7 @@ def forgetting(
     import dataclasses
 
     from invcoss.continual.experiment import ForgettingExperiment, run_forgetting_experiment
+    from invcoss.continual.seeds import run_seeds
 
     overrides = {
         "inversion_steps": inversion_steps,
@@ -385,6 +405,7 @@ def forgetting(
         "distill_weight": distill_weight,
         "buffer_mae_weight": buffer_mae_weight,
         "buffer_mae_flat_std": buffer_mae_flat_std,
+        "first_stage_epochs": first_stage_epochs,
     }
     try:
         exp = ForgettingExperiment.from_size(size, **{k: v for k, v in overrides.items() if v is not None})
@@ -395,6 +416,12 @@ def forgetting(
         tasks: dict[str, int] = {}
 
         def on_event(e) -> None:
+            if e.phase == "seed":
+                if "seeds" not in tasks:
+                    tasks["seeds"] = bar.add_task("seeds", total=e.info["seeds"], info="")
+                kept = " (finished earlier)" if e.info["kept"] else ""
+                bar.update(tasks["seeds"], completed=e.info["seed"], info=f"seed {e.info['seed']}{kept}")
+                return
             if e.phase == "data":
                 key = "data"
                 info = f"{e.info['split']} {e.info['modality']}"
@@ -416,11 +443,28 @@ def forgetting(
             bar.update(tasks[key], advance=1, info=info)
 
         try:
-            result = run_forgetting_experiment(
-                out, exp, resume=resume, device=device, on_event=on_event, threads=threads
-            )
+            if seeds > 1:
+                result = run_seeds(
+                    out, exp, seeds, resume=resume, device=device, on_event=lambda k, e: on_event(e),
+                    threads=threads,
+                )  # fmt: skip
+            else:
+                result = run_forgetting_experiment(
+                    out, exp, resume=resume, device=device, on_event=on_event, threads=threads
+                )
         except ValueError as e:
             raise UserError(str(e)) from None
+    if seeds > 1:
+        click.echo(result.markdown(), nl=False)
+        means = {r["method"]: r for r in result.summary.table if r["modality"] == "mean"}
+        parts = ", ".join(
+            f"{m} {r['forgetting_mean']:+.4f} +- {r['forgetting_sd']:.4f}" for m, r in means.items()
+        )
+        click.echo(
+            f"mean forgetting over {', '.join(exp.base.order[:-1])}, {seeds} seeds: {parts}; "
+            f"{seeds} repeats in {result.seconds:.0f} s -> {out / 'seeds.md'}"
+        )
+        return
     click.echo(result.markdown(), nl=False)
     for name, field in (
         ("background patches", "forgetting_background"), ("structured patches", "forgetting_structured"),

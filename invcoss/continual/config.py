@@ -99,6 +99,11 @@ class ContinualConfig(TrainingSchedule):
         preset: the MAE preset of the first stage (:func:`invcoss.models.create_model`).
         img_size_2d, img_size_3d: model input sizes (None: the preset's).
         epochs: epochs per stage.
+        first_stage_epochs: epochs of the first stage (None: ``epochs``). The first stage trains a
+            fresh model, so it may need more steps than the later stages to reach its plateau;
+            otherwise the next stages' gains on its modality are continued learning and read as
+            negative forgetting (docs/experiments.md, "The first stage's budget"). Its warm-up
+            and cosine decay span its own epochs.
         batch_size: samples per batch, current and buffer alike (a smaller buffer gives smaller
             buffer batches).
         lr, min_lr, warmup_epochs, weight_decay: AdamW with linear warm-up and cosine decay per
@@ -131,6 +136,7 @@ class ContinualConfig(TrainingSchedule):
     preset: str = "vit_base"
     img_size_2d: tuple[int, int] | None = None
     img_size_3d: tuple[int, int, int] | None = None
+    first_stage_epochs: int | None = None
     buffer_fraction: float = 0.05
     distill_weight: float = 1.0
     buffer_mae_weight: float = 1.0
@@ -165,6 +171,8 @@ class ContinualConfig(TrainingSchedule):
                 if len(value) != n or min(value) < 1:
                     raise ValueError(f"{name} must be {n} positive ints, got {getattr(self, name)!r}")
                 object.__setattr__(self, name, value)
+        if self.first_stage_epochs is not None and self.first_stage_epochs < 1:
+            raise ValueError(f"first_stage_epochs must be >= 1 or None, got {self.first_stage_epochs}")
         for name in ("buffer_every", "stats_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -217,6 +225,18 @@ class ContinualConfig(TrainingSchedule):
         if unknown:
             raise TypeError(f"unknown ContinualConfig field(s) {unknown}; fields are {sorted(fields)}")
         return cls(profile=profile, **{**_PROFILE_VALUES[profile], **overrides})
+
+    def stage_epochs(self, stage: int) -> int:
+        """Epochs of 0-based ``stage``: ``first_stage_epochs`` for the first (when set), else ``epochs``.
+
+        Example:
+            >>> c = ContinualConfig.from_profile("quick", first_stage_epochs=40)
+            >>> c.stage_epochs(0), c.stage_epochs(1)
+            (40, 16)
+        """
+        if stage == 0 and self.first_stage_epochs is not None:
+            return self.first_stage_epochs
+        return self.epochs
 
     def replace(self, **changes: object) -> ContinualConfig:
         return dataclasses.replace(self, **changes)

@@ -46,7 +46,7 @@ def train_stage(
     device: torch.device,
     on_step: Callable[[TrainStep], None] | None = None,
 ) -> tuple[list[dict], int]:
-    """Train ``model`` for the epochs of one stage, saving the training state in ``folder`` every epoch.
+    """Train ``model`` for the epochs of one stage (:meth:`ContinualConfig.stage_epochs`), saving the training state in ``folder`` every epoch.
 
     A training state already in ``folder`` is resumed from (model, AdamW moments, RNG state, history);
     otherwise the global generator is seeded from ``(config.seed, stage)``, so a stage does not
@@ -78,7 +78,9 @@ def train_stage(
         raise ValueError("train_stage got a buffer but no teacher to distil from")
     modality = config.order[stage]
     stage_seed = derive_seed(config.seed, "stage", stage)
-    schedule_config = config.schedule()
+    # The first stage may have its own budget; its warm-up and decay then span its own epochs.
+    epochs = config.stage_epochs(stage)
+    schedule_config = dataclasses.replace(config.schedule(), epochs=epochs)
     opt = make_optimizer(model, schedule_config)
     meta = {"model": dataclasses.asdict(model.config), "stage": stage, "modality": modality}
     history: list[dict] = []
@@ -90,7 +92,7 @@ def train_stage(
         torch.manual_seed(stage_seed)
     sizes = {m: int(b.shape[0]) for m, b in buffers.items()}
     use_amp = config.amp and device.type == "cuda"
-    for epoch in range(start, config.epochs):
+    for epoch in range(start, epochs):
         g = torch.Generator().manual_seed(derive_seed(stage_seed, "epoch", epoch))
         schedule = epoch_schedule(
             len(data), sizes, config.batch_size, config.interleave, config.buffer_every, g
@@ -132,10 +134,10 @@ def train_stage(
                 yield Step(batch.source, len(batch.indices), compute)
 
         means = train_epoch(
-            model, opt, steps(), epoch=epoch, epochs=config.epochs, num_steps=len(schedule),
+            model, opt, steps(), epoch=epoch, epochs=epochs, num_steps=len(schedule),
             lr_at=lambda e: learning_rate(e, schedule_config), on_step=on_step,
             where=f"stage {stage + 1} ({modality})",
         )  # fmt: skip
         history.append({"epoch": epoch + 1, "steps": len(schedule)} | means)
         save_state(folder, model, opt, epoch + 1, [h["mae"] for h in history], meta | {"history": history})
-    return history, config.epochs - start
+    return history, epochs - start

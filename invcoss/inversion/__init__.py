@@ -17,6 +17,7 @@ from invcoss.inversion.engine import (
     NonFiniteLossError,
     StepInfo,
     derive_seed,
+    plan_batches,
 )
 from invcoss.inversion.run import InversionResult, Inverter, RunFolderError, run_inversion
 
@@ -34,5 +35,6 @@ __all__ = [
     "RunFolderError",
     "StepInfo",
     "derive_seed",
+    "plan_batches",
     "run_inversion",
 ]

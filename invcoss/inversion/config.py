@@ -19,9 +19,56 @@ generator re-initialised after 10 batches is in the same state as the first one,
 and up to 10 batches, that is only the first).
 
 The ``quick`` profile keeps the method and shrinks the work for a laptop CPU: a narrow InvUNet
-(channels 32-16-8-8-4 in 3D, 64-32-16-8-8 in 2D), small latents, small batches, tens of steps, and
-in 3D a generator that works at half the in-plane size (``upsample=2``). It is what
+(channels 32-16-8-8-4 in 3D, 64-32-16-8-8 in 2D), small latents, small batches (8), tens of steps
+in 2D and 300 (150 for a carried generator) in 3D, and in 3D a generator that works at half the
+in-plane size (``upsample=2``). It is what
 ``invcoss-cli invert`` uses by default, with the packaged ``vit_nano`` models.
+
+Batches are planned by :func:`~invcoss.inversion.engine.plan_batches`: at most ``batch_size``
+samples and never fewer than ``min_batch_size`` (4), so a run of 5 CT samples at the quick profile
+is one batch of 5 rather than 2 + 2 + 1.
+
+Quick 3D budget (measured on the packaged CT model, ``--threads 1``, one batch of 5 samples,
+against 48 preprocessed windows of 4 CT phantoms; "distance" is the quality report's median
+distance of the batch mean from the target mean in target std, real batches of 8: 0.36):
+
+=====================  =========  ========  =======  ==========================
+fresh-generator steps  distance   air (%)   Fréchet  seconds (1 thread, shared)
+=====================  =========  ========  =======  ==========================
+100                    1.45       3         0.66     72
+200                    0.70       32        0.25     216
+300 (default)          0.46       44        0.17     337
+real data              0.36       58        —        —
+=====================  =========  ========  =======  ==========================
+
+A carried generator needs fewer steps: in a run of 10 samples (``invcoss-cli invert
+--num-samples 10 --threads 1``, batches 5 + 5) the second batch ends at 0.45 after 150 steps (the
+first at 0.47 after 300; real batches of 8 range 0.19-0.50), Fréchet distance 0.21 (noise 45),
+46% air, 388 s in all. The former quick 3D defaults (batches of 2 with a 1-sample tail, 50 and 30 steps) ended at
+distances 2.6, 2.1 and 1.6, 1.4% air and a Fréchet distance of 1.6 on the same model.
+
+TV weight. Eq. 8 is a sum over voxels (``tv_reduction="sum"``); the mean made ``alpha_img * L_img``
+about 0.012 against an L_norm of 350-4900 at the quick CT profile. On the sum the weight is tied to
+the batch and image size, so the quick profile's ``alpha_img = 3e-3`` was chosen by a sweep at its
+own sizes (300 steps, 5 CT samples; 40 steps, 8 X-ray samples against 32 X-ray phantoms):
+
+==================  ======================  ==========  ==============  ==========
+alpha_img (sum)     TV share, start / end   distance    mean |grad|     Fréchet
+==================  ======================  ==========  ==============  ==========
+CT: 0.1 on mean     0% / 0%                 0.46        27.8 HU         0.20
+CT: 1e-3            3% / 16%                0.45        26.3 HU         0.18
+CT: 3e-3 (default)  7% / 31%                0.46        23.8 HU         0.17
+CT: 1e-2            21% / 49%               0.58        19.0 HU         0.21
+X-ray: 0.1 on mean  0% / 0%                 0.37        0.0177          0.16
+X-ray: 3e-3         2% / 6%                 0.37        0.0163          0.12
+X-ray: 1e-2         7% / 14%                0.41        0.0136          0.13
+X-ray: 0.1          40% / 17%               1.03        0.0031          3.3
+==================  ======================  ==========  ==============  ==========
+
+(real: CT 31.9 HU, X-ray 0.0236.) 3e-3 is the largest weight that smooths the samples without
+slowing the statistics: at 1e-2 the distance stays 25% (CT) and 9% (X-ray) higher, and the
+paper's 0.1 on the sum flattens 2D samples (distance 1.03). The paper profile keeps Appendix C's
+0.1 on the sum, as the paper writes it; at the paper's sizes it is unmeasured here.
 
 Input spaces (the generator's output activation and the map into the model's input space) are
 the modalities' own: :mod:`invcoss.modality`.
@@ -46,20 +93,22 @@ __all__ = [
 LOSS_TERMS = ("task", "norm", "img", "rep")
 GENERATORS = ("invunet", "bottomup", "pixels")
 PROFILES = ("paper", "quick")
+ALPHA_IMG_QUICK = 3e-3  # on Eq. 8's sum; measured in 2D and 3D, see InversionConfig
 
 
 _PAPER = {
     2: dict(batch_size=320, steps=1000, warmup_steps=1000, generator_every=1, latent_dim=128),
     3: dict(batch_size=48, steps=500, warmup_steps=2000, generator_every=10, latent_dim=512),
 }
+# The quick profile's step budgets and TV weights are measured, not guessed: see the class docstring.
 _QUICK = {
     2: dict(
         batch_size=8, steps=30, warmup_steps=40, generator_every=1, latent_dim=32,
-        generator_channels=(64, 32, 16, 8, 8),
+        generator_channels=(64, 32, 16, 8, 8), alpha_img=ALPHA_IMG_QUICK,
     ),
     3: dict(
-        batch_size=2, steps=30, warmup_steps=50, generator_every=10, latent_dim=64,
-        generator_channels=(32, 16, 8, 8, 4), upsample=2,
+        batch_size=8, steps=150, warmup_steps=300, generator_every=10, latent_dim=64,
+        generator_channels=(32, 16, 8, 8, 4), upsample=2, alpha_img=ALPHA_IMG_QUICK,
     ),
 }  # fmt: skip
 
@@ -71,7 +120,15 @@ class InversionConfig:
     Attributes:
         modality: ``ct``, ``mri``, ``xray`` or ``pathology`` (``path`` accepted).
         profile: the profile the values came from (informative).
-        batch_size: samples optimised together (the statistics are batch statistics).
+        batch_size: samples optimised together (the statistics are batch statistics); the
+            largest batch the planner makes unless it must grow one to keep ``min_batch_size``
+            (:func:`invcoss.inversion.engine.plan_batches`).
+        min_batch_size: no batch is planned smaller than this (4 by default), so every batch's
+            statistics can match the target: L_norm matches the biased batch variance, which is
+            constant at B = 1, and at B = 2 reachable only by a pair mirrored about the target mean
+            (both samples are fixed by the two moments). Matching mean and variance fixes two values
+            per feature; from B = 4 on, the samples keep at least as many free values per feature
+            (B - 2) as the moments fix. A run of fewer samples is one batch, with a warning.
         steps: optimisation steps per batch.
         warmup_steps: steps for the first batch of each fresh generator.
         generator_every: batches per generator (1: a new generator every batch).
@@ -83,10 +140,15 @@ class InversionConfig:
         lr_generator, lr_latent: Adam learning rates of the generator and of z (2e-4, 0.05).
         lr_pixels: Adam learning rate of the pixels with ``generator="pixels"`` (not in the paper).
         losses: the enabled terms of Eq. 6, any of ``task``, ``norm``, ``img``, ``rep`` (Table 2).
-        alpha_norm, alpha_img, alpha_rep: loss weights (L_task has weight 1).
+        alpha_norm, alpha_img, alpha_rep: loss weights (L_task has weight 1). The paper profile
+            keeps Appendix C's alpha_img = 0.1; the quick profile's is calibrated for Eq. 8's sum
+            at its sizes (see "TV weight" above).
         mask_ratio: fraction of patches masked for L_task (0.75).
-        tv_reduction: ``"mean"`` divides Eq. 8's sum by the number of voxels, so ``alpha_img``
-            keeps its meaning at any size (the sum of a 16x192x192 volume is ~10^5 times larger).
+        tv_reduction: ``"sum"`` (the default) is Eq. 8 as written, summed over the batch;
+            ``"mean"`` divides it by the number of values, which makes the prior about 10^5 times
+            weaker at 3D sizes (at the quick CT profile, alpha_img 0.1 on the mean is 0.012 against
+            an L_norm of 350-4900: the prior does nothing measurable). The sum grows with the batch
+            and the image size, so ``alpha_img`` is tied to them.
         seed: seeds every random choice; the same seed gives the same samples (on CPU).
         spacing: voxel spacing in mm written into 3D outputs; None: the modality's nominal one.
         upsample: the generator makes images this many times smaller along H and W, and linear
@@ -98,6 +160,7 @@ class InversionConfig:
     modality: str = "ct"
     profile: str = "custom"
     batch_size: int = 48
+    min_batch_size: int = 4
     steps: int = 500
     warmup_steps: int = 2000
     generator_every: int = 10
@@ -112,7 +175,7 @@ class InversionConfig:
     alpha_img: float = 0.1
     alpha_rep: float = 0.1
     mask_ratio: float = 0.75
-    tv_reduction: str = "mean"
+    tv_reduction: str = "sum"
     seed: int = 0
     spacing: tuple[float, float, float] | None = None
     upsample: int = 1
@@ -132,7 +195,14 @@ class InversionConfig:
             object.__setattr__(self, "spacing", tuple(float(s) for s in self.spacing))
             if len(self.spacing) != 3 or min(self.spacing) <= 0:
                 raise ValueError(f"spacing must be 3 positive values in mm, got {self.spacing}")
-        for name in ("batch_size", "steps", "warmup_steps", "generator_every", "latent_dim"):
+        for name in (
+            "batch_size",
+            "min_batch_size",
+            "steps",
+            "warmup_steps",
+            "generator_every",
+            "latent_dim",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("lr_generator", "lr_latent", "lr_pixels"):

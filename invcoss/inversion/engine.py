@@ -29,9 +29,9 @@ Example:
     >>> stats = [(torch.zeros(5, 96), torch.ones(5, 96))] * 4  # per block (L, D) mean and variance
     >>> cfg = InversionConfig.from_profile("quick", "xray", batch_size=2, steps=2, warmup_steps=2,
     ...                                    latent_dim=8, generator_channels=(8, 8, 4))
-    >>> out = InversionEngine(model, stats, cfg, backend="torch").generate(3)
-    >>> tuple(out.images.shape), sorted(out.batches[0].curves)
-    ((3, 3, 32, 32), ['img', 'norm', 'rep', 'step', 'task', 'total'])
+    >>> out = InversionEngine(model, stats, cfg, backend="torch").generate(5)  # one batch of 5
+    >>> tuple(out.images.shape), len(out.batches), sorted(out.batches[0].curves)
+    ((5, 3, 32, 32), 1, ['img', 'norm', 'rep', 'step', 'task', 'total'])
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -59,6 +60,7 @@ __all__ = [
     "NonFiniteLossError",
     "StepInfo",
     "derive_seed",
+    "plan_batches",
 ]
 
 
@@ -124,6 +126,50 @@ def derive_seed(seed: int, what: str, index: int) -> int:
     """
     digest = hashlib.sha256(f"{int(seed)}:{what}:{int(index)}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
+
+
+def plan_batches(num_samples: int, batch_size: int, min_batch_size: int = 1) -> list[int]:
+    """Split ``num_samples`` into batches whose batch statistics are meaningful.
+
+    The rule: with ``b = max(batch_size, min_batch_size)``, take the fewest batches of at most
+    ``b`` samples, ``k = ceil(N / b)``, with sizes as equal as possible (they differ by at most
+    one, larger first). When that leaves a batch below ``min_batch_size`` (only possible when
+    ``b < 2 * min_batch_size``), take ``k = N // min_batch_size`` batches instead: every batch then
+    has at least ``min_batch_size`` samples and fewer than ``2 * min_batch_size``, so a batch may
+    exceed ``batch_size`` (5 samples with ``batch_size`` 2 or 4 and a minimum of 4: one batch of 5).
+    ``num_samples < min_batch_size`` gives a single batch of all of them and a warning: the
+    samples can still be made, but their batch variance cannot match the target (at B = 1 it is
+    constant, at B = 2 only an anti-symmetric pair matches it).
+
+    Raises:
+        ValueError: ``num_samples``, ``batch_size`` or ``min_batch_size`` below 1.
+
+    Example:
+        >>> plan_batches(10, 4, 1), plan_batches(10, 4, 4), plan_batches(5, 2, 4), plan_batches(7, 8, 4)
+        ([4, 3, 3], [5, 5], [5], [7])
+        >>> plan_batches(100, 48, 4)
+        [34, 33, 33]
+    """
+    for name, value in (("num_samples", num_samples), ("batch_size", batch_size)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if min_batch_size < 1:
+        raise ValueError(f"min_batch_size must be >= 1, got {min_batch_size}")
+    if num_samples < min_batch_size:
+        warnings.warn(
+            f"{num_samples} samples are fewer than min_batch_size {min_batch_size}: they are inverted "
+            "as one batch whose batch variance cannot match the statistics well; ask for at least "
+            f"{min_batch_size} samples",
+            UserWarning,
+            stacklevel=3,
+        )
+        return [num_samples]
+    b = max(batch_size, min_batch_size)
+    k = math.ceil(num_samples / b)
+    if num_samples // k < min_batch_size:
+        k = num_samples // min_batch_size
+    q, r = divmod(num_samples, k)
+    return [q + 1] * r + [q] * (k - r)
 
 
 def _stat_targets(stats, model: nn.Module, modality: str) -> list[tuple[Tensor, Tensor]]:
@@ -253,7 +299,7 @@ class InversionEngine:
         self._gen, self._opt_g = None, None
 
     def num_batches(self, num_samples: int) -> int:
-        return math.ceil(num_samples / self.config.batch_size)
+        return len(self.batch_sizes(num_samples))
 
     # -- losses ----------------------------------------------------------------------------------
     def images(self, params: Tensor) -> Tensor:
@@ -406,8 +452,8 @@ class InversionEngine:
         )
 
     def batch_sizes(self, num_samples: int) -> list[int]:
-        b = self.config.batch_size
-        return [min(b, num_samples - i * b) for i in range(self.num_batches(num_samples))]
+        """The planned batch sizes of a run of ``num_samples``: :func:`plan_batches` of the config."""
+        return plan_batches(num_samples, self.config.batch_size, self.config.min_batch_size)
 
     def generate(self, num_samples: int, on_step: Callable[[StepInfo], None] | None = None) -> GenerateResult:
         """Invert ``num_samples`` samples in memory (no files).

@@ -6,6 +6,7 @@ Layout of an output folder::
                                   timings, the quality report; rewritten after every batch
     preview.png                   central slices (3D) or images (2D) of the first 16 samples
     samples/<modality>_00000.nii.gz   3D: float32 NIfTI, (D, H, W), the spacing in the affine
+                                  (the config's, a reference cache's or :func:`nominal_spacing`)
     samples/<modality>_00000.npy      2D: float32 (C, H, W), what the model takes (PNG would round)
     png/<modality>_00000.png          2D: an 8-bit copy for viewing
     state/after_batch_00003.safetensors   what the next batch needs (generator, Adam moments,
@@ -30,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from invcoss.data import read_nifti, write_nifti, write_png
+from invcoss.data import read_manifest, read_nifti, write_nifti, write_png
 from invcoss.data.atomic import atomic_save_npy
 from invcoss.inversion.engine import BatchResult, InversionEngine
 
@@ -38,7 +39,9 @@ __all__ = [
     "MANIFEST",
     "PREVIEW_COUNT",
     "model_digest",
+    "nominal_spacing",
     "read_samples",
+    "reference_spacing",
     "sample_name",
     "sample_paths",
     "targets_digest",
@@ -52,6 +55,52 @@ PREVIEW_COUNT = 16
 
 def sample_name(modality: str, index: int, ndim: int) -> str:
     return f"{modality}_{index:05d}" + (".nii.gz" if ndim == 3 else ".npy")
+
+
+def nominal_spacing(modality: str, size: tuple[int, ...]) -> tuple[float, float, float] | None:
+    """The voxel spacing in mm of a ``size`` window that the preprocessing makes of a default phantom.
+
+    What the written volumes claim when neither the config nor a reference gives a spacing: the
+    geometry of :func:`invcoss.data.write_phantoms`' default volumes (``DEFAULT_SIZES`` x
+    ``DEFAULT_SPACING``; CT 160 px x 1.6 mm = 256 mm across) put through the modality's
+    preprocessing for the model's input size (:func:`invcoss.data.config_for_input`): resampled to
+    its spacing when it has one, a window of ``window`` slices, whole slices resized to ``size``.
+    None for 2D modalities.
+
+    Example:
+        >>> nominal_spacing("ct", (16, 96, 96))  # 24 slices of 1 mm; 256 mm over 96 pixels
+        (1.5, 2.6667, 2.6667)
+    """
+    from invcoss.data import config_for_input
+    from invcoss.data.phantoms import DEFAULT_SIZES, DEFAULT_SPACING
+    from invcoss.data.transforms import resampled_shape
+
+    if modality not in DEFAULT_SPACING:
+        return None
+    shape, spacing = DEFAULT_SIZES[modality], DEFAULT_SPACING[modality]
+    config = config_for_input(modality, tuple(size))
+    if config.spacing is not None:
+        shape, spacing = resampled_shape(shape, spacing, config.spacing), config.spacing
+    depth = min(config.window or shape[0], shape[0])
+    extent = (depth * spacing[0], shape[1] * spacing[1], shape[2] * spacing[2])
+    return tuple(round(e / n, 4) for e, n in zip(extent, size))
+
+
+def reference_spacing(reference) -> tuple[float, float, float] | None:
+    """The median voxel spacing of the samples of a preprocessed cache (its manifest), else None.
+
+    ``reference`` is what :func:`~invcoss.inversion.run.run_inversion` takes; a folder of raw scans,
+    a list of batches or None give None.
+    """
+    if not isinstance(reference, str | os.PathLike):
+        return None
+    try:
+        spacings = [s["spacing"] for s in read_manifest(reference)["samples"] if s.get("spacing")]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not spacings or any(len(s) != 3 for s in spacings):
+        return None
+    return tuple(round(float(v), 4) for v in np.median(np.asarray(spacings, dtype=np.float64), axis=0))
 
 
 def write_batch(out: Path, inv: InversionEngine, result: BatchResult, first: int, spacing) -> list[str]:

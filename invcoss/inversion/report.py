@@ -7,6 +7,17 @@
 - **Diversity**: the mean pairwise cosine similarity of the synthetic samples' ``model.embed``
   features (mode collapse pushes it towards 1), optionally with L_rep toggled (same seed and
   steps), and of real samples with a reference.
+- **Distance from the target mean**, per batch: how far the batch mean of every feature (every
+  block, token and channel the statistics hold) lies from the target mean, in units of the target
+  standard deviation, as the median over all of them (:func:`mean_distance`). Real batches of the
+  same sizes sit near ``1 / sqrt(B)`` (about 0.5 at B = 5); a batch that has not reached the
+  statistics sits several std away.
+- **Intensity histogram** of the synthetic voxels/pixels over the modality's value range (the
+  range the statistics' training data were mapped into, :data:`invcoss.modality.INPUT_SPACES`),
+  in named bands for CT (air below -900 HU, lung -900..-700, mixed -700..-150, soft tissue
+  -150..150, dense above 150 HU) and in equal bins otherwise, next to the reference's
+  (:func:`intensity_histogram`). The feature statistics do not store an intensity range of their
+  own, so the real data, when given, are what the synthetic histogram is read against.
 - **Fréchet distance** between Gaussians fitted to the synthetic and the reference features in the
   model's embedding space (as FID, with the inverted model as the feature extractor), next to the
   same for random noise.
@@ -22,17 +33,76 @@ import torch
 from torch import Tensor
 
 from invcoss.data import config_for_input, open_dataset
-from invcoss.inversion.engine import InversionEngine, derive_seed
+from invcoss.inversion.engine import InversionEngine, derive_seed, plan_batches
 from invcoss.inversion.files import read_samples
 
 __all__ = [
+    "CT_BANDS_HU",
     "embed_batches",
     "format_report",
     "frechet_distance",
+    "intensity_histogram",
+    "mean_distance",
     "mean_pairwise_cosine",
     "quality_report",
     "reference_batches",
 ]
+
+
+CT_BANDS_HU = (
+    ("air", -1024.0, -900.0),
+    ("lung", -900.0, -700.0),
+    ("mixed", -700.0, -150.0),
+    ("soft tissue", -150.0, 150.0),
+    ("dense", 150.0, 1024.0),
+)
+"""The named CT intensity bands of the quality report, in Hounsfield units (model input x 1024)."""
+
+HISTOGRAM_BINS = 8  # equal bins over the value range for modalities without named bands
+
+
+def intensity_histogram(space, batches) -> dict[str, float]:
+    """Fraction of the values of ``batches`` (model inputs ``(B, C, *S)``) in each intensity band.
+
+    CT: the bands of :data:`CT_BANDS_HU` (the first band includes its lower edge and every band
+    its upper one's complement, so the fractions sum to 1; values outside [-1024, 1024] HU fall
+    in the end bands). Other modalities: :data:`HISTOGRAM_BINS` equal bins over
+    ``space.value_range``, named by their lower edge. Only the first channel counts (X-ray's grey
+    is replicated).
+
+    Example:
+        >>> from invcoss.modality import INPUT_SPACES
+        >>> x = torch.tensor([-1.0, -0.95, 0.0, 0.5]).reshape(1, 1, 1, 2, 2)
+        >>> intensity_histogram(INPUT_SPACES["ct"], [x])
+        {'air': 0.5, 'lung': 0.0, 'mixed': 0.0, 'soft tissue': 0.25, 'dense': 0.25}
+    """
+    if space.modality == "ct":
+        names = [n for n, _, _ in CT_BANDS_HU]
+        inner = torch.tensor([hi / 1024.0 for _, _, hi in CT_BANDS_HU[:-1]], dtype=torch.float64)
+    else:
+        lo, hi = space.value_range
+        edges = torch.linspace(lo, hi, HISTOGRAM_BINS + 1, dtype=torch.float64)
+        names = [f"{float(e):.3g}" for e in edges[:-1]]
+        inner = edges[1:-1]
+    counts = torch.zeros(len(names), dtype=torch.float64)
+    for x in batches:
+        values = x[:, :1].reshape(-1).double()
+        counts += torch.bincount(torch.bucketize(values, inner, right=True), minlength=len(names)).double()
+    total = float(counts.sum())
+    return {n: (float(c) / total if total else 0.0) for n, c in zip(names, counts)}
+
+
+@torch.no_grad()
+def mean_distance(inv: InversionEngine, x: Tensor) -> float:
+    """Median over every block, token and channel of ``|batch mean - target mean| / target std``.
+
+    ``x`` is one batch of model inputs ``(B, C, *S)``; the batch mean is over its B samples, as
+    the stat-matching loss takes it. Target variances are floored at 1e-12.
+    """
+    gaps = []
+    for f, (mean, var) in zip(inv.model.block_features(x.to(inv.device)), inv.targets, strict=True):
+        gaps.append(((f.float().mean(0) - mean).abs() / var.clamp_min(1e-12).sqrt()).reshape(-1))
+    return float(torch.cat(gaps).median())
 
 
 def mean_pairwise_cosine(features: Tensor) -> float:
@@ -97,7 +167,7 @@ def _stat_losses(inv: InversionEngine, batches) -> list[float]:
 
 
 def reference_batches(inv: InversionEngine, path: str | os.PathLike, limit: int) -> list[Tensor]:
-    """Up to ``limit`` real samples of a folder of scans or a cache, in batches of the inversion's size.
+    """Up to ``limit`` real samples of a folder of scans or a cache, in the inversion's batch plan.
 
     The samples are preprocessed with the paper's processing of the modality at the model's input
     size; with more than ``limit`` available an evenly spaced subset is taken.
@@ -121,7 +191,7 @@ def reference_batches(inv: InversionEngine, path: str | os.PathLike, limit: int)
         )
     index = np.unique(np.linspace(0, len(ds) - 1, min(limit, len(ds))).round().astype(int))
     samples = torch.stack([ds[int(i)].float() for i in index])
-    return list(samples.split(inv.config.batch_size))
+    return list(samples.split(plan_batches(len(samples), inv.config.batch_size, inv.config.min_batch_size)))
 
 
 def quality_report(
@@ -144,7 +214,10 @@ def quality_report(
         max_reference: at most this many reference samples.
     """
     batches = manifest["batches"]
-    synthetic = embed_batches(inv, read_samples(paths, inv.config.batch_size))
+    # The run's own batches, so the per-batch distances are those of the batches that were optimised.
+    starts = np.cumsum([0] + [len(b["samples"]) for b in batches])
+    samples = [next(read_samples(paths[a:z], z - a)) for a, z in zip(starts[:-1], starts[1:]) if z > a]
+    synthetic = embed_batches(inv, samples)
     noise_gen = torch.Generator().manual_seed(derive_seed(inv.config.seed, "report-noise", 0))
     noise = [inv.space.noise((len(b["samples"]), *inv.input_shape), noise_gen) for b in batches]
     noise_features = embed_batches(inv, noise)
@@ -160,6 +233,12 @@ def quality_report(
             "noise": mean_pairwise_cosine(noise_features) if len(paths) > 1 else None,
             "reference": None,
         },
+        "mean_distance_std": {
+            "synthetic": [mean_distance(inv, x) for x in samples],
+            "noise": [mean_distance(inv, x) for x in noise],
+            "reference": None,
+        },
+        "intensity": {"synthetic": intensity_histogram(inv.space, samples), "reference": None},
         "rep_comparison": None,
         "frechet_distance": None,
         "reference": None,
@@ -175,6 +254,8 @@ def quality_report(
         n_real = real_features.shape[0]
         report["reference"] = {"path": label, "samples": n_real}
         report["stat_loss"]["reference"] = float(np.mean(_stat_losses(inv, real)))
+        report["mean_distance_std"]["reference"] = [mean_distance(inv, x) for x in real]
+        report["intensity"]["reference"] = intensity_histogram(inv.space, real)
         if n_real > 1:
             report["mean_pairwise_cosine"]["reference"] = mean_pairwise_cosine(real_features)
         if n_real > 1 and len(paths) > 1:
@@ -206,6 +287,10 @@ def rep_comparison(inv: InversionEngine, num_samples: int, features: Tensor) -> 
     return {"with_rep": ours if has_rep else theirs, "without_rep": theirs if has_rep else ours}
 
 
+def _median(values: list[float] | None) -> float | None:
+    return float(np.median(values)) if values else None
+
+
 def _num(v: float | None, digits: int = 4) -> str:
     return "n/a" if v is None else f"{v:.{digits}g}"
 
@@ -219,6 +304,19 @@ def format_report(report: dict) -> list[str]:
         f"mean pairwise cosine: synthetic {_num(cos['synthetic'])}, noise {_num(cos['noise'])}"
         + (f", real {_num(cos['reference'])}" if cos["reference"] is not None else ""),
     ]
+    d = report.get("mean_distance_std")
+    if d:
+        lines.append(
+            f"distance of the batch mean from the target mean (median, std): synthetic "
+            f"{_num(_median(d['synthetic']), 3)}, noise {_num(_median(d['noise']), 3)}"
+            + (f", real {_num(_median(d['reference']), 3)}" if d["reference"] else "")
+        )
+    hist = report.get("intensity")
+    if hist:
+        for key, label in (("synthetic", "synthetic"), ("reference", "real")):
+            if hist[key]:
+                bands = ", ".join(f"{k} {100 * v:.0f}%" for k, v in hist[key].items())
+                lines.append(f"intensity ({label}): {bands}")
     if report["rep_comparison"]:
         r = report["rep_comparison"]
         lines.append(

@@ -25,6 +25,8 @@ from invcoss.inversion.engine import BatchResult, InversionEngine, StepInfo
 from invcoss.inversion.files import (
     MANIFEST,
     model_digest,
+    nominal_spacing,
+    reference_spacing,
     sample_paths,
     targets_digest,
     write_batch,
@@ -183,6 +185,9 @@ def run_inversion(
         sources: where the model and statistics came from (recorded in the manifest).
         reference: a folder of real scans or a preprocessed cache of the modality (or its
             batches from :func:`invcoss.inversion.report.reference_batches`), for the reference columns of the quality report (:func:`invcoss.inversion.report.quality_report`).
+            A cache also gives the spacing written into 3D samples when the config has none
+            (:func:`invcoss.inversion.files.reference_spacing`; else
+            :func:`invcoss.inversion.files.nominal_spacing`).
         compare_rep: also invert once in memory with L_rep toggled and report both diversities.
         max_reference: at most this many reference samples are read.
 
@@ -199,10 +204,15 @@ def run_inversion(
     existing = _open_folder(out, identity, resume)
     inv.start(num_samples)
     sizes = inv.batch_sizes(num_samples)
-    spacing = inv.config.spacing or inv.space.spacing(inv.input_shape[1:])
+    spacing = (
+        inv.config.spacing
+        or reference_spacing(reference)
+        or nominal_spacing(inv.space.modality, inv.input_shape[1:])
+    )
     compute = compute_record()
     if existing is not None:
         manifest = existing
+        spacing = tuple(manifest["spacing_mm"]) if manifest.get("spacing_mm") else spacing
         made_with = (manifest.get("compute") or {}).get("threads", compute["threads"])
         if made_with != compute["threads"]:
             raise RunFolderError(
@@ -278,7 +288,7 @@ class Inverter(InversionEngine):
         >>> cfg = InversionConfig.from_profile("quick", "xray", batch_size=2, steps=1, warmup_steps=1,
         ...                                    latent_dim=8, generator_channels=(8, 8, 4))
         >>> import tempfile
-        >>> Inverter(model, stats, cfg, backend="torch").run(2, tempfile.mkdtemp()).batches_run
+        >>> Inverter(model, stats, cfg, backend="torch").run(4, tempfile.mkdtemp()).batches_run
         1
     """
 

@@ -62,7 +62,20 @@ def test_ct_end_to_end_with_the_packaged_model(runner, tmp_path):
     out = tmp_path / "ct"
     r = runner.invoke(
         main,
-        ["invert", "--modality", "ct", "--out", str(out), "--num-samples", "3", "--batch-size", "2", *FAST],
+        [
+            "invert",
+            "--modality",
+            "ct",
+            "--out",
+            str(out),
+            "--num-samples",
+            "3",
+            "--batch-size",
+            "2",
+            "--set",
+            "min_batch_size=1",
+            *FAST,
+        ],  # fmt: skip
     )
     assert r.exit_code == 0, r.output
     assert f"wrote 3 synthetic ct volumes to {out} (2 batches" in r.stdout
@@ -70,7 +83,9 @@ def test_ct_end_to_end_with_the_packaged_model(runner, tmp_path):
     for i in range(3):
         img = nib.load(out / "samples" / f"ct_{i:05d}.nii.gz")
         assert img.get_data_dtype() == np.float32 and img.shape == (96, 96, 16)
-        assert read_nifti(out / "samples" / f"ct_{i:05d}.nii.gz").spacing == pytest.approx((1.5, 4.0, 4.0))
+        assert read_nifti(out / "samples" / f"ct_{i:05d}.nii.gz").spacing == pytest.approx(
+            (1.5, 256 / 96, 256 / 96), abs=1e-4
+        )
     m = json.loads((out / "manifest.json").read_text())
     assert m["complete"] and m["sources"]["model"].startswith("packaged ct model")
     assert m["identity"]["model"]["preset"] == "vit_nano_w64" and (out / "preview.png").is_file()
@@ -238,6 +253,7 @@ def test_resume_after_the_process_is_killed_between_batches(runner, tmp_path, ti
     args = [
         "invert", "--modality", "ct", "--checkpoint", str(tiny_checkpoint), "--num-samples", "5",
         "--batch-size", "1", "--steps", "6", "--warmup-steps", "6", "--set", "upsample=1", "--threads", "1",
+        "--set", "min_batch_size=1",
     ]  # fmt: skip
     whole = tmp_path / "whole"
     assert runner.invoke(main, [*args, "--out", str(whole)]).exit_code == 0

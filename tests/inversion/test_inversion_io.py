@@ -47,8 +47,8 @@ def ct_stats(model):
 
 def ct_config(**kw) -> InversionConfig:
     base = dict(
-        modality="ct", batch_size=2, steps=2, warmup_steps=3, generator_every=2, latent_dim=8,
-        generator_channels=(8, 8, 4, 4),
+        modality="ct", batch_size=2, min_batch_size=1, steps=2, warmup_steps=3, generator_every=2,
+        latent_dim=8, generator_channels=(8, 8, 4, 4),
     )  # fmt: skip
     return InversionConfig(**(base | kw))
 
@@ -69,7 +69,9 @@ def test_3d_run_writes_float32_nifti_with_spacing_and_a_manifest(tmp_path, model
     names = [f"samples/ct_{i:05d}.nii.gz" for i in range(5)]
     assert sorted(files_of(out)) == names  # no state, no temporary file left
     assert [p.relative_to(out).as_posix() for p in result.files] == names
-    expected_spacing = (24.0 / 16, 384.0 / 32, 384.0 / 32)  # the nominal CT field of view
+    # A default CT phantom (160 px x 1.6 mm = 256 mm across) through the CT preprocessing: windows
+    # of 24 slices of 1 mm and whole 256 mm slices, resized to the model's 16x32x32.
+    expected_spacing = (24.0 / 16, 256.0 / 32, 256.0 / 32)
     memory = Inverter(model, ct_stats, ct_config(), backend="torch").generate(5).images
     for i, p in enumerate(result.files):
         img = nib.load(p)
@@ -93,14 +95,38 @@ def test_3d_run_writes_float32_nifti_with_spacing_and_a_manifest(tmp_path, model
         np.mean([b["stat_loss"] for b in m["batches"]])
     )
     assert -1 <= q["mean_pairwise_cosine"]["synthetic"] <= 1
+    assert len(q["mean_distance_std"]["synthetic"]) == len(q["mean_distance_std"]["noise"]) == 3
+    assert all(d > 0 for d in q["mean_distance_std"]["synthetic"])
+    assert list(q["intensity"]["synthetic"]) == ["air", "lung", "mixed", "soft tissue", "dense"]
+    assert sum(q["intensity"]["synthetic"].values()) == pytest.approx(1.0)
     with Image.open(out / "preview.png") as im:  # 5 central slices on a 3x2 grid with 2-pixel gaps
         assert im.size == (3 * 32 + 4, 2 * 32 + 2) and im.mode == "L"
+
+
+def test_3d_spacing_follows_the_config_then_a_reference_cache_then_the_phantoms(tmp_path, model, ct_stats):
+    from invcoss.data import get_config, preprocess, write_phantoms
+
+    assert invcoss.inversion.files.nominal_spacing("ct", (16, 96, 96)) == (1.5, 2.6667, 2.6667)
+    assert invcoss.inversion.files.nominal_spacing("xray", (32, 32)) is None
+    # A cache of phantoms 30 mm x 96 mm x 96 mm across: 24-slice windows of 1 mm, 96 mm over 32.
+    write_phantoms(tmp_path / "scans", "ct", 1, size=(10, 48, 48), spacing=(3.0, 2.0, 2.0))
+    cache = tmp_path / "cache"
+    preprocess(tmp_path / "scans", cache, "ct", config=get_config("ct", "paper", size=(16, 32, 32)))
+    assert invcoss.inversion.files.reference_spacing(cache) == pytest.approx((1.5, 3.0, 3.0))
+    config = ct_config(batch_size=4, steps=1, warmup_steps=1)
+    run = Inverter(model, ct_stats, config, backend="torch").run(4, tmp_path / "ref", reference=cache)
+    assert read_nifti(run.files[0]).spacing == pytest.approx((1.5, 3.0, 3.0))
+    assert run.manifest["spacing_mm"] == pytest.approx([1.5, 3.0, 3.0])
+    assert run.quality["mean_distance_std"]["reference"] and run.quality["intensity"]["reference"]
+    given = Inverter(model, ct_stats, config.replace(spacing=(2.0, 1.0, 1.0)), backend="torch")
+    run = given.run(4, tmp_path / "given", reference=cache)
+    assert read_nifti(run.files[0]).spacing == pytest.approx((2.0, 1.0, 1.0))
 
 
 def test_2d_run_writes_float_arrays_and_png_copies(tmp_path, model):
     stats = _stats(model, "xray")
     config = InversionConfig(
-        modality="xray", batch_size=2, steps=2, warmup_steps=2, generator_every=1, latent_dim=8,
+        modality="xray", batch_size=2, min_batch_size=1, steps=2, warmup_steps=2, generator_every=1, latent_dim=8,
         generator_channels=(8, 8, 4),
     )  # fmt: skip
     result = Inverter(model, stats, config, backend="torch").run(3, tmp_path)
