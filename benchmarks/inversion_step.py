@@ -3,14 +3,15 @@
 Usage::
 
     python benchmarks/inversion_step.py [--device cpu|cuda] [--profile NAME ...] [--steps N]
-                                        [--out FILE.md] [--deadline SECONDS]
+                                        [--out FILE.md [--overwrite]] [--deadline SECONDS]
 
 The measurement is the harness's (:mod:`invcoss.benchmark.inversion`: one step of
 :meth:`invcoss.inversion.Inverter.step` per backend, round-robin); this script only adds the options.
 Profiles (``invcoss.benchmark.INVERSION_PROFILES``): on CPU the reduced ones by default, on CUDA the
 paper's (vit_base; 3D batch 48 at 16x192x192, 2D batch 320 at 224x224). ``--deadline`` stops
 starting new rows after that many seconds, so a time-limited GPU session still writes what it
-measured. ``invcoss-cli bench --family inversion`` times the default profiles through the same
+measured. An existing ``--out`` file (or its ``.json``) is kept, with exit 2 before any timing,
+unless ``--overwrite``. ``invcoss-cli bench --family inversion`` times the default profiles through the same
 harness (with torch's default matmul precision on CUDA, where this script allows tf32).
 """
 
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 
 from invcoss import benchmark as bm
+from invcoss.data.atomic import atomic_write_bytes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,7 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per row (default 1)")
     parser.add_argument("--out", type=Path, help="write the table to OUT (Markdown) and OUT with .json")
     parser.add_argument("--deadline", type=float, default=None, help="seconds after which no new row starts")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out and its .json")
     args = parser.parse_args(argv)
+    if args.out is not None and not args.overwrite:
+        for target in (args.out, args.out.with_suffix(".json")):
+            if target.exists():
+                parser.error(f"{target} exists; pass --overwrite to replace it, or choose another --out")
     device = torch.device(args.device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -69,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     print(md)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(md)
-        args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+        atomic_write_bytes(args.out, md.encode())
+        atomic_write_bytes(args.out.with_suffix(".json"), json.dumps(rows, indent=1).encode())
     return 0
 
 

@@ -16,6 +16,12 @@ Output folder ``OUT`` after every epoch:
   epoch.
 
 Each file is written atomically; an interrupted run leaves the last finished epoch's files.
+
+Nothing in ``OUT`` is replaced without being asked: a folder that already holds any of these four
+files is refused, unless ``resume`` continues the training state it holds (its own run: a finished
+run's ``model.safetensors`` is replaced only by a resumed run given more epochs) or ``overwrite``
+starts afresh over them. Other files in ``OUT`` (e.g. a ``stats.safetensors`` put beside the model)
+are never touched.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import torch
 from torch import nn
 
 from invcoss.data.atomic import atomic_write_json, atomic_write_safetensors
+from invcoss.models.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from invcoss.models.weights import read_safetensors_header
 from invcoss.rng import keeps_global_rng, pinned_compute, resolve_threads
 from invcoss.training import CURRENT, Step, TrainingSchedule, TrainStep, train_epoch
@@ -169,6 +176,7 @@ def pretrain(
     device: torch.device | str | None = None,
     on_step: Callable[[TrainStep], None] | None = None,
     threads: int | None = None,
+    overwrite: bool = False,
 ) -> PretrainResult:
     """Train ``model`` with its masked-reconstruction loss on ``data``, saving to ``out`` every epoch.
 
@@ -180,21 +188,25 @@ def pretrain(
         out: checkpoint folder (see the module docstring).
         config: :class:`PretrainConfig` (default: the paper's).
         modality: recorded in ``pretrain.json`` (default ``data.modality``).
-        resume: continue from ``out/training_state.safetensors`` (a fresh start when there is none);
-            without it an existing training state in ``out`` is an error, so nothing is
-            overwritten by accident.
+        resume: continue from ``out/training_state.safetensors`` (a fresh start when ``out`` holds
+            none of the run's files); without it an existing training state in ``out`` is an error,
+            so nothing is overwritten by accident.
         device: default: CUDA when available, else CPU.
         on_step: called after every step with its :class:`~invcoss.training.TrainStep`
             (``losses["mae"]`` is the step's loss).
         threads: torch's CPU threads (:func:`invcoss.rng.pinned_compute`); None: the current
             count, or when resuming the count the run was made with. Recorded as ``compute`` in
             ``pretrain.json``.
+        overwrite: start afresh even when ``out`` holds a model or a run (its ``config.json``,
+            ``model.safetensors``, ``training_state.safetensors`` or ``pretrain.json``), replacing
+            them; ``resume`` with a training state still continues it.
 
     Returns:
         :class:`PretrainResult`.
 
     Raises:
-        ValueError: empty data, an existing state without ``resume``, a state from another
+        ValueError: empty data, the run's files in ``out`` without a training state to ``resume``
+            and without ``overwrite``, a state from another
             model or configuration, or ``threads`` other than the resumed run's.
 
     Example:
@@ -209,7 +221,16 @@ def pretrain(
     threads = resolve_threads(threads, _recorded_threads(out) if resume else None, f"the run in {out}")
     with pinned_compute(threads) as compute:
         return _pretrain(
-            model, data, out, config or PretrainConfig(), modality, resume, device, on_step, compute
+            model,
+            data,
+            out,
+            config or PretrainConfig(),
+            modality,
+            resume,
+            device,
+            on_step,
+            compute,
+            overwrite,
         )
 
 
@@ -231,6 +252,7 @@ def _pretrain(
     device: torch.device | str | None,
     on_step: Callable[[TrainStep], None] | None,
     compute: dict,
+    overwrite: bool,
 ) -> PretrainResult:
     from torch.utils.data import DataLoader
 
@@ -251,11 +273,16 @@ def _pretrain(
         "compute": compute,
     }
     start_epoch, losses = 0, []
-    if (out / STATE_NAME).exists():
-        if not resume:
-            raise ValueError(
-                f"{out} already holds a training run; pass resume=True (--resume) or use a new folder"
-            )
+    owned = [out / n for n in (STATE_NAME, WEIGHTS_NAME, CONFIG_NAME, SUMMARY_NAME) if (out / n).exists()]
+    resumable = resume and (out / STATE_NAME).exists()
+    if owned and not resumable and not overwrite:
+        held = "a training run" if (out / STATE_NAME).exists() else "a model or the rest of a run"
+        hint = "pass resume=True (--resume) to continue it, " if held == "a training run" else ""
+        raise ValueError(
+            f"{out} already holds {held} ({owned[0].name}); {hint}overwrite=True (--overwrite) to "
+            "replace it, or use a new folder"
+        )
+    if resumable:
         start_epoch, losses, saved = load_state(out, model, opt, device)
         mismatch = [
             k

@@ -14,6 +14,12 @@ are collected with the rounded weights, so they describe exactly the model that 
 The build runs at one CPU thread by default (``--threads``), recorded in ``asset.json`` as
 ``compute``: at one count the build is bit-identical, at another the weights differ in the last bits.
 
+The package's assets folder holds the build's own models and is replaced on every build; another
+``--out`` that already holds a model of a modality to build (``config.json``,
+``model.safetensors``, ``stats.safetensors`` or ``asset.json`` in ``OUT/M``) is refused (exit 2)
+unless ``--overwrite`` is given. In ``--work`` the build replaces only the files its steps write
+(the checkpoint starts afresh over its own files, phantoms of other bytes are refused).
+
 Usage::
 
     python -m invcoss.assets.build                      # all four modalities into invcoss/assets
@@ -59,7 +65,6 @@ def build_one(modality: str, out: Path, work: Path, epochs: int = EPOCHS, log=pr
     t0 = time.perf_counter()
     recipe = RECIPES[modality]
     scans, cache, ckpt = work / modality / "scans", work / modality / "cache", work / modality / "checkpoint"
-    shutil.rmtree(ckpt, ignore_errors=True)  # a scratch folder: always train from the start
     write_phantoms(scans, modality, recipe["count"], seed=SEED)
     report = preprocess(scans, cache, modality, "quick")
     data = open_dataset(cache, modality)
@@ -68,7 +73,8 @@ def build_one(modality: str, out: Path, work: Path, epochs: int = EPOCHS, log=pr
         model = create_model("vit_nano", name="vit_nano_w64", embed_dim=EMBED_DIM)
     config = PretrainConfig(epochs=epochs, batch_size=BATCH_SIZE, lr=LR, seed=SEED)
     log(f"{modality}: {report.samples} samples from {recipe['count']} phantoms; training {epochs} epochs")
-    result = pretrain(model, data, ckpt, config, modality=modality, device="cpu")
+    # Always from the start, over the checkpoint files of an earlier build in the same --work only.
+    result = pretrain(model, data, ckpt, config, modality=modality, device="cpu", overwrite=True)
     target = out / modality
     target.mkdir(parents=True, exist_ok=True)
     model.half().save_pretrained(target)  # float16 on disk; from_pretrained loads float32
@@ -120,10 +126,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=EPOCHS)
     parser.add_argument("--work", type=Path, default=None, help="keep phantoms, caches and checkpoints here")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads, recorded (default: 1)")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace models already in an --out other than the package's"
+    )
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     modalities = list(RECIPES) if args.modality == "all" else [args.modality]
+    if not args.overwrite and args.out.resolve() != ASSETS_DIR.resolve():
+        names = ("config.json", "model.safetensors", STATS_NAME, "asset.json")
+        found = [args.out / m / n for m in modalities for n in names if (args.out / m / n).exists()]
+        if found:
+            parser.error(f"{found[0]} exists; pass --overwrite to replace it, or choose another --out")
     work = args.work or Path(tempfile.mkdtemp(prefix="invcoss-assets-"))
     try:
         with pinned_compute(args.threads):

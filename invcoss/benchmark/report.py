@@ -2,12 +2,14 @@
 
 Usage::
 
-    python -m invcoss.benchmark.report DIR [--readme README.md]
+    python -m invcoss.benchmark.report DIR [--readme README.md] [--out FILE.md [--overwrite]]
 
 Works on whatever a run left behind, a run killed half-way included: the tables show the records
 that exist and say which steps are missing. The script runs it at the end of the check; run it
 again here on the folder that came back (``--readme`` also replaces the README's section between
-``<!-- gpu-check:begin -->`` and ``<!-- gpu-check:end -->``).
+``<!-- gpu-check:begin -->`` and ``<!-- gpu-check:end -->``). The report goes to ``DIR/report.md``,
+the folder's own rendering, rewritten on every call; an existing ``--out`` file elsewhere is kept
+(exit 2) unless ``--overwrite`` is given.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 
 from invcoss.benchmark import Row, add_ratios, inversion_markdown, to_markdown
 from invcoss.benchmark.records import FILES, read_records
+from invcoss.data.atomic import atomic_write_bytes
 
 BEGIN, END = "<!-- gpu-check:begin -->", "<!-- gpu-check:end -->"
 
@@ -136,12 +139,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("folder", type=Path)
     parser.add_argument("--readme", type=Path, help="also replace this README's GPU-check section")
     parser.add_argument("--out", type=Path, help="where to write the report (default FOLDER/report.md)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     args = parser.parse_args(argv)
     if not args.folder.is_dir():
         parser.error(f"folder {args.folder} does not exist")
+    if args.out is not None and args.out.exists() and not args.overwrite:
+        parser.error(f"--out {args.out} exists; pass --overwrite to replace it, or choose another --out")
     md = render(args.folder)
     target = args.out or args.folder / "report.md"
-    target.write_text(md)
+    atomic_write_bytes(target, md.encode())
     if args.readme:
         update_readme(args.readme, md.replace("## GPU check", "#### GPU check", 1))
     print(md)

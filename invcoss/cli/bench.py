@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from invcoss.cli.options import device_option, threads_option
+from invcoss.cli.options import check_new_files, check_output_file, device_option, threads_option
 
 
 @click.command()
@@ -32,6 +32,7 @@ from invcoss.cli.options import device_option, threads_option
     type=click.Path(path_type=Path),
     help="Also write the rows as JSON and Markdown to OUT.json / OUT.md.",
 )
+@click.option("--overwrite", is_flag=True, help="Replace an existing OUT.json / OUT.md.")
 @threads_option()
 def bench(
     device,
@@ -40,6 +41,7 @@ def bench(
     reps: int,
     steps: int,
     out: Path | None,
+    overwrite: bool,
     threads: int | None,
 ) -> None:
     """Time every op for every provider (eager, torch.compile, kernels) and print the ratios.
@@ -49,13 +51,14 @@ def bench(
     ``benchmarks/inversion_step.py`` measures it. Every family and op comes from the table of
     :mod:`invcoss.benchmark.specs`. The CPU thread count is part of the table's title and of the JSON
     (``compute``); deterministic algorithms are left as they are, since the table times the usual path.
+    An existing OUT.json or OUT.md stops the command before any timing (exit 2) unless --overwrite.
     """
-    import json
 
     import torch
     from rich.console import Console
 
     from invcoss import benchmark as bm
+    from invcoss.data.atomic import atomic_write_bytes, atomic_write_json
     from invcoss.rng import compute_record
 
     dev = device
@@ -68,6 +71,11 @@ def bench(
         )
     if families:
         cases = [c for c in cases if c.family in families or c.op in families]
+    if out is not None:
+        targets = [out.with_suffix(".json"), out.with_suffix(".md")]
+        check_new_files(targets, overwrite)
+        for target in targets:
+            check_output_file(target, True)
     with_inversion = not families or bm.INVERSION.name in families
     console = Console()
     rows, inversion_rows = [], []
@@ -96,10 +104,9 @@ def bench(
         md += ("\n" if md else "") + bm.inversion_markdown(inversion_rows, "inversion step")
     click.echo(md)
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
         payload = {"rows": bm.rows_to_dicts(rows), "inversion": inversion_rows, "compute": compute}
-        out.with_suffix(".json").write_text(json.dumps(payload, indent=1))
-        out.with_suffix(".md").write_text(md)
+        atomic_write_json(out.with_suffix(".json"), payload)
+        atomic_write_bytes(out.with_suffix(".md"), md.encode())
     best = max(
         (r for r in rows if r.provider not in ("eager", "compile")),
         key=lambda r: r.ratio_eager or 0,

@@ -15,7 +15,14 @@ from pathlib import Path
 import click
 
 from invcoss.cli.data import Dims, human_bytes, open_data
-from invcoss.cli.options import UserError, check_output_folder, device_option, progress_bar, threads_option
+from invcoss.cli.options import (
+    UserError,
+    check_new_files,
+    check_output_folder,
+    device_option,
+    progress_bar,
+    threads_option,
+)
 from invcoss.modality import canonical_modality, get_modality
 
 _METHODS = click.Choice(["seq", "er", "invcoss"])
@@ -229,10 +236,19 @@ def continual(order, method, data, out, profile, resume, device, threads, **over
 @click.option("--mask-repeats", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the fixed masks.")
+@click.option(
+    "--overwrite", is_flag=True, help="Replace retention.csv/json/png already in the output folder."
+)
 @device_option()
 @_THREADS
-def evaluate(checkpoints, data, labels, out, mask_repeats, batch_size, seed, device, threads) -> None:
-    """Held-out loss (overall, background / structured patches, raw pixels), forgetting and probe of every stage (Fig. 6b)."""
+def evaluate(
+    checkpoints, data, labels, out, mask_repeats, batch_size, seed, overwrite, device, threads
+) -> None:
+    """Held-out loss (overall, background / structured patches, raw pixels), forgetting and probe of every stage (Fig. 6b).
+
+    Writes retention.csv, retention.json and retention.png into --out (default RUN/eval); files
+    of those names already there are kept, with exit 2 before any evaluation, unless --overwrite.
+    """
     from invcoss.continual import read_run
     from invcoss.continual.eval import evaluate_run
     from invcoss.continual.probe import read_labelled_csv
@@ -245,6 +261,9 @@ def evaluate(checkpoints, data, labels, out, mask_repeats, batch_size, seed, dev
     stray = sorted((set(data) | set(labels or {})) - set(config.order))
     if stray:
         raise UserError(f"{', '.join(stray)} not in the run's order {','.join(config.order)}")
+    out = out or checkpoints / "eval"
+    check_new_files([out / f"retention.{ext}" for ext in ("csv", "json", "png")], overwrite)
+    check_output_folder(out)
     stub = _model_stub(config)
     try:
         held_out = {m: open_data(p, m, stub) for m, p in data.items()}
@@ -268,7 +287,7 @@ def evaluate(checkpoints, data, labels, out, mask_repeats, batch_size, seed, dev
             raise UserError(str(e)) from None
     if not table.rows:
         raise UserError(f"no finished stage of {checkpoints} has seen {', '.join(held_out)} yet")
-    paths = table.write(out or checkpoints / "eval")
+    paths = table.write(out)
     for r in table.rows:
         probe = f" probe {r.probe_accuracy:.3f}" if r.probe_accuracy is not None else ""
         click.echo(
@@ -370,7 +389,19 @@ def forgetting(
     machine; the count is recorded in experiment.json.
     With ``--seeds K`` > 1, K full repeats in ``--out/seed-<k>`` and their summary
     (``seeds.md``, ``seeds.csv``, ``seeds_paired.csv``, ``seeds.json``, ``seeds.png``).
+    Without --resume a folder that already holds the experiment's runs or tables
+    (forgetting.csv/md, experiment.json, retention.png; with --seeds the seeds.* files) is
+    refused (exit 2); --resume continues them and rewrites the tables.
     """
+    if not resume:
+        names = ("forgetting.csv", "forgetting.md", "experiment.json", "retention.png")
+        if seeds > 1:
+            names = ("seeds.csv", "seeds_paired.csv", "seeds.md", "seeds.json", "seeds.png")
+        found = [out / n for n in names if (out / n).exists()]
+        if found:
+            raise UserError(
+                f"{found[0]} exists; pass --resume to continue the experiment in {out}, or choose another --out"
+            )
     check_output_folder(out)
     import dataclasses
 

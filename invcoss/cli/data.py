@@ -96,6 +96,7 @@ class Dims(click.ParamType):
 @click.option(
     "--spacing", type=Dims(float, "2.5x1.6x1.6"), default=None, help="Voxel spacing in mm (ct/mri)."
 )
+@click.option("--overwrite", is_flag=True, help="Replace files of the phantoms' names that hold other bytes.")
 @threads_option()
 def phantoms(
     modality: str,
@@ -104,11 +105,17 @@ def phantoms(
     seed: int,
     size: tuple[int, ...] | None,
     spacing: tuple[float, ...] | None,
+    overwrite: bool,
     threads: int | None,
 ) -> None:
-    """Write deterministic procedural phantoms (NIfTI for ct/mri, PNG for xray/pathology)."""
+    """Write deterministic procedural phantoms (NIfTI for ct/mri, PNG for xray/pathology).
+
+    A file of a phantom's name that already holds its bytes is kept (re-runs are free); one with
+    other bytes (another --seed, --size or --spacing, or a file of yours) stops the run with exit
+    2 unless --overwrite is given.
+    """
     check_output_folder(out)
-    from invcoss.data import write_phantoms
+    from invcoss.data import PhantomExistsError, write_phantoms
     from invcoss.rng import pinned_compute
 
     with progress_bar() as bar, pinned_compute(threads):
@@ -122,7 +129,13 @@ def phantoms(
                 size=size,
                 spacing=spacing,
                 on_written=lambda p: bar.update(task, advance=1, info=p.name),
+                overwrite=overwrite,
             )
+        except PhantomExistsError as e:
+            raise UserError(
+                f"{e.path} exists and is not the phantom of that name; pass --overwrite to replace it, "
+                "or choose another --out"
+            ) from None
         except ValueError as e:
             raise UserError(str(e)) from None
     total = sum(p.stat().st_size for p in paths)
@@ -250,6 +263,12 @@ def open_data(path: Path, modality: str | None, model, strict: bool = False):
     "--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Checkpoint folder."
 )
 @click.option("--resume", is_flag=True, help="Continue the run saved in --out.")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Start afresh over a model or run already in --out (its config.json, model.safetensors, "
+    "training_state.safetensors, pretrain.json).",
+)
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--lr", type=float, default=1.5e-4, show_default=True, help="Peak learning rate.")
 @click.option("--warmup-epochs", type=float, default=None, help="Default: 40/300 of --epochs, as the paper.")
@@ -263,6 +282,7 @@ def pretrain(
     epochs: int,
     out: Path,
     resume: bool,
+    overwrite: bool,
     batch_size: int,
     lr: float,
     warmup_epochs: float | None,
@@ -273,7 +293,8 @@ def pretrain(
     """MAE pre-training (AdamW, warm-up then cosine), checkpointing every epoch.
 
     The CPU thread count is recorded in pretrain.json; --resume continues at the recorded count and
-    refuses another --threads.
+    refuses another --threads. A folder that already holds a model or a run is refused (exit 2)
+    unless --resume continues its training state or --overwrite replaces it.
     """
     check_output_folder(out)
     import torch
@@ -305,8 +326,9 @@ def pretrain(
 
         try:
             result = run_pretrain(
-                model, ds, out, config, resume=resume, device=device, on_step=on_step, threads=threads
-            )
+                model, ds, out, config, resume=resume, device=device, on_step=on_step, threads=threads,
+                overwrite=overwrite,
+            )  # fmt: skip
         except ValueError as e:
             raise UserError(str(e)) from None
     if result.epochs_run == 0:

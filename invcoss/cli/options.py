@@ -46,8 +46,7 @@ def check_output_file(path, overwrite: bool, option: str = "--out") -> None:
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{option} {path} is a folder; give a file name")
-    if path.exists() and not overwrite:
-        raise UserError(f"{option} {path} exists; pass --overwrite to replace it, or choose another {option}")
+    check_new_files([path], overwrite, option)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
@@ -55,6 +54,26 @@ def check_output_file(path, overwrite: bool, option: str = "--out") -> None:
         os.unlink(probe)
     except OSError as e:
         raise UserError(f"{option} {path}: cannot write to {path.parent} ({e.strerror or e})") from None
+
+
+def check_new_files(paths, overwrite: bool, option: str = "--out") -> None:
+    """Refuse outputs that would replace existing files, unless ``overwrite`` (``--overwrite``).
+
+    Raises :class:`UserError` (exit 2) naming the first existing path of ``paths``, how many more
+    exist, the flag that replaces them and ``option``, the output they come from.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> check_new_files([pathlib.Path(tempfile.mkdtemp()) / "retention.csv"], False)
+    """
+    from pathlib import Path
+
+    existing = [Path(p) for p in paths if Path(p).exists()]
+    if existing and not overwrite:
+        more = f" (and {len(existing) - 1} more of its outputs)" if len(existing) > 1 else ""
+        raise UserError(
+            f"{option} {existing[0]} exists{more}; pass --overwrite to replace it, or choose another {option}"
+        )
 
 
 def check_output_folder(path, option: str = "--out") -> None:

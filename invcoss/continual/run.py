@@ -18,7 +18,9 @@ The run folder's layout: :mod:`invcoss.continual.layout`.
 
 Resuming (``resume=True``) skips finished stages without opening their data, continues a stage from
 its last finished epoch (model, AdamW moments and RNG state), and reuses synthetic samples already
-written. Each file is written atomically.
+written. Each file is written atomically. Nothing else is replaced: without ``resume`` a folder
+holding a run is refused, and a folder holding stage folders of the order but no ``continual.json``
+is refused either way.
 
 A run is a function of its settings: the configuration and the CPU thread count (``threads``,
 recorded as ``compute`` in ``continual.json`` and every ``stage.json``). At one thread count two runs
@@ -135,6 +137,23 @@ def _recorded_threads(out: Path) -> int | None:
         return None
 
 
+def _check_folder(out: Path, config: ContinualConfig) -> None:
+    """Refuse a folder that holds stage folders of this order but no run header (``continual.json``).
+
+    Without the header the stage folders are no run this one can continue or may replace (another
+    tool's, or a copy): resuming would take their checkpoints as its own, a new run would write
+    over them.
+    """
+    if (out / RUN_NAME).exists():
+        return
+    found = [stage_dir(out, t, m) for t, m in enumerate(config.order) if stage_dir(out, t, m).exists()]
+    if found:
+        raise ValueError(
+            f"{found[0]} exists, but {out} has no {RUN_NAME}: it holds no continual run to resume and "
+            "is not replaced; use a new folder"
+        )
+
+
 def _run_header(out: Path, config: ContinualConfig, resume: bool, compute: dict) -> None:
     path = out / RUN_NAME
     if path.exists():
@@ -188,7 +207,8 @@ def run_continual(
 
     Raises:
         ValueError: missing data for a stage to run, data of the wrong size, an existing run
-            without ``resume`` or with another configuration, or ``threads`` other than the count
+            without ``resume`` or with another configuration, stage folders without a run header
+            (never replaced, even with ``resume``), or ``threads`` other than the count
             the resumed run was made with (its numbers would depend on two counts).
         DataAccessError: a sealed stage's data was read (a bug; never expected).
 
@@ -224,6 +244,7 @@ def _run_stages(
         if device is not None
         else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     )
+    _check_folder(out, config)
     todo = [(t, m) for t, m in enumerate(config.order) if not (resume and stage_done(stage_dir(out, t, m)))]
     missing = [m for _, m in todo if m not in data]
     if missing:

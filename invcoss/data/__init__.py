@@ -25,6 +25,7 @@ from invcoss.data.cache import NoSamplesError, PreprocessReport, list_files, pre
 from invcoss.data.datasets import CachedDataset, FolderDataset, open_dataset
 from invcoss.data.phantoms import (
     PHANTOM_MODALITIES,
+    PhantomExistsError,
     ct_phantom,
     mri_phantom,
     pathology_phantom,
@@ -122,6 +123,7 @@ __all__ = [
     "read_picture",
     "window_starts",
     "write_nifti",
+    "PhantomExistsError",
     "write_phantoms",
     "write_png",
     "xray_phantom",

@@ -26,9 +26,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from invcoss.data.atomic import atomic_write_bytes
 from invcoss.data.pipeline import PreprocessConfig, Preprocessor, get_config
 from invcoss.data.transforms import resampled_shape, resize_array
-from invcoss.data.writers import write_nifti, write_png
+from invcoss.data.writers import nifti_bytes, png_bytes
 from invcoss.modality import modality_names
 
 PHANTOM_MODALITIES = modality_names()
@@ -314,11 +315,15 @@ def write_phantoms(
     size: Sequence[int] | None = None,
     spacing: Sequence[float] | None = None,
     on_written=None,
+    overwrite: bool = False,
 ) -> list[Path]:
     """Write ``count`` phantoms of ``modality`` into folder ``out`` as ``<modality>_<index>.nii.gz|.png``.
 
     Phantom ``i`` depends only on ``(seed, i)``, so a larger count extends a smaller one. Each file
-    is written atomically.
+    is written atomically. A file of that name already holding the same bytes is kept as it is (a
+    re-run regenerates nothing new); one holding other bytes (another seed, size or spacing, or a
+    file of the user's) is a :class:`PhantomExistsError` unless ``overwrite``. The files before it
+    were new or unchanged, so nothing is lost.
 
     Args:
         out: target folder (created).
@@ -328,12 +333,15 @@ def write_phantoms(
         size: ``(D, H, W)`` for CT/MRI, ``(H, W)`` for X-ray/pathology (defaults in ``DEFAULT_SIZES``).
         spacing: voxel spacing in mm for CT/MRI (defaults in ``DEFAULT_SPACING``).
         on_written: optional callable receiving each written path (progress reporting).
+        overwrite: replace a file of the same name that holds other bytes.
 
     Returns:
         The written paths in index order.
 
     Raises:
         ValueError: unknown modality, count < 1, or a size/spacing of the wrong length.
+        PhantomExistsError: (a ValueError) a file of a phantom's name holds other bytes and
+            ``overwrite`` is false.
 
     Example:
         >>> import tempfile
@@ -360,17 +368,40 @@ def write_phantoms(
     for i in range(count):
         name = out / phantom_name(modality, i)
         if modality == "ct":
-            p = write_nifti(name, np.round(ct_phantom(seed, i, size, spacing)), spacing, np.int16)
+            blob = nifti_bytes(np.round(ct_phantom(seed, i, size, spacing)), spacing, np.int16)
         elif modality == "mri":
-            p = write_nifti(name, mri_phantom(seed, i, size, spacing), spacing, np.float32)
+            blob = nifti_bytes(mri_phantom(seed, i, size, spacing), spacing, np.float32)
         elif modality == "xray":
-            p = write_png(name, xray_phantom(seed, i, size))
+            blob = png_bytes(xray_phantom(seed, i, size))
         else:
-            p = write_png(name, pathology_phantom(seed, i, size))
-        paths.append(p)
+            blob = png_bytes(pathology_phantom(seed, i, size))
+        if not _holds(name, blob):
+            if name.exists() and (not overwrite or name.is_dir()):
+                raise PhantomExistsError(name)
+            atomic_write_bytes(name, blob)
+        paths.append(name)
         if on_written is not None:
-            on_written(p)
+            on_written(name)
     return paths
+
+
+class PhantomExistsError(ValueError):
+    """A file of a phantom's name holds other bytes (``path``); ``overwrite`` replaces it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        super().__init__(
+            f"{path} exists and is not the phantom of that name; pass overwrite=True (--overwrite) to "
+            "replace it, or choose another folder"
+        )
+
+
+def _holds(path: Path, blob: bytes) -> bool:
+    """Whether the file ``path`` exists and holds exactly ``blob``."""
+    try:
+        return path.is_file() and path.stat().st_size == len(blob) and path.read_bytes() == blob
+    except OSError:
+        return False
 
 
 def phantom_name(modality: str, index: int) -> str:

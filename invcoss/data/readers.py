@@ -397,6 +397,38 @@ def _check_tiles(path: Path, im) -> None:
         )
 
 
+def _check_tiff_data(path: Path, im, size: int) -> None:
+    """An uncompressed TIFF must hold, after its first strip (or tile), the bytes of its pixels.
+
+    The strips can cover the whole image while their offsets point near or past the end of the
+    file; Pillow then allocates the whole image (up to the pixel limit) before it finds the data
+    missing. Uncompressed pixels take exactly width x height x bits per pixel / 8 bytes, and
+    Pillow reads a strip from its offset whatever its byte count says, so the file must hold at
+    least that many bytes from its first strip offset on. Compressed TIFFs are left to their
+    decoders.
+    """
+    tags = im.tag_v2
+    if tags.get(259, 1) != 1:
+        return
+    offsets = tags.get(273) or tags.get(324)
+    if not offsets:
+        return  # Pillow reports a TIFF without pixel data itself
+    samples = int(tags.get(277, 1))
+    bits = tags.get(258, (1,))
+    bits = tuple(bits) if isinstance(bits, tuple | list) else (bits,)
+    per_pixel = sum(bits) if len(bits) == samples else bits[0] * samples
+    width, height = im.size
+    claimed = width * height * per_pixel // 8
+    first = min(int(o) for o in offsets)
+    held = max(size - first, 0)
+    if held < claimed:
+        raise ReadError(
+            path,
+            f"header claims {width}x{height} uncompressed pixels ({claimed:,} bytes) but the file holds "
+            f"{held:,} bytes from its first strip on (truncated or a wrong header)",
+        )
+
+
 @contextmanager
 def _open_picture(path: Path, limits: ReadLimits) -> Iterator:
     """The Pillow image of ``path`` (header read, pixels not yet), after the suffix and pixel checks.
@@ -424,6 +456,8 @@ def _open_picture(path: Path, limits: ReadLimits) -> Iterator:
             if im.format == "PNG":
                 _check_png_data(path, f)
             _check_tiles(path, im)
+            if im.format == "TIFF":
+                _check_tiff_data(path, im, f._size)
             yield im
     except ReadError:
         raise

@@ -24,6 +24,8 @@ def write_nifti(
 ) -> Path:
     """Write a ``(D, H, W)`` array as a NIfTI-1 file (``.nii`` or ``.nii.gz``) with spacing in mm.
 
+    The bytes are those of :func:`nifti_bytes`.
+
     Args:
         path: target file; the suffix picks compression.
         array: ``(D, H, W)`` voxels (see the module docstring for the axis order).
@@ -40,18 +42,34 @@ def write_nifti(
         >>> read_nifti(p).array.shape, read_nifti(p).spacing
         ((3, 4, 5), (2.0, 1.0, 1.0))
     """
+    path = Path(path)
+    return atomic_write_bytes(path, nifti_bytes(array, spacing, dtype, gz=_nifti_gz(path)))
+
+
+def _nifti_gz(path: Path) -> bool:
+    name = path.name.lower()
+    if not (name.endswith(".nii") or name.endswith(".nii.gz")):
+        raise ValueError(f"write_nifti expects a path ending in .nii or .nii.gz, got {path}")
+    return name.endswith(".gz")
+
+
+def nifti_bytes(
+    array: np.ndarray, spacing: Sequence[float], dtype: np.dtype | type | None = None, gz: bool = True
+) -> bytes:
+    """The bytes :func:`write_nifti` writes for ``array`` (gzipped with a zero timestamp when ``gz``).
+
+    Example:
+        >>> nifti_bytes(np.zeros((2, 2, 2)), (1.0, 1.0, 1.0)) == nifti_bytes(np.zeros((2, 2, 2)), (1, 1, 1))
+        True
+    """
     import nibabel as nib
 
-    path = Path(path)
     array = np.asarray(array)
     if array.ndim != 3:
         raise ValueError(f"write_nifti expects array of shape (D, H, W), got {tuple(array.shape)}")
     spacing = tuple(float(s) for s in spacing)
     if len(spacing) != 3 or min(spacing) <= 0:
         raise ValueError(f"write_nifti expects spacing of 3 positive values (sd, sh, sw), got {spacing}")
-    name = path.name.lower()
-    if not (name.endswith(".nii") or name.endswith(".nii.gz")):
-        raise ValueError(f"write_nifti expects a path ending in .nii or .nii.gz, got {path}")
     sd, sh, sw = spacing
     affine = np.diag([sw, sh, sd, 1.0])
     data = array.transpose(2, 1, 0).astype(dtype or array.dtype, copy=False)
@@ -60,24 +78,32 @@ def write_nifti(
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
     blob = img.to_bytes()
-    if name.endswith(".gz"):
-        blob = gzip.compress(blob, compresslevel=6, mtime=0)
-    return atomic_write_bytes(path, blob)
+    return gzip.compress(blob, compresslevel=6, mtime=0) if gz else blob
 
 
 def write_png(path: str | os.PathLike, array: np.ndarray) -> Path:
     """Write a ``(C, H, W)`` (C = 1 or 3) or ``(H, W)`` array in [0, 1] as an 8-bit PNG.
 
-    Values are clipped to [0, 1] and rounded to 0..255.
+    Values are clipped to [0, 1] and rounded to 0..255 (the bytes of :func:`png_bytes`).
 
     Raises:
         ValueError: wrong shape or a path not ending in ``.png``.
     """
-    from PIL import Image
-
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ValueError(f"write_png expects a path ending in .png, got {path}")
+    return atomic_write_bytes(path, png_bytes(array))
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    """The bytes :func:`write_png` writes for ``array``.
+
+    Example:
+        >>> png_bytes(np.zeros((4, 4)))[:4]
+        b'\\x89PNG'
+    """
+    from PIL import Image
+
     a = np.asarray(array, dtype=np.float32)
     if a.ndim == 2:
         a = a[None]
@@ -89,4 +115,4 @@ def write_png(path: str | os.PathLike, array: np.ndarray) -> Path:
     im = Image.fromarray(u8[0] if u8.shape[0] == 1 else u8.transpose(1, 2, 0))
     buf = io.BytesIO()
     im.save(buf, format="PNG")
-    return atomic_write_bytes(path, buf.getvalue())
+    return buf.getvalue()

@@ -1,10 +1,10 @@
 """An inversion run into a folder: resumable, every file atomic (the file layout: :mod:`.files`).
 
 :func:`run_inversion` drives an :class:`~invcoss.inversion.engine.InversionEngine` batch by batch:
-it checks the folder (new, or the same run to resume), writes each batch's samples, its resume
-state and then the manifest, and at the end the preview and the quality report. :class:`Inverter`
-is the engine with that run as a method, :meth:`Inverter.run`; it is what ``invcoss.inversion``
-exports.
+it checks the folder (new, or the same run to resume), writes the manifest before the first batch
+(so any folder of a run has one), then each batch's samples, its resume state and the manifest,
+and at the end the preview and the quality report. :class:`Inverter` is the engine with that run
+as a method, :meth:`Inverter.run`; it is what ``invcoss.inversion`` exports.
 """
 
 from __future__ import annotations
@@ -125,8 +125,11 @@ def _open_folder(out: Path, identity: dict, resume: bool) -> dict | None:
         return manifest
     if out.exists() and not out.is_dir():
         raise RunFolderError(f"{out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not resume:
-        raise RunFolderError(f"{out} is not empty; choose an empty or new folder for --out")
+    if out.is_dir() and any(out.iterdir()):
+        # With resume too: a folder without a manifest holds no run of ours to continue, and
+        # resuming would write over (and tidy away) whatever it holds.
+        what = "holds no inversion run to resume (no manifest.json)" if resume else "is not empty"
+        raise RunFolderError(f"{out} {what}; choose an empty or new folder for --out")
     return None
 
 
@@ -189,7 +192,8 @@ def run_inversion(
         max_reference: at most this many reference samples are read.
 
     Raises:
-        RunFolderError: the folder holds another run, is not empty without ``resume``, or its run
+        RunFolderError: the folder holds another run, is not empty and holds no run to ``resume``
+            (without ``resume``, or with it but no manifest: nothing in it is replaced), or its run
             was made at another CPU thread count (recorded as ``compute`` in the manifest).
         NonFiniteLossError: a loss became non-finite (the manifest keeps the finished batches).
     """
@@ -235,6 +239,9 @@ def run_inversion(
         done = 0
     manifest["device"], manifest["backend"] = str(inv.device), inv.backend or "default"
     manifest["compute"] = compute
+    if existing is None:
+        # Written before the first batch, so a run killed in it is still ours to --resume.
+        atomic_write_json(out / MANIFEST, manifest)
     if out.is_dir():
         _remove_stale(out, manifest.get("resume_state"))
     for b in range(done, len(sizes)):

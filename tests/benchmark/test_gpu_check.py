@@ -85,7 +85,13 @@ def test_report_renders_again_from_what_came_back(rehearsal, tmp_path):
     assert [x for x in lines if not x.startswith("| report | 0 |")] == text.splitlines(keepends=True)
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{report.BEGIN}\nold\n{report.END}\noutro\n")
-    report.main([str(out), "--out", str(again), "--readme", str(readme)])
+    # An existing --out is kept unless --overwrite (the folder's own report.md is re-rendered).
+    again.write_text("mine")
+    with pytest.raises(SystemExit) as stop:
+        report.main([str(out), "--out", str(again), "--readme", str(readme)])
+    assert stop.value.code == 2 and again.read_text() == "mine" and "old" in readme.read_text()
+    report.main([str(out), "--out", str(again), "--readme", str(readme), "--overwrite"])
+    assert again.read_text() != "mine"
     body = readme.read_text()
     assert body.startswith("intro\n") and body.endswith("outro\n") and "old" not in body
     assert "#### GPU check: CPU rehearsal" in body

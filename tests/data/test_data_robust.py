@@ -254,6 +254,32 @@ def test_a_tiff_whose_strips_do_not_cover_its_size_is_unreadable(tmp_path):
     assert e.value.kind == "unreadable"
 
 
+def _set_tiff_tags(path, values: dict[int, int]) -> None:
+    """Rewrite LONG or SHORT tags of the first IFD of a little-endian TIFF in place."""
+    blob = bytearray(path.read_bytes())
+    ifd = struct.unpack_from("<I", blob, 4)[0]
+    for i in range(struct.unpack_from("<H", blob, ifd)[0]):
+        entry = ifd + 2 + 12 * i
+        tag, kind = struct.unpack_from("<HH", blob, entry)
+        if tag in values:
+            struct.pack_into("<I" if kind == 4 else "<H", blob, entry + 8, values[tag])
+    path.write_bytes(bytes(blob))
+
+
+def test_an_uncompressed_tiff_whose_strips_lie_past_the_file_is_unreadable(tmp_path):
+    """Strips that cover a 5000x5000 claim (one strip of all rows, its byte count raised) in a file of
+    a few hundred bytes: Pillow allocated the 75 MB image before finding the data missing."""
+    path = tmp_path / "strip.tif"
+    Image.fromarray(np.full((8, 6, 3), 200, np.uint8)).save(path)
+    assert read_picture(path).array.shape == (3, 8, 6)  # the file as saved reads
+    # ImageWidth, ImageLength, RowsPerStrip, StripByteCounts
+    _set_tiff_tags(path, {256: 5000, 257: 5000, 278: 5000, 279: 5000 * 5000 * 3})
+    with pytest.raises(ReadError, match=r"claims 5000x5000 uncompressed pixels \(75,000,000 bytes\) but the "
+                       r"file holds 144 bytes from its first strip on") as e:  # fmt: skip
+        read_picture(path)
+    assert e.value.kind == "unreadable"
+
+
 # --- samples that mean something -------------------------------------------------------------
 
 

@@ -203,6 +203,12 @@ def test_other_user_errors_exit_2(runner, tmp_path, tiny_checkpoint):
     (out / "keep.txt").write_text("x")
     base = ["invert", "--modality", "ct", "--checkpoint", str(tiny_checkpoint), "--set", "upsample=1"]
     assert_user_error(runner.invoke(main, [*base, "--out", str(out)]), "is not empty")
+    # --resume continues only a run of ours: a folder without a manifest is not taken over.
+    assert_user_error(
+        runner.invoke(main, [*base, "--out", str(out), "--resume"]),
+        f"{out} holds no inversion run to resume (no manifest.json)",
+        "--out",
+    )
     assert_user_error(
         runner.invoke(main, [*base, "--set", "steps=0", "--out", str(tmp_path / "a")]), "steps must be >= 1"
     )

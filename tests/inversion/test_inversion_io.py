@@ -250,3 +250,21 @@ def test_the_manifest_records_the_thread_count_and_resume_needs_the_same(tmp_pat
         torch.set_num_threads(1)
     assert len(json.loads((out / "manifest.json").read_text())["batches"]) == 1  # nothing more was done
     assert Inverter(model, ct_stats, ct_config(), backend="torch").run(4, out, resume=True).batches_run == 1
+
+
+def test_a_run_killed_in_its_first_batch_is_resumed(tmp_path, model, ct_stats):
+    """The manifest exists from the start: a kill before any batch finished leaves a run to resume."""
+    Inverter(model, ct_stats, ct_config(), backend="torch").run(3, tmp_path / "whole")
+
+    def interrupt(info) -> None:
+        if info.batch == 0 and info.step == 1:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        Inverter(model, ct_stats, ct_config(), backend="torch").run(3, out, on_step=interrupt)
+    assert json.loads((out / "manifest.json").read_text())["batches"] == []
+    with pytest.raises(RunFolderError, match=r"already holds an inversion run \(0 of 2 batches done\)"):
+        Inverter(model, ct_stats, ct_config(), backend="torch").run(3, out)
+    assert Inverter(model, ct_stats, ct_config(), backend="torch").run(3, out, resume=True).batches_run == 2
+    assert files_of(out) == files_of(tmp_path / "whole")
