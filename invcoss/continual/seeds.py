@@ -311,7 +311,11 @@ def _finished_rows(folder: Path, exp: ForgettingExperiment) -> list[dict] | None
     except (OSError, ValueError):
         return None
     same = saved.get("experiment") == json.loads(json.dumps(exp.to_dict()))
-    return saved.get("rows") if same else None
+    if not same or saved.get("rows") is None:
+        return None
+    # experiment.json writes NaN (a region without patches) as null: read it back as NaN, so a
+    # resumed summary has the same columns as a fresh one.
+    return [{k: math.nan if v is None else v for k, v in row.items()} for row in saved["rows"]]
 
 
 def _stage1(folder: Path, exp: ForgettingExperiment, rows: list[dict]) -> dict:
