@@ -358,6 +358,10 @@ def experiment() -> None:
     help="Full repeats with their own phantom, model and inversion seeds, in --out/seed-<k>, "
     "reported as mean +- sd with paired differences (1: one run in --out itself).",
 )  # fmt: skip
+@click.option(
+    "--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+    help="With --seeds: repeats run at once, each in its own process at --threads (same numbers).",
+)  # fmt: skip
 @device_option()
 @click.option("--distill-weight", type=float, default=None, help="Feature distillation weight (1).")
 @click.option("--buffer-mae-weight", type=float, default=None, help="MAE weight on buffer batches (0: off).")
@@ -373,6 +377,7 @@ def forgetting(
     methods: str,
     resume: bool,
     seeds: int,
+    jobs: int,
     device,
     distill_weight: float | None,
     buffer_mae_weight: float | None,
@@ -456,7 +461,7 @@ def forgetting(
             if seeds > 1:
                 result = run_seeds(
                     out, exp, seeds, resume=resume, device=device, on_event=lambda k, e: on_event(e),
-                    threads=threads,
+                    threads=threads, jobs=jobs,
                 )  # fmt: skip
             else:
                 result = run_forgetting_experiment(

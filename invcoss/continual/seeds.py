@@ -336,6 +336,13 @@ def _stage1(folder: Path, exp: ForgettingExperiment, rows: list[dict]) -> dict:
     }
 
 
+def _run_repeat(
+    folder: Path, exp: ForgettingExperiment, resume: bool, device: str | None, threads: int
+) -> list[dict]:
+    """One repeat in a worker process (``run_seeds(jobs > 1)``): its table's rows."""
+    return run_forgetting_experiment(folder, exp, resume=resume, device=device, threads=threads).rows()
+
+
 def run_seeds(
     out: str | os.PathLike,
     experiment: ForgettingExperiment | None = None,
@@ -346,6 +353,7 @@ def run_seeds(
     resamples: int = 10_000,
     level: float = 0.95,
     threads: int = EXPERIMENT_THREADS,
+    jobs: int = 1,
 ) -> SeedsResult:
     """Run ``seeds`` repeats of the forgetting experiment in ``out/seed-<k>`` and summarise them.
 
@@ -361,6 +369,10 @@ def run_seeds(
             "kept": bool}`` (``kept``: finished earlier, read back).
         resamples, level: of the bootstrap intervals (seeded with the experiment's ``seed``).
         threads: CPU threads of every repeat (see :func:`run_forgetting_experiment`).
+        jobs: repeats run at once, each in its own process (``jobs * threads`` CPU threads in
+            all). The numbers do not depend on it: a repeat is a function of its settings and its
+            thread count. With ``jobs > 1`` the events of a repeat are not forwarded (only its
+            ``seed`` event, when it starts) and ``device`` must not be CUDA.
 
     Raises:
         ValueError: ``seeds < 1``; ``out`` already holds repeats and ``resume`` is not set; a
@@ -368,6 +380,10 @@ def run_seeds(
     """
     if not isinstance(seeds, int) or seeds < 1:
         raise ValueError(f"seeds must be an integer >= 1, got {seeds!r}")
+    if not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be an integer >= 1, got {jobs!r}")
+    if jobs > 1 and device is not None and str(device).startswith("cuda"):
+        raise ValueError("jobs > 1 runs repeats in CPU processes; use jobs=1 with a CUDA device")
     exp = experiment or ForgettingExperiment.from_size("quick")
     out = Path(out)
     t0 = time.perf_counter()
@@ -378,24 +394,47 @@ def run_seeds(
             raise ValueError(
                 f"{out} already holds repeats {', '.join(existing)}; pass resume=True (--resume)"
             )
-    rows_by_seed, stage1 = [], []
-    for k in ks:
-        exp_k, folder = seed_experiment(exp, k), out / f"seed-{k}"
-        rows = _finished_rows(folder, exp_k) if resume else None
+    repeats = {k: (seed_experiment(exp, k), out / f"seed-{k}") for k in ks}
+    rows_of = {k: _finished_rows(folder, exp_k) if resume else None for k, (exp_k, folder) in repeats.items()}
+
+    def started(k: int) -> None:
         if on_event is not None:
-            on_event(k, ExperimentEvent("seed", None, {"seed": k, "seeds": seeds, "kept": rows is not None}))
-        if rows is None:
-            result = run_forgetting_experiment(
-                folder,
-                exp_k,
-                resume=resume,
-                device=device,
-                on_event=None if on_event is None else (lambda e, k=k: on_event(k, e)),
-                threads=threads,
-            )
-            rows = result.rows()
-        rows_by_seed.append(rows)
-        stage1.append(_stage1(folder, exp_k, rows))
+            info = {"seed": k, "seeds": seeds, "kept": rows_of[k] is not None}
+            on_event(k, ExperimentEvent("seed", None, info))
+
+    todo = [k for k in ks if rows_of[k] is None]
+    if jobs > 1 and len(todo) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        for k in ks:
+            if rows_of[k] is not None:
+                started(k)
+        # spawn: a fresh interpreter per worker, so no thread pool or lock of this process is inherited.
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=context) as pool:
+            futures = {}
+            for k in todo:
+                started(k)
+                exp_k, folder = repeats[k]
+                futures[k] = pool.submit(_run_repeat, folder, exp_k, resume, device, threads)
+            for k, future in futures.items():
+                rows_of[k] = future.result()
+    else:
+        for k in ks:
+            started(k)
+            if rows_of[k] is None:
+                exp_k, folder = repeats[k]
+                rows_of[k] = run_forgetting_experiment(
+                    folder,
+                    exp_k,
+                    resume=resume,
+                    device=device,
+                    on_event=None if on_event is None else (lambda e, k=k: on_event(k, e)),
+                    threads=threads,
+                ).rows()
+    rows_by_seed = [rows_of[k] for k in ks]
+    stage1 = [_stage1(repeats[k][1], repeats[k][0], rows_of[k]) for k in ks]
     summary = aggregate(rows_by_seed, exp.base.order[-1], resamples=resamples, level=level, seed=exp.seed)
     result = SeedsResult(out, exp, ks, rows_by_seed, stage1, summary, time.perf_counter() - t0)
     result.write()

@@ -290,3 +290,27 @@ def test_report_files_of_fake_repeats(tmp_path):
         assert Image.open(files["png"]).size[0] == 3 * 420  # xray, ct and their mean
         assert files["md"].read_text() == result.markdown()
     assert "| invcoss - seq | ct | forgetting | -0.1900 | 0.0100 | -32.91 | [" in result.markdown()
+
+
+@pytest.mark.slow
+def test_parallel_repeats_give_the_same_numbers(tmp_path):
+    exp = dataclasses.replace(ForgettingExperiment.from_size("tiny"), methods=("seq",))
+    serial = run_seeds(tmp_path / "serial", exp, seeds=2)
+    events = []
+    parallel = run_seeds(
+        tmp_path / "parallel", exp, seeds=2, jobs=2, on_event=lambda k, e: events.append((k, e.phase))
+    )
+    assert sorted(events) == [(0, "seed"), (1, "seed")]
+    assert json.dumps(parallel.rows) == json.dumps(serial.rows)  # NaN (no background) compares as text
+    for k in range(2):
+        a = (
+            tmp_path / "serial" / f"seed-{k}" / "runs" / "seq" / "stage2_xray" / "model.safetensors"
+        ).read_bytes()
+        b = (
+            tmp_path / "parallel" / f"seed-{k}" / "runs" / "seq" / "stage2_xray" / "model.safetensors"
+        ).read_bytes()
+        assert a == b
+    with pytest.raises(ValueError, match="jobs must be an integer >= 1, got 0"):
+        run_seeds(tmp_path / "other", exp, seeds=2, jobs=0)
+    with pytest.raises(ValueError, match="use jobs=1 with a CUDA device"):
+        run_seeds(tmp_path / "other", exp, seeds=2, jobs=2, device="cuda")
