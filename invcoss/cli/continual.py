@@ -101,8 +101,9 @@ _FLAT_STD = click.option(
 
 
 _MAE_TARGET = click.option(
-    "--buffer-mae-target", type=click.Choice(["pixels", "teacher"]), default=None,
-    help="What the buffer MAE term reconstructs: the buffer's pixels or the previous model's reconstruction.",
+    "--buffer-mae-target", type=click.Choice(["pixels", "teacher", "auto"]), default=None,
+    help="What the buffer MAE term reconstructs: the buffer's pixels, the previous model's reconstruction, "
+    "or auto (teacher for a synthetic buffer, pixels for a real one; the quick profile's).",
 )  # fmt: skip
 
 

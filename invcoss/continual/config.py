@@ -44,10 +44,11 @@ The quick profile keeps the method and shrinks the work so that a run over three
 modalities finishes in minutes on a laptop CPU; its larger lr suits the few steps of a small data
 set, and its alternating buffer keeps a 10% buffer of a few dozen samples from being one batch in
 six. Its buffer MAE term asks the decoder for what the frozen previous model reconstructs on the
-same masked buffer sample (``buffer_mae_target="teacher"``) instead of the buffer's own pixels:
-with small inversion budgets the synthetic samples are blurred versions of the modality, and
-fitting their pixels teaches the decoder that blur, which the real held-out data then pays for
-(docs/experiments.md measures both). Everything else (warm-up over 40/300 of the epochs, mask
+same masked buffer sample instead of the buffer's own pixels when the buffer is synthetic
+(``buffer_mae_target="auto"``: ``invcoss``; a real ``er`` buffer keeps its pixels, which are
+data): with small inversion budgets the synthetic samples are blurred versions of the modality,
+and fitting their pixels teaches the decoder that blur, which the real held-out data then pays
+for (docs/experiments.md measures both). Everything else (warm-up over 40/300 of the epochs, mask
 ratio 0.75, AdamW with weight decay 0.05, distillation weight 1, MAE term on buffer batches with
 weight 1, mixup with alpha 1) is the same in both.
 """
@@ -63,9 +64,10 @@ from invcoss.inversion.config import InversionConfig
 from invcoss.modality import canonical_modality
 from invcoss.training import TrainingSchedule
 
-__all__ = ["INTERLEAVES", "METHODS", "PROFILES", "ContinualConfig", "buffer_count"]
+__all__ = ["BUFFER_MAE_TARGETS", "INTERLEAVES", "METHODS", "PROFILES", "ContinualConfig", "buffer_count"]
 
 METHODS = ("seq", "er", "invcoss")
+BUFFER_MAE_TARGETS = ("pixels", "teacher", "auto")
 INTERLEAVES = ("shuffle", "alternate")
 PROFILES = ("paper", "quick")
 
@@ -77,7 +79,7 @@ _PROFILE_VALUES = {
     "quick": dict(
         preset="vit_nano", epochs=16, batch_size=8, lr=1e-3,
         buffer_fraction=0.10, interleave="alternate", buffer_every=1, inversion_profile="quick",
-        buffer_mae_target="teacher",
+        buffer_mae_target="auto",
     ),
 }  # fmt: skip
 
@@ -123,8 +125,10 @@ class ContinualConfig(TrainingSchedule):
             below this (model units) are left out of the buffer's MAE term (0, the default, keeps
             every patch; see :func:`invcoss.continual.replay.replay_loss`).
         buffer_mae_target: what the buffer's MAE term reconstructs: ``"pixels"`` (the buffer
-            sample, Eq. 7) or ``"teacher"`` (the frozen previous model's reconstruction of the
-            same masked sample; see :func:`invcoss.continual.replay.replay_loss`).
+            sample, Eq. 7), ``"teacher"`` (the frozen previous model's reconstruction of the
+            same masked sample; see :func:`invcoss.continual.replay.replay_loss`) or ``"auto"``:
+            ``"teacher"`` for a synthetic buffer (``invcoss``), ``"pixels"`` for a real one
+            (:meth:`mae_target`).
         mixup_alpha: intra-batch mixup of buffer samples with ``lambda ~ Beta(alpha, alpha)`` per
             sample (0 turns it off).
         interleave: ``"shuffle"`` or ``"alternate"`` (module docstring).
@@ -197,9 +201,9 @@ class ContinualConfig(TrainingSchedule):
                 f"method {self.method} needs distill_weight > 0 or buffer_mae_weight > 0 "
                 "(both are 0: the buffer would not be used)"
             )
-        if self.buffer_mae_target not in ("pixels", "teacher"):
+        if self.buffer_mae_target not in BUFFER_MAE_TARGETS:
             raise ValueError(
-                f"buffer_mae_target must be 'pixels' or 'teacher', got {self.buffer_mae_target!r}"
+                f"buffer_mae_target must be one of {', '.join(BUFFER_MAE_TARGETS)}, got {self.buffer_mae_target!r}"
             )
         if self.interleave not in INTERLEAVES:
             raise ValueError(f"interleave must be one of {', '.join(INTERLEAVES)}, got {self.interleave!r}")
@@ -277,6 +281,18 @@ class ContinualConfig(TrainingSchedule):
         }
         overrides.update(dict(self.inversion_overrides))
         return InversionConfig.from_profile(self.inversion_profile, modality, seed=seed, **overrides)
+
+    def mae_target(self) -> str:
+        """The buffer MAE target this run uses: ``buffer_mae_target`` with ``"auto"`` resolved.
+
+        Example:
+            >>> c = ContinualConfig.from_profile("quick")
+            >>> c.buffer_mae_target, c.replace(method="invcoss").mae_target(), c.replace(method="er").mae_target()
+            ('auto', 'teacher', 'pixels')
+        """
+        if self.buffer_mae_target != "auto":
+            return self.buffer_mae_target
+        return "teacher" if self.method == "invcoss" else "pixels"
 
     def model_overrides(self) -> dict:
         """The ``create_model`` overrides of the input sizes."""

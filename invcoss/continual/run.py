@@ -363,6 +363,22 @@ def _load_buffers(
     return buffers
 
 
+def _batch_quality(inverter: Inverter, result) -> list[dict]:
+    """Per inverted batch: its size, stat-matching loss (and noise's) and median distance from the
+    target mean in target std (:func:`invcoss.inversion.report.mean_distance`)."""
+    from invcoss.inversion.report import mean_distance
+
+    return [
+        {
+            "samples": int(b.images.shape[0]),
+            "stat_loss": b.stat_loss,
+            "noise_stat_loss": b.noise_stat_loss,
+            "distance": mean_distance(inverter, b.images),
+        }
+        for b in result.batches
+    ]
+
+
 def _synthetic_buffer(
     out: Path, t: int, s: int, modality: str, config: ContinualConfig, teacher, device, emit, backend
 ) -> torch.Tensor:
@@ -398,6 +414,7 @@ def _synthetic_buffer(
             "kind": "synthetic",
             "source_samples": stats.count,
             "inversion": inv_config.to_dict(),
+            "quality": _batch_quality(inverter, result),
         },
     )
     return result.images

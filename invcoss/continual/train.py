@@ -116,7 +116,7 @@ def train_stage(
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 loss, replay = replay_loss(
                     model, teacher, x.to(device, non_blocking=True), config.mask_ratio,
-                    config.distill_weight, config.buffer_mae_weight, config.buffer_mae_flat_std, config.buffer_mae_target,
+                    config.distill_weight, config.buffer_mae_weight, config.buffer_mae_flat_std, config.mae_target(),
                 )  # fmt: skip
             parts = {"distill": replay["distill"]}
             if "mae" in replay:

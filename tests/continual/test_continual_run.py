@@ -89,6 +89,9 @@ def test_invcoss_never_opens_an_earlier_stage_after_it(tmp_path):
         samples, meta = load_samples(third / "replay" / f"{m}.safetensors")
         assert meta["kind"] == "synthetic" and meta["stage"] == k
         assert samples.shape == (buffer_count(12, config.buffer_fraction), *SHAPES[m])
+        # The quality of every inverted batch is kept with the samples.
+        assert sum(q["samples"] for q in meta["quality"]) == samples.shape[0]
+        assert all(q["distance"] >= 0 and q["stat_loss"] >= 0 for q in meta["quality"])
     assert result.stages[2].buffer == {"xray": 1, "ct": 1}
 
 

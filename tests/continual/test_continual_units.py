@@ -225,7 +225,7 @@ def test_replay_loss_with_the_teacher_target_matches_the_previous_reconstruction
     assert parts["mae"] == pytest.approx(expected, rel=1e-5)
     with pytest.raises(ValueError, match="mae_target must be one of pixels, teacher"):
         replay_loss(model, teacher, x, 0.5, 1.0, 1.0, mae_target="decoder")
-    with pytest.raises(ValueError, match="buffer_mae_target must be 'pixels' or 'teacher'"):
+    with pytest.raises(ValueError, match="buffer_mae_target must be one of pixels, teacher, auto"):
         ContinualConfig.from_profile("quick", buffer_mae_target="decoder")
 
 
