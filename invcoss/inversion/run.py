@@ -143,9 +143,15 @@ def _save_state(out: Path, inv: InversionEngine, batch: int) -> str:
 def _load_state(out: Path, name: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
+    from invcoss.models.weights import read_safetensors_header
+
     path = out / name
     if not path.is_file():
         raise RunFolderError(f"cannot resume {out}: its state file {name} is missing")
+    try:
+        read_safetensors_header(path)  # a truncated or corrupt state is named before it is read
+    except ValueError as e:
+        raise RunFolderError(f"cannot resume {out}: {e}") from None
     return load_file(str(path))
 
 

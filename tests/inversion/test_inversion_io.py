@@ -167,6 +167,13 @@ def test_resume_after_an_interrupt_mid_batch(tmp_path, model, ct_stats):
     assert sorted(first) == ["ct_00000.nii.gz", "ct_00001.nii.gz"]
     with pytest.raises(RunFolderError, match="--resume"):
         Inverter(model, ct_stats, ct_config(), backend="torch").run(5, out)
+    # A truncated resume state is named, not read.
+    state = out / m["resume_state"]
+    whole_state = state.read_bytes()
+    state.write_bytes(whole_state[:-16])
+    with pytest.raises(RunFolderError, match="truncated or padded"):
+        Inverter(model, ct_stats, ct_config(), backend="torch").run(5, out, resume=True)
+    state.write_bytes(whole_state)
     result = Inverter(model, ct_stats, ct_config(), backend="torch").run(5, out, resume=True)
     assert result.batches_run == 2
     assert files_of(out) == files_of(tmp_path / "whole")  # same files, same bytes, no state left
