@@ -46,7 +46,9 @@ from invcoss.ops import RunningStats
 from invcoss.rng import compute_record
 
 STATS_FORMAT = "invcoss-feature-stats/1"
-_NOT_HASHED = ("name", "norm_pix_loss")
+# pos_embed_order is a property of the weights (public MAE weights use another table), left out so
+# that every hash recorded before the field existed stays valid; the weights hash separates models.
+_NOT_HASHED = ("name", "norm_pix_loss", "pos_embed_order")
 
 
 def config_hash(config) -> str:

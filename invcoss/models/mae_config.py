@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import ClassVar
 
-from invcoss.models.pos_embed import axis_widths
+from invcoss.models.pos_embed import POS_EMBED_ORDERS, axis_widths
 
 __all__ = ["MAEConfig", "list_presets", "preset_config"]
 
@@ -40,6 +40,14 @@ class MAEConfig:
 
     ``runtime_fields`` (name, input sizes, ``norm_pix_loss``) do not change any weight's shape:
     :func:`~invcoss.models.load_pretrained_into` with ``strict=False`` lets them differ.
+
+    ``pos_embed_order`` is the convention of the fixed sin-cos position tables the weights were
+    trained with (:data:`~invcoss.models.pos_embed.POS_EMBED_ORDERS`): ``"invcoss"`` for every
+    model trained here (and every checkpoint saved before the field existed, whose ``config.json``
+    lacks it), ``"mae"`` for public MAE weights loaded by :meth:`MAE.from_timm`. It belongs to the
+    weights, so it is saved and checked like any field, but it is left out of
+    :func:`invcoss.feature_stats.config_hash` so that statistics collected before it existed stay
+    valid (the statistics' weights hash still tells two models apart).
 
     Example:
         >>> MAEConfig(img_size_2d=112).num_patches(2), MAEConfig().num_patches(3)
@@ -61,6 +69,7 @@ class MAEConfig:
     patch_size_3d: int | tuple[int, int, int] = (16, 16, 16)
     in_chans_3d: int = 1
     norm_pix_loss: bool = True
+    pos_embed_order: str = "invcoss"
 
     runtime_fields: ClassVar[tuple[str, ...]] = ("name", "img_size_2d", "img_size_3d", "norm_pix_loss")
 
@@ -74,6 +83,10 @@ class MAEConfig:
             if heads < 1 or width % heads:
                 raise ValueError(f"{what} must divide evenly, got {width}/{heads}")
             axis_widths(width, 3)  # raises unless the width suits 2D and 3D sin-cos tables
+        if self.pos_embed_order not in POS_EMBED_ORDERS:
+            raise ValueError(
+                f"pos_embed_order must be one of {POS_EMBED_ORDERS}, got {self.pos_embed_order!r}"
+            )
         if self.depth < 1 or self.decoder_depth < 1:
             raise ValueError(f"depth and decoder_depth must be >= 1, got {self.depth}, {self.decoder_depth}")
         for ndim in (2, 3):
