@@ -44,6 +44,7 @@ from safetensors import SafetensorError, safe_open
 
 from invcoss.configs import config_from_dict
 from invcoss.data.atomic import atomic_write_file, atomic_write_safetensors
+from invcoss.models.hub import hub_snapshot, looks_like_repo_id
 from invcoss.models.weights import FLOATING_DTYPES, TORCH_DTYPE_NAMES, read_safetensors_header, weights_hash
 
 __all__ = [
@@ -309,18 +310,32 @@ class PretrainedMixin:
         return directory
 
     @classmethod
-    def from_pretrained(cls: type[M], directory: str | os.PathLike, expect: Any = None) -> M:
+    def from_pretrained(
+        cls: type[M],
+        directory: str | os.PathLike,
+        expect: Any = None,
+        cache_dir: str | os.PathLike | None = None,
+        allow_download: bool = False,
+    ) -> M:
         """Build the model a checkpoint directory describes and load its weights (on CPU).
 
         Args:
-            directory: what ``save_pretrained`` wrote.
+            directory: what ``save_pretrained`` wrote, or the id (``owner/name``) of a Hugging Face
+                Hub repository holding those two files, read from the local Hub cache
+                (:func:`invcoss.models.hub.hub_snapshot`; needs ``huggingface_hub``). A local path
+                wins over a repository id of the same spelling.
             expect: optional config (or, for MAE, a preset name) the checkpoint must match in
                 every field that shapes the weights; a mismatch raises ``ValueError``.
+            cache_dir: the Hub cache to read instead of the default (``HF_HOME`` / ``HF_HUB_CACHE``).
+            allow_download: fetch a repository's files that are not cached (never with
+                ``HF_HUB_OFFLINE=1``); by default nothing is downloaded.
 
         Raises:
-            FileNotFoundError: a file of the checkpoint is missing.
+            FileNotFoundError: a file of the checkpoint is missing, or not in the Hub cache.
             ValueError: the checkpoint fails :func:`validate_checkpoint` or ``expect``.
         """
+        if looks_like_repo_id(directory):
+            directory = hub_snapshot(str(directory), [CONFIG_NAME, WEIGHTS_NAME], cache_dir, allow_download)
         directory = Path(directory)
         # Everything about the files is checked before the model is allocated.
         saved = validate_checkpoint(directory, cls)

@@ -30,6 +30,9 @@ Example:
 from __future__ import annotations
 
 import math
+import os
+import sys
+from collections.abc import Mapping
 from functools import partial
 
 import torch
@@ -40,6 +43,7 @@ from torch import nn
 from invcoss.models.checkpoint import PretrainedMixin
 from invcoss.models.mae_config import MAEConfig, preset_config
 from invcoss.models.pos_embed import SinCosPosEmbed
+from invcoss.models.public_weights import convert_timm_state, read_public_weights, with_fresh
 
 __all__ = ["MAE", "PatchEmbed3d", "create_model"]
 
@@ -94,7 +98,9 @@ class MAE(PretrainedMixin, nn.Module):
                 "3d": PatchEmbed3d(cfg.patch_size_3d, cfg.in_chans_3d, cfg.embed_dim),
             }
         )
-        self.pos_embed = nn.ModuleDict({f"{n}d": SinCosPosEmbed(cfg.grid(n), cfg.embed_dim) for n in dims})
+        self.pos_embed = nn.ModuleDict(
+            {f"{n}d": SinCosPosEmbed(cfg.grid(n), cfg.embed_dim, cfg.pos_embed_order) for n in dims}
+        )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
         self.blocks = _transformer(cfg.embed_dim, cfg.num_heads, cfg.depth, cfg.mlp_ratio)
         self.norm = _LayerNorm(cfg.embed_dim)
@@ -104,7 +110,7 @@ class MAE(PretrainedMixin, nn.Module):
         )
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.decoder_embed_dim))
         self.decoder_pos_embed = nn.ModuleDict(
-            {f"{n}d": SinCosPosEmbed(cfg.grid(n), cfg.decoder_embed_dim) for n in dims}
+            {f"{n}d": SinCosPosEmbed(cfg.grid(n), cfg.decoder_embed_dim, cfg.pos_embed_order) for n in dims}
         )
         self.decoder_blocks = _transformer(
             cfg.decoder_embed_dim, cfg.decoder_num_heads, cfg.decoder_depth, cfg.mlp_ratio
@@ -135,6 +141,76 @@ class MAE(PretrainedMixin, nn.Module):
     @classmethod
     def from_config(cls, config: MAEConfig) -> MAE:
         return cls(config)
+
+    @classmethod
+    def from_timm(
+        cls,
+        source: str | os.PathLike | Mapping[str, torch.Tensor] | nn.Module,
+        *,
+        num_heads: int | None = None,
+        img_size_3d: tuple[int, int, int] | None = None,
+        patch_depth: int | None = None,
+        in_chans_3d: int = 1,
+        cache_dir: str | os.PathLike | None = None,
+        allow_download: bool = False,
+        verbose: bool = True,
+    ) -> MAE:
+        """An MAE holding public timm ViT / MAE weights (see :mod:`invcoss.models.public_weights`).
+
+        Nothing is downloaded unless ``allow_download``: a timm name is read from the Hugging Face
+        cache. The model's position tables take the order the weights were trained with (``"mae"``
+        for MAE's weights, recorded in ``config.pos_embed_order``); the 3D patch embedding is the 2D
+        one inflated over depth; what the checkpoint does not hold (the decoder of a timm encoder,
+        the 3D decoder head) is freshly initialised and listed in the summary printed to stderr
+        with the weights' licence when known (``verbose``), also kept as ``model.conversion``.
+
+        Args:
+            source: a timm name (``"vit_base_patch16_224.mae"``), a ``.safetensors`` / ``.pth``
+                file or a folder with ``model.safetensors``, a state dict, or a timm model.
+            num_heads: encoder heads when the source does not tell (default ``embed_dim // 64``).
+            img_size_3d, patch_depth, in_chans_3d: the 3D tokenizer (default 1 channel, patches
+                as deep as they are high, 12 x 12 patches per slab).
+            cache_dir: a Hub cache other than the default; allow_download: fetch what is not cached.
+
+        Raises:
+            FileNotFoundError: no such file, or a timm name that is not cached.
+            ValueError: weights the project's MAE cannot hold (learned position table, layer scale).
+
+        Example:
+            >>> import timm
+            >>> vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2)
+            >>> from invcoss.models.pos_embed import sincos_pos_embed
+            >>> with torch.no_grad():
+            ...     vit.pos_embed[0, 1:] = sincos_pos_embed((2, 2), 192, "mae"); vit.pos_embed[0, 0] = 0
+            >>> m = MAE.from_timm(vit, verbose=False)
+            >>> m.config.pos_embed_order, m.config.depth, m.conversion.fresh[:1]
+            ('mae', 2, ['decoder_blocks.0.attn.proj.bias'])
+        """
+        weights = read_public_weights(source, cache_dir, allow_download)
+        config, state, report = convert_timm_state(
+            weights.state,
+            num_heads=num_heads or weights.num_heads,
+            img_size_3d=img_size_3d,
+            patch_depth=patch_depth,
+            in_chans_3d=in_chans_3d,
+            source=weights.source,
+        )
+        with torch.random.fork_rng(devices=[]):  # leave the caller's random stream where it was
+            model = cls(config)
+        own = model.state_dict()
+        shapes = [
+            f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}"
+            for k, v in state.items()
+            if v.shape != own[k].shape
+        ]
+        if shapes:
+            raise ValueError(f"{weights.source} does not fit the MAE it describes: {shapes[:4]}")
+        model.load_state_dict(state, strict=False)
+        model.conversion = with_fresh(report, list(own))
+        model.conversion.licence = weights.licence
+        if verbose:
+            print(model.conversion.summary(), file=sys.stderr)
+        return model
 
     @classmethod
     def _resolve_expected(cls, expect: MAEConfig | str) -> MAEConfig:
