@@ -58,7 +58,10 @@ class InputSpace:
             informative). Synthetic volumes are written with the spacing of the data the model
             saw instead: :func:`invcoss.inversion.files.nominal_spacing` (the phantoms').
         display_range: values mapped to black and white in previews.
-        description: what the written values mean (stored in the manifest).
+        description: what the model-input values mean (stored in the manifest).
+        file_scale: value in a written volume = ``file_scale`` x model input (CT: 1024, so NIfTI
+            files hold Hounsfield units that a viewer's CT windows show as they are).
+        file_values: what a written volume's values are (stored in the manifest).
     """
 
     modality: str
@@ -69,6 +72,8 @@ class InputSpace:
     fov_mm: tuple[float, float, float] | None
     display_range: tuple[float, float]
     description: str
+    file_scale: float = 1.0
+    file_values: str = "the model input"
 
     @property
     def value_range(self) -> tuple[float, float]:
@@ -110,6 +115,7 @@ INPUT_SPACES: dict[str, InputSpace] = {
     "ct": InputSpace(
         "ct", 3, "tanh", 1.0, 1, (24.0, 384.0, 384.0), (-1.0, 1.0),
         "CT as HU/1024 in [-1, 1] (window [-1024, 1024] HU): multiply by 1024 for Hounsfield units",
+        file_scale=1024.0, file_values="Hounsfield units (model input x 1024), float32",
     ),
     # Paper MRI: windows of 16 slices (about 1 mm) resized to 16; a 240 mm field of view.
     "mri": InputSpace(

@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from invcoss.cli.options import MODALITY, UserError, device_option, progress_bar, threads_option
+from invcoss.modality import get_modality
 
 LOSSES = ["task", "norm", "img", "rep"]
 
@@ -182,6 +183,14 @@ def _parse_settings(settings: tuple[str, ...]) -> dict:
 @click.option(
     "--compare-rep", is_flag=True, help="Also invert with L_rep toggled and report both diversities."
 )
+@click.option(
+    "--format",
+    "sample_format",
+    type=click.Choice(["nifti", "npy", "png"]),
+    default=None,
+    help="How samples are written. 3D: nifti (default; CT in Hounsfield units, opens in a viewer) or "
+    "npy (model input). 2D: npy (default, with an 8-bit PNG copy) or png (8-bit only).",
+)
 def invert(
     modality: str,
     checkpoint: Path | None,
@@ -203,6 +212,7 @@ def invert(
     warmup_steps: int | None,
     reference: Path | None,
     compare_rep: bool,
+    sample_format: str | None,
 ) -> None:
     """Invert a frozen model into synthetic samples that match its feature statistics (Eq. 6).
 
@@ -212,11 +222,16 @@ def invert(
     from invcoss.configs import check_field_types
     from invcoss.inversion import Inverter, NonFiniteLossError
     from invcoss.inversion.config import InversionConfig
+    from invcoss.inversion.files import check_sample_format
     from invcoss.inversion.report import format_report, reference_batches
     from invcoss.inversion.run import RunFolderError
     from invcoss.ops import available_backends
     from invcoss.rng import pinned_compute
 
+    try:
+        check_sample_format(sample_format, get_modality(modality).ndim)
+    except ValueError as e:
+        raise UserError(f"--format: {e}") from None
     dev = device
     if backend is not None and backend not in available_backends():
         raise UserError(
@@ -267,6 +282,7 @@ def invert(
                 sources=sources,
                 reference=real,
                 compare_rep=compare_rep,
+                sample_format=sample_format,
             )
         except RunFolderError as e:
             raise UserError(str(e)) from None

@@ -20,7 +20,12 @@ from invcoss.data.atomic import atomic_write_bytes
 
 
 def write_nifti(
-    path: str | os.PathLike, array: np.ndarray, spacing: Sequence[float], dtype: np.dtype | type | None = None
+    path: str | os.PathLike,
+    array: np.ndarray,
+    spacing: Sequence[float],
+    dtype: np.dtype | type | None = None,
+    description: str = "",
+    display_range: tuple[float, float] | None = None,
 ) -> Path:
     """Write a ``(D, H, W)`` array as a NIfTI-1 file (``.nii`` or ``.nii.gz``) with spacing in mm.
 
@@ -31,9 +36,12 @@ def write_nifti(
         array: ``(D, H, W)`` voxels (see the module docstring for the axis order).
         spacing: ``(sd, sh, sw)`` in mm.
         dtype: on-disk dtype (default: the array's).
+        description: the header's ``descrip`` (at most 80 ASCII characters; viewers show it).
+        display_range: ``(cal_min, cal_max)``, the window a viewer opens the volume with.
 
     Raises:
-        ValueError: array not 3D, spacing not 3 positive numbers, or suffix not ``.nii``/``.nii.gz``.
+        ValueError: array not 3D, spacing not 3 positive numbers, suffix not ``.nii``/``.nii.gz``,
+            or a description longer than 80 characters.
 
     Example:
         >>> import tempfile, pathlib
@@ -43,7 +51,10 @@ def write_nifti(
         ((3, 4, 5), (2.0, 1.0, 1.0))
     """
     path = Path(path)
-    return atomic_write_bytes(path, nifti_bytes(array, spacing, dtype, gz=_nifti_gz(path)))
+    blob = nifti_bytes(
+        array, spacing, dtype, gz=_nifti_gz(path), description=description, display_range=display_range
+    )
+    return atomic_write_bytes(path, blob)
 
 
 def _nifti_gz(path: Path) -> bool:
@@ -54,7 +65,12 @@ def _nifti_gz(path: Path) -> bool:
 
 
 def nifti_bytes(
-    array: np.ndarray, spacing: Sequence[float], dtype: np.dtype | type | None = None, gz: bool = True
+    array: np.ndarray,
+    spacing: Sequence[float],
+    dtype: np.dtype | type | None = None,
+    gz: bool = True,
+    description: str = "",
+    display_range: tuple[float, float] | None = None,
 ) -> bytes:
     """The bytes :func:`write_nifti` writes for ``array`` (gzipped with a zero timestamp when ``gz``).
 
@@ -70,6 +86,10 @@ def nifti_bytes(
     spacing = tuple(float(s) for s in spacing)
     if len(spacing) != 3 or min(spacing) <= 0:
         raise ValueError(f"write_nifti expects spacing of 3 positive values (sd, sh, sw), got {spacing}")
+    if len(description) > 80 or not description.isascii():
+        raise ValueError(
+            f"write_nifti expects a description of at most 80 ASCII characters, got {description!r}"
+        )
     sd, sh, sw = spacing
     affine = np.diag([sw, sh, sd, 1.0])
     data = array.transpose(2, 1, 0).astype(dtype or array.dtype, copy=False)
@@ -77,6 +97,10 @@ def nifti_bytes(
     img.header.set_xyzt_units("mm")
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
+    if description:
+        img.header["descrip"] = description.encode("ascii")
+    if display_range is not None:
+        img.header["cal_min"], img.header["cal_max"] = display_range
     blob = img.to_bytes()
     return gzip.compress(blob, compresslevel=6, mtime=0) if gz else blob
 

@@ -5,15 +5,25 @@ Layout of an output folder::
     manifest.json                 config, model and statistics identity, per-batch losses and
                                   timings, the quality report; rewritten after every batch
     preview.png                   central slices (3D) or images (2D) of the first 16 samples
-    samples/<modality>_00000.nii.gz   3D: float32 NIfTI, (D, H, W), the spacing in the affine
-                                  (the config's, a reference cache's or :func:`nominal_spacing`)
-    samples/<modality>_00000.npy      2D: float32 (C, H, W), what the model takes (PNG would round)
-    png/<modality>_00000.png          2D: an 8-bit copy for viewing
+    samples/<modality>_00000.nii.gz   3D, format "nifti" (default): float32 NIfTI, (D, H, W), the
+                                  spacing in the affine (the config's, a reference cache's or
+                                  :func:`nominal_spacing`), RAS+ orientation (qform and sform)
+    samples/<modality>_00000.npy      3D "npy": float32 (1, D, H, W); 2D "npy" (default): float32
+                                  (C, H, W), what the model takes (PNG would round)
+    png/<modality>_00000.png          2D "npy": an 8-bit copy for viewing
+    samples/<modality>_00000.png      2D "png": the 8-bit image only (values rounded to 1/255)
     state/after_batch_00003.safetensors   what the next batch needs (generator, Adam moments,
                                   repulsive pool); removed when the run completes
 
-Values are in the model's input space (see :data:`invcoss.modality.INPUT_SPACES`; the
-manifest's ``intensity`` says what they mean). Every file is written to a temporary name and
+``.npy`` and PNG values are in the model's input space (see :data:`invcoss.modality.INPUT_SPACES`;
+the manifest's ``intensity`` says what they mean). NIfTI volumes hold ``file_scale`` x the model
+input (:attr:`invcoss.modality.InputSpace.file_scale`, recorded in the manifest with
+``file_values``): Hounsfield units for CT, so a viewer's lung, soft-tissue and bone windows show
+them as they are; the header's ``cal_min`` / ``cal_max`` hold the modality's display window and
+``descrip`` says the volume is synthetic. MRI is written as the model sees it (z-scored). A run
+folder written before ``file_scale`` existed (CT as HU/1024) has no such manifest entry and is
+read with a scale of 1. :func:`read_samples` undoes the scale, so everything that reads samples
+back (the preview, the quality report) sees model inputs. Every file is written to a temporary name and
 renamed, and the manifest is written after a batch's samples and state, so the manifest lists only
 finished batches. ``resume=True`` continues after the last batch the manifest lists and never
 rewrites those; samples of an unfinished batch (a run killed while writing) are made again.
@@ -38,6 +48,8 @@ from invcoss.inversion.engine import BatchResult, InversionEngine
 __all__ = [
     "MANIFEST",
     "PREVIEW_COUNT",
+    "SAMPLE_FORMATS",
+    "check_sample_format",
     "model_digest",
     "nominal_spacing",
     "read_samples",
@@ -51,10 +63,35 @@ __all__ = [
 
 MANIFEST = "manifest.json"
 PREVIEW_COUNT = 16
+# The sample formats per dimensionality, the default first.
+SAMPLE_FORMATS = {3: ("nifti", "npy"), 2: ("npy", "png")}
+_SUFFIX = {"nifti": ".nii.gz", "npy": ".npy", "png": ".png"}
+# What a viewer shows in the header of a synthetic volume (NIfTI descrip, at most 80 characters).
+SYNTHETIC_DESCRIPTION = "synthetic {modality} (InvCoSS model inversion), {units}; not a patient scan"
 
 
-def sample_name(modality: str, index: int, ndim: int) -> str:
-    return f"{modality}_{index:05d}" + (".nii.gz" if ndim == 3 else ".npy")
+def check_sample_format(sample_format: str | None, ndim: int) -> str:
+    """The sample format to write for ``ndim`` (None: the default), checked.
+
+    Raises:
+        ValueError: a format not available for ``ndim`` (naming the choices).
+
+    Example:
+        >>> check_sample_format(None, 3), check_sample_format("png", 2)
+        ('nifti', 'png')
+    """
+    if sample_format is None:
+        return SAMPLE_FORMATS[ndim][0]
+    if sample_format not in SAMPLE_FORMATS[ndim]:
+        raise ValueError(
+            f"sample format must be one of {', '.join(SAMPLE_FORMATS[ndim])} for {ndim}D samples, "
+            f"got {sample_format!r}"
+        )
+    return sample_format
+
+
+def sample_name(modality: str, index: int, ndim: int, sample_format: str | None = None) -> str:
+    return f"{modality}_{index:05d}" + _SUFFIX[check_sample_format(sample_format, ndim)]
 
 
 def nominal_spacing(modality: str, size: tuple[int, ...]) -> tuple[float, float, float] | None:
@@ -103,17 +140,38 @@ def reference_spacing(reference) -> tuple[float, float, float] | None:
     return tuple(round(float(v), 4) for v in np.median(np.asarray(spacings, dtype=np.float64), axis=0))
 
 
-def write_batch(out: Path, inv: InversionEngine, result: BatchResult, first: int, spacing) -> list[str]:
+def write_batch(
+    out: Path,
+    inv: InversionEngine,
+    result: BatchResult,
+    first: int,
+    spacing,
+    sample_format: str | None = None,
+    file_scale: float | None = None,
+) -> list[str]:
+    """Write one batch's samples (see the module docstring); their names relative to ``out``.
 
+    ``file_scale`` (default the modality's) multiplies the model input in NIfTI files; a run
+    resumed from an older folder passes the scale its manifest records.
+    """
     space, names = inv.space, []
+    fmt = check_sample_format(sample_format, inv.ndim)
+    scale = np.float32(space.file_scale if file_scale is None else file_scale)
+    units = space.file_values.split(" (")[0] if scale != 1 else "model input values"
+    description = SYNTHETIC_DESCRIPTION.format(modality=space.modality.upper(), units=units)[:80]
+    window = tuple(float(v * scale) for v in space.display_range)
     for i, x in enumerate(result.images.numpy()):
-        name = sample_name(space.modality, first + i, inv.ndim)
-        if inv.ndim == 3:
-            write_nifti(out / "samples" / name, x[0], spacing, np.float32)
+        name = sample_name(space.modality, first + i, inv.ndim, fmt)
+        view = x[:1] if space.channels == 1 else x
+        if fmt == "nifti":
+            # x 1024 is exact in float32, so reading back and dividing gives the samples bit for bit
+            write_nifti(out / "samples" / name, x[0] * scale, spacing, np.float32, description, window)
+        elif fmt == "png":
+            write_png(out / "samples" / name, view)
         else:
             atomic_save_npy(out / "samples" / name, x.astype(np.float32))
-            view = x[:1] if space.channels == 1 else x
-            write_png(out / "png" / name.replace(".npy", ".png"), view)
+            if inv.ndim == 2:
+                write_png(out / "png" / name.replace(".npy", ".png"), view)
         names.append(f"samples/{name}")
     return names
 
@@ -125,23 +183,46 @@ def sample_paths(out_dir: str | os.PathLike, manifest: dict | None = None) -> li
     return [out / name for b in manifest["batches"] for name in b["samples"]]
 
 
-def read_samples(paths: list[Path], chunk: int) -> Iterator[torch.Tensor]:
-    """Sample files back as model inputs, ``chunk`` at a time: ``(B, C, *S)`` float32."""
+def read_samples(paths: list[Path], chunk: int, manifest: dict | None = None) -> Iterator[torch.Tensor]:
+    """Sample files back as model inputs, ``chunk`` at a time: ``(B, C, *S)`` float32.
 
+    NIfTI values are divided by the manifest's ``file_scale`` (1 without a manifest or the entry:
+    folders written before it existed); PNG grey is replicated to the manifest's channels.
+    """
+    manifest = manifest or {}
+    scale = np.float32(manifest.get("file_scale") or 1.0)
+    channels = (manifest.get("sample_shape") or [None])[0]
     for i in range(0, len(paths), chunk):
         arrays = []
         for p in paths[i : i + chunk]:
-            arrays.append(read_nifti(p).array[None] if p.name.endswith(".nii.gz") else np.load(p))
+            if p.name.endswith(".nii.gz"):
+                a = read_nifti(p).array[None].astype(np.float32) / scale
+            elif p.suffix == ".png":
+                a = _read_png(p, channels)
+            else:
+                a = np.load(p)
+            arrays.append(a)
         yield torch.from_numpy(np.stack(arrays).astype(np.float32))
 
 
-def write_preview(path: Path, inv: InversionEngine, paths: list[Path]) -> Path | None:
+def _read_png(path: Path, channels: int | None) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        a = np.asarray(im, dtype=np.float32) / 255.0
+    a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)  # (C, H, W)
+    return np.repeat(a, channels, axis=0) if channels and a.shape[0] == 1 else a
+
+
+def write_preview(
+    path: Path, inv: InversionEngine, paths: list[Path], manifest: dict | None = None
+) -> Path | None:
     """A montage of the first samples (central axial slice for 3D) as a PNG; None without samples."""
 
     paths = paths[:PREVIEW_COUNT]
     if not paths:
         return None
-    x = next(read_samples(paths, len(paths))).numpy()  # (K, C, *S)
+    x = next(read_samples(paths, len(paths), manifest)).numpy()  # (K, C, *S)
     if inv.ndim == 3:
         x = x[:, :, x.shape[2] // 2]  # (K, C, H, W)
     if inv.space.channels == 1:

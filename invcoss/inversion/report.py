@@ -216,7 +216,9 @@ def quality_report(
     batches = manifest["batches"]
     # The run's own batches, so the per-batch distances are those of the batches that were optimised.
     starts = np.cumsum([0] + [len(b["samples"]) for b in batches])
-    samples = [next(read_samples(paths[a:z], z - a)) for a, z in zip(starts[:-1], starts[1:]) if z > a]
+    samples = [
+        next(read_samples(paths[a:z], z - a, manifest)) for a, z in zip(starts[:-1], starts[1:]) if z > a
+    ]
     synthetic = embed_batches(inv, samples)
     noise_gen = torch.Generator().manual_seed(derive_seed(inv.config.seed, "report-noise", 0))
     noise = [inv.space.noise((len(b["samples"]), *inv.input_shape), noise_gen) for b in batches]

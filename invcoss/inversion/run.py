@@ -24,6 +24,7 @@ from invcoss.data.atomic import atomic_write_json, atomic_write_safetensors
 from invcoss.inversion.engine import BatchResult, InversionEngine, StepInfo
 from invcoss.inversion.files import (
     MANIFEST,
+    check_sample_format,
     model_digest,
     nominal_spacing,
     reference_spacing,
@@ -178,6 +179,7 @@ def run_inversion(
     reference: str | os.PathLike | list[torch.Tensor] | None = None,
     compare_rep: bool = False,
     max_reference: int = 256,
+    sample_format: str | None = None,
 ) -> InversionResult:
     """Invert ``num_samples`` samples into ``out_dir`` (see the module docstring), then report quality.
 
@@ -196,9 +198,13 @@ def run_inversion(
             :func:`invcoss.inversion.files.nominal_spacing`).
         compare_rep: also invert once in memory with L_rep toggled and report both diversities.
         max_reference: at most this many reference samples are read.
+        sample_format: how samples are written (:data:`invcoss.inversion.files.SAMPLE_FORMATS`):
+            3D ``"nifti"`` (default; CT in Hounsfield units) or ``"npy"``; 2D ``"npy"`` (default,
+            with an 8-bit PNG copy) or ``"png"`` (8-bit only). A resumed run keeps its format.
 
     Raises:
-        RunFolderError: the folder holds another run, is not empty and holds no run to ``resume``
+        ValueError: a ``sample_format`` not available for the modality's dimensionality.
+        RunFolderError: the folder holds a run of another sample format, or another run, is not empty and holds no run to ``resume``
             (without ``resume``, or with it but no manifest: nothing in it is replaced), or its run
             was made at another CPU thread count (recorded as ``compute`` in the manifest).
         NonFiniteLossError: a loss became non-finite (the manifest keeps the finished batches).
@@ -207,7 +213,13 @@ def run_inversion(
     t0 = time.perf_counter()
     out = Path(out_dir)
     identity = _identity(inv, num_samples)
+    fmt = check_sample_format(sample_format, inv.ndim)
     existing = _open_folder(out, identity, resume)
+    if existing is not None:
+        made_as = existing.get("sample_format") or check_sample_format(None, inv.ndim)
+        if sample_format is not None and made_as != fmt:
+            raise RunFolderError(f"cannot resume {out} as {fmt}: its samples are {made_as}")
+        fmt = made_as
     inv.start(num_samples)
     sizes = inv.batch_sizes(num_samples)
     spacing = (
@@ -236,6 +248,9 @@ def run_inversion(
             "num_batches": len(sizes),
             "sample_shape": list(inv.input_shape),
             "intensity": inv.space.description,
+            "sample_format": fmt,
+            "file_scale": inv.space.file_scale if fmt == "nifti" else 1.0,
+            "file_values": inv.space.file_values if fmt == "nifti" else "the model input",
             "spacing_mm": list(spacing) if spacing else None,
             "sources": sources or {},
             "batches": [],
@@ -252,7 +267,7 @@ def run_inversion(
         _remove_stale(out, manifest.get("resume_state"))
     for b in range(done, len(sizes)):
         result = inv.invert_batch(b, sizes[b], len(sizes), on_step)
-        names = write_batch(out, inv, result, sum(sizes[:b]), spacing)
+        names = write_batch(out, inv, result, sum(sizes[:b]), spacing, fmt, manifest.get("file_scale") or 1.0)
         state = _save_state(out, inv, b) if b + 1 < len(sizes) else None
         manifest["batches"].append(
             {
@@ -273,7 +288,7 @@ def run_inversion(
         if on_batch is not None:
             on_batch(result)
     paths = sample_paths(out, manifest)
-    write_preview(out / "preview.png", inv, paths)
+    write_preview(out / "preview.png", inv, paths, manifest)
     manifest["preview"] = "preview.png"
     manifest["quality"] = quality_report(
         inv, manifest, paths, reference=reference, compare_rep=compare_rep, max_reference=max_reference

@@ -77,10 +77,21 @@ def test_3d_run_writes_float32_nifti_with_spacing_and_a_manifest(tmp_path, model
         img = nib.load(p)
         assert img.get_data_dtype() == np.float32
         assert np.allclose(np.diag(img.affine)[:3], expected_spacing[::-1])  # (W, H, D) axes
+        assert img.header.get_slope_inter() == (None, None)  # no scaling: the stored floats are HU
+        assert (img.header["cal_min"], img.header["cal_max"]) == (-1024.0, 1024.0)
+        assert b"synthetic CT" in img.header["descrip"].item() and nib.aff2axcodes(img.affine) == (
+            "R",
+            "A",
+            "S",
+        )
         vol = read_nifti(p)
         assert vol.spacing == pytest.approx(expected_spacing)
-        np.testing.assert_array_equal(vol.array, memory[i, 0].numpy())  # what the model saw, exactly
+        # Hounsfield units: what the model saw x 1024, exactly (a power of two)
+        np.testing.assert_array_equal(vol.array, memory[i, 0].numpy() * 1024)
     m = json.loads((out / "manifest.json").read_text())
+    assert m["sample_format"] == "nifti" and m["file_scale"] == 1024.0 and "Hounsfield" in m["file_values"]
+    back = next(invcoss.inversion.files.read_samples(result.files, 5, m))  # what the report reads
+    np.testing.assert_array_equal(back.numpy(), memory.numpy())  # model space, bit for bit
     assert m["complete"] and m["num_batches"] == 3 and m["resume_state"] is None
     assert [len(b["samples"]) for b in m["batches"]] == [2, 2, 1]
     assert [b["steps"] for b in m["batches"]] == [3, 2, 3]  # fresh generators at batches 0 and 2
@@ -140,6 +151,42 @@ def test_2d_run_writes_float_arrays_and_png_copies(tmp_path, model):
             assert im.mode == "L" and im.size == (32, 32)
             assert np.abs(np.asarray(im) / 255.0 - a[0]).max() <= 0.5 / 255 + 1e-6
     assert len(result.files) == 3
+
+
+def test_other_sample_formats_read_back_in_model_space(tmp_path, model, ct_stats):
+    config = ct_config(batch_size=2, steps=1, warmup_steps=1)
+    memory = Inverter(model, ct_stats, config, backend="torch").generate(2).images
+    run = Inverter(model, ct_stats, config, backend="torch").run(2, tmp_path / "npy", sample_format="npy")
+    assert [p.name for p in run.files] == ["ct_00000.npy", "ct_00001.npy"] and run.manifest[
+        "file_scale"
+    ] == 1.0
+    np.testing.assert_array_equal(np.load(run.files[0]), memory[0].numpy())
+    np.testing.assert_array_equal(
+        next(invcoss.inversion.files.read_samples(run.files, 2, run.manifest)), memory
+    )
+    # a folder written before file_scale existed (CT as HU/1024): read with a scale of 1
+    old = {k: v for k, v in run.manifest.items() if k not in ("file_scale", "sample_format", "file_values")}
+    invcoss.data.write_nifti(tmp_path / "old.nii.gz", memory[0, 0].numpy(), (1.0, 1.0, 1.0), np.float32)
+    np.testing.assert_array_equal(
+        next(invcoss.inversion.files.read_samples([tmp_path / "old.nii.gz"], 1, old))[0], memory[0]
+    )
+    with pytest.raises(ValueError, match="nifti, npy for 3D samples, got 'png'"):
+        Inverter(model, ct_stats, config, backend="torch").run(2, tmp_path / "png", sample_format="png")
+    with pytest.raises(RunFolderError, match="its samples are npy"):
+        Inverter(model, ct_stats, config, backend="torch").run(
+            2, tmp_path / "npy", resume=True, sample_format="nifti"
+        )
+    xray = InversionConfig(
+        modality="xray", batch_size=2, min_batch_size=1, steps=1, warmup_steps=1, generator_every=1, latent_dim=8,
+        generator_channels=(8, 8, 4),
+    )  # fmt: skip
+    stats = _stats(model, "xray")
+    images = Inverter(model, stats, xray, backend="torch").generate(2).images
+    run = Inverter(model, stats, xray, backend="torch").run(2, tmp_path / "xpng", sample_format="png")
+    assert [p.name for p in run.files] == ["xray_00000.png", "xray_00001.png"]
+    assert not (tmp_path / "xpng" / "png").exists()
+    back = next(invcoss.inversion.files.read_samples(run.files, 2, run.manifest))
+    assert back.shape == images.shape and (back - images).abs().max() <= 0.5 / 255 + 1e-6  # 8-bit rounding
 
 
 def test_same_seed_same_bytes_other_seed_other_samples(tmp_path, model, ct_stats):
