@@ -335,7 +335,12 @@ class PretrainedMixin:
             ValueError: the checkpoint fails :func:`validate_checkpoint` or ``expect``.
         """
         if looks_like_repo_id(directory):
-            directory = hub_snapshot(str(directory), [CONFIG_NAME, WEIGHTS_NAME], cache_dir, allow_download)
+            try:
+                directory = hub_snapshot(
+                    str(directory), [CONFIG_NAME, WEIGHTS_NAME], cache_dir, allow_download
+                )
+            except ImportError as e:
+                raise FileNotFoundError(f"no checkpoint directory {directory}; {e}") from None
         directory = Path(directory)
         # Everything about the files is checked before the model is allocated.
         saved = validate_checkpoint(directory, cls)

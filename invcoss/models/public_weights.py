@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -299,7 +300,13 @@ def _read_file(path: Path) -> dict[str, torch.Tensor]:
 
         return load_file(str(path))
     # weights_only: tensors and plain containers only, never arbitrary pickled objects
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"{path} holds objects other than tensors, which are not unpickled for safety ({e}); "
+            "save its state dict alone (torch.save(ckpt['model'], ...)) or as safetensors"
+        ) from None
 
 
 def read_public_weights(

@@ -205,3 +205,18 @@ def test_from_pretrained_reads_a_hub_repository_offline(tmp_path, monkeypatch):
     # the default cache is where HF_HUB_CACHE points
     monkeypatch.setattr(hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     assert torch.equal(MAE.from_pretrained("someone/tiny-mae").cls_token, model.cls_token)
+
+
+def test_a_pickled_object_is_refused_and_a_missing_hub_library_is_named(tmp_path, monkeypatch):
+    torch.save({"model": {}, "args": TrainingArgs()}, tmp_path / "ckpt.pth")
+    with pytest.raises(ValueError, match="other than tensors"):
+        MAE.from_timm(tmp_path / "ckpt.pth")
+    import sys
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # as if not installed
+    with pytest.raises(FileNotFoundError, match="needs huggingface_hub"):
+        MAE.from_pretrained("someone/tiny-mae")
+
+
+class TrainingArgs:  # stands for the argparse.Namespace a training script pickles with its weights
+    pass
