@@ -339,8 +339,8 @@ class PretrainedMixin:
                 directory = hub_snapshot(
                     str(directory), [CONFIG_NAME, WEIGHTS_NAME], cache_dir, allow_download
                 )
-            except ImportError as e:
-                raise FileNotFoundError(f"no checkpoint directory {directory}; {e}") from None
+            except (ImportError, FileNotFoundError) as e:
+                raise FileNotFoundError(f"no checkpoint directory {directory}, and {e}") from None
         directory = Path(directory)
         # Everything about the files is checked before the model is allocated.
         saved = validate_checkpoint(directory, cls)

@@ -41,8 +41,7 @@ def _hub():
 def _not_cached(repo_id: str, what: str, cache_dir: str | os.PathLike | None) -> FileNotFoundError:
     where = cache_dir or "the Hugging Face cache (HF_HOME / HF_HUB_CACHE)"
     return FileNotFoundError(
-        f"{repo_id!r} is no local path, and {what} of Hub repository {repo_id!r} is not in {where}; "
-        "download it first "
+        f"{what} of Hugging Face Hub repository {repo_id!r} is not in {where}; download it first "
         f"(`hf download {repo_id}`) or pass allow_download=True (HF_HUB_OFFLINE=1 forbids downloads)"
     )
 
