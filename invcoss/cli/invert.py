@@ -186,10 +186,10 @@ def _parse_settings(settings: tuple[str, ...]) -> dict:
 @click.option(
     "--format",
     "sample_format",
-    type=click.Choice(["nifti", "npy", "png"]),
+    type=click.Choice(["nifti", "dicom", "npy", "png"]),
     default=None,
-    help="How samples are written. 3D: nifti (default; CT in Hounsfield units, opens in a viewer) or "
-    "npy (model input). 2D: npy (default, with an 8-bit PNG copy) or png (8-bit only).",
+    help="How samples are written. 3D: nifti (default; CT in Hounsfield units, opens in a viewer), "
+    "dicom (a synthetic series per sample; needs pydicom) or npy (model input). 2D: npy (default, with an 8-bit PNG copy) or png (8-bit only).",
 )
 def invert(
     modality: str,

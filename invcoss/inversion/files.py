@@ -12,6 +12,9 @@ Layout of an output folder::
                                   (C, H, W), what the model takes (PNG would round)
     png/<modality>_00000.png          2D "npy": an 8-bit copy for viewing
     samples/<modality>_00000.png      2D "png": the 8-bit image only (values rounded to 1/255)
+    samples/<modality>_00000/0000.dcm 3D "dicom" (needs pydicom): a synthetic DICOM series per
+                                  sample (:func:`invcoss.data.writers.write_dicom_series`), values
+                                  as NIfTI's, stored to within 1/32 HU
     state/after_batch_00003.safetensors   what the next batch needs (generator, Adam moments,
                                   repulsive pool); removed when the run completes
 
@@ -20,7 +23,8 @@ the manifest's ``intensity`` says what they mean). NIfTI volumes hold ``file_sca
 input (:attr:`invcoss.modality.InputSpace.file_scale`, recorded in the manifest with
 ``file_values``): Hounsfield units for CT, so a viewer's lung, soft-tissue and bone windows show
 them as they are; the header's ``cal_min`` / ``cal_max`` hold the modality's display window and
-``descrip`` says the volume is synthetic. MRI is written as the model sees it (z-scored). A run
+``descrip`` says the volume is synthetic. MRI is written as the model sees it (z-scored). DICOM
+series carry the same values, geometry and description, marked as derived and synthetic. A run
 folder written before ``file_scale`` existed (CT as HU/1024) has no such manifest entry and is
 read with a scale of 1. :func:`read_samples` undoes the scale, so everything that reads samples
 back (the preview, the quality report) sees model inputs. Every file is written to a temporary name and
@@ -32,6 +36,7 @@ rewrites those; samples of an unfinished batch (a run killed while writing) are 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -43,6 +48,7 @@ import torch
 
 from invcoss.data import read_manifest, read_nifti, write_nifti, write_png
 from invcoss.data.atomic import atomic_save_npy
+from invcoss.data.writers import read_dicom_series_array, write_dicom_series
 from invcoss.inversion.engine import BatchResult, InversionEngine
 
 __all__ = [
@@ -64,17 +70,19 @@ __all__ = [
 MANIFEST = "manifest.json"
 PREVIEW_COUNT = 16
 # The sample formats per dimensionality, the default first.
-SAMPLE_FORMATS = {3: ("nifti", "npy"), 2: ("npy", "png")}
-_SUFFIX = {"nifti": ".nii.gz", "npy": ".npy", "png": ".png"}
-# What a viewer shows in the header of a synthetic volume (NIfTI descrip, at most 80 characters).
-SYNTHETIC_DESCRIPTION = "synthetic {modality} (InvCoSS model inversion), {units}; not a patient scan"
+SAMPLE_FORMATS = {3: ("nifti", "npy", "dicom"), 2: ("npy", "png")}
+_SUFFIX = {"nifti": ".nii.gz", "npy": ".npy", "png": ".png", "dicom": ""}  # dicom: a folder per sample
+# What a viewer shows of a synthetic volume (NIfTI descrip, DICOM SeriesDescription: <= 64 characters).
+SYNTHETIC_DESCRIPTION = "synthetic {modality} (InvCoSS model inversion), not a patient scan"
+_DICOM_MODALITY = {"ct": "CT", "mri": "MR"}
 
 
 def check_sample_format(sample_format: str | None, ndim: int) -> str:
     """The sample format to write for ``ndim`` (None: the default), checked.
 
     Raises:
-        ValueError: a format not available for ``ndim`` (naming the choices).
+        ValueError: a format not available for ``ndim`` (naming the choices), or ``"dicom"``
+            without pydicom installed.
 
     Example:
         >>> check_sample_format(None, 3), check_sample_format("png", 2)
@@ -87,6 +95,8 @@ def check_sample_format(sample_format: str | None, ndim: int) -> str:
             f"sample format must be one of {', '.join(SAMPLE_FORMATS[ndim])} for {ndim}D samples, "
             f"got {sample_format!r}"
         )
+    if sample_format == "dicom" and importlib.util.find_spec("pydicom") is None:
+        raise ValueError("sample format 'dicom' needs pydicom: pip install 'invcoss[dicom]'")
     return sample_format
 
 
@@ -157,15 +167,20 @@ def write_batch(
     space, names = inv.space, []
     fmt = check_sample_format(sample_format, inv.ndim)
     scale = np.float32(space.file_scale if file_scale is None else file_scale)
-    units = space.file_values.split(" (")[0] if scale != 1 else "model input values"
-    description = SYNTHETIC_DESCRIPTION.format(modality=space.modality.upper(), units=units)[:80]
+    description = SYNTHETIC_DESCRIPTION.format(modality=space.modality.upper())
     window = tuple(float(v * scale) for v in space.display_range)
+    max_abs = float(max(abs(v) for v in space.value_range) * scale)
     for i, x in enumerate(result.images.numpy()):
         name = sample_name(space.modality, first + i, inv.ndim, fmt)
         view = x[:1] if space.channels == 1 else x
         if fmt == "nifti":
             # x 1024 is exact in float32, so reading back and dividing gives the samples bit for bit
             write_nifti(out / "samples" / name, x[0] * scale, spacing, np.float32, description, window)
+        elif fmt == "dicom":
+            write_dicom_series(
+                out / "samples" / name, x[0] * scale, spacing, _DICOM_MODALITY[space.modality], description,
+                max_abs, window,
+            )  # fmt: skip
         elif fmt == "png":
             write_png(out / "samples" / name, view)
         else:
@@ -197,6 +212,8 @@ def read_samples(paths: list[Path], chunk: int, manifest: dict | None = None) ->
         for p in paths[i : i + chunk]:
             if p.name.endswith(".nii.gz"):
                 a = read_nifti(p).array[None].astype(np.float32) / scale
+            elif p.is_dir():  # a DICOM series
+                a = read_dicom_series_array(p)[None] / scale
             elif p.suffix == ".png":
                 a = _read_png(p, channels)
             else:

@@ -199,7 +199,8 @@ def run_inversion(
         compare_rep: also invert once in memory with L_rep toggled and report both diversities.
         max_reference: at most this many reference samples are read.
         sample_format: how samples are written (:data:`invcoss.inversion.files.SAMPLE_FORMATS`):
-            3D ``"nifti"`` (default; CT in Hounsfield units) or ``"npy"``; 2D ``"npy"`` (default,
+            3D ``"nifti"`` (default; CT in Hounsfield units), ``"dicom"`` (a synthetic series per
+            sample, needs pydicom) or ``"npy"``; 2D ``"npy"`` (default,
             with an 8-bit PNG copy) or ``"png"`` (8-bit only). A resumed run keeps its format.
 
     Raises:
@@ -249,8 +250,8 @@ def run_inversion(
             "sample_shape": list(inv.input_shape),
             "intensity": inv.space.description,
             "sample_format": fmt,
-            "file_scale": inv.space.file_scale if fmt == "nifti" else 1.0,
-            "file_values": inv.space.file_values if fmt == "nifti" else "the model input",
+            "file_scale": inv.space.file_scale if fmt in ("nifti", "dicom") else 1.0,
+            "file_values": inv.space.file_values if fmt in ("nifti", "dicom") else "the model input",
             "spacing_mm": list(spacing) if spacing else None,
             "sources": sources or {},
             "batches": [],

@@ -123,7 +123,7 @@ def test_unknown_modality_exits_2_and_writes_nothing(runner, tmp_path):
 
 def test_a_format_the_modality_cannot_take_exits_2_and_writes_nothing(runner, tmp_path):
     r = runner.invoke(main, ["invert", "--modality", "ct", "--format", "png", "--out", str(tmp_path / "o")])
-    assert_user_error(r, "--format: sample format must be one of nifti, npy for 3D samples, got 'png'")
+    assert_user_error(r, "--format: sample format must be one of nifti, npy, dicom for 3D samples, got 'png'")
     assert not (tmp_path / "o").exists()
 
 

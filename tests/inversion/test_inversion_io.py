@@ -170,7 +170,7 @@ def test_other_sample_formats_read_back_in_model_space(tmp_path, model, ct_stats
     np.testing.assert_array_equal(
         next(invcoss.inversion.files.read_samples([tmp_path / "old.nii.gz"], 1, old))[0], memory[0]
     )
-    with pytest.raises(ValueError, match="nifti, npy for 3D samples, got 'png'"):
+    with pytest.raises(ValueError, match="nifti, npy, dicom for 3D samples, got 'png'"):
         Inverter(model, ct_stats, config, backend="torch").run(2, tmp_path / "png", sample_format="png")
     with pytest.raises(RunFolderError, match="its samples are npy"):
         Inverter(model, ct_stats, config, backend="torch").run(
@@ -187,6 +187,41 @@ def test_other_sample_formats_read_back_in_model_space(tmp_path, model, ct_stats
     assert not (tmp_path / "xpng" / "png").exists()
     back = next(invcoss.inversion.files.read_samples(run.files, 2, run.manifest))
     assert back.shape == images.shape and (back - images).abs().max() <= 0.5 / 255 + 1e-6  # 8-bit rounding
+
+
+def test_dicom_series_hold_the_nifti_values_and_geometry(tmp_path, model, ct_stats):
+    pydicom = pytest.importorskip("pydicom")
+    config = ct_config(batch_size=2, steps=1, warmup_steps=1)
+    nifti = Inverter(model, ct_stats, config, backend="torch").run(2, tmp_path / "nii")
+    run = Inverter(model, ct_stats, config, backend="torch").run(2, tmp_path / "dcm", sample_format="dicom")
+    assert [p.name for p in run.files] == ["ct_00000", "ct_00001"] and run.manifest["file_scale"] == 1024.0
+    img = nib.load(nifti.files[0])
+    hu = read_nifti(nifti.files[0]).array
+    slices = sorted(run.files[0].iterdir())
+    assert len(slices) == 16
+    first, last = pydicom.dcmread(slices[0]), pydicom.dcmread(slices[-1])
+    assert first.Modality == "CT" and list(first.ImageType) == ["DERIVED", "SECONDARY"]
+    assert first.PatientName == "SYNTHETIC^INVCOSS" and "not a patient scan" in first.SeriesDescription
+    assert first.SeriesInstanceUID == last.SeriesInstanceUID and first.SOPInstanceUID != last.SOPInstanceUID
+    # geometry: the NIfTI affine (RAS) of voxel (k, H-1, W-1), in LPS, is each slice's position
+    h, w = hu.shape[1:]
+    for k, ds in ((0, first), (15, last)):
+        ras = img.affine @ np.array([w - 1, h - 1, k, 1.0])
+        np.testing.assert_allclose(
+            np.asarray(ds.ImagePositionPatient, float), ras[:3] * [-1, -1, 1], atol=1e-4
+        )
+    assert [float(v) for v in first.PixelSpacing] == pytest.approx(read_nifti(nifti.files[0]).spacing[1:])
+    # values: HU to within half a RescaleSlope step; in model space through read_samples
+    vol = first.pixel_array * float(first.RescaleSlope) + float(first.RescaleIntercept)
+    assert np.abs(vol[::-1, ::-1] - hu[0]).max() <= float(first.RescaleSlope) / 2
+    back = next(invcoss.inversion.files.read_samples(run.files, 2, run.manifest))
+    expected = next(invcoss.inversion.files.read_samples(nifti.files, 2, nifti.manifest))
+    assert (back - expected).abs().max() <= 1 / 32 / 1024 + 1e-7
+    assert files_of(tmp_path / "dcm") == files_of(
+        Inverter(model, ct_stats, config, backend="torch")
+        .run(2, tmp_path / "dcm2", sample_format="dicom")
+        .out_dir
+    )  # the same samples give the same bytes, UIDs included
 
 
 def test_same_seed_same_bytes_other_seed_other_samples(tmp_path, model, ct_stats):
