@@ -193,6 +193,7 @@ class MAE(PretrainedMixin, nn.Module):
             img_size_3d=img_size_3d,
             patch_depth=patch_depth,
             in_chans_3d=in_chans_3d,
+            name=weights.name,
             source=weights.source,
         )
         with torch.random.fork_rng(devices=[]):  # leave the caller's random stream where it was

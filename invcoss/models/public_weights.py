@@ -292,6 +292,7 @@ class PublicWeights:
     source: str
     num_heads: int | None = None
     licence: str | None = None
+    name: str = "timm"
 
 
 def _read_file(path: Path) -> dict[str, torch.Tensor]:
@@ -354,4 +355,4 @@ def read_public_weights(
     path = hub_download(repo, cfg.hf_hub_filename or "model.safetensors", cache_dir, allow_download)
     with torch.device("meta"):  # the architecture only: allocates nothing
         heads = timm.create_model(name.split(".")[0], pretrained=False).blocks[0].attn.num_heads
-    return PublicWeights(_read_file(path), f"timm {name} ({path})", heads, cfg.license)
+    return PublicWeights(_read_file(path), f"timm {name} ({path})", heads, cfg.license, name)

@@ -187,6 +187,7 @@ def test_timm_name_is_read_from_the_hub_cache_with_its_licence(tmp_path, capsys)
     )
     model = MAE.from_timm("vit_base_patch16_224.mae", cache_dir=tmp_path / "hub")
     assert model.config.num_heads == 12 and model.conversion.licence == "cc-by-nc-4.0"
+    assert model.config.name == "vit_base_patch16_224.mae"
     assert "cc-by-nc-4.0" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="not in"):
         MAE.from_timm("vit_small_patch16_224.augreg_in21k", cache_dir=tmp_path / "hub")
