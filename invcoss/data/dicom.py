@@ -188,8 +188,14 @@ def _read_header(path: Path, limits: ReadLimits):
     try:
         ds = pydicom.dcmread(str(path), stop_before_pixels=True)
         modality = str(ds.get("Modality", "") or "").upper()
-        if modality in NON_IMAGE_MODALITIES or "Rows" not in ds or "Columns" not in ds:
+        if modality in NON_IMAGE_MODALITIES or (
+            ("Rows" not in ds or "Columns" not in ds) and "SOPClassUID" in ds
+        ):
             raise ReadError(path, f"a DICOM {modality or 'object'} without an image", NON_IMAGE_DICOM)
+        if "Rows" not in ds or "Columns" not in ds:
+            raise ReadError(
+                path, "a DICOM file without SOPClassUID, Rows or Columns (empty or corrupt header)"
+            )
         rows, cols = int(ds.Rows), int(ds.Columns)
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         if rows < 1 or cols < 1 or frames < 1:
