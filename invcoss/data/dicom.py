@@ -41,7 +41,17 @@ from pathlib import Path
 import numpy as np
 
 from invcoss.data.limits import DICOM, NON_IMAGE_DICOM, OVER_LIMIT, UNUSABLE, ReadError, ReadLimits
-from invcoss.data.readers import Picture, Volume, VolumeHeader, canonical_geometry, canonical_volume
+
+# _SizedReader: pydicom reads element values of the length the file states; the clamp keeps a
+# corrupt length of 4 GB from allocating 4 GB (the same guard as the Pillow path's).
+from invcoss.data.readers import (
+    Picture,
+    Volume,
+    VolumeHeader,
+    _SizedReader,
+    canonical_geometry,
+    canonical_volume,
+)
 
 INSTALL_HINT = "pip install invcoss[dicom]"
 # Modalities whose files hold no image to learn from (a segmentation is a label map, not a scan).
@@ -186,7 +196,8 @@ def _read_header(path: Path, limits: ReadLimits):
     """The header of one file, checked to hold an image within ``limits`` and decodable here."""
     pydicom = _pydicom(path)
     try:
-        ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+        with _SizedReader(path) as f:
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
         modality = str(ds.get("Modality", "") or "").upper()
         if modality in NON_IMAGE_MODALITIES or (
             ("Rows" not in ds or "Columns" not in ds) and "SOPClassUID" in ds
@@ -207,6 +218,9 @@ def _read_header(path: Path, limits: ReadLimits):
                 "(raise it with --max-pixels / ReadLimits.max_pixels)",
                 OVER_LIMIT,
             )
+        bits, stored = ds.get("BitsAllocated"), ds.get("BitsStored", ds.get("BitsAllocated"))
+        if bits not in (1, 8, 16, 32, 64) or stored is None or not 1 <= int(stored) <= int(bits):
+            raise ReadError(path, f"BitsAllocated {bits} / BitsStored {stored} is not a valid pixel layout")
         _check_decoder(path, ds)
         _check_pixel_bytes(path, ds, frames)
     except ReadError:
@@ -401,7 +415,8 @@ def _pixels(path: Path, limits: ReadLimits):
     """The full dataset of ``path`` (pixel data included) and its decoded pixel array."""
     pydicom = _pydicom(path)
     try:
-        ds = pydicom.dcmread(str(path))
+        with _SizedReader(path) as f:
+            ds = pydicom.dcmread(f)
         return ds, ds.pixel_array
     except ReadError:
         raise
@@ -416,13 +431,14 @@ def read_dicom_series(series: DicomSeries, limits: ReadLimits) -> Volume:
         ReadError: a file's pixel data cannot be decoded or is not ``rows x cols`` of one channel.
     """
     stack = np.empty((len(series.slices), series.rows, series.cols), dtype=np.float32)
-    loaded: dict[Path, np.ndarray] = {}
+    loaded: dict[Path, tuple[int, np.ndarray]] = {}
     for k, s in enumerate(series.slices):
         if s.path not in loaded:
             loaded.clear()  # keep one file's pixels at a time (a multi-frame file is read once)
-            _, loaded[s.path] = _pixels(s.path, limits)
-        arr = loaded[s.path]
-        frame = arr[s.frame] if arr.ndim == 3 and arr.shape[0] != series.rows else arr
+            ds, arr = _pixels(s.path, limits)
+            loaded[s.path] = (int(ds.get("NumberOfFrames", 1) or 1), arr)
+        frames, arr = loaded[s.path]
+        frame = arr[s.frame] if frames > 1 and arr.ndim == 3 and s.frame < len(arr) else arr
         if frame.shape != (series.rows, series.cols):
             raise ReadError(
                 s.path, f"pixel data of shape {frame.shape}, expected {series.rows}x{series.cols} grey"
