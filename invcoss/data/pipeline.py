@@ -17,6 +17,10 @@ size=(16, 128, 128))``.
 Samples are channel-first float32: 3D ``(1, D, H, W)``, 2D ``(3, H, W)``. Non-finite voxels
 (NaN, inf) are replaced by the volume's finite minimum / maximum before anything else.
 
+A source is a NIfTI or picture file, or a DICOM series (a volume) or 2D DICOM image found by
+:func:`~invcoss.data.cache.find_sources` (:mod:`invcoss.data.dicom`); a DICOM series goes through
+the same steps as a NIfTI volume, its warnings (duplicates, uneven spacing) added to the file's.
+
 A file that cannot make a meaningful sample raises :class:`~invcoss.data.ReadError` (kind
 ``no usable sample``) before its voxels are resampled: a single slice (a 2D image) for a 3D
 modality, or a volume with fewer slices than one window after resampling (0.02 mm voxels collapse
