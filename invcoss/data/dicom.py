@@ -294,27 +294,18 @@ def _build_series(uid: str, label: Path, parts: list, limits: ReadLimits) -> Dic
             )
         slices.extend(found)
     warnings = []
-    seen: dict[str, int] = {}
+    seen: set[str] = set()
     unique = []
     for pos, s in slices:
-        if s.instance in seen:
-            continue
-        seen[s.instance] = 1
-        unique.append((pos, s))
+        if s.instance not in seen:
+            seen.add(s.instance)
+            unique.append((pos, s))
     if len(unique) < len(slices):
         warnings.append(
             f"{len(slices) - len(unique)} duplicate cop(ies) of the same slice (SOPInstanceUID) dropped"
         )
     unique.sort(key=lambda ps: ps[1].position)
     positions = np.array([s.position for _, s in unique])
-    voxels = rows * cols * len(unique)
-    if voxels > limits.max_voxels:
-        raise ReadError(
-            label,
-            f"{len(unique)}x{rows}x{cols} = {voxels:,} voxels, more than the limit of {limits.max_voxels:,} "
-            "(raise it with --max-voxels / ReadLimits.max_voxels)",
-            OVER_LIMIT,
-        )
     steps = np.diff(positions)
     if len(steps) and steps.min() < 1e-3:
         k = int(np.sum(steps < 1e-3))
@@ -340,6 +331,14 @@ def _build_series(uid: str, label: Path, parts: list, limits: ReadLimits) -> Dic
     else:
         step = float(ds0.get("SpacingBetweenSlices") or ds0.get("SliceThickness") or 1.0)
     count = int(round((positions[-1] - positions[0]) / step)) + 1 if len(steps) else 1
+    voxels = rows * cols * max(count, len(unique))  # also after resampling uneven steps
+    if voxels > limits.max_voxels:
+        raise ReadError(
+            label,
+            f"{max(count, len(unique))}x{rows}x{cols} = {voxels:,} voxels, more than the limit of {limits.max_voxels:,} "
+            "(raise it with --max-voxels / ReadLimits.max_voxels)",
+            OVER_LIMIT,
+        )
     spacing_xyz = (float(spacing0[1]), float(spacing0[0]), step)
     bad = [s for s in spacing_xyz if not limits.min_spacing <= s <= limits.max_spacing]
     if bad:
@@ -515,7 +514,8 @@ def read_dicom_picture(image: DicomImage | str | os.PathLike, limits: ReadLimits
         elif ds.get("VOILUTSequence"):
             lut = ds.VOILUTSequence[0]
             data = np.asarray(lut.LUTData, dtype=np.float64)
-            mapped = np.asarray(apply_voi_lut(values, ds), dtype=np.float64)
+            # A LUT is indexed by integers: the modality LUT's output, rounded.
+            mapped = np.asarray(apply_voi_lut(np.rint(values).astype(np.int64), ds), dtype=np.float64)
             out = (mapped - data.min()) / max(data.max() - data.min(), 1e-12)
         else:
             out = _minmax(values)

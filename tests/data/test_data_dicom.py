@@ -13,6 +13,7 @@ import pytest
 pytest.importorskip("pydicom")
 
 from click.testing import CliRunner  # noqa: E402
+from pydicom.dataset import Dataset  # noqa: E402
 from pydicom.encaps import encapsulate  # noqa: E402
 from pydicom.pixels import get_decoder  # noqa: E402
 from pydicom.uid import JPEGLSLossless  # noqa: E402
@@ -20,6 +21,8 @@ from pydicom.uid import JPEGLSLossless  # noqa: E402
 from invcoss.cli import main  # noqa: E402
 from invcoss.data import (  # noqa: E402
     DEFAULT_LIMITS,
+    CachedDataset,
+    FolderDataset,
     NoSamplesError,
     ReadError,
     ReadLimits,
@@ -209,6 +212,36 @@ def test_xray_monochrome1_windowed_and_inverted(tmp_path):
     np.testing.assert_allclose(pic.array[0], expected, atol=1e-6)
     plain = read_dicom_picture(tmp_path / "dx.dcm", DEFAULT_LIMITS).array[0]  # no window: min..max
     np.testing.assert_allclose(plain, (pixels - pixels.min()) / (pixels.max() - pixels.min()), atol=1e-6)
+    # A VOI LUT (here 12-bit, inverting) is applied and scaled by its output range.
+    ds = projection(pixels)
+    lut = Dataset()
+    lut.LUTDescriptor = [4096, 0, 12]
+    lut.add_new(0x00283006, "US", (4095 - np.arange(4096)).tolist())
+    ds.VOILUTSequence = [lut]
+    write(ds, tmp_path / "lut.dcm")
+    mapped = read_dicom_picture(tmp_path / "lut.dcm", DEFAULT_LIMITS).array[0]
+    np.testing.assert_allclose(mapped, (4095 - pixels) / 4095, atol=1e-6)
+
+
+def test_xray_preprocess_reads_dicom_images_and_ct_skips_a_projection(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 4096, (40, 48)).astype(np.uint16)
+    write(projection(pixels, "MONOCHROME1", window=(2048, 1000), modality="CR"), tmp_path / "x" / "cr.dcm")
+    write(projection(pixels), tmp_path / "x" / "dx.dcm")
+    report = preprocess(tmp_path / "x", tmp_path / "cache", "xray", "quick")
+    assert (report.processed, report.samples) == (2, 2)
+    with pytest.raises(NoSamplesError, match="not a slice of a volume"):
+        preprocess(tmp_path / "x", tmp_path / "cache-ct", "ct", "quick")
+
+
+def test_folder_dataset_reads_a_dicom_series_as_the_cache_does(tmp_path):
+    write_series(tmp_path / "dcm", np.concatenate([stored_values(), stored_values(1)]), spacing=(4.0, 4.0))
+    config = get_config("mri", "quick", size=(4, 8, 8), window=8, stride=8)
+    ds = FolderDataset(tmp_path / "dcm", config)
+    preprocess(tmp_path / "dcm", tmp_path / "cache", "mri", config=config)
+    cached = CachedDataset(tmp_path / "cache")
+    assert len(ds) == len(cached) == 2 and ds.skipped == []
+    for i in range(2):
+        np.testing.assert_array_equal(ds[i].numpy(), cached[i].numpy())
 
 
 def test_preprocess_dicom_gives_the_samples_of_the_nifti_and_counts_non_images(tmp_path):
