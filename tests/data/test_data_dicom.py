@@ -125,10 +125,16 @@ def test_multiframe_file_reads_as_the_same_series(tmp_path):
         multiframe(stored, AXIAL, (0.5, 0.75), 2.0, (1.0, 2.0, 3.0), 0.5, -10),
         tmp_path / "enhanced" / "mf.dcm",
     )
+    # A plain multi-frame file: one position, frames stepped by SpacingBetweenSlices along the normal.
+    plain = slice_dataset(stored[0], (1.0, 2.0, 3.0), AXIAL, (0.5, 0.75), slope=0.5, intercept=-10)
+    plain.NumberOfFrames, plain.SpacingBetweenSlices = K, 2.0
+    plain.PixelData = stored.tobytes()
+    write(plain, tmp_path / "plain" / "mf.dcm")
     a = read_dicom_series(only_series(tmp_path / "slices"), DEFAULT_LIMITS)
-    b = read_dicom_series(only_series(tmp_path / "enhanced"), DEFAULT_LIMITS)
-    np.testing.assert_array_equal(a.array, b.array)
-    np.testing.assert_allclose(a.affine, b.affine)
+    for folder in ("enhanced", "plain"):
+        b = read_dicom_series(only_series(tmp_path / folder), DEFAULT_LIMITS)
+        np.testing.assert_array_equal(a.array, b.array)
+        np.testing.assert_allclose(a.affine, b.affine)
 
 
 def test_duplicate_copy_is_dropped_with_a_warning_and_clashing_slices_skip_the_series(tmp_path):
@@ -280,6 +286,12 @@ def test_cli_series_picks_one_and_an_unknown_uid_exits_2(tmp_path):
     assert "preprocessed 1 files" in r.output
     r = run(main, [*args, "--out", str(tmp_path / "c2"), "--series", "9.9"])
     assert r.exit_code == 2 and "--series 9.9: no DICOM file" in r.output and "1.2.3.1" in r.output
+    # A series with a missing slice is skipped and named; --strict stops on it with exit 2.
+    next(iter(sorted((tmp_path / "d" / "one").iterdir()))).unlink()
+    r = run(main, [*args, "--out", str(tmp_path / "c3")])
+    assert r.exit_code == 0 and "skipped one/series 1.2.3.1: missing slice(s)" in r.output, r.output
+    r = run(main, [*args, "--out", str(tmp_path / "c4"), "--strict"])
+    assert r.exit_code == 2 and "series 1.2.3.1: missing slice(s)" in r.output and "(--strict)" in r.output
 
 
 def test_without_pydicom_the_error_names_the_extra(tmp_path, monkeypatch):
