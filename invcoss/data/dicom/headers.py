@@ -94,9 +94,12 @@ def _check_decoder(path: Path, ds) -> None:
 
 
 def _check_pixel_bytes(path: Path, ds, frames: int) -> None:
-    """Uncompressed pixel data must fit in the file (a header claiming more is truncated or wrong)."""
+    """Uncompressed pixel data must fit in the file (a header claiming more is truncated or wrong).
+
+    Compressed pixel data and deflated datasets are left to their decoders (the file is smaller).
+    """
     ts = _transfer_syntax(ds)
-    if ts is not None and ts.is_compressed:
+    if ts is not None and (ts.is_compressed or ts.is_deflated):
         return
     bits = int(ds.get("BitsAllocated", 16) or 16)
     claimed = int(ds.Rows) * int(ds.Columns) * frames * int(ds.get("SamplesPerPixel", 1) or 1) * bits // 8
@@ -150,6 +153,9 @@ def _slices_of(
     path: Path, ds, frames: int
 ) -> tuple[list[tuple[np.ndarray, DicomSlice]], np.ndarray, np.ndarray]:
     """Per slice: the position (LPS mm) and slice; plus orientation (6,) and pixel spacing (2,)."""
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if samples != 1:
+        raise ReadError(path, f"{samples} samples per pixel (colour): a volume needs grey slices", UNUSABLE)
     iop = _group_attr(ds, 0, "PlaneOrientationSequence", "ImageOrientationPatient")
     spacing = _group_attr(ds, 0, "PixelMeasuresSequence", "PixelSpacing")
     if iop is None or spacing is None:
