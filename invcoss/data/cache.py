@@ -6,8 +6,9 @@ Cache layout::
     CACHE/arrays/<name>.npy      one float32 array (N, *sample_shape) per source file
 
 ``manifest.json`` holds the modality, the :class:`~invcoss.data.pipeline.PreprocessConfig` and its
-digest, one ``sources`` entry per file (relative path, size, modification time, array file,
-sample count, original shape and spacing), one ``samples`` entry per sub-volume (source file,
+digest, one ``sources`` entry per source (relative path, size, modification time, array file,
+sample count, original shape and spacing; a DICOM series is one source named ``<folder>/series
+<UID>``, its size and time those of all its files, see :func:`find_sources`), one ``samples`` entry per sub-volume (source file,
 window index, window position, voxel spacing, shape, array file and row) and the ``skipped``
 files with the reason and its kind. A re-run reuses every source whose size and modification
 time are unchanged and whose array is present, so it does no work on a finished cache; files that
