@@ -161,6 +161,13 @@ def phantoms(
     show_default=True,
     help="Of a 4D series: the first volume only, or every volume as a sample source (warned either way).",
 )
+@click.option(
+    "--series",
+    default=None,
+    metavar="UID",
+    help="Of the DICOM files, read only the series with this SeriesInstanceUID (default: every series "
+    "is its own volume).",
+)
 @limit_options()
 @threads_option()
 def preprocess(
@@ -170,6 +177,7 @@ def preprocess(
     profile: str,
     strict: bool,
     frames: str,
+    series: str | None,
     max_voxels: int,
     max_pixels: int,
     min_spacing: float,
@@ -177,6 +185,10 @@ def preprocess(
     threads: int | None,
 ) -> None:
     """Turn a folder of scans into a cache of preprocessed sub-volumes (re-runs skip finished files).
+
+    NIfTI for ct/mri, PNG/JPEG/TIFF for xray/pathology, and DICOM for all (with the invcoss[dicom]
+    extra): DICOM files are grouped into series by SeriesInstanceUID, each series one volume
+    (xray: each image one picture); see docs/data.md.
 
     A file that cannot be used (unreadable, over a limit, no usable sample for the modality) is
     named, counted and skipped; --strict stops at the first instead (exit 2). A run that gives no
@@ -198,8 +210,9 @@ def preprocess(
 
         try:
             report = run_preprocess(
-                data, out, modality, profile, strict=strict, on_file=on_file, limits=limits, frames=frames
-            )
+                data, out, modality, profile, strict=strict, on_file=on_file, limits=limits, frames=frames,
+                series=series,
+            )  # fmt: skip
         except ReadError as e:
             raise UserError(f"cannot use {e.path}: {e.reason} (--strict)") from None
         except NoSamplesError as e:

@@ -1,7 +1,9 @@
 """Medical image data: readers, the paper's preprocessing, caches, datasets and phantoms (SPEC §4).
 
 - Readers: :func:`read_nifti` (``(D, H, W)`` canonical volumes with spacing in mm) and
-  :func:`read_picture` (``(C, H, W)`` in [0, 1]); a bad file raises :class:`ReadError` naming it.
+  :func:`read_picture` (``(C, H, W)`` in [0, 1]); with the ``dicom`` extra, :func:`scan_dicom`
+  groups DICOM files into series read by :func:`read_dicom_series` as the same canonical volumes,
+  and :func:`read_dicom_picture` reads 2D X-ray images; a bad file raises :class:`ReadError` naming it.
 - Transforms (:mod:`invcoss.data.transforms`): small callables for resampling, intensity windows,
   z-scoring, resizing, sliding windows and patches; :func:`get_config` gives the ``paper`` and
   ``quick`` profiles and :class:`Preprocessor` applies one to a file.
@@ -23,6 +25,7 @@ Example:
 from invcoss.data.atomic import atomic_save_npy, atomic_write_bytes, atomic_write_json
 from invcoss.data.cache import NoSamplesError, PreprocessReport, list_files, preprocess, read_manifest
 from invcoss.data.datasets import CachedDataset, FolderDataset, open_dataset
+from invcoss.data.dicom import DicomImage, DicomSeries, read_dicom_picture, read_dicom_series, scan_dicom
 from invcoss.data.phantoms import (
     PHANTOM_MODALITIES,
     PhantomExistsError,
@@ -80,6 +83,8 @@ __all__ = [
     "PHANTOM_MODALITIES",
     "PROFILES",
     "CachedDataset",
+    "DicomImage",
+    "DicomSeries",
     "Clip",
     "Compose",
     "FileResult",
@@ -118,9 +123,12 @@ __all__ = [
     "picture_size",
     "preprocess",
     "read_manifest",
+    "read_dicom_picture",
+    "read_dicom_series",
     "read_nifti",
     "read_nifti_header",
     "read_picture",
+    "scan_dicom",
     "window_starts",
     "write_nifti",
     "PhantomExistsError",

@@ -6,8 +6,9 @@ Cache layout::
     CACHE/arrays/<name>.npy      one float32 array (N, *sample_shape) per source file
 
 ``manifest.json`` holds the modality, the :class:`~invcoss.data.pipeline.PreprocessConfig` and its
-digest, one ``sources`` entry per file (relative path, size, modification time, array file,
-sample count, original shape and spacing), one ``samples`` entry per sub-volume (source file,
+digest, one ``sources`` entry per source (relative path, size, modification time, array file,
+sample count, original shape and spacing; a DICOM series is one source named ``<folder>/series
+<UID>``, its size and time those of all its files, see :func:`find_sources`), one ``samples`` entry per sub-volume (source file,
 window index, window position, voxel spacing, shape, array file and row) and the ``skipped``
 files with the reason and its kind. A re-run reuses every source whose size and modification
 time are unchanged and whose array is present, so it does no work on a finished cache; files that
@@ -37,12 +38,14 @@ from pathlib import Path
 import numpy as np
 
 from invcoss.data.atomic import atomic_save_npy, atomic_write_json
-from invcoss.data.pipeline import FRAMES, PreprocessConfig, Preprocessor, get_config
+from invcoss.data.dicom import INSTALL_HINT, scan_dicom
+from invcoss.data.pipeline import FRAMES, PreprocessConfig, Preprocessor, Source, get_config
 from invcoss.data.readers import (
     DEFAULT_LIMITS,
     DICOM,
     FAILED,
     NIFTI_SUFFIXES,
+    NON_IMAGE_DICOM,
     NOT_AN_IMAGE,
     OVER_LIMIT,
     PICTURE_SUFFIXES,
@@ -88,7 +91,7 @@ class PreprocessReport:
 class NoSamplesError(ValueError):
     """A :func:`preprocess` run that leaves the cache without a single sample.
 
-    The message says why (no file, no file of the modality, DICOM, every file skipped) and what to
+    The message says why (no file, no file of the modality, DICOM without pydicom, every file skipped) and what to
     do; ``report`` is the :class:`PreprocessReport` of the run, with every skipped file named.
     """
 
@@ -114,23 +117,82 @@ def list_files(folder: str | os.PathLike, exclude: str | os.PathLike | None = No
 def check_suffix(path: Path, config: PreprocessConfig) -> None:
     """Raise :class:`ReadError` when the file's suffix is not a format of the config's modality.
 
-    A DICOM file (``.dcm`` or the ``DICM`` preamble) gets its own kind and a conversion hint; a
+    DICOM files are not single sources: :func:`find_sources` groups them into series first. A
     broken link, a pipe or a device is refused before anything opens it.
     """
     _regular_stat(path)
     if nifti_suffix(path) if config.ndim == 3 else picture_suffix(path):
         return
-    if looks_like_dicom(path):
-        raise ReadError(
-            path,
-            "a DICOM file: DICOM is not supported yet; convert the series to NIfTI (e.g. dcm2niix)",
-            DICOM,
-        )
     if config.ndim == 3:
         raise ReadError(
             path, f"not a NIfTI file (.nii or .nii.gz), which modality {config.modality} needs", NOT_AN_IMAGE
         )
     raise ReadError(path, f"not a PNG/JPEG/TIFF file, which modality {config.modality} needs", NOT_AN_IMAGE)
+
+
+@dataclass
+class FoundSource:
+    """One source of samples in a folder: a NIfTI or picture file, a DICOM series or a DICOM image.
+
+    ``rel`` names it relative to the folder (a series: its files' folder and ``series <UID>``);
+    ``files`` are the files it is read from (a series has several); ``error`` is why it cannot be
+    used, when its header already tells (then ``source`` is its path).
+    """
+
+    rel: str
+    source: Source
+    files: list[Path]
+    error: ReadError | None = None
+
+
+def find_sources(
+    folder: Path,
+    config: PreprocessConfig,
+    limits: ReadLimits = DEFAULT_LIMITS,
+    series: str | None = None,
+    exclude: Path | None = None,
+) -> list[FoundSource]:
+    """The sources of samples under ``folder``, and the files that cannot be one with the reason.
+
+    Files of the modality's formats are sources of their own; DICOM files (``.dcm`` or the
+    ``DICM`` preamble) are read by their headers and grouped into series (volumes) or single
+    images (2D modalities) by :func:`invcoss.data.dicom.scan_dicom`. ``series`` keeps only the
+    DICOM series of that ``SeriesInstanceUID`` (other DICOM files are left out, not skipped).
+
+    Raises:
+        ValueError: ``series`` is given and no DICOM file of the folder belongs to it.
+    """
+    sources: list[FoundSource] = []
+    dicom: list[Path] = []
+
+    def rel_of(p: Path) -> str:
+        return p.relative_to(folder).as_posix()
+
+    for path in list_files(folder, exclude=exclude):
+        try:
+            _regular_stat(path)
+            if not (nifti_suffix(path) if config.ndim == 3 else picture_suffix(path)) and looks_like_dicom(
+                path
+            ):
+                dicom.append(path)
+                continue
+            check_suffix(path, config)
+        except ReadError as e:
+            sources.append(FoundSource(rel_of(path), path, [path], e))
+            continue
+        sources.append(FoundSource(rel_of(path), path, [path]))
+    if not dicom and series is None:
+        return sources
+    scan = scan_dicom(dicom, limits, config.ndim, series)
+    if series is not None and series not in scan.uids:
+        found = ", ".join(sorted(scan.uids)[:5]) or "none"
+        raise ValueError(
+            f"--series {series}: no DICOM file in {folder} belongs to that SeriesInstanceUID (found: {found})"
+        )
+    sources.extend(FoundSource(rel_of(s.label), s, s.files) for s in scan.series)
+    sources.extend(FoundSource(rel_of(i.path), i, [i.path]) for i in scan.images)
+    sources.extend(FoundSource(rel_of(e.path), e.path, [e.path], e) for e in scan.skipped)
+    return sources
 
 
 def _array_name(rel: str) -> str:
@@ -169,6 +231,7 @@ def preprocess(
     on_file: Callable[[int, int, str, str], None] | None = None,
     limits: ReadLimits = DEFAULT_LIMITS,
     frames: str = "first",
+    series: str | None = None,
 ) -> PreprocessReport:
     """Preprocess every file of ``folder`` into the cache ``out_cache`` (see the module docstring).
 
@@ -183,13 +246,15 @@ def preprocess(
             status ``"processed"``, ``"reused"`` or ``"skipped"``.
         limits: :class:`~invcoss.data.ReadLimits` checked from each header.
         frames: of a 4D series, the ``"first"`` volume or ``"all"`` volumes (a warning either way).
+        series: of the DICOM files, read only the series of this ``SeriesInstanceUID`` (default:
+            every series is its own source; see :func:`find_sources`).
 
     Returns:
         :class:`PreprocessReport`; skipped files are listed by name in ``report.skipped``.
 
     Raises:
-        ValueError: ``folder`` missing, bad modality/profile/frames, or the cache was built with
-            another configuration.
+        ValueError: ``folder`` missing, bad modality/profile/frames, the cache was built with
+            another configuration, or no DICOM file belongs to ``series``.
         NoSamplesError: the cache would hold no sample (no manifest is written).
         ReadError: with ``strict``, the first file that cannot be used (any failure of one file).
 
@@ -232,6 +297,7 @@ def preprocess(
     cache.mkdir(parents=True, exist_ok=True)
 
     pre = Preprocessor(config, limits, frames)
+    found = find_sources(folder, config, limits, series, exclude=cache)
     files = list_files(folder, exclude=cache)
     report = PreprocessReport(cache=cache)
     sources: list[dict] = []
@@ -250,27 +316,30 @@ def preprocess(
                 {"source": r, "reason": why, "kind": report.skip_kinds[r]} for r, why in report.skipped
             ],
             "frames": frames,
+            "series": series,
             "limits": asdict(limits),
         }
 
     last_flush = time.monotonic()
-    for done, path in enumerate(files, start=1):
-        rel = path.relative_to(folder).as_posix()
+    for done, item in enumerate(found, start=1):
+        rel, path = item.rel, item.source
         prev = old_sources.get(rel)
         try:
-            st = _regular_stat(path)
+            if item.error is not None:
+                raise item.error
+            size, mtime_ns = _stat_files(item.files)
             reuse = (
                 prev is not None
-                and prev["size"] == st.st_size
-                and prev["mtime_ns"] == st.st_mtime_ns
+                and prev["size"] == size
+                and prev["mtime_ns"] == mtime_ns
+                and prev.get("files", 1) == len(item.files)
                 and prev.get("frames", "first") == frames
                 and (cache / prev["array"]).is_file()
             )
             if not reuse:
-                check_suffix(path, config)
                 result = pre.run(path)
                 name = _array_name(rel)
-                _save_samples(path, cache / name, result.samples)
+                _save_samples(item.files[0], cache / name, result.samples)
         except ReadError as e:
             if strict:
                 raise
@@ -296,7 +365,7 @@ def preprocess(
                     for s in result.samples
                 ]  # fmt: skip
                 sources.append({
-                    "source": rel, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "array": name,
+                    "source": rel, "size": size, "mtime_ns": mtime_ns, "files": len(item.files), "array": name,
                     "count": len(result.samples), "source_shape": list(result.shape),
                     "source_spacing": list(result.spacing) if result.spacing is not None else None,
                     "frames": frames, "source_frames": result.frames, "warnings": result.warnings,
@@ -306,7 +375,7 @@ def preprocess(
                 report.new_samples += len(result.samples)
                 status = "processed"
         if on_file is not None:
-            on_file(done, len(files), rel, status)
+            on_file(done, len(found), rel, status)
         if report.processed and time.monotonic() - last_flush > _FLUSH_SECONDS:
             atomic_write_json(cache / MANIFEST, manifest())
             last_flush = time.monotonic()
@@ -329,6 +398,12 @@ def _changed(cache: Path, manifest: dict) -> bool:
         return json.loads((cache / MANIFEST).read_text()) != json.loads(json.dumps(manifest))
     except (OSError, json.JSONDecodeError):
         return True
+
+
+def _stat_files(paths: list[Path]) -> tuple[int, int]:
+    """Total size and latest modification time (ns) of a source's files: what tells a re-run it changed."""
+    stats = [_regular_stat(p) for p in paths]
+    return sum(st.st_size for st in stats), max(st.st_mtime_ns for st in stats)
 
 
 def _regular_stat(path: Path) -> os.stat_result:
@@ -367,10 +442,10 @@ def _nothing_usable(
     wanted = " or ".join(NIFTI_SUFFIXES if config.ndim == 3 else PICTURE_SUFFIXES)
     if kinds.get(DICOM) == len(files):
         return (
-            f"{folder} holds {len(files)} DICOM file(s), which invcoss does not read yet: convert each "
-            f"series to NIfTI first (e.g. dcm2niix -z y -o NIFTI_FOLDER {folder}) and preprocess that folder"
+            f"{folder} holds {len(files)} DICOM file(s), and reading DICOM needs pydicom: {INSTALL_HINT} "
+            "(or convert each series to NIfTI, e.g. with dcm2niix, and preprocess that folder)"
         )
-    if set(kinds) <= {NOT_AN_IMAGE, DICOM}:
+    if set(kinds) <= {NOT_AN_IMAGE, DICOM, NON_IMAGE_DICOM}:
         found = Counter(Path(r).suffix.lower() or "(no suffix)" for r, _ in report.skipped).most_common(5)
         return (
             f"none of the {len(files)} files in {folder} is a {m} file ({wanted}); found "
@@ -383,5 +458,5 @@ def _nothing_usable(
     if OVER_LIMIT in kinds:
         hint += ", or raise a limit (--max-voxels, --max-pixels, --min-spacing, --max-spacing)"
     if DICOM in kinds:
-        hint += "; DICOM files need converting to NIfTI first (e.g. dcm2niix)"
+        hint += f"; DICOM files need pydicom ({INSTALL_HINT})"
     return f"none of the {len(files)} files in {folder} gave a {m} sample ({counts}; first: {rel}: {reason}); {hint}"

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from invcoss.data.cache import MANIFEST, check_suffix, list_files, read_manifest
-from invcoss.data.pipeline import PreprocessConfig, Preprocessor, Sample, get_config
+from invcoss.data.cache import MANIFEST, find_sources, read_manifest
+from invcoss.data.pipeline import PreprocessConfig, Preprocessor, Sample, Source, get_config
 from invcoss.data.readers import DEFAULT_LIMITS, ReadError, ReadLimits
 
 
@@ -78,7 +78,8 @@ class FolderDataset(Dataset):
     Files are listed and their sample counts taken from headers when the dataset is built;
     files whose header cannot be read (or of the wrong type) are left out and listed in
     ``skipped`` (or raise with ``strict``); ``limits`` and ``frames`` are those of
-    :class:`~invcoss.data.Preprocessor`. Voxel data is read when an item is asked for, and the
+    :class:`~invcoss.data.Preprocessor`. DICOM files are grouped into series, each one source
+    (``series`` keeps one ``SeriesInstanceUID``; see :func:`~invcoss.data.cache.find_sources`). Voxel data is read when an item is asked for, and the
     samples of the most recent file are kept, so in-order access reads each file once. For
     repeated epochs, :func:`invcoss.data.preprocess` once and use :class:`CachedDataset`.
 
@@ -104,6 +105,7 @@ class FolderDataset(Dataset):
         strict: bool = False,
         limits: ReadLimits = DEFAULT_LIMITS,
         frames: str = "first",
+        series: str | None = None,
     ) -> None:
         self.root = Path(folder)
         if not self.root.is_dir():
@@ -112,25 +114,28 @@ class FolderDataset(Dataset):
         self.modality = config.modality
         self.sample_shape = config.sample_shape
         self.pre = Preprocessor(config, limits, frames)
-        self.files: list[Path] = []
+        self.files: list[Source] = []
         self.index: list[tuple[int, int]] = []
         self.skipped: list[tuple[str, str]] = []
-        for path in list_files(self.root):
+        source_bytes = 0
+        for found in find_sources(self.root, config, limits, series):
             try:
-                check_suffix(path, config)
-                n = self.pre.count(path)
+                if found.error is not None:
+                    raise found.error
+                n = self.pre.count(found.source)
             except ReadError as e:
                 if strict:
                     raise
-                self.skipped.append((path.relative_to(self.root).as_posix(), e.reason))
+                self.skipped.append((found.rel, e.reason))
                 continue
             self.index.extend((len(self.files), k) for k in range(n))
-            self.files.append(path)
+            self.files.append(found.source)
+            source_bytes += sum(p.stat().st_size for p in found.files)
         if not self.files:
             raise ValueError(
                 f"no readable {config.modality} file in {self.root} ({len(self.skipped)} skipped)"
             )
-        self.source_bytes = sum(p.stat().st_size for p in self.files)
+        self.source_bytes = source_bytes
         self._last: tuple[int, list[Sample]] | None = None
 
     def __len__(self) -> int:

@@ -15,12 +15,13 @@ from pathlib import Path
 
 # Why a file was skipped: the ``kind`` of a ReadError, counted in a preprocess summary.
 NOT_AN_IMAGE = "not an image"
-DICOM = "DICOM (not supported yet)"
+DICOM = "DICOM (pydicom not installed)"
+NON_IMAGE_DICOM = "non-image DICOM"
 UNREADABLE = "unreadable"
 OVER_LIMIT = "over a limit"
 UNUSABLE = "no usable sample"
 FAILED = "failed"
-SKIP_KINDS = (NOT_AN_IMAGE, DICOM, UNREADABLE, OVER_LIMIT, UNUSABLE, FAILED)
+SKIP_KINDS = (NOT_AN_IMAGE, DICOM, NON_IMAGE_DICOM, UNREADABLE, OVER_LIMIT, UNUSABLE, FAILED)
 
 
 class ReadError(ValueError):
@@ -33,7 +34,9 @@ class ReadError(ValueError):
         path: the file.
         reason: what is wrong, for a person.
         kind: the category counted in summaries, one of ``SKIP_KINDS``: ``not an image`` (a
-            suffix the modality does not read), ``DICOM (not supported yet)``, ``unreadable``
+            suffix the modality does not read), ``DICOM (pydicom not installed)`` (a DICOM file
+            without the ``invcoss[dicom]`` extra), ``non-image DICOM`` (a structured report, RT
+            structure set and the like in a DICOM folder), ``unreadable``
             (corrupt, truncated, inconsistent header), ``over a limit`` (:class:`ReadLimits`),
             ``no usable sample`` (e.g. a 2D image for a 3D modality), ``failed`` (any other error
             while preprocessing or writing the file).

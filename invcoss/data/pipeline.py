@@ -17,6 +17,10 @@ size=(16, 128, 128))``.
 Samples are channel-first float32: 3D ``(1, D, H, W)``, 2D ``(3, H, W)``. Non-finite voxels
 (NaN, inf) are replaced by the volume's finite minimum / maximum before anything else.
 
+A source is a NIfTI or picture file, or a DICOM series (a volume) or 2D DICOM image found by
+:func:`~invcoss.data.cache.find_sources` (:mod:`invcoss.data.dicom`); a DICOM series goes through
+the same steps as a NIfTI volume, its warnings (duplicates, uneven spacing) added to the file's.
+
 A file that cannot make a meaningful sample raises :class:`~invcoss.data.ReadError` (kind
 ``no usable sample``) before its voxels are resampled: a single slice (a 2D image) for a 3D
 modality, or a volume with fewer slices than one window after resampling (0.02 mm voxels collapse
@@ -40,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from invcoss.configs import config_from_dict
+from invcoss.data.dicom import DicomImage, DicomSeries, read_dicom_picture, read_dicom_series
 from invcoss.data.readers import (
     DEFAULT_LIMITS,
     FAILED,
@@ -49,6 +54,7 @@ from invcoss.data.readers import (
     ReadError,
     ReadLimits,
     Volume,
+    VolumeHeader,
     picture_size,
     read_nifti,
     read_nifti_header,
@@ -70,6 +76,8 @@ from invcoss.data.transforms import (
 )
 from invcoss.modality import modality_names
 
+# What a Preprocessor reads: a NIfTI or picture file, a DICOM series (a volume) or a 2D DICOM image.
+Source = str | os.PathLike | DicomSeries | DicomImage
 MODALITIES = modality_names()
 PROFILES = ("paper", "quick")
 VOLUME_MODALITIES = modality_names(ndim=3)
@@ -296,33 +304,50 @@ class Preprocessor:
             self.to_channels = Compose([*head, ReplicateChannels(c.channels)])
             self.resize = Compose([Resize(c.size), Clip(0.0, 1.0)])
 
-    def read(self, path: str | os.PathLike) -> Volume | Picture:
+    def read(self, path: Source) -> Volume | Picture:
         """Read ``path`` with the reader of this modality (:class:`ReadError` if it cannot)."""
+        if isinstance(path, DicomSeries):
+            return read_dicom_series(path, self.limits)
+        if isinstance(path, DicomImage):
+            return read_dicom_picture(path, self.limits)
         if self.config.ndim == 3:
             return read_nifti(path, limits=self.limits)
         return read_picture(path, self.limits)
 
-    def count(self, path: str | os.PathLike) -> int:
+    def _header(self, source: Source) -> VolumeHeader:
+        if isinstance(source, DicomSeries):
+            return source.header
+        return read_nifti_header(source, self.limits)
+
+    def count(self, path: Source) -> int:
         """Number of samples ``path`` gives, from its header only (no voxel data decoded)."""
         return len(self.positions(path))
 
-    def positions(self, path: str | os.PathLike) -> list:
+    def positions(self, path: Source) -> list:
         """Window starts (volumes; repeated per frame with ``frames="all"``) or patch corners (2D),
         from the header only.
 
         Raises:
             ReadError: the header is unreadable, breaks the limits, or gives no usable sample.
         """
-        with one_file(path):
+        where = source_path(path)
+        with one_file(where):
             if self.config.ndim == 3:
-                header = read_nifti_header(path, self.limits)
-                target = self._check_volume(Path(path), header.shape, header.spacing)
+                if isinstance(path, DicomImage):
+                    raise ReadError(
+                        where, f"a single 2D image, but {self.config.modality} needs a volume", UNUSABLE
+                    )
+                header = self._header(path)
+                target = self._check_volume(where, header.shape, header.spacing)
                 starts = [(s,) for s in self.windows.positions(target[0])]
                 return starts * (header.frames if self.frames == "all" else 1)
-            height, width = picture_size(path, self.limits)
+            if isinstance(path, DicomImage):
+                height, width = path.rows, path.cols
+            else:
+                height, width = picture_size(path, self.limits)
             if self.patches is None:
                 return [(0, 0)]
-            return self._choose(Path(path), self.patches.positions(height, width))
+            return self._choose(where, self.patches.positions(height, width))
 
     def _check_volume(
         self, path: Path, shape: tuple[int, ...], spacing: tuple[float, ...]
@@ -359,26 +384,32 @@ class Preprocessor:
             )
         return target
 
-    def run(self, path: str | os.PathLike) -> FileResult:
-        """All samples of the file ``path``, with its geometry and warnings.
+    def run(self, path: Source) -> FileResult:
+        """All samples of the file ``path`` (or DICOM series or image), with its geometry and warnings.
 
         Raises:
             ReadError: anything wrong with the file (unreadable, over a limit, no usable sample,
                 any failure while preprocessing it).
         """
-        path = Path(path)
-        with one_file(path):
+        if isinstance(path, str | os.PathLike):
+            path = Path(path)
+        where = source_path(path)
+        with one_file(where):
             if self.config.ndim == 2:
-                picture = read_picture(path, self.limits)
+                picture = self.read(path)
                 return FileResult(self._picture_samples(picture), tuple(picture.array.shape))
-            header = read_nifti_header(path, self.limits)
-            warnings = []
+            if isinstance(path, DicomImage):
+                raise ReadError(
+                    where, f"a single 2D image, but {self.config.modality} needs a volume", UNUSABLE
+                )
+            header = self._header(path)
+            warnings = list(path.warnings) if isinstance(path, DicomSeries) else []
             lo, hi = USUAL_SPACING
             if not all(lo <= s <= hi for s in header.spacing):
                 warnings.append(
                     f"unusual voxel spacing {_mm(header.spacing)} mm (outside {lo} to {hi} mm): check the header"
                 )
-            self._check_volume(path, header.shape, header.spacing)
+            self._check_volume(where, header.shape, header.spacing)
             frames = header.frames if self.frames == "all" else 1
             if header.frames > 1 and self.frames == "first":
                 warnings.append(
@@ -389,7 +420,10 @@ class Preprocessor:
                 warnings.append(f"a 4D series of {header.frames} volumes: each is preprocessed as a volume")
             samples: list[Sample] = []
             for f in range(frames):
-                for s in self._volume_samples(read_nifti(path, f, self.limits)):
+                volume = (
+                    self.read(path) if isinstance(path, DicomSeries) else read_nifti(path, f, self.limits)
+                )
+                for s in self._volume_samples(volume):
                     samples.append(replace(s, index=len(samples), frame=f))
             return FileResult(samples, header.shape, header.spacing, header.frames, warnings)
 
@@ -402,9 +436,9 @@ class Preprocessor:
         keep = np.sort(rng.choice(len(positions), size=k, replace=False))
         return [positions[i] for i in keep]
 
-    def __call__(self, source: str | os.PathLike | Volume | Picture) -> list[Sample]:
-        """All samples of a file (see :meth:`run`) or of an image already read."""
-        if isinstance(source, str | os.PathLike):
+    def __call__(self, source: Source | Volume | Picture) -> list[Sample]:
+        """All samples of a file or DICOM series (see :meth:`run`) or of an image already read."""
+        if isinstance(source, str | os.PathLike | DicomSeries | DicomImage):
             return self.run(source).samples
         with one_file(source.path or "<image>"):
             if self.config.ndim == 3:
@@ -451,6 +485,15 @@ class Preprocessor:
             )
             for i, (r, q) in enumerate(positions)
         ]
+
+
+def source_path(source: Source) -> Path:
+    """The path that names a source in messages: the file, or a DICOM series' folder and UID."""
+    if isinstance(source, DicomSeries):
+        return source.label
+    if isinstance(source, DicomImage):
+        return source.path
+    return Path(source)
 
 
 def _mm(spacing) -> str:

@@ -34,6 +34,7 @@ from invcoss.data.limits import (
     DEFAULT_LIMITS,
     DICOM,
     FAILED,
+    NON_IMAGE_DICOM,
     NOT_AN_IMAGE,
     OVER_LIMIT,
     SKIP_KINDS,
@@ -47,6 +48,7 @@ __all__ = [
     "DEFAULT_LIMITS",
     "DICOM",
     "FAILED",
+    "NON_IMAGE_DICOM",
     "NOT_AN_IMAGE",
     "OVER_LIMIT",
     "SKIP_KINDS",
@@ -57,6 +59,8 @@ __all__ = [
     "ReadLimits",
     "Volume",
     "VolumeHeader",
+    "canonical_geometry",
+    "canonical_volume",
     "looks_like_dicom",
     "nifti_geometry",
     "nifti_suffix",
@@ -284,7 +288,6 @@ def read_nifti(path: str | os.PathLike, frame: int = 0, limits: ReadLimits = DEF
         >>> v.array.shape, v.spacing
         ((7, 5, 4), (2.0, 3.0, 1.0))
     """
-    import nibabel as nib
 
     path = Path(path)
     img = _load_nifti(path)
@@ -297,14 +300,48 @@ def read_nifti(path: str | os.PathLike, frame: int = 0, limits: ReadLimits = DEF
         data = np.asarray(proxy, dtype=np.float32)
         if data.ndim == 2:
             data = data[:, :, None]
-        # What nibabel's as_closest_canonical does, on the one frame decoded instead of the file.
-        shape3 = data.shape
-        data = nib.orientations.apply_orientation(data, ornt)
-        affine = np.asarray(img.affine, dtype=np.float64) @ nib.orientations.inv_ornt_aff(ornt, shape3)
+        return canonical_volume(data, np.asarray(img.affine, dtype=np.float64), path, ornt, header.spacing)
     except Exception as e:  # truncated gzip streams raise EOFError, short files ValueError/OSError
         raise ReadError(path, f"cannot read voxel data ({type(e).__name__}: {e})") from e
-    array = np.ascontiguousarray(data.transpose(2, 1, 0))  # (x, y, z) -> (D=z, H=y, W=x)
-    return Volume(array=array, spacing=header.spacing, affine=affine, path=path)
+
+
+def canonical_geometry(
+    shape: tuple[int, int, int], affine: np.ndarray
+) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
+    """Canonical ``(D, H, W)`` shape and spacing of voxels ``shape`` ``(x, y, z)`` under ``affine``.
+
+    Example:
+        >>> canonical_geometry((4, 5, 6), np.diag([-2.0, 1.0, 3.0, 1.0]))
+        ((6, 5, 4), (3.0, 1.0, 2.0))
+    """
+    import nibabel as nib
+
+    zooms = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+    h = _header_of(tuple(shape), zooms, nib.io_orientation(affine))
+    return h.shape, h.spacing
+
+
+def canonical_volume(
+    data: np.ndarray, affine: np.ndarray, path: Path | None, ornt=None, spacing=None
+) -> Volume:
+    """The :class:`Volume` of voxels ``data`` ``(x, y, z)`` (NIfTI index order) placed by ``affine``.
+
+    Reorients to the closest canonical (RAS+) orientation as :func:`read_nifti` does (what
+    nibabel's ``as_closest_canonical`` does, on an array): every reader gives the same array and
+    affine for the same voxels in the same place. ``spacing`` ``(D, H, W)`` defaults to the
+    lengths of the affine's columns (a NIfTI file passes its header's).
+    """
+    import nibabel as nib
+
+    if ornt is None:
+        ornt = nib.io_orientation(affine)
+    shape3 = data.shape
+    data = nib.orientations.apply_orientation(data, ornt)
+    affine = np.asarray(affine, dtype=np.float64) @ nib.orientations.inv_ornt_aff(ornt, shape3)
+    if spacing is None:
+        spacing = tuple(float(z) for z in np.sqrt((affine[:3, :3] ** 2).sum(axis=0))[::-1])
+    array = np.ascontiguousarray(data.transpose(2, 1, 0), dtype=np.float32)  # (x, y, z) -> (D=z, H=y, W=x)
+    return Volume(array=array, spacing=spacing, affine=affine, path=path)
 
 
 @contextmanager

@@ -1,8 +1,9 @@
-"""Fuzz worker: writes seeded mutated NIfTI / PNG / TIFF files and feeds them to the readers or to
+"""Fuzz worker: writes seeded mutated NIfTI / PNG / TIFF / DICOM files and feeds them to the readers or to
 ``preprocess`` under an address-space cap, one outcome per input (tests/data/test_fuzz.py runs it).
 
 Run as ``python fuzz_worker.py FOLDER READS PREPROCESSES SEED CAP_MB CLAIM_MB RESULT_JSON``:
-``READS`` inputs each go to :func:`read_nifti` / :func:`nifti_geometry` / :func:`read_picture`, then
+``READS`` inputs each go to :func:`read_nifti` / :func:`nifti_geometry` / :func:`read_picture` (DICOM:
+:func:`scan_dicom` then :func:`read_dicom_series`, or :func:`read_dicom_picture`), then
 ``PREPROCESSES`` other inputs each go, with one good file beside it, to
 :func:`invcoss.data.preprocess`. The cap is set with ``RLIMIT_AS`` after the imports: the address
 space then in use plus ``CAP_MB``, so an input whose header makes a reader allocate more fails with
@@ -14,7 +15,8 @@ allocate it. Preprocessing uses :class:`ReadLimits` sized to the cap (``FUZZ_VOX
 Mutations of small valid seed files: bit flips (anywhere, or in the header), truncations, header
 fields overwritten with extreme values (NIfTI dims, datatype, bitpix, pixdim, vox_offset, scaling,
 qform/sform; PNG IHDR fields with a valid CRC and chunk lengths; TIFF IFD entries such as width,
-length, bits per sample, strip offsets and counts), random bytes after a valid magic number, and
+length, bits per sample, strip offsets and counts; DICOM Rows, Columns, BitsAllocated,
+SamplesPerPixel), random bytes after a valid magic number, and
 splices of two seeds. Each outcome is ``read`` (a float32 array came back), ``skipped`` (a
 ``ReadError`` with its reason and kind) or a failure: ``over_cap`` (MemoryError or a failed
 allocation), ``crash`` (any other exception, or a ReadError without a reason or known kind),
@@ -30,6 +32,7 @@ import io
 import json
 import os
 import random
+import re
 import resource
 import signal
 import struct
@@ -83,6 +86,35 @@ def _picture(array: np.ndarray, mode: str | None, fmt: str) -> tuple[str, bytes]
     return (".png" if fmt == "PNG" else ".tif"), buf.getvalue()
 
 
+def _dicom(ds) -> bytes:
+    import pydicom
+
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def dicom_seeds() -> list[tuple[str, bytes]]:
+    """A CT slice and an 8-frame enhanced CT (``.ct.dcm``), a DX and a windowed CR (``.dx.dcm``);
+    none without pydicom (the ``invcoss[dicom]`` extra)."""
+    try:
+        # This script runs as a file, so its own folder (tests/data) is on sys.path.
+        from dicom_files import multiframe, projection, slice_dataset
+    except ImportError:
+        return []
+
+    g = np.random.default_rng(2)
+    ct = g.integers(-1000, 1500, (8, 12, 10)).astype(np.int16)
+    axial = (1, 0, 0, 0, 1, 0)
+    grey16 = g.integers(0, 4096, (9, 7)).astype(np.uint16)
+    return [
+        (".ct.dcm", _dicom(slice_dataset(ct[0], (0, 0, 0), axial, (0.8, 0.8), slope=1.0, intercept=-1024))),
+        (".ct.dcm", _dicom(multiframe(ct, axial, (2.0, 2.0), 3.0, (0, 0, 0), 1.0, -1024.0))),
+        (".dx.dcm", _dicom(projection(grey16))),
+        (".dx.dcm", _dicom(projection(grey16, "MONOCHROME1", window=(2048, 1000), modality="CR"))),
+    ]
+
+
 def seeds() -> list[tuple[str, bytes]]:
     """Small valid files of every kind the readers take."""
     g = np.random.default_rng(0)
@@ -101,7 +133,7 @@ def seeds() -> list[tuple[str, bytes]]:
         out += [_picture(grey, None, fmt), _picture(rgb, None, fmt), _picture(grey16, None, fmt)]
     out += [_picture(rgb, "P", "PNG"), _picture(grey, "LA", "PNG")]
     out.append(_picture(g.random((6, 5)).astype(np.float32), None, "TIFF"))
-    return out
+    return out + dicom_seeds()
 
 
 def _flip(data: bytearray, rng: random.Random, limit: int) -> None:
@@ -162,6 +194,21 @@ MUTATIONS = (
 CLAIMS = ("header field", "size claim")
 
 
+# DICOM image pixel module tags (group 0x0028, little endian) and the extreme US values written in.
+_DICOM_TAGS = (b"\x28\x00\x10\x00", b"\x28\x00\x11\x00", b"\x28\x00\x00\x01", b"\x28\x00\x02\x00")
+_US_EXTREMES = [0, 1, 2, 3, 8, 255, 4000, 32767, 65535]
+
+
+def _dicom_field(data: bytearray, rng: random.Random, huge: bool = False) -> None:
+    """Overwrite the value of one image tag (explicit VR ``US``, 2 bytes after VR and length)."""
+    tags = _DICOM_TAGS[:2] if huge else _DICOM_TAGS
+    for tag in rng.sample(tags, k=1 if not huge else 2):
+        at = data.find(tag + b"US")
+        if at >= 0:
+            value = rng.choice([4000, 30000, 65535] if huge else _US_EXTREMES)
+            struct.pack_into("<H", data, at + 8, value)
+
+
 def mutate(suffix: str, data: bytes, rng: random.Random, other: bytes) -> tuple[bytes, str]:
     """One mutation of a seed file and its name in ``MUTATIONS`` (for .nii.gz the header mutations
     act on the gunzipped bytes)."""
@@ -173,14 +220,17 @@ def mutate(suffix: str, data: bytes, rng: random.Random, other: bytes) -> tuple[
         raw = bytearray(data)
         _flip(raw, rng, len(raw))
         return bytes(raw), name
+    dicom = suffix.endswith(".dcm")
     if kind == 1:
-        _flip(body, rng, 352 if suffix.startswith(".nii") else 64)
+        _flip(body, rng, 352 if suffix.startswith(".nii") else 700 if dicom else 64)
     elif kind == 2:  # truncation (of the compressed stream, or of the data inside it)
         if gz and rng.random() < 0.5:
             return data[: rng.randrange(len(data))], name
         body = body[: rng.randrange(len(body))]
     elif kind in (3, 4):  # header fields with extreme values
-        if suffix.startswith(".nii"):
+        if dicom:
+            _dicom_field(body, rng)
+        elif suffix.startswith(".nii"):
             for _ in range(rng.randint(1, 3)):
                 _nifti_field(body, rng)
         elif suffix == ".png":
@@ -189,13 +239,15 @@ def mutate(suffix: str, data: bytes, rng: random.Random, other: bytes) -> tuple[
             for _ in range(rng.randint(1, 2)):
                 _tiff_entry(body, rng)
     elif kind == 5:  # random bytes after the magic number
-        keep = 4 if suffix.startswith(".nii") else 8
+        keep = 4 if suffix.startswith(".nii") else 132 if dicom else 8
         body = bytearray(bytes(body[:keep]) + rng.randbytes(rng.randrange(2000)))
         if suffix.startswith(".nii"):
             body = bytearray(bytes(data if not gz else gzip.decompress(data))[:348]) + body[keep:]
     elif kind == 7 and suffix.startswith(".nii"):  # a header claiming a huge image (e.g. 1000^3 int16)
         for i in range(1, 4):
             struct.pack_into("<h", body, 40 + 2 * i, rng.choice([1000, 3000, 32767, body[40 + 2 * i]]))
+    elif kind == 7 and dicom:  # a DICOM header claiming a huge image
+        _dicom_field(body, rng, huge=True)
     elif kind == 7:  # the same for a picture: a huge width and height with the CRC fixed
         if suffix == ".png":
             struct.pack_into(
@@ -233,12 +285,17 @@ def _alarm(signum, frame):
     raise _Slow
 
 
+def _failed_allocation(text: str) -> bool:
+    """numpy's "Unable to allocate", torch's "can't allocate memory" (not a DICOM "Bits Allocated")."""
+    return re.search(r"(unable to|can't|cannot|failed to) allocate", text, re.IGNORECASE) is not None
+
+
 def _classify(e: BaseException) -> tuple[str, str, str]:
     """``(outcome, detail, ReadError kind or "")`` of an exception."""
     from invcoss.data.readers import SKIP_KINDS, ReadError
 
     text = f"{type(e).__name__}: {e}"[:300]
-    hit_cap = isinstance(e, MemoryError) or "allocate" in str(e).lower() or "MemoryError" in str(e)
+    hit_cap = isinstance(e, MemoryError) or _failed_allocation(str(e)) or "MemoryError" in str(e)
     if isinstance(e, ReadError) and not hit_cap:
         if not e.reason or e.kind not in SKIP_KINDS:
             return "crash", f"ReadError without a reason or a known kind: {text}", ""
@@ -251,9 +308,25 @@ def _classify(e: BaseException) -> tuple[str, str, str]:
 
 
 def _read_one(path: Path, limits) -> None:
+    from invcoss.data.dicom import read_dicom_picture, read_dicom_series, scan_dicom
     from invcoss.data.readers import nifti_geometry, read_nifti, read_picture
 
-    if path.name.endswith((".nii", ".nii.gz")):
+    if path.name.endswith(".dx.dcm"):
+        pic = read_dicom_picture(path, limits)
+        if pic.array.dtype != np.float32 or pic.array.ndim != 3 or pic.array.shape[0] not in (1, 3):
+            raise AssertionError(f"read_dicom_picture gave {pic.array.dtype} {pic.array.shape}")
+    elif path.name.endswith(".dcm"):
+        scan = scan_dicom([path], limits, 3)
+        if scan.skipped:
+            raise scan.skipped[0]
+        if len(scan.series) != 1:
+            raise AssertionError(f"scan_dicom of one file gave {len(scan.series)} series and no skip")
+        volume = read_dicom_series(scan.series[0], limits)
+        if volume.array.dtype != np.float32 or volume.array.shape != scan.series[0].header.shape:
+            raise AssertionError(
+                f"read_dicom_series gave {volume.array.dtype} {volume.array.shape}, header {scan.series[0].header.shape}"
+            )
+    elif path.name.endswith((".nii", ".nii.gz")):
         (d, h, w), _ = nifti_geometry(path, limits=limits)
         volume = read_nifti(path, limits=limits)
         if volume.array.dtype != np.float32 or volume.array.shape != (d, h, w):
@@ -281,21 +354,23 @@ def _preprocess_one(path: Path, work: Path, limits) -> tuple[str, str, str]:
     """``preprocess`` of a folder with ``path`` and one good file: both must be accounted for."""
     from invcoss.data import SKIP_KINDS, preprocess
 
-    modality = "ct" if path.name.endswith((".nii", ".nii.gz")) else "xray"
+    modality = "ct" if path.name.endswith((".nii", ".nii.gz", ".ct.dcm")) else "xray"
     folder = Path(tempfile.mkdtemp(dir=work))
     (folder / path.name).write_bytes(path.read_bytes())
     good = _good_file(folder, ".nii" if modality == "ct" else ".png")
     report = preprocess(folder, Path(tempfile.mkdtemp(dir=work)) / "cache", modality, "quick", limits=limits)
     skipped = dict(report.skipped)
+    # A DICOM input is named by its series when its header places it in one (``series <UID>``).
+    mine = [rel for rel in skipped if rel != good.name]
     if good.name in skipped or report.processed + len(skipped) != 2:
         return (
             "lost",
             f"processed {report.processed}, skipped {report.skipped}: the good file or an input is lost",
             "",
         )
-    if path.name in skipped:
-        reason, kind = skipped[path.name], report.skip_kinds.get(path.name, "")
-        if "MemoryError" in reason or "allocate" in reason.lower():
+    if mine:
+        reason, kind = skipped[mine[0]], report.skip_kinds.get(mine[0], "")
+        if "MemoryError" in reason or _failed_allocation(reason):
             return "over_cap", reason, kind
         if not reason or kind not in SKIP_KINDS:
             return "lost", f"skipped without a reason or a known kind: {reason!r} ({kind!r})", kind

@@ -365,13 +365,13 @@ def test_every_bad_file_is_named_counted_and_skipped(mixed, tmp_path):
         "coarse.nii.gz": "over a limit",
         "flat.nii.gz": "no usable sample",
         "notes.txt": "not an image",
-        "slice.dcm": "DICOM (not supported yet)",
+        "slice.dcm": "unreadable",
     }
     assert report.skipped_by_kind() == {
         "over a limit": 2,
         "no usable sample": 1,
-        "DICOM (not supported yet)": 1,
         "not an image": 1,
+        "unreadable": 1,
     }
     kinds = {s["source"]: s["kind"] for s in read_manifest(tmp_path / "cache")["skipped"]}
     assert kinds == report.skip_kinds
@@ -495,7 +495,9 @@ def test_cli_runs_that_give_nothing_exit_2_with_the_reason(tmp_path):
     for i in range(3):
         (dicom / f"IM{i:04d}").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 64)
     r = invoke(dicom, tmp_path / "c4")
-    assert_no_samples(r, tmp_path / "c4", "holds 3 DICOM file(s)", "does not read yet", "dcm2niix")
+    assert_no_samples(
+        r, tmp_path / "c4", "none of the 3 files", "(3 unreadable", "without SOPClassUID, Rows or Columns"
+    )
 
 
 def test_cli_summary_counts_and_strict(mixed, tmp_path):
@@ -503,9 +505,9 @@ def test_cli_summary_counts_and_strict(mixed, tmp_path):
     assert r.exit_code == 0, r.output
     assert (
         "preprocessed 2 files (0 already done, 5 skipped: 2 over a limit, 1 no usable sample, "
-        "1 not an image, 1 DICOM (not supported yet)) -> 6 samples" in r.stdout
+        "1 not an image, 1 unreadable) -> 6 samples" in r.stdout
     )
-    assert "skipped slice.dcm: a DICOM file: DICOM is not supported yet" in r.stderr
+    assert "skipped slice.dcm: a DICOM file without SOPClassUID" in r.stderr
     assert "skipped flat.nii.gz: a single slice" in r.stderr
     r = invoke(mixed, tmp_path / "s", "--strict")
     assert r.exit_code == 2 and "Traceback" not in r.output

@@ -1,4 +1,4 @@
-"""Fuzzing the readers and ``preprocess`` with mutated NIfTI / PNG / TIFF files under a memory cap.
+"""Fuzzing the readers and ``preprocess`` with mutated NIfTI / PNG / TIFF / DICOM files under a memory cap.
 
 ``fuzz_worker.py`` (beside this file) writes seeded mutations of small valid files and runs them in
 a subprocess whose address space is capped at what it uses after its imports plus ``CAP_MB``; an
@@ -14,6 +14,7 @@ the ``slow`` one ``SLOW``.
 from __future__ import annotations
 
 import collections
+import importlib.util
 import json
 import subprocess
 import sys
@@ -95,6 +96,10 @@ def test_every_input_gets_an_outcome_and_both_paths_are_exercised(fast):
         assert counts[(mode, "read")] > 0 and counts[(mode, "skipped")] > 0, counts
     skipped = [o for o in fast["outcomes"] if o["outcome"] == "skipped"]
     assert all(o["detail"] and o["kind"] in SKIP_KINDS for o in skipped)
+    # DICOM inputs (with the invcoss[dicom] extra) are among them, on both outcomes.
+    if importlib.util.find_spec("pydicom") is not None:
+        dicom = collections.Counter(o["outcome"] for o in fast["outcomes"] if o["input"].endswith(".dcm"))
+        assert dicom["read"] > 0 and dicom["skipped"] > 0, dicom
     # Both the header checks (unreadable) and the limits (over a limit) reject inputs.
     kinds = collections.Counter(o["kind"] for o in skipped)
     assert kinds[UNREADABLE] > 0 and kinds[OVER_LIMIT] > 0, kinds
