@@ -84,7 +84,9 @@ class ReconstructionScores:
     """Held-out masked-reconstruction losses overall and per patch region, for two targets.
 
     ``loss*``: the training target (Eq. 7, per-patch normalised with ``norm_pix_loss``);
-    ``raw_loss*``: the same predictions scored against the raw pixels. ``*_background`` /
+    ``raw_loss*``: the same predictions scored against the raw pixels (mapped back with each
+    target patch's mean and standard deviation when the model predicts standardised patches:
+    :meth:`invcoss.models.MAE.patch_losses`). ``*_background`` /
     ``*_structured``: the mean over the masked patches of that region (:func:`background_patches`),
     NaN when the region has none; ``*_patches``: how many masked patches (summed over repeats)
     each region holds, so that ``loss`` is their count-weighted mean.

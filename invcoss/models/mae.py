@@ -347,14 +347,24 @@ class MAE(PretrainedMixin, nn.Module):
             pred: ``(B, L, patch_dim)``, the decoder's prediction.
             norm_pix: standardise each target patch by its own mean and variance (the training
                 target); False scores the raw pixels. Default: the config's ``norm_pix_loss``.
+                A model trained with ``norm_pix_loss`` predicts standardised patches: scored on the
+                raw pixels, its prediction is first mapped back with the target patch's own mean
+                and standard deviation (as MAE's reconstructions are shown), so the raw error of
+                a patch is its normalised error times the patch's variance (plus 1e-6).
         """
         target = self.patchify(x).float()  # (B, L, patch_dim)
         if pred.shape != target.shape:
             raise ValueError(f"MAE.patch_losses expects pred {tuple(target.shape)}, got {tuple(pred.shape)}")
-        if self.config.norm_pix_loss if norm_pix is None else norm_pix:
+        norm = self.config.norm_pix_loss if norm_pix is None else norm_pix
+        pred = pred.float()
+        if norm or self.config.norm_pix_loss:
             mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
-            target = (target - mean) / (var + 1.0e-6).sqrt()
-        return (pred.float() - target).pow(2).mean(dim=-1)
+            scale = (var + 1.0e-6).sqrt()
+            if norm:
+                target = (target - mean) / scale
+            else:
+                pred = pred * scale + mean
+        return (pred - target).pow(2).mean(dim=-1)
 
     def forward(
         self, x: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None
