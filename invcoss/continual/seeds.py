@@ -182,6 +182,8 @@ def aggregate(
         for modality in modalities
         for c in compare
         if not (modality == last and "forgetting" in c)
+        # A region a modality does not have (X-ray background) gives NaN in every repeat: no row.
+        and not all(math.isnan(v) for v in values[a, modality][c] + values[b, modality][c])
     ]
     return SeedsSummary(columns, table, differences)
 
@@ -292,6 +294,8 @@ def _json_safe(value: object) -> object:
 def _pm(mean: float, sd: float, column: str) -> str:
     if "bytes" in column:
         return f"{mean:.0f}"
+    if math.isnan(mean):
+        return "n/a"
     return f"{mean:.4f}" if math.isnan(sd) else f"{mean:.4f} +- {sd:.4f}"
 
 
