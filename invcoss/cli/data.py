@@ -161,6 +161,11 @@ def phantoms(
     show_default=True,
     help="Of a 4D series: the first volume only, or every volume as a sample source (warned either way).",
 )
+@click.option(
+    "--hash-names",
+    is_flag=True,
+    help="Record source files by a SHA-256 of their relative path (manifest, array names, log), not by name.",
+)
 @limit_options()
 @threads_option()
 def preprocess(
@@ -170,6 +175,7 @@ def preprocess(
     profile: str,
     strict: bool,
     frames: str,
+    hash_names: bool,
     max_voxels: int,
     max_pixels: int,
     min_spacing: float,
@@ -198,7 +204,15 @@ def preprocess(
 
         try:
             report = run_preprocess(
-                data, out, modality, profile, strict=strict, on_file=on_file, limits=limits, frames=frames
+                data,
+                out,
+                modality,
+                profile,
+                strict=strict,
+                on_file=on_file,
+                limits=limits,
+                frames=frames,
+                hash_names=hash_names,
             )
         except ReadError as e:
             raise UserError(f"cannot use {e.path}: {e.reason} (--strict)") from None

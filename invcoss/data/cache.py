@@ -133,6 +133,18 @@ def check_suffix(path: Path, config: PreprocessConfig) -> None:
     raise ReadError(path, f"not a PNG/JPEG/TIFF file, which modality {config.modality} needs", NOT_AN_IMAGE)
 
 
+def hashed_name(rel: str) -> str:
+    """A relative path as ``sha256-<16 hex>`` plus its image suffix (unsalted: it hides a name from a
+    reader, not from someone who can guess and hash candidate names).
+
+    Example:
+        >>> hashed_name("DOE_JOHN/scan.nii.gz")  # doctest: +ELLIPSIS
+        'sha256-...nii.gz'
+    """
+    m = re.search(r"\.(nii\.gz|nii|png|jpe?g|tiff?|dcm)$", rel, flags=re.IGNORECASE)
+    return f"sha256-{hashlib.sha256(rel.encode()).hexdigest()[:16]}{m.group(0) if m else ''}"
+
+
 def _array_name(rel: str) -> str:
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(rel).name)
     stem = re.sub(r"\.(nii\.gz|nii|png|jpe?g|tiff?)$", "", stem, flags=re.IGNORECASE)
@@ -169,6 +181,7 @@ def preprocess(
     on_file: Callable[[int, int, str, str], None] | None = None,
     limits: ReadLimits = DEFAULT_LIMITS,
     frames: str = "first",
+    hash_names: bool = False,
 ) -> PreprocessReport:
     """Preprocess every file of ``folder`` into the cache ``out_cache`` (see the module docstring).
 
@@ -183,6 +196,9 @@ def preprocess(
             status ``"processed"``, ``"reused"`` or ``"skipped"``.
         limits: :class:`~invcoss.data.ReadLimits` checked from each header.
         frames: of a 4D series, the ``"first"`` volume or ``"all"`` volumes (a warning either way).
+        hash_names: record every source file (manifest, array names, ``on_file``, the report) by
+            :func:`hashed_name` of its relative path instead of the path, for file names that carry
+            patient identifiers.
 
     Returns:
         :class:`PreprocessReport`; skipped files are listed by name in ``report.skipped``.
@@ -256,6 +272,8 @@ def preprocess(
     last_flush = time.monotonic()
     for done, path in enumerate(files, start=1):
         rel = path.relative_to(folder).as_posix()
+        if hash_names:
+            rel = hashed_name(rel)
         prev = old_sources.get(rel)
         try:
             st = _regular_stat(path)
