@@ -1,5 +1,5 @@
-"""``invcoss-cli audit`` end to end at tiny sizes: a copy of the training data scores high, noise-free
-phantoms of another seed against held-out ones stay near the chance rate, bad input exits 2."""
+"""``invcoss-cli audit`` end to end at tiny sizes: a copy of the training data is flagged in full, bad
+input exits 2."""
 
 from __future__ import annotations
 
