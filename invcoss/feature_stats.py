@@ -9,9 +9,15 @@ kept of the data.
 
 The file is safetensors: tensors ``block.<i>.mean`` and ``block.<i>.var`` (``(L, D)`` each) and
 string metadata ``format``, ``preset``, ``config_hash``, ``config`` (JSON), ``modality``,
-``input_size`` (JSON), ``count``, ``dtype``, ``num_layers``, ``weights_hash`` and ``compute`` (JSON:
-the CPU thread count and determinism of the pass, which the model's features depend on in their last
-bits).
+``input_size`` (JSON), ``count``, ``sources``, ``dtype``, ``num_layers``, ``weights_hash`` and ``compute``
+(JSON: the CPU thread count and determinism of the pass, which the model's features depend on in their
+last bits). ``sources`` (the number of source files, i.e. scans, behind the samples) is absent from files
+written before it was recorded and when the data do not say (a bare tensor); such files still load.
+
+Minimum cohort: the per-token means of a handful of scans come close to the scans themselves (the mean
+of one scan *is* that scan's features). Collecting from fewer than :data:`MIN_COHORT_SOURCES` source
+files (or samples, when the sources are unknown) warns with :class:`SmallCohortWarning`; see
+``docs/audit.md`` for the measurement behind the number.
 
 Two checks bind a statistics file to a model (:func:`load_feature_stats`):
 
@@ -46,6 +52,31 @@ from invcoss.ops import RunningStats
 from invcoss.rng import compute_record
 
 STATS_FORMAT = "invcoss-feature-stats/1"
+MIN_COHORT_SOURCES = 20
+"""Fewest source files (scans) to collect statistics from without a :class:`SmallCohortWarning`.
+
+For members of a cohort of N independent samples, the distance to the cohort mean is on average
+``sqrt((N - 1) / (N + 1))`` of a non-member's; at N = 20 that is 0.95, at N = 5 0.82 and at N = 2
+0.58, so a stored mean of a few scans tells its members apart (measured in ``docs/audit.md``)."""
+
+
+class SmallCohortWarning(UserWarning):
+    """Statistics collected from fewer than :data:`MIN_COHORT_SOURCES` source files."""
+
+
+def source_count(data) -> int | None:
+    """The number of source files behind ``data``: a cache's distinct sources, a folder dataset's
+    files; None for anything else (a tensor, a loader of tensors)."""
+    samples = getattr(data, "samples", None)
+    if isinstance(samples, list) and samples and isinstance(samples[0], dict) and "source" in samples[0]:
+        return len({s["source"] for s in samples})
+    files = getattr(data, "files", None)
+    if isinstance(files, list):
+        return len(files)
+    inner = getattr(data, "dataset", None)
+    return source_count(inner) if inner is not None and inner is not data else None
+
+
 # pos_embed_order is a property of the weights (public MAE weights use another table), left out so
 # that every hash recorded before the field existed stays valid; the weights hash separates models.
 _NOT_HASHED = ("name", "norm_pix_loss", "pos_embed_order")
@@ -76,6 +107,7 @@ class FeatureStats:
         modality: ``ct``, ``mri``, ``xray`` or ``pathology``.
         input_size: spatial size of one sample, e.g. ``(16, 96, 96)``.
         count: number of samples folded in.
+        sources: number of source files (scans) behind them; None when unknown.
         dtype: the dtype of the tensors as stored (``"float32"`` or ``"float64"``).
         weights_hash: :func:`~invcoss.models.checkpoint.weights_hash` of the model they were
             collected with (None for a file written before it was recorded).
@@ -95,6 +127,7 @@ class FeatureStats:
     weights_hash: str | None = None
     config: dict = dataclasses.field(default_factory=dict)
     compute: dict = dataclasses.field(default_factory=dict)
+    sources: int | None = None
 
     @property
     def num_layers(self) -> int:
@@ -155,6 +188,7 @@ def collect_feature_stats(
     out: str | os.PathLike | None = None,
     store_dtype: torch.dtype = torch.float32,
     on_batch: Callable[[int, int | None], None] | None = None,
+    sources: int | None = None,
 ) -> FeatureStats:
     """One eval-mode pass over ``data`` folding every block output into running statistics (Eq. 9).
 
@@ -168,6 +202,12 @@ def collect_feature_stats(
         out: if given, the statistics are also saved there (:func:`save_feature_stats`).
         store_dtype: dtype of the returned / saved tensors (accumulation is always float64).
         on_batch: called as ``on_batch(samples_done, total_or_None)`` after each batch.
+        sources: the number of source files (scans) behind ``data``, recorded in the file; default
+            :func:`source_count` of ``data``.
+
+    Warns:
+        SmallCohortWarning: fewer than :data:`MIN_COHORT_SOURCES` sources (or samples, when the
+            sources are unknown).
 
     Returns:
         :class:`FeatureStats` with one ``(L, D)`` mean and variance per encoder block.
@@ -213,6 +253,18 @@ def collect_feature_stats(
         model.train(was_training)
     if not running:
         raise ValueError("collect_feature_stats got no data (empty dataset)")
+    if sources is None:
+        sources = source_count(data)
+    cohort = sources if sources is not None else running[0].count
+    if cohort < MIN_COHORT_SOURCES:
+        what = "source files" if sources is not None else "samples"
+        warnings.warn(
+            f"feature statistics collected from {cohort} {what}, fewer than {MIN_COHORT_SOURCES}: the "
+            "per-token means of a few scans come close to the scans themselves (see docs/audit.md); "
+            "do not share them as if they were anonymous",
+            SmallCohortWarning,
+            stacklevel=2,
+        )
     cfg = model.config
     stats = FeatureStats(
         mean=[rs.mean.to("cpu", store_dtype) for rs in running],
@@ -226,6 +278,7 @@ def collect_feature_stats(
         weights_hash=weights_hash(model),
         config=json.loads(json.dumps(dataclasses.asdict(cfg))),
         compute=compute_record(),
+        sources=sources,
     )
     if out is not None:
         save_feature_stats(stats, out)
@@ -250,6 +303,8 @@ def save_feature_stats(stats: FeatureStats, path: str | os.PathLike) -> Path:
         "dtype": stats.dtype,
         "num_layers": str(stats.num_layers),
     }
+    if stats.sources is not None:
+        metadata["sources"] = str(stats.sources)
     if stats.compute:
         metadata["compute"] = json.dumps(stats.compute, sort_keys=True)
     if stats.weights_hash is not None:
@@ -332,6 +387,7 @@ def load_feature_stats(
         weights_hash=meta.get("weights_hash"),
         config=json.loads(meta["config"]),
         compute=json.loads(meta.get("compute", "{}")),
+        sources=int(meta["sources"]) if "sources" in meta else None,
     )
     if modality is not None and modality != stats.modality:
         raise ValueError(f"feature statistics {path} are for {stats.modality}, not {modality}")

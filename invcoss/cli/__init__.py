@@ -23,6 +23,7 @@ def main(ctx: click.Context, verbose: bool) -> None:
 
 
 def _register() -> None:
+    from invcoss.cli.audit import audit
     from invcoss.cli.bench import bench
     from invcoss.cli.continual import continual, evaluate, experiment, storage
     from invcoss.cli.data import phantoms, preprocess, pretrain, stats
@@ -40,6 +41,7 @@ def _register() -> None:
     main.add_command(storage)
     main.add_command(experiment)
     main.add_command(invert)
+    main.add_command(audit)
 
 
 _register()

@@ -168,6 +168,11 @@ def phantoms(
     help="Of the DICOM files, read only the series with this SeriesInstanceUID (default: every series "
     "is its own volume).",
 )
+@click.option(
+    "--hash-names",
+    is_flag=True,
+    help="Record source files by a SHA-256 of their relative path (manifest, array names, log), not by name.",
+)
 @limit_options()
 @threads_option()
 def preprocess(
@@ -178,6 +183,7 @@ def preprocess(
     strict: bool,
     frames: str,
     series: str | None,
+    hash_names: bool,
     max_voxels: int,
     max_pixels: int,
     min_spacing: float,
@@ -211,7 +217,7 @@ def preprocess(
         try:
             report = run_preprocess(
                 data, out, modality, profile, strict=strict, on_file=on_file, limits=limits, frames=frames,
-                series=series,
+                series=series, hash_names=hash_names,
             )  # fmt: skip
         except ReadError as e:
             raise UserError(f"cannot use {e.path}: {e.reason} (--strict)") from None

@@ -195,6 +195,18 @@ def find_sources(
     return sources
 
 
+def hashed_name(rel: str) -> str:
+    """A relative path as ``sha256-<16 hex>`` plus its image suffix (unsalted: it hides a name from a
+    reader, not from someone who can guess and hash candidate names).
+
+    Example:
+        >>> hashed_name("DOE_JOHN/scan.nii.gz")  # doctest: +ELLIPSIS
+        'sha256-...nii.gz'
+    """
+    m = re.search(r"\.(nii\.gz|nii|png|jpe?g|tiff?|dcm)$", rel, flags=re.IGNORECASE)
+    return f"sha256-{hashlib.sha256(rel.encode()).hexdigest()[:16]}{m.group(0) if m else ''}"
+
+
 def _array_name(rel: str) -> str:
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(rel).name)
     stem = re.sub(r"\.(nii\.gz|nii|png|jpe?g|tiff?)$", "", stem, flags=re.IGNORECASE)
@@ -232,6 +244,7 @@ def preprocess(
     limits: ReadLimits = DEFAULT_LIMITS,
     frames: str = "first",
     series: str | None = None,
+    hash_names: bool = False,
 ) -> PreprocessReport:
     """Preprocess every file of ``folder`` into the cache ``out_cache`` (see the module docstring).
 
@@ -248,6 +261,9 @@ def preprocess(
         frames: of a 4D series, the ``"first"`` volume or ``"all"`` volumes (a warning either way).
         series: of the DICOM files, read only the series of this ``SeriesInstanceUID`` (default:
             every series is its own source; see :func:`find_sources`).
+        hash_names: record every source file (manifest, array names, ``on_file``, the report) by
+            :func:`hashed_name` of its relative path instead of the path, for file names that carry
+            patient identifiers.
 
     Returns:
         :class:`PreprocessReport`; skipped files are listed by name in ``report.skipped``.
@@ -323,6 +339,8 @@ def preprocess(
     last_flush = time.monotonic()
     for done, item in enumerate(found, start=1):
         rel, path = item.rel, item.source
+        if hash_names:
+            rel = hashed_name(rel)
         prev = old_sources.get(rel)
         try:
             if item.error is not None:

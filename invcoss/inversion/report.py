@@ -21,6 +21,10 @@
 - **Fréchet distance** between Gaussians fitted to the synthetic and the reference features in the
   model's embedding space (as FID, with the inverted model as the feature extractor), next to the
   same for random noise.
+- **Memorisation** (with a reference): the privacy audit of :mod:`invcoss.audit` with the reference
+  as the training set: every synthetic sample's nearest-reference distance in pixels and features
+  against the reference samples' leave-one-out nearest distances; the score is the fraction of
+  synthetic samples closer than the 5th percentile (``invcoss-cli audit`` adds held-out data).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from invcoss.audit import DEFAULT_PERCENTILE, audit_summary, memorisation_audit
 from invcoss.data import config_for_input, open_dataset
 from invcoss.inversion.engine import InversionEngine, derive_seed, plan_batches
 from invcoss.inversion.files import read_samples
@@ -244,6 +249,7 @@ def quality_report(
         "rep_comparison": None,
         "frechet_distance": None,
         "reference": None,
+        "memorisation": None,
     }
     if compare_rep:
         report["rep_comparison"] = rep_comparison(inv, len(paths), synthetic)
@@ -260,6 +266,9 @@ def quality_report(
         report["intensity"]["reference"] = intensity_histogram(inv.space, real)
         if n_real > 1:
             report["mean_pairwise_cosine"]["reference"] = mean_pairwise_cosine(real_features)
+        if n_real > 1 and paths:
+            spaces = memorisation_audit(inv.model, torch.cat(samples), torch.cat(real), device=inv.device)
+            report["memorisation"] = audit_summary(spaces, DEFAULT_PERCENTILE, "leave-one-out reference")
         if n_real > 1 and len(paths) > 1:
             report["frechet_distance"] = {
                 "synthetic_reference": frechet_distance(synthetic, real_features),
@@ -329,5 +338,12 @@ def format_report(report: dict) -> list[str]:
         lines.append(
             f"Frechet distance to the reference: synthetic {_num(f['synthetic_reference'])}, "
             f"noise {_num(f['noise_reference'])}"
+        )
+    mem = report.get("memorisation")
+    if mem:
+        lines.append(
+            f"memorisation: {100 * mem['pixels']['score']:.1f}% (pixels), {100 * mem['features']['score']:.1f}% "
+            f"(features) of synthetic samples closer to a real sample than 95% of real samples are to each "
+            f"other; {len(mem['flagged_both'])} flagged in both"
         )
     return lines

@@ -24,14 +24,14 @@ def _commands_with(option: str) -> dict[str, list[str]]:
 
 def test_device_is_declared_by_every_command_that_computes():
     assert set(_commands_with("--device")) == {
-        "invert", "pretrain", "stats", "continual", "evaluate", "experiment forgetting", "bench",
+        "invert", "pretrain", "stats", "continual", "evaluate", "experiment forgetting", "bench", "audit",
     }  # fmt: skip
 
 
 def test_threads_is_declared_by_every_command_that_computes():
     assert set(_commands_with("--threads")) == {
         "phantoms", "preprocess", "pretrain", "stats", "invert", "continual", "evaluate",
-        "experiment forgetting", "bench",
+        "experiment forgetting", "bench", "audit",
     }  # fmt: skip
 
 

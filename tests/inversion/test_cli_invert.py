@@ -113,6 +113,9 @@ def test_xray_end_to_end_with_a_reference(runner, tmp_path):
     assert (
         q["frechet_distance"]["synthetic_reference"] >= 0 and q["rep_comparison"]["without_rep"] is not None
     )
+    # A few steps from noise copy no phantom: no synthetic sample is flagged as memorised.
+    assert "memorisation:" in r.stdout and q["memorisation"]["synthetic"] == 4
+    assert q["memorisation"]["pixels"]["score"] == 0.0 and q["memorisation"]["flagged_both"] == []
 
 
 def test_unknown_modality_exits_2_and_writes_nothing(runner, tmp_path):

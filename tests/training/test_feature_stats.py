@@ -12,6 +12,7 @@ from invcoss.data import preprocess, write_phantoms
 from invcoss.data.datasets import CachedDataset
 from invcoss.feature_stats import (
     FeatureStats,
+    SmallCohortWarning,
     collect_feature_stats,
     config_hash,
     load_feature_stats,
@@ -164,8 +165,10 @@ def test_over_a_cached_dataset(tmp_path):
     ds = CachedDataset(tmp_path / "cache")
     torch.manual_seed(0)
     model = create_model("vit_nano").double()
-    stats = collect_feature_stats(model, ds, batch_size=2, store_dtype=torch.float64)
+    with pytest.warns(SmallCohortWarning, match="3 source files"):
+        stats = collect_feature_stats(model, ds, batch_size=2, store_dtype=torch.float64)
     assert stats.modality == "xray" and stats.count == 3 and stats.input_size == (112, 112)
+    assert stats.sources == 3  # the cache's distinct source files
     ref_mean, ref_var = reference_stats(model, torch.stack([ds[i] for i in range(3)]))
     torch.testing.assert_close(stats.mean[-1], ref_mean[-1], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(stats.var[-1], ref_var[-1], rtol=1e-10, atol=1e-12)
