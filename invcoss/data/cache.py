@@ -207,6 +207,24 @@ def hashed_name(rel: str) -> str:
     return f"sha256-{hashlib.sha256(rel.encode()).hexdigest()[:16]}{m.group(0) if m else ''}"
 
 
+def _scrubber(folder: Path, item: FoundSource):
+    """A function that replaces, in a message, the names of ``item``'s files (and its own relative
+    name) by their :func:`hashed_name`, so that warnings and skip reasons hide them too."""
+    names = {item.rel: hashed_name(item.rel)}
+    for f in item.files:
+        f = Path(f)
+        rel = f.relative_to(folder).as_posix() if f.is_relative_to(folder) else f.name
+        names[str(f)] = names[rel] = names[f.name] = hashed_name(rel)
+    order = sorted(names, key=len, reverse=True)  # the longest first: a path before its file name
+
+    def scrub(text: str) -> str:
+        for n in order:
+            text = text.replace(n, names[n])
+        return text
+
+    return scrub
+
+
 def _array_name(rel: str) -> str:
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(rel).name)
     stem = re.sub(r"\.(nii\.gz|nii|png|jpe?g|tiff?)$", "", stem, flags=re.IGNORECASE)
@@ -332,13 +350,14 @@ def preprocess(
                 {"source": r, "reason": why, "kind": report.skip_kinds[r]} for r, why in report.skipped
             ],
             "frames": frames,
-            "series": series,
+            "series": hashed_name(series) if hash_names and series is not None else series,
             "limits": asdict(limits),
         }
 
     last_flush = time.monotonic()
     for done, item in enumerate(found, start=1):
         rel, path = item.rel, item.source
+        scrub = _scrubber(folder, item) if hash_names else str
         if hash_names:
             rel = hashed_name(rel)
         prev = old_sources.get(rel)
@@ -356,12 +375,13 @@ def preprocess(
             )
             if not reuse:
                 result = pre.run(path)
+                result.warnings = [scrub(w) for w in result.warnings]
                 name = _array_name(rel)
                 _save_samples(item.files[0], cache / name, result.samples)
         except ReadError as e:
             if strict:
                 raise
-            report.skipped.append((rel, e.reason))
+            report.skipped.append((rel, scrub(e.reason)))
             report.skip_kinds[rel] = e.kind
             status = "skipped"
         else:
