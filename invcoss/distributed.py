@@ -30,8 +30,10 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-from collections.abc import Iterator
+import pickle
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -42,6 +44,7 @@ DEFAULT_TIMEOUT_S = 600.0
 
 TIMEOUT_ENV = "INVCOSS_DIST_TIMEOUT"
 _ENV_NAMES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+T = TypeVar("T")
 
 
 class DistributedError(RuntimeError):
@@ -349,6 +352,40 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     with failures_explained("broadcast_object"):
         dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def on_main(fn: Callable[[], T], share: bool = True) -> T | None:
+    """Call ``fn()`` on rank 0 only, and let every rank share its outcome.
+
+    For a check or a read that must happen once (a shared folder, an input file): the others wait
+    for rank 0, then return its value (``share``; it must pickle) or None, or raise the exception
+    it raised, so every rank stops with the same error (a user error exits 2 on every rank instead
+    of one rank exiting while the others wait). For one process it is ``fn()``.
+
+    Example:
+        >>> on_main(lambda: 6 * 7)
+        42
+    """
+    if not is_initialized():
+        return fn()
+    value, error = None, None
+    if rank() == 0:
+        try:
+            value = fn()
+        except Exception as e:  # shared with the other ranks, then raised on every rank
+            error = e
+    sent = error
+    if error is not None:
+        try:
+            pickle.dumps(error)
+        except Exception:  # an exception that does not pickle still stops every rank, with its message
+            sent = RuntimeError(f"{type(error).__name__}: {error}")
+    outcome = broadcast_object((value if share else None, sent))
+    if outcome[1] is not None:
+        if rank() == 0:
+            raise error
+        raise outcome[1]
+    return value if rank() == 0 else outcome[0]
 
 
 def all_gather_tensors(t: Tensor) -> list[Tensor]:
