@@ -219,12 +219,15 @@ def invert(
     The CPU thread count is recorded in the manifest; --resume continues at the recorded count and
     refuses another --threads.
     """
+    from invcoss import distributed
+    from invcoss.cli.torchrun import torchrun_session
     from invcoss.configs import check_field_types
     from invcoss.inversion import Inverter, NonFiniteLossError
     from invcoss.inversion.config import InversionConfig
     from invcoss.inversion.files import check_sample_format
     from invcoss.inversion.report import format_report, reference_batches
     from invcoss.inversion.run import RunFolderError
+    from invcoss.inversion.shards import shard_batches
     from invcoss.ops import available_backends
     from invcoss.rng import pinned_compute
 
@@ -232,68 +235,77 @@ def invert(
         check_sample_format(sample_format, get_modality(modality).ndim)
     except ValueError as e:
         raise UserError(f"--format: {e}") from None
-    dev = device
     if backend is not None and backend not in available_backends():
         raise UserError(
             f"backend {backend!r} is not available here; available: {', '.join(available_backends())}"
         )
-    model, stats, sources = _load(modality, checkpoint, stats_path, allow_other_weights)
-    overrides = {"seed": seed, "generator": generator}
-    for name, value in (("batch_size", batch_size), ("steps", steps), ("warmup_steps", warmup_steps)):
-        if value is not None:
-            overrides[name] = value
-    if disabled:
-        overrides["losses"] = tuple(t for t in LOSSES if t not in disabled)
-    overrides |= _parse_settings(settings)
-    try:
-        check_field_types(InversionConfig, overrides, where="--set")
-        config = InversionConfig.from_profile(profile, modality, **overrides)
-        inverter = Inverter(model, stats, config, device=dev, backend=backend)
-    except (ValueError, TypeError) as e:
-        raise UserError(str(e)) from None
-    real = None
-    if reference is not None:
+    # Under torchrun every rank inverts its share of the batches (invcoss.inversion.shards).
+    with torchrun_session(device) as ctx:
+        dev = ctx.device if ctx is not None else device
+        model, stats, sources = _load(modality, checkpoint, stats_path, allow_other_weights)
+        overrides = {"seed": seed, "generator": generator}
+        for name, value in (("batch_size", batch_size), ("steps", steps), ("warmup_steps", warmup_steps)):
+            if value is not None:
+                overrides[name] = value
+        if disabled:
+            overrides["losses"] = tuple(t for t in LOSSES if t not in disabled)
+        overrides |= _parse_settings(settings)
         try:
-            real = reference_batches(inverter, reference, limit=256)
-        except ValueError as e:
+            check_field_types(InversionConfig, overrides, where="--set")
+            config = InversionConfig.from_profile(profile, modality, **overrides)
+            inverter = Inverter(model, stats, config, device=dev, backend=backend)
+        except (ValueError, TypeError) as e:
             raise UserError(str(e)) from None
-        sources["reference"] = str(reference)
-    num_samples = num_samples or 2 * config.batch_size
-    out = out or Path(f"inversion-{modality}")
-    if resume and threads is None:
-        threads = _recorded_threads(out)
-    sizes = inverter.batch_sizes(num_samples)
-    total_steps = sum(config.steps_for(b) for b in range(len(sizes)))
-    with progress_bar() as bar, pinned_compute(threads):
-        task = bar.add_task("invert", total=total_steps, info="")
-        offsets = [sum(config.steps_for(i) for i in range(b)) for b in range(len(sizes))]
+        real = None
+        if reference is not None:
+            try:  # only rank 0 reports, so only it reads the reference; a bad one stops every rank
+                real = distributed.on_main(
+                    lambda: reference_batches(inverter, reference, limit=256), share=False
+                )
+            except ValueError as e:
+                raise UserError(str(e)) from None
+            sources["reference"] = str(reference)
+        num_samples = num_samples or 2 * config.batch_size
+        out = out or Path(f"inversion-{modality}")
+        if resume and threads is None:
+            threads = _recorded_threads(out)
+        sizes = inverter.batch_sizes(num_samples)
+        # The bar counts this rank's batches (all of them for one process).
+        group = 1 if config.generator == "pixels" else config.generator_every
+        mine = shard_batches(len(sizes), group, distributed.world_size())[distributed.rank()]
+        offsets = {b: sum(config.steps_for(i) for i in mine[:k]) for k, b in enumerate(mine)}
+        with progress_bar() as bar, pinned_compute(threads):
+            task = bar.add_task("invert", total=sum(config.steps_for(b) for b in mine), info="")
 
-        def on_step(s) -> None:
-            losses = " ".join(f"{k} {v:.4g}" for k, v in s.losses.items())
-            info = f"batch {s.batch + 1}/{s.num_batches} step {s.step}/{s.steps} {losses}"
-            bar.update(task, completed=offsets[s.batch] + s.step, info=info)
+            def on_step(s) -> None:
+                losses = " ".join(f"{k} {v:.4g}" for k, v in s.losses.items())
+                info = f"batch {s.batch + 1}/{s.num_batches} step {s.step}/{s.steps} {losses}"
+                bar.update(task, completed=offsets[s.batch] + s.step, info=info)
 
-        try:
-            result = inverter.run(
-                num_samples,
-                out,
-                resume=resume,
-                on_step=on_step,
-                sources=sources,
-                reference=real,
-                compare_rep=compare_rep,
-                sample_format=sample_format,
-            )
-        except RunFolderError as e:
-            raise UserError(str(e)) from None
-        except NonFiniteLossError as e:
-            raise click.ClickException(str(e)) from None
+            try:
+                result = inverter.run(
+                    num_samples,
+                    out,
+                    resume=resume,
+                    on_step=on_step,
+                    sources=sources,
+                    reference=real,
+                    compare_rep=compare_rep,
+                    sample_format=sample_format,
+                )
+            except RunFolderError as e:
+                raise UserError(str(e)) from None
+            except NonFiniteLossError as e:
+                raise click.ClickException(str(e)) from None
+    if ctx is not None and not ctx.is_main:
+        return  # rank 0 reports for the run
     for line in format_report(result.quality):
         click.echo(line)
     kind = "volumes" if config.ndim == 3 else "images"
     q = result.quality["stat_loss"]
     done = f"{result.batches_run} of {len(sizes)} batches run" if resume else f"{len(sizes)} batches"
+    ranks = f" on {ctx.world_size} ranks" if ctx is not None else ""
     click.echo(
-        f"wrote {len(result.files)} synthetic {modality} {kind} to {out} ({done}, {result.seconds:.0f} s); "
+        f"wrote {len(result.files)} synthetic {modality} {kind} to {out} ({done}{ranks}, {result.seconds:.0f} s); "
         f"stat-matching loss {q['synthetic']:.4g} vs {q['noise']:.4g} for noise"
     )

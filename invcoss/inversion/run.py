@@ -5,10 +5,16 @@ it checks the folder (new, or the same run to resume), writes the manifest befor
 (so any folder of a run has one), then each batch's samples, its resume state and the manifest,
 and at the end the preview and the quality report. :class:`Inverter` is the engine with that run
 as a method, :meth:`Inverter.run`; it is what ``invcoss.inversion`` exports.
+
+Under a process group of several ranks (``torchrun``, :mod:`invcoss.distributed`) the same call
+shares the run: each rank inverts its share of the batches into the same folder, the ranks
+exchange their features for the repulsive pool after every round, and rank 0 writes the manifest
+and the report (:mod:`.shards`). One process runs exactly as without a group.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -20,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from invcoss import distributed
 from invcoss.data.atomic import atomic_write_json, atomic_write_safetensors
 from invcoss.inversion.engine import BatchResult, InversionEngine, StepInfo
 from invcoss.inversion.files import (
@@ -34,6 +41,16 @@ from invcoss.inversion.files import (
     write_preview,
 )
 from invcoss.inversion.report import quality_report
+from invcoss.inversion.shards import (
+    agree_on_start,
+    exchange_features,
+    read_progress,
+    remove_rank_files,
+    round_batches,
+    shard_batches,
+    state_name,
+    write_progress,
+)
 from invcoss.rng import compute_record
 
 __all__ = ["CURVE_POINTS", "FORMAT", "InversionResult", "Inverter", "RunFolderError", "run_inversion"]
@@ -134,8 +151,8 @@ def _open_folder(out: Path, identity: dict, resume: bool) -> dict | None:
     return None
 
 
-def _save_state(out: Path, inv: InversionEngine, batch: int) -> str:
-    name = f"state/after_batch_{batch:05d}.safetensors"
+def _save_state(out: Path, inv: InversionEngine, batch: int, name: str | None = None) -> str:
+    name = name or f"state/after_batch_{batch:05d}.safetensors"
     tensors = {k: v.contiguous() for k, v in inv.state_tensors().items()}
     atomic_write_safetensors(out / name, tensors, {"format": FORMAT, "batch": str(batch)})
     return name
@@ -187,7 +204,8 @@ def run_inversion(
         inv: the configured :class:`~invcoss.inversion.Inverter`.
         num_samples: samples to make (also the repulsive pool's capacity).
         out_dir: an empty or new folder, or with ``resume`` the folder of an earlier run.
-        resume: continue after the last finished batch of the run in ``out_dir``.
+        resume: continue after the last finished batch of the run in ``out_dir`` (under a
+            process group: after the last round every rank finished, :mod:`.shards`).
         on_step: progress callback after every optimisation step.
         on_batch: called after each batch is written.
         sources: where the model and statistics came from (recorded in the manifest).
@@ -208,14 +226,20 @@ def run_inversion(
         RunFolderError: the folder holds a run of another sample format, or another run, is not empty and holds no run to ``resume``
             (without ``resume``, or with it but no manifest: nothing in it is replaced), or its run
             was made at another CPU thread count (recorded as ``compute`` in the manifest).
+            Under a process group also: the run was made by another number of ranks, or a rank
+            cannot see the folder rank 0 writes.
         NonFiniteLossError: a loss became non-finite (the manifest keeps the finished batches).
+        invcoss.distributed.DistributedError: another rank failed or did not answer within the
+            timeout (what the ranks finished is kept for ``resume``).
     """
 
     t0 = time.perf_counter()
     out = Path(out_dir)
     identity = _identity(inv, num_samples)
     fmt = check_sample_format(sample_format, inv.ndim)
-    existing = _open_folder(out, identity, resume)
+    world = distributed.world_size()
+    # Rank 0 checks the shared folder; every rank gets its verdict (and stops on the same error).
+    existing = distributed.on_main(lambda: _open_folder(out, identity, resume))
     if existing is not None:
         made_as = existing.get("sample_format") or check_sample_format(None, inv.ndim)
         if sample_format is not None and made_as != fmt:
@@ -238,8 +262,14 @@ def run_inversion(
                 f"cannot resume {out}: it was made with {made_with} CPU threads and this process has "
                 f"{compute['threads']}; the samples depend on the count, so resume with --threads {made_with}"
             )
+        made_by = manifest.get("world_size", 1)
+        if made_by != world and not manifest.get("complete"):
+            raise RunFolderError(
+                f"cannot resume {out}: it was made by {made_by} process(es) and this launch has {world}; "
+                f"resume it with the same number (torchrun --nproc-per-node {made_by}, or one process for 1)"
+            )
         done = len(manifest["batches"])
-        if 0 < done < len(sizes):
+        if world == 1 and 0 < done < len(sizes):
             inv.load_state_tensors(_load_state(out, manifest["resume_state"]), batch=done)
     else:
         manifest = {
@@ -258,45 +288,132 @@ def run_inversion(
             "resume_state": None,
             "complete": False,
         }
+        if world > 1:
+            manifest["world_size"] = world
         done = 0
     manifest["device"], manifest["backend"] = str(inv.device), inv.backend or "default"
     manifest["compute"] = compute
-    if existing is None:
+    if existing is None and distributed.is_main():
         # Written before the first batch, so a run killed in it is still ours to --resume.
         atomic_write_json(out / MANIFEST, manifest)
+    if world > 1:  # rank 0's manifest (once written), so every rank writes the same spacing and scale
+        manifest = distributed.broadcast_object(manifest)
+        spacing = tuple(manifest["spacing_mm"]) if manifest.get("spacing_mm") else None
+    if world > 1:
+        report = dict(reference=reference, compare_rep=compare_rep, max_reference=max_reference)
+        return _run_shards(inv, out, manifest, sizes, spacing, fmt, on_step, on_batch, report, t0)
     if out.is_dir():
         _remove_stale(out, manifest.get("resume_state"))
     for b in range(done, len(sizes)):
         result = inv.invert_batch(b, sizes[b], len(sizes), on_step)
         names = write_batch(out, inv, result, sum(sizes[:b]), spacing, fmt, manifest.get("file_scale") or 1.0)
         state = _save_state(out, inv, b) if b + 1 < len(sizes) else None
-        manifest["batches"].append(
-            {
-                "index": b,
-                "samples": names,
-                "steps": len(result.curves["step"]),
-                "fresh_generator": result.fresh_generator,
-                "seconds": round(result.seconds, 3),
-                "final": result.final,
-                "stat_loss": result.stat_loss,
-                "noise_stat_loss": result.noise_stat_loss,
-                "curves": _subsample(result.curves),
-            }
-        )
+        manifest["batches"].append(_batch_record(result, names))
         manifest["resume_state"] = state
         atomic_write_json(out / MANIFEST, manifest)
         _remove_stale(out, state)
         if on_batch is not None:
             on_batch(result)
+    paths = _finish(
+        inv, out, manifest, reference=reference, compare_rep=compare_rep, max_reference=max_reference
+    )
+    return InversionResult(out, paths, len(sizes) - done, manifest, time.perf_counter() - t0)
+
+
+def _batch_record(result: BatchResult, names: list[str]) -> dict:
+    """A batch as the manifest lists it."""
+    return {
+        "index": result.index,
+        "samples": names,
+        "steps": len(result.curves["step"]),
+        "fresh_generator": result.fresh_generator,
+        "seconds": round(result.seconds, 3),
+        "final": result.final,
+        "stat_loss": result.stat_loss,
+        "noise_stat_loss": result.noise_stat_loss,
+        "curves": _subsample(result.curves),
+    }
+
+
+def _finish(inv: InversionEngine, out: Path, manifest: dict, **report) -> list[Path]:
+    """Write the preview and the quality report of a run whose batches are all done; its samples."""
     paths = sample_paths(out, manifest)
     write_preview(out / "preview.png", inv, paths, manifest)
     manifest["preview"] = "preview.png"
-    manifest["quality"] = quality_report(
-        inv, manifest, paths, reference=reference, compare_rep=compare_rep, max_reference=max_reference
-    )
+    manifest["quality"] = quality_report(inv, manifest, paths, **report)
     manifest["complete"] = True
     atomic_write_json(out / MANIFEST, manifest)
-    return InversionResult(out, paths, len(sizes) - done, manifest, time.perf_counter() - t0)
+    return paths
+
+
+def _run_shards(
+    inv: InversionEngine,
+    out: Path,
+    manifest: dict,
+    sizes: list[int],
+    spacing,
+    fmt: str,
+    on_step: Callable[[StepInfo], None] | None,
+    on_batch: Callable[[BatchResult], None] | None,
+    report: dict,
+    t0: float,
+) -> InversionResult:
+    """The batch loop of a run shared by the ranks of a process group (:mod:`.shards`)."""
+    rank, world = distributed.rank(), distributed.world_size()
+    if manifest["complete"]:  # nothing left to invert: rank 0 reports again, as one process does
+        paths = []
+        if rank == 0:
+            paths = _finish(inv, out, manifest, **report)
+            remove_rank_files(out)  # left by a kill just after the merge
+        return InversionResult(out, paths, 0, manifest, time.perf_counter() - t0)
+    group = 1 if inv.config.generator == "pixels" else inv.config.generator_every
+    shards = shard_batches(len(sizes), group, world)
+    mine, num_rounds = shards[rank], max(len(s) for s in shards)
+    if rank == 0:
+        for p in out.rglob(".*.tmp"):  # writes a kill interrupted; before any rank writes again
+            p.unlink(missing_ok=True)
+    try:
+        progress = read_progress(out, rank)
+        start = agree_on_start(out, rank, progress)
+    except ValueError as e:
+        raise RunFolderError(str(e)) from None
+    records = [r for r in progress["batches"] if r["round"] < start]
+    states = [state_name(rank, start - 1)] if start > 0 else []
+    if start > 0:
+        inv.load_state_tensors(_load_state(out, states[0]), batch=mine[start] if start < len(mine) else 0)
+    write_progress(out, rank, progress | {"rounds": start, "batches": records, "states": states})
+    ran = 0
+    for t in range(start, num_rounds):
+        result, batches = None, round_batches(shards, t)
+        if t < len(mine):
+            b = mine[t]
+            pool = copy.deepcopy(inv.pool)  # the round's features enter every pool together, below
+            result = inv.invert_batch(b, sizes[b], len(sizes), on_step)
+            names = write_batch(
+                out, inv, result, sum(sizes[:b]), spacing, fmt, manifest.get("file_scale") or 1.0
+            )
+            inv.pool = pool
+            records.append(_batch_record(result, names) | {"rank": rank, "round": t})
+            ran += 1
+        exchange_features(inv, batches, None if result is None else result.embeddings)
+        states = [*states[-1:], _save_state(out, inv, t, state_name(rank, t))]
+        write_progress(
+            out,
+            rank,
+            {"rank": rank, "world_size": world, "rounds": t + 1, "batches": records, "states": states},
+        )
+        if on_batch is not None and result is not None:
+            on_batch(result)
+    gathered = distributed.all_gather_object((records, ran))  # also: every rank has finished
+    if rank != 0:
+        mine_paths = [out / n for r in records for n in r["samples"]]
+        return InversionResult(out, mine_paths, ran, manifest, time.perf_counter() - t0)
+    batches = sorted((r for recs, _ in gathered for r in recs), key=lambda r: r["index"])
+    manifest["batches"] = [{k: v for k, v in r.items() if k != "round"} for r in batches]
+    # The rank files go only once the complete manifest is written: a kill before that merges again.
+    paths = _finish(inv, out, manifest, **report)
+    remove_rank_files(out)
+    return InversionResult(out, paths, sum(n for _, n in gathered), manifest, time.perf_counter() - t0)
 
 
 class Inverter(InversionEngine):
