@@ -218,6 +218,10 @@ def invert(
 
     The CPU thread count is recorded in the manifest; --resume continues at the recorded count and
     refuses another --threads.
+
+    Under torchrun (torchrun --nproc-per-node N -m invcoss.cli invert ...) the ranks share the run:
+    each inverts its share of the batches into --out and rank 0 writes the manifest and the report
+    (docs/inversion.md, "Several ranks"); --resume needs the same number of ranks.
     """
     from invcoss import distributed
     from invcoss.cli.torchrun import torchrun_session

@@ -17,8 +17,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -369,6 +371,15 @@ def _run_shards(
     group = 1 if inv.config.generator == "pixels" else inv.config.generator_every
     shards = shard_batches(len(sizes), group, world)
     mine, num_rounds = shards[rank], max(len(s) for s in shards)
+    idle = [str(q) for q, s in enumerate(shards) if not s]
+    if idle and rank == 0:
+        warnings.warn(
+            f"rank {', '.join(idle)} of {world} will invert nothing: {len(sizes)} batches make "
+            f"{math.ceil(len(sizes) / group)} generator group(s) of {group} batches "
+            "(generator_every), one rank each; ask for more samples or --set generator_every=1",
+            UserWarning,
+            stacklevel=3,
+        )
     if rank == 0:
         for p in out.rglob(".*.tmp"):  # writes a kill interrupted; before any rank writes again
             p.unlink(missing_ok=True)

@@ -1,0 +1,207 @@
+"""invert under torchrun: two gloo ranks on CPU share one run (invcoss/inversion/shards.py).
+
+The launches start real processes (tests/distributed/launch.py), one thread each, at tiny sizes.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from invcoss import distributed
+from invcoss.cli import main
+from invcoss.feature_stats import collect_feature_stats, load_feature_stats
+from invcoss.inversion import InversionConfig, Inverter
+from invcoss.inversion.shards import progress_path, shard_batches
+from invcoss.models import MAE, create_model
+from tests.distributed.launch import ROOT, base_env, free_port, torchrun
+from tests.inversion.test_inversion_io import files_of
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# 14 samples in 7 batches of 2, a new generator every batch (the 2D default): 4 rounds on 2 ranks,
+# rank 1 sitting the last one out.
+SETTINGS = dict(
+    batch_size=2, steps=2, warmup_steps=3, latent_dim=8, generator_channels=(8, 8, 4), min_batch_size=1
+)
+NUM_SAMPLES, NUM_BATCHES = 14, 7
+
+
+def invert_args(checkpoint, out) -> list[str]:
+    return [
+        "-m", "invcoss.cli", "invert", "--modality", "xray", "--checkpoint", str(checkpoint),
+        "--num-samples", str(NUM_SAMPLES), "--batch-size", "2", "--steps", "2", "--warmup-steps", "3",
+        "--threads", "1", "--set", "latent_dim=8", "--set", "generator_channels=8,8,4",
+        "--set", "min_batch_size=1", "--out", str(out),
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny X-ray model (input 32x32) with its statistics beside it."""
+    folder = tmp_path_factory.mktemp("xray")
+    torch.manual_seed(0)
+    model = create_model("vit_nano", img_size_2d=32, img_size_3d=(16, 32, 32))
+    model.save_pretrained(folder)
+    data = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with pytest.warns(UserWarning):  # a small cohort
+        collect_feature_stats(model, data, modality="xray", out=folder / "stats.safetensors")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(checkpoint, tmp_path_factory):
+    """An uninterrupted run on two ranks: its folder and torchrun's result."""
+    out = tmp_path_factory.mktemp("run") / "two"
+    return out, torchrun(invert_args(checkpoint, out))
+
+
+@pytest.mark.parametrize("group", [1, 3, 10])
+@pytest.mark.parametrize("num_batches", [0, 1, 7, 20])
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_shards_deal_whole_generator_groups_round_robin(num_batches, group, world):
+    shards = shard_batches(num_batches, group, world)
+    assert sorted(b for s in shards for b in s) == list(range(num_batches))
+    for r, s in enumerate(shards):
+        assert s == sorted(s)
+        assert all((b // group) % world == r for b in s)  # the group's rank, round robin
+    with pytest.raises(ValueError, match="group >= 1"):
+        shard_batches(4, 0, 2)
+
+
+def _engine(checkpoint) -> Inverter:
+    model = MAE.from_pretrained(checkpoint).float()
+    stats = load_feature_stats(checkpoint / "stats.safetensors", model, "xray")
+    inv = Inverter(model, stats, InversionConfig.from_profile("quick", "xray", seed=0, **SETTINGS))
+    inv.start(NUM_SAMPLES)
+    return inv
+
+
+def _samples(out, first: int, count: int) -> np.ndarray:
+    return np.stack([np.load(out / "samples" / f"xray_{i:05d}.npy") for i in range(first, first + count)])
+
+
+def test_two_ranks_write_every_sample_once_and_one_manifest(two_rank_run, checkpoint):
+    out, r = two_rank_run
+    assert r.returncode == 0, r.err
+    assert r.out.count("wrote 14 synthetic xray images") == 1  # rank 0 reports, once
+    assert f"wrote 14 synthetic xray images to {out} (7 batches on 2 ranks" in r.out
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["complete"] and m["world_size"] == 2 and m["resume_state"] is None
+    assert [b["index"] for b in m["batches"]] == list(range(NUM_BATCHES))
+    assert [b["rank"] for b in m["batches"]] == [0, 1, 0, 1, 0, 1, 0]
+    names = [n for b in m["batches"] for n in b["samples"]]
+    assert names == [f"samples/xray_{i:05d}.npy" for i in range(NUM_SAMPLES)]
+    assert sorted(p.name for p in (out / "samples").iterdir()) == [n.split("/")[1] for n in names]
+    assert len(list((out / "png").iterdir())) == NUM_SAMPLES
+    x = _samples(out, 0, NUM_SAMPLES).reshape(NUM_SAMPLES, -1)
+    assert len({row.tobytes() for row in x}) == NUM_SAMPLES  # all distinct
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "png", "preview.png", "samples"]
+    assert m["quality"]["num_samples"] == NUM_SAMPLES
+
+    # A batch's seeds come from its global index: rank 1's first batch (1) is what one process makes
+    # of batch 1 with an empty pool; rank 1's second (3) is batch 3 against the pool of round 0,
+    # batches 0 and 1 pushed in that order (so rank 0's features reached rank 1's pool).
+    first = [_engine(checkpoint).invert_batch(b, 2) for b in (0, 1)]
+    for b, result in enumerate(first):
+        np.testing.assert_array_equal(_samples(out, 2 * b, 2), result.images.numpy())
+    inv = _engine(checkpoint)
+    for result in first:
+        inv.pool.push(result.embeddings)
+    np.testing.assert_array_equal(_samples(out, 6, 2), inv.invert_batch(3, 2).images.numpy())
+    alone = _engine(checkpoint).invert_batch(3, 2).images.numpy()
+    assert not np.array_equal(_samples(out, 6, 2), alone)  # the shared pool changed it
+
+
+def _launch_ranks(args: list[str], env: dict) -> list[subprocess.Popen]:
+    """Two ranks started without torchrun's agent, so the survivor of a kill stops by itself."""
+    port = free_port()
+    procs = []
+    for r in range(2):
+        e = base_env(env) | {
+            "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r), "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }  # fmt: skip
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, *args],
+                env=e,
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    return procs
+
+
+@pytest.mark.slow
+def test_a_folder_error_stops_both_ranks_with_code_2(checkpoint, tmp_path):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    procs = _launch_ranks(invert_args(checkpoint, out), {})
+    results = [p.communicate(timeout=180) for p in procs]
+    assert [p.returncode for p in procs] == [2, 2], results
+    for _, err in results:
+        assert "is not empty; choose an empty or new folder for --out" in err and "Traceback" not in err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+@pytest.mark.slow
+def test_resume_after_a_rank_is_killed_gives_the_uninterrupted_files(checkpoint, two_rank_run, tmp_path):
+    whole, r = two_rank_run
+    assert r.returncode == 0, r.err
+    cut = tmp_path / "cut"
+    procs = _launch_ranks(invert_args(checkpoint, cut), {distributed.TIMEOUT_ENV: "30"})
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and procs[1].poll() is None:
+        p = progress_path(cut, 1)
+        if p.is_file() and json.loads(p.read_text())["rounds"] >= 1:
+            break
+        time.sleep(0.01)
+    procs[1].send_signal(signal.SIGSTOP)  # frozen at once: no round can finish after this check
+    procs[1].send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    _, err = procs[0].communicate(timeout=120)
+    procs[1].wait()
+    assert procs[0].returncode == 1, err
+    assert "rank 0 of 2" in err and "another rank stopped" in err and "--resume" in err
+    assert "Traceback" not in err and time.monotonic() - killed < 60
+    assert not json.loads((cut / "manifest.json").read_text())["complete"]
+
+    # The kill can fall between a round's exchange and a rank's record of it: rewind the rank that
+    # is ahead by one round, as if it had died there; the other then redoes that round.
+    progress = [json.loads(progress_path(cut, q).read_text()) for q in range(2)]
+    ahead = 1 if progress[1]["rounds"] >= progress[0]["rounds"] else 0
+    p = progress[ahead]
+    assert p["rounds"] >= 1
+    rewound = p | {
+        "rounds": p["rounds"] - 1,
+        "batches": [b for b in p["batches"] if b["round"] < p["rounds"] - 1],
+        "states": p["states"][:-1],
+    }
+    progress_path(cut, ahead).write_text(json.dumps(rewound))
+    start = min(rewound["rounds"], progress[1 - ahead]["rounds"])
+
+    # One process cannot continue a two-rank run.
+    single = CliRunner().invoke(main, [*invert_args(checkpoint, cut)[2:], "--resume"])
+    assert single.exit_code == 2 and "made by 2 process(es) and this launch has 1" in single.output
+
+    r = torchrun([*invert_args(checkpoint, cut), "--resume"])
+    assert r.returncode == 0, r.err
+    assert f"{NUM_BATCHES - 2 * start} of {NUM_BATCHES} batches run on 2 ranks" in r.out
+    assert files_of(cut) == files_of(whole)
+    m, w = (json.loads((o / "manifest.json").read_text()) for o in (cut, whole))
+    assert m["complete"] and [(b["index"], b["rank"]) for b in m["batches"]] == [
+        (b["index"], b["rank"]) for b in w["batches"]
+    ]
+    assert not (cut / "ranks").exists() and not (cut / "state").exists() and not list(cut.rglob("*.tmp"))
