@@ -374,18 +374,50 @@ def on_main(fn: Callable[[], T], share: bool = True) -> T | None:
             value = fn()
         except Exception as e:  # shared with the other ranks, then raised on every rank
             error = e
-    sent = error
-    if error is not None:
-        try:
-            pickle.dumps(error)
-        except Exception:  # an exception that does not pickle still stops every rank, with its message
-            sent = RuntimeError(f"{type(error).__name__}: {error}")
-    outcome = broadcast_object((value if share else None, sent))
+    outcome = broadcast_object((value if share else None, _picklable(error)))
     if outcome[1] is not None:
         if rank() == 0:
             raise error
         raise outcome[1]
     return value if rank() == 0 else outcome[0]
+
+
+def on_all(fn: Callable[[], T]) -> T:
+    """Call ``fn()`` on every rank; when it raises on any rank, raise on every rank.
+
+    For a step where each rank checks its own files before the ranks work together: a rank that
+    finds a problem does not leave the others waiting in the next collective. A rank whose own
+    call failed raises its own exception; the others raise the lowest failing rank's. For one
+    process it is ``fn()``.
+
+    Example:
+        >>> on_all(lambda: "mine")
+        'mine'
+    """
+    if not is_initialized():
+        return fn()
+    value, error = None, None
+    try:
+        value = fn()
+    except Exception as e:  # shared with the other ranks, then raised on every rank
+        error = e
+    failed = [e for e in all_gather_object(_picklable(error)) if e is not None]
+    if error is not None:
+        raise error
+    if failed:
+        raise failed[0]
+    return value
+
+
+def _picklable(error: Exception | None) -> Exception | None:
+    """``error``, or a RuntimeError with its message when it does not pickle (to send it to other ranks)."""
+    if error is None:
+        return None
+    try:
+        pickle.dumps(error)
+    except Exception:
+        return RuntimeError(f"{type(error).__name__}: {error}")
+    return error
 
 
 def all_gather_tensors(t: Tensor) -> list[Tensor]:
