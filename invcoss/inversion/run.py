@@ -298,10 +298,10 @@ def run_inversion(
     if existing is None and distributed.is_main():
         # Written before the first batch, so a run killed in it is still ours to --resume.
         atomic_write_json(out / MANIFEST, manifest)
-    if world > 1:  # rank 0's manifest (once written), so every rank writes the same spacing and scale
+    if world > 1:
+        # Rank 0's manifest, once written: every rank writes the same spacing and scale.
         manifest = distributed.broadcast_object(manifest)
         spacing = tuple(manifest["spacing_mm"]) if manifest.get("spacing_mm") else None
-    if world > 1:
         report = dict(reference=reference, compare_rep=compare_rep, max_reference=max_reference)
         return _run_shards(inv, out, manifest, sizes, spacing, fmt, on_step, on_batch, report, t0)
     if out.is_dir():
@@ -383,15 +383,17 @@ def _run_shards(
     if rank == 0:
         for p in out.rglob(".*.tmp"):  # writes a kill interrupted; before any rank writes again
             p.unlink(missing_ok=True)
+    # Each rank reads its own files; a problem on any rank stops every rank (distributed.on_all).
     try:
-        progress = read_progress(out, rank)
-        start = agree_on_start(out, rank, progress)
+        progress = distributed.on_all(lambda: read_progress(out, rank))
+        start = agree_on_start(out, progress)
     except ValueError as e:
         raise RunFolderError(str(e)) from None
     records = [r for r in progress["batches"] if r["round"] < start]
     states = [state_name(rank, start - 1)] if start > 0 else []
     if start > 0:
-        inv.load_state_tensors(_load_state(out, states[0]), batch=mine[start] if start < len(mine) else 0)
+        state = distributed.on_all(lambda: _load_state(out, states[0]))
+        inv.load_state_tensors(state, batch=mine[start] if start < len(mine) else 0)
     write_progress(out, rank, progress | {"rounds": start, "batches": records, "states": states})
     ran = 0
     for t in range(start, num_rounds):

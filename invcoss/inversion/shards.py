@@ -147,7 +147,7 @@ def write_progress(out: Path, rank: int, progress: dict) -> None:
                 p.unlink(missing_ok=True)
 
 
-def agree_on_start(out: Path, rank: int, progress: dict) -> int:
+def agree_on_start(out: Path, progress: dict) -> int:
     """The round every rank continues from: the fewest rounds any rank recorded.
 
     It is also where the ranks find out whether they share the folder: every rank must see the

@@ -5,6 +5,7 @@ The launches start real processes (tests/distributed/launch.py), one thread each
 
 from __future__ import annotations
 
+import copy
 import json
 import signal
 import subprocess
@@ -20,19 +21,20 @@ from invcoss import distributed
 from invcoss.cli import main
 from invcoss.feature_stats import collect_feature_stats, load_feature_stats
 from invcoss.inversion import InversionConfig, Inverter
-from invcoss.inversion.shards import progress_path, shard_batches
+from invcoss.inversion.shards import progress_path, shard_batches, state_name
 from invcoss.models import MAE, create_model
 from tests.distributed.launch import ROOT, base_env, free_port, torchrun
 from tests.inversion.test_inversion_io import files_of
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# 14 samples in 7 batches of 2, a new generator every batch (the 2D default): 4 rounds on 2 ranks,
-# rank 1 sitting the last one out.
+# 18 samples in 9 batches of 2, a generator per 2 batches: groups {0, 1}, {2, 3}, ..., {8}, so rank 0
+# inverts batches 0, 1, 4, 5, 8 and rank 1 batches 2, 3, 6, 7, sitting the fifth round out.
 SETTINGS = dict(
-    batch_size=2, steps=2, warmup_steps=3, latent_dim=8, generator_channels=(8, 8, 4), min_batch_size=1
-)
-NUM_SAMPLES, NUM_BATCHES = 14, 7
+    batch_size=2, steps=2, warmup_steps=3, latent_dim=8, generator_channels=(8, 8, 4), min_batch_size=1,
+    generator_every=2,
+)  # fmt: skip
+NUM_SAMPLES, NUM_BATCHES = 18, 9
 
 
 def invert_args(checkpoint, out) -> list[str]:
@@ -40,7 +42,7 @@ def invert_args(checkpoint, out) -> list[str]:
         "-m", "invcoss.cli", "invert", "--modality", "xray", "--checkpoint", str(checkpoint),
         "--num-samples", str(NUM_SAMPLES), "--batch-size", "2", "--steps", "2", "--warmup-steps", "3",
         "--threads", "1", "--set", "latent_dim=8", "--set", "generator_channels=8,8,4",
-        "--set", "min_batch_size=1", "--out", str(out),
+        "--set", "min_batch_size=1", "--set", "generator_every=2", "--out", str(out),
     ]  # fmt: skip
 
 
@@ -92,12 +94,13 @@ def _samples(out, first: int, count: int) -> np.ndarray:
 def test_two_ranks_write_every_sample_once_and_one_manifest(two_rank_run, checkpoint):
     out, r = two_rank_run
     assert r.returncode == 0, r.err
-    assert r.out.count("wrote 14 synthetic xray images") == 1  # rank 0 reports, once
-    assert f"wrote 14 synthetic xray images to {out} (7 batches on 2 ranks" in r.out
+    assert r.out.count("wrote 18 synthetic xray images") == 1  # rank 0 reports, once
+    assert f"wrote 18 synthetic xray images to {out} (9 batches on 2 ranks" in r.out
     m = json.loads((out / "manifest.json").read_text())
     assert m["complete"] and m["world_size"] == 2 and m["resume_state"] is None
     assert [b["index"] for b in m["batches"]] == list(range(NUM_BATCHES))
-    assert [b["rank"] for b in m["batches"]] == [0, 1, 0, 1, 0, 1, 0]
+    assert [b["rank"] for b in m["batches"]] == [0, 0, 1, 1, 0, 0, 1, 1, 0]
+    assert [b["fresh_generator"] for b in m["batches"]] == [True, False] * 4 + [True]
     names = [n for b in m["batches"] for n in b["samples"]]
     assert names == [f"samples/xray_{i:05d}.npy" for i in range(NUM_SAMPLES)]
     assert sorted(p.name for p in (out / "samples").iterdir()) == [n.split("/")[1] for n in names]
@@ -107,18 +110,21 @@ def test_two_ranks_write_every_sample_once_and_one_manifest(two_rank_run, checkp
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "png", "preview.png", "samples"]
     assert m["quality"]["num_samples"] == NUM_SAMPLES
 
-    # A batch's seeds come from its global index: rank 1's first batch (1) is what one process makes
-    # of batch 1 with an empty pool; rank 1's second (3) is batch 3 against the pool of round 0,
-    # batches 0 and 1 pushed in that order (so rank 0's features reached rank 1's pool).
-    first = [_engine(checkpoint).invert_batch(b, 2) for b in (0, 1)]
-    for b, result in enumerate(first):
-        np.testing.assert_array_equal(_samples(out, 2 * b, 2), result.images.numpy())
+    # A batch's seeds come from its global index: rank 1's first batch (2) is what one process makes
+    # of batch 2 with an empty pool. Its second (3) continues that generator against the pool of
+    # round 0: batches 0 and 2 pushed in that order, so rank 0's features reached rank 1's pool.
+    b0 = _engine(checkpoint).invert_batch(0, 2)
+    np.testing.assert_array_equal(_samples(out, 0, 2), b0.images.numpy())
     inv = _engine(checkpoint)
-    for result in first:
+    empty = copy.deepcopy(inv.pool)
+    b2 = inv.invert_batch(2, 2)
+    np.testing.assert_array_equal(_samples(out, 4, 2), b2.images.numpy())
+    alone = copy.deepcopy(inv)  # its pool holds batch 2 only
+    inv.pool = empty
+    for result in (b0, b2):
         inv.pool.push(result.embeddings)
     np.testing.assert_array_equal(_samples(out, 6, 2), inv.invert_batch(3, 2).images.numpy())
-    alone = _engine(checkpoint).invert_batch(3, 2).images.numpy()
-    assert not np.array_equal(_samples(out, 6, 2), alone)  # the shared pool changed it
+    assert not np.array_equal(_samples(out, 6, 2), alone.invert_batch(3, 2).images.numpy())
 
 
 def _launch_ranks(args: list[str], env: dict) -> list[subprocess.Popen]:
@@ -165,7 +171,7 @@ def test_resume_after_a_rank_is_killed_gives_the_uninterrupted_files(checkpoint,
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and procs[1].poll() is None:
         p = progress_path(cut, 1)
-        if p.is_file() and json.loads(p.read_text())["rounds"] >= 1:
+        if p.is_file() and json.loads(p.read_text())["rounds"] >= 2:
             break
         time.sleep(0.01)
     procs[1].send_signal(signal.SIGSTOP)  # frozen at once: no round can finish after this check
@@ -183,7 +189,7 @@ def test_resume_after_a_rank_is_killed_gives_the_uninterrupted_files(checkpoint,
     progress = [json.loads(progress_path(cut, q).read_text()) for q in range(2)]
     ahead = 1 if progress[1]["rounds"] >= progress[0]["rounds"] else 0
     p = progress[ahead]
-    assert p["rounds"] >= 1
+    assert p["rounds"] >= 2
     rewound = p | {
         "rounds": p["rounds"] - 1,
         "batches": [b for b in p["batches"] if b["round"] < p["rounds"] - 1],
@@ -195,10 +201,21 @@ def test_resume_after_a_rank_is_killed_gives_the_uninterrupted_files(checkpoint,
     # One process cannot continue a two-rank run.
     single = CliRunner().invoke(main, [*invert_args(checkpoint, cut)[2:], "--resume"])
     assert single.exit_code == 2 and "made by 2 process(es) and this launch has 1" in single.output
+    # A rank without the state it needs stops both ranks with exit 2, and nothing changes.
+    need = cut / state_name(0, start - 1)
+    need.rename(need.with_name("aside"))
+    before = {k: v for k, v in files_of(cut).items() if not k.endswith(".tmp")}  # a killed write's
+    procs = _launch_ranks([*invert_args(checkpoint, cut), "--resume"], {})
+    results = [p.communicate(timeout=180) for p in procs]
+    assert [p.returncode for p in procs] == [2, 2], results
+    assert all(f"its state file {state_name(0, start - 1)} is missing" in err for _, err in results)
+    assert files_of(cut) == before  # only the temporary files of the killed writes are gone
+    need.with_name("aside").rename(need)
 
     r = torchrun([*invert_args(checkpoint, cut), "--resume"])
     assert r.returncode == 0, r.err
-    assert f"{NUM_BATCHES - 2 * start} of {NUM_BATCHES} batches run on 2 ranks" in r.out
+    redone = sum(len(s[start:]) for s in shard_batches(NUM_BATCHES, 2, 2))
+    assert f"{redone} of {NUM_BATCHES} batches run on 2 ranks" in r.out
     assert files_of(cut) == files_of(whole)
     m, w = (json.loads((o / "manifest.json").read_text()) for o in (cut, whole))
     assert m["complete"] and [(b["index"], b["rank"]) for b in m["batches"]] == [
