@@ -389,6 +389,7 @@ def stats(
     """
     check_output_file(out, overwrite)
 
+    from invcoss.cli.torchrun import torchrun_session
     from invcoss.feature_stats import collect_feature_stats
     from invcoss.models import MAE
     from invcoss.rng import pinned_compute
@@ -401,23 +402,30 @@ def stats(
         ds = open_data(data, modality, model)
     except ValueError as e:
         raise UserError(str(e)) from None
-    dev = device
-    model.to(dev)
-    with progress_bar() as bar, pinned_compute(threads):
-        task = bar.add_task("stats", total=len(ds), info="")
-        try:
-            result = collect_feature_stats(
-                model,
-                ds,
-                batch_size=batch_size,
-                out=out,
-                on_batch=lambda done, total: bar.update(task, completed=done, info=f"{done} samples"),
-            )
-        except ValueError as e:
-            raise UserError(str(e)) from None
+    # Under torchrun each rank reads its shard of the data and rank 0 writes the merged statistics.
+    with torchrun_session(device) as ctx:
+        dev = ctx.device if ctx is not None else device
+        model.to(dev)
+        with progress_bar() as bar, pinned_compute(threads):
+            task = bar.add_task("stats", total=None, info="")
+            try:
+                result = collect_feature_stats(
+                    model,
+                    ds,
+                    batch_size=batch_size,
+                    out=out,
+                    on_batch=lambda done, total: bar.update(
+                        task, completed=done, total=total, info=f"{done} samples"
+                    ),
+                )
+            except ValueError as e:
+                raise UserError(str(e)) from None
+        if ctx is not None and not ctx.is_main:
+            return
     size = out.stat().st_size
     ratio = ds.source_bytes / size if size else float("inf")
+    ranks = f" on {ctx.world_size} ranks" if ctx is not None else ""
     click.echo(
-        f"statistics of {result.num_layers} blocks over {result.count} {result.modality} samples: "
+        f"statistics of {result.num_layers} blocks over {result.count} {result.modality} samples{ranks}: "
         f"{human_bytes(size)} for {human_bytes(ds.source_bytes)} of data ({ratio:.1f}x smaller) -> {out}"
     )

@@ -3,6 +3,7 @@
 Tasks:
 - ``gather``: join the group, gather tensors of uneven length and objects, broadcast, barrier, merge
   ``RunningStats`` of this rank's shard with ``all_reduce``; write what it saw to ``OUT_JSON.RANK``.
+- ``stats``: :func:`collect_feature_stats` of a tiny model over a shard each; rank 0 writes ``OUT_JSON``.
 - ``die``: rank 1 exits abruptly after joining; rank 0 then enters a collective, which must fail with
   :class:`DistributedError` (exit code 3 and its message on stderr) instead of hanging.
 """
@@ -49,6 +50,20 @@ def gather(out: str) -> None:
         json.dump(record, f)
 
 
+def stats(out: str) -> None:
+    """collect_feature_stats on this rank's shard of 7 samples in batches of 3; rank 0 writes OUT."""
+    from invcoss.feature_stats import collect_feature_stats
+    from invcoss.models import create_model
+
+    ctx = distributed.init_from_env("cpu")
+    torch.manual_seed(3)
+    model = create_model("vit_nano", img_size_2d=32)
+    data = torch.rand(7, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    result = collect_feature_stats(model, data, modality="xray", batch_size=3, out=out)
+    assert result.count == 7 and os.path.exists(out)  # every rank returns the whole and sees the file
+    distributed.destroy(ctx)
+
+
 def die(out: str) -> None:
     ctx = distributed.init_from_env("cpu")
     distributed.barrier()
@@ -64,4 +79,4 @@ def die(out: str) -> None:
 
 
 if __name__ == "__main__":
-    {"gather": gather, "die": die}[sys.argv[1]](sys.argv[2])
+    {"gather": gather, "stats": stats, "die": die}[sys.argv[1]](sys.argv[2])
