@@ -64,6 +64,47 @@ def stats(out: str) -> None:
     distributed.destroy(ctx)
 
 
+def tiny_pretrain(out, epochs: int, resume: bool = False, on_step=None):
+    """The run every pretrain test compares: 10 samples in global batches of 5 (parts of 3 and 2 on 2 ranks)."""
+    from invcoss.models import create_model
+    from invcoss.pretrain import PretrainConfig, pretrain
+
+    torch.manual_seed(0)
+    model = create_model("vit_nano", img_size_2d=32)
+    data = torch.rand(10, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    cfg = PretrainConfig(epochs=epochs, batch_size=5, lr=1e-3, warmup_epochs=1)
+    result = pretrain(model, data, out, cfg, modality="xray", resume=resume, device="cpu", on_step=on_step)
+    return model, result
+
+
+def train(out: str) -> None:
+    """``train OUT EPOCHS [resume] [kill]``: tiny_pretrain on this rank; writes its weights to OUT.rank.RANK.
+
+    ``kill``: rank 1 exits abruptly at the first step of epoch 2; rank 0 must then stop with
+    :class:`DistributedError` (exit 3) and leave epoch 1's checkpoint.
+    """
+    from safetensors.torch import save_file
+
+    epochs, flags = int(sys.argv[3]), sys.argv[4:]
+    ctx = distributed.init_from_env("cpu")
+
+    def on_step(step) -> None:
+        if "kill" in flags and ctx.rank == 1 and step.epoch == 2:
+            os._exit(9)
+
+    try:
+        with distributed.failures_explained("pretrain"):
+            model, result = tiny_pretrain(out, epochs, "resume" in flags, on_step)
+    except distributed.DistributedError as e:
+        print(e, file=sys.stderr)
+        distributed.destroy(ctx)
+        sys.exit(3)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f"{out}.rank.{ctx.rank}")
+    with open(f"{out}.losses.{ctx.rank}", "w") as f:
+        json.dump(result.losses, f)
+    distributed.destroy(ctx)
+
+
 def die(out: str) -> None:
     ctx = distributed.init_from_env("cpu")
     distributed.barrier()
@@ -79,4 +120,4 @@ def die(out: str) -> None:
 
 
 if __name__ == "__main__":
-    {"gather": gather, "stats": stats, "die": die}[sys.argv[1]](sys.argv[2])
+    {"gather": gather, "stats": stats, "train": train, "die": die}[sys.argv[1]](sys.argv[2])
