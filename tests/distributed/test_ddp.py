@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from invcoss import distributed
 from invcoss.pretrain import STATE_NAME, SUMMARY_NAME
 from tests.distributed.launch import WORKER, launch
-from tests.distributed.worker import tiny_pretrain
+from tests.distributed.worker import tiny_continual, tiny_pretrain
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TOL = {"rtol": 1e-4, "atol": 1e-5}  # float32 sums grouped per rank, through a few Adam steps
@@ -70,3 +70,25 @@ def test_a_killed_rank_stops_the_run_and_resume_continues_on_one_process(tmp_pat
     straight, expected = tiny_pretrain(tmp_path / "straight", 3)
     assert_same_weights(model.state_dict(), straight.state_dict(), **TOL)
     assert result.losses == pytest.approx(expected.losses, rel=1e-4)
+
+
+def test_two_ranks_run_the_single_process_continual_stages(tmp_path):
+    ranks = launch([str(WORKER), "continual", str(tmp_path / "two")])
+    assert [r.returncode for r in ranks] == [0, 0], [r.err for r in ranks]
+    one = tiny_continual(tmp_path / "one")
+    for s in one.stages:
+        folder = s.dir.name
+        a = load_file(str(tmp_path / "one" / folder / "model.safetensors"))
+        b = load_file(str(tmp_path / "two" / folder / "model.safetensors"))
+        assert_same_weights(b, a, **TOL)
+        sa = json.loads((tmp_path / "one" / folder / "stage.json").read_text())
+        sb = json.loads((tmp_path / "two" / folder / "stage.json").read_text())
+        assert sb["kept"] == sa["kept"] == 2 and sb["buffer"] == sa["buffer"]
+        # 8 to train, 8 for statistics, 2 kept, spread over the ranks; each rank reads one sample to check its shape
+        assert sa["reads"] == 19 and sb["reads"] == 20
+        for ha, hb in zip(sa["history"], sb["history"]):
+            assert hb.keys() == ha.keys() and hb["steps"] == ha["steps"]
+            for k in ha:
+                assert hb[k] == pytest.approx(ha[k], rel=1e-4)
+    files = sorted(p.relative_to(tmp_path / "two").as_posix() for p in (tmp_path / "two").rglob("*"))
+    assert files == sorted(p.relative_to(tmp_path / "one").as_posix() for p in (tmp_path / "one").rglob("*"))

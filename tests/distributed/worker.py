@@ -105,6 +105,26 @@ def train(out: str) -> None:
     distributed.destroy(ctx)
 
 
+def tiny_continual(out, method: str = "er"):
+    """The continual run the tests compare: xray then pathology, 8 samples each, global batches of 4."""
+    from invcoss.continual import ContinualConfig, run_continual
+
+    cfg = ContinualConfig.from_profile(
+        "quick", method=method, order=("xray", "pathology"), img_size_2d=32, epochs=1, batch_size=4,
+        stats_batch_size=4, buffer_fraction=0.25,
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(11)
+    data = {"xray": torch.rand(8, 3, 32, 32, generator=g), "pathology": torch.rand(8, 3, 32, 32, generator=g)}
+    return run_continual(data, out, cfg, device="cpu")
+
+
+def continual(out: str) -> None:
+    """``continual OUT``: tiny_continual on this rank (rank 0 writes OUT)."""
+    ctx = distributed.init_from_env("cpu")
+    tiny_continual(out)
+    distributed.destroy(ctx)
+
+
 def die(out: str) -> None:
     ctx = distributed.init_from_env("cpu")
     distributed.barrier()
@@ -120,4 +140,6 @@ def die(out: str) -> None:
 
 
 if __name__ == "__main__":
-    {"gather": gather, "stats": stats, "train": train, "die": die}[sys.argv[1]](sys.argv[2])
+    {"gather": gather, "stats": stats, "train": train, "continual": continual, "die": die}[sys.argv[1]](
+        sys.argv[2]
+    )
