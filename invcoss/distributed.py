@@ -33,11 +33,11 @@ import os
 import pickle
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 DEFAULT_TIMEOUT_S = 600.0
 """Seconds a collective waits for the other ranks before the run stops with :class:`DistributedError`."""
@@ -467,3 +467,65 @@ def all_reduce_sum(t: Tensor) -> Tensor:
         with failures_explained("all_reduce_sum"):
             dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out
+
+
+def batch_part(n: int) -> range:
+    """The positions of a global batch of ``n`` samples that this rank computes (contiguous; all for one process).
+
+    A training step splits every global batch this way, so the batches, their order and each
+    sample's place in them are the same for any number of ranks; a rank's part may be empty when
+    ``n`` is smaller than the number of ranks.
+
+    Example:
+        >>> batch_part(5)
+        range(0, 5)
+    """
+    return shard_indices(n, rank(), world_size())
+
+
+class _StepModule(nn.Module):
+    """Holds the model so that DDP's forward can run any closure over it (a loss of several calls)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return fn(self.model, *args)
+
+
+def data_parallel(
+    model: nn.Module, device: torch.device | None = None, find_unused_parameters: bool = True
+) -> Callable[..., Any]:
+    """``run(fn, *args)`` that computes ``fn(model, *args)``, inside DistributedDataParallel under a process group.
+
+    A step's loss often needs more than ``model.forward`` (an encoder pass against a teacher, a
+    decoder on its latent); DDP averages the gradients only of what runs inside its own forward, so
+    the closure runs there. DDP broadcasts rank 0's parameters when it wraps the model and
+    all-reduces (averages) the gradients in ``backward``, so the ranks stay identical. For one
+    process ``run`` just calls ``fn``.
+
+    Args:
+        model: the module whose parameters train; on ``device`` already.
+        device: the rank's device (a CUDA device is DDP's ``device_ids``).
+        find_unused_parameters: let steps leave parameters out. True by default: the MAE holds a
+            2D and a 3D patch embedding and uses one per batch, and a distillation step may skip
+            the decoder.
+
+    Example:
+        >>> lin = nn.Linear(2, 1)
+        >>> run = data_parallel(lin)
+        >>> run(lambda m, x: m(x).sum(), torch.zeros(3, 2)).shape
+        torch.Size([])
+    """
+    if not is_initialized():
+        return lambda fn, *args: fn(model, *args)
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device is not None and device.type == "cuda" else None
+    with failures_explained("wrapping the model in DistributedDataParallel"):
+        return DistributedDataParallel(
+            _StepModule(model),
+            device_ids=ids,
+            find_unused_parameters=find_unused_parameters,
+        )

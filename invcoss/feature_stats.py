@@ -11,8 +11,9 @@ The file is safetensors: tensors ``block.<i>.mean`` and ``block.<i>.var`` (``(L,
 string metadata ``format``, ``preset``, ``config_hash``, ``config`` (JSON), ``modality``,
 ``input_size`` (JSON), ``count``, ``sources``, ``dtype``, ``num_layers``, ``weights_hash`` and ``compute``
 (JSON: the CPU thread count and determinism of the pass, which the model's features depend on in their
-last bits). ``sources`` (the number of source files, i.e. scans, behind the samples) is absent from files
-written before it was recorded and when the data do not say (a bare tensor); such files still load.
+last bits, and ``ranks``, the number of torch.distributed processes, when more than one). ``sources``
+(the number of source files, i.e. scans, behind the samples) is absent from files written before it
+was recorded and when the data do not say (a bare tensor); such files still load.
 
 Minimum cohort: the per-token means of a handful of scans come close to the scans themselves (the mean
 of one scan *is* that scan's features). Collecting from fewer than :data:`MIN_COHORT_SOURCES` source
@@ -46,6 +47,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from invcoss import distributed
 from invcoss.data.atomic import atomic_write_safetensors
 from invcoss.models.weights import weights_hash
 from invcoss.ops import RunningStats
@@ -146,11 +148,15 @@ class FeatureStats:
 
 
 def _batches(data, batch_size: int, num_workers: int) -> tuple[Iterable, int | None]:
-    """Batches of ``data``: a Dataset or a sample tensor is wrapped in an in-order DataLoader; anything
-    else is iterated as batches."""
-    from torch.utils.data import DataLoader, Dataset
+    """Batches of ``data``: a Dataset or a sample tensor is wrapped in an in-order DataLoader (of this
+    rank's contiguous shard under torch.distributed); anything else is iterated as batches."""
+    from torch.utils.data import DataLoader, Dataset, Subset
 
     if isinstance(data, Dataset | Tensor):
+        if distributed.is_initialized():
+            data = Subset(
+                data, distributed.shard_indices(len(data), distributed.rank(), distributed.world_size())
+            )
         # A private generator: a DataLoader draws its workers' base seed from the global one otherwise.
         loader = DataLoader(
             data, batch_size=batch_size, shuffle=False, num_workers=num_workers, generator=torch.Generator()
@@ -201,9 +207,18 @@ def collect_feature_stats(
         device: where to run (default: the model's device).
         out: if given, the statistics are also saved there (:func:`save_feature_stats`).
         store_dtype: dtype of the returned / saved tensors (accumulation is always float64).
-        on_batch: called as ``on_batch(samples_done, total_or_None)`` after each batch.
+        on_batch: called as ``on_batch(samples_done, total_or_None)`` after each batch (this rank's
+            samples under torch.distributed).
         sources: the number of source files (scans) behind ``data``, recorded in the file; default
             :func:`source_count` of ``data``.
+
+    Under torch.distributed (:mod:`invcoss.distributed`, e.g. ``torchrun -m invcoss.cli stats``) every
+    rank calls this with the same arguments: a Dataset or tensor is split into contiguous shards
+    (:func:`~invcoss.distributed.shard_indices`: no sample read twice, none dropped, uneven shards
+    allowed; a DataLoader or other iterable is taken as this rank's part as it is), each rank folds
+    its shard in, and the per-block states are merged with :meth:`RunningStats.all_reduce` (an exact
+    Chan merge in float64, in rank order), so every rank returns the statistics of all the data,
+    equal to one process's within float64 rounding. Only rank 0 writes ``out`` (and warns).
 
     Warns:
         SmallCohortWarning: fewer than :data:`MIN_COHORT_SOURCES` sources (or samples, when the
@@ -251,12 +266,14 @@ def collect_feature_stats(
                     on_batch(done, total)
     finally:
         model.train(was_training)
+    if distributed.is_initialized():
+        running, ndim = _merge_ranks(running, ndim, device)
     if not running:
         raise ValueError("collect_feature_stats got no data (empty dataset)")
     if sources is None:
         sources = source_count(data)
     cohort = sources if sources is not None else running[0].count
-    if cohort < MIN_COHORT_SOURCES:
+    if cohort < MIN_COHORT_SOURCES and distributed.is_main():
         what = "source files" if sources is not None else "samples"
         warnings.warn(
             f"feature statistics collected from {cohort} {what}, fewer than {MIN_COHORT_SOURCES}: the "
@@ -277,12 +294,33 @@ def collect_feature_stats(
         dtype=str(store_dtype).removeprefix("torch."),
         weights_hash=weights_hash(model),
         config=json.loads(json.dumps(dataclasses.asdict(cfg))),
-        compute=compute_record(),
+        # Under torch.distributed the ranks' shards are merged: their number is a setting of the pass.
+        compute={
+            **compute_record(),
+            **({"ranks": distributed.world_size()} if distributed.is_initialized() else {}),
+        },
         sources=sources,
     )
-    if out is not None:
+    if out is not None and distributed.is_main():
         save_feature_stats(stats, out)
+    if out is not None:
+        distributed.barrier()  # the file exists on return, on every rank
     return stats
+
+
+def _merge_ranks(running: list[RunningStats], ndim: int | None, device: torch.device):
+    """Every rank's states merged in rank order; a rank with an empty shard takes the shapes of the others."""
+    seen = [
+        s for s in distributed.all_gather_object((ndim, [tuple(rs.feature_shape) for rs in running])) if s[0]
+    ]
+    if not seen:
+        return running, ndim
+    ndim, shapes = seen[0]
+    if not running:
+        running = [RunningStats(shape, device=device) for shape in shapes]
+    for rs in running:
+        rs.all_reduce()
+    return running, ndim
 
 
 def save_feature_stats(stats: FeatureStats, path: str | os.PathLike) -> Path:

@@ -39,11 +39,22 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from invcoss import distributed
 from invcoss.data.atomic import atomic_write_json, atomic_write_safetensors
+from invcoss.inversion.engine import derive_seed
 from invcoss.models.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from invcoss.models.weights import read_safetensors_header
 from invcoss.rng import keeps_global_rng, pinned_compute, resolve_threads
-from invcoss.training import CURRENT, Step, TrainingSchedule, TrainStep, train_epoch
+from invcoss.training import (
+    CURRENT,
+    Step,
+    TrainingSchedule,
+    TrainStep,
+    global_batches,
+    parallel_loss,
+    sample_mask_noise,
+    train_epoch,
+)
 
 STATE_NAME = "training_state.safetensors"
 SUMMARY_NAME = "pretrain.json"
@@ -56,7 +67,9 @@ class PretrainConfig(TrainingSchedule):
     the seed.
 
     Attributes:
-        seed: seeds initial shuffling and masking; epoch ``e`` shuffles with ``seed + e``.
+        seed: seeds the shuffling and the masks: epoch ``e`` shuffles with ``seed + e``, and a sample's
+            mask in epoch ``e`` comes from ``(seed, e, its index)`` alone
+            (:func:`~invcoss.training.sample_mask_noise`), whatever batch or rank it lands in.
     """
 
     seed: int = 0
@@ -272,6 +285,8 @@ def _pretrain(
         "samples": len(data),
         "compute": compute,
     }
+    if distributed.is_initialized():
+        run_meta["ranks"] = distributed.world_size()  # informative: a resume may use another count
     start_epoch, losses = 0, []
     owned = [out / n for n in (STATE_NAME, WEIGHTS_NAME, CONFIG_NAME, SUMMARY_NAME) if (out / n).exists()]
     resumable = resume and (out / STATE_NAME).exists()
@@ -296,36 +311,52 @@ def _pretrain(
     out.mkdir(parents=True, exist_ok=True)
 
     use_amp = config.amp and device.type == "cuda"
+    run = distributed.data_parallel(model, device)
 
-    def masked_loss(x: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def masked_loss(
+        model: nn.Module, x: torch.Tensor, noise: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         x = x.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            loss, _, _ = model(x, mask_ratio=config.mask_ratio)
+            loss, _, _ = model(x, mask_ratio=config.mask_ratio, noise=noise)
         return loss, {"mae": float(loss.detach())}
+
+    def steps(batches: list[list[int]], mask_seed: int):
+        parts = [[b[j] for j in distributed.batch_part(len(b))] for b in batches]
+        loader = iter(
+            DataLoader(
+                data,
+                batch_sampler=[p for p in parts if p],
+                num_workers=config.num_workers,
+                pin_memory=device.type == "cuda",
+            )
+        )
+        for batch, part in zip(batches, parts):
+            args = None
+            if part:
+                x = next(loader)
+                x = x[0] if isinstance(x, list | tuple) else x
+                noise = sample_mask_noise(mask_seed, part, model.config.num_patches(x.ndim - 2), device)
+                args = (x, noise)
+            compute = functools.partial(parallel_loss, run, masked_loss, args, len(part), len(batch))
+            yield Step(CURRENT, len(batch), compute)
 
     t_start = time.perf_counter()
     for epoch in range(start_epoch, config.epochs):
-        gen = torch.Generator().manual_seed(config.seed + epoch)
-        loader = DataLoader(
-            data,
-            batch_size=config.batch_size,
-            shuffle=True,
-            generator=gen,
-            # MAE drops the ragged last batch; a tiny dataset keeps it rather than lose most samples.
-            drop_last=len(data) >= 2 * config.batch_size,
-            num_workers=config.num_workers,
-            pin_memory=device.type == "cuda",
-        )
-        batches = (x[0] if isinstance(x, list | tuple) else x for x in loader)
-        steps = (Step(CURRENT, x.shape[0], functools.partial(masked_loss, x)) for x in batches)
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(config.seed + epoch))
+        # MAE drops the ragged last batch; a tiny dataset keeps it rather than lose most samples.
+        batches = global_batches(order.tolist(), config.batch_size, len(data) >= 2 * config.batch_size)
         means = train_epoch(
-            model, opt, steps, epoch=epoch, epochs=config.epochs, num_steps=len(loader),
-            lr_at=lambda e: learning_rate(e, config), on_step=on_step, where="pretrain",
+            model, opt, steps(batches, derive_seed(config.seed, "mask", epoch)), epoch=epoch,
+            epochs=config.epochs, num_steps=len(batches), lr_at=lambda e: learning_rate(e, config),
+            on_step=on_step, where="pretrain",
         )  # fmt: skip
         losses.append(means.get("mae", 0.0))
-        model.save_pretrained(out)
-        save_state(out, model, opt, epoch + 1, losses, run_meta)
-        atomic_write_json(out / SUMMARY_NAME, run_meta | {"epochs_done": epoch + 1, "losses": losses})
+        if distributed.is_main():
+            model.save_pretrained(out)
+            save_state(out, model, opt, epoch + 1, losses, run_meta)
+            atomic_write_json(out / SUMMARY_NAME, run_meta | {"epochs_done": epoch + 1, "losses": losses})
+    distributed.barrier()  # the checkpoint is complete on return, on every rank
     return PretrainResult(
         out=out,
         epochs_run=config.epochs - start_epoch,

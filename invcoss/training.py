@@ -24,13 +24,25 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["CURRENT", "Step", "TrainStep", "TrainingSchedule", "train_epoch"]
+from invcoss import distributed
+from invcoss.inversion.engine import derive_seed
+
+__all__ = [
+    "CURRENT",
+    "Step",
+    "TrainStep",
+    "TrainingSchedule",
+    "global_batches",
+    "parallel_loss",
+    "sample_mask_noise",
+    "train_epoch",
+]
 
 CURRENT = "current"  # the source of a batch of the stage's own data
 
@@ -128,6 +140,63 @@ class TrainStep:
     def total(self) -> int:
         """Steps of the whole run (at this epoch's step count)."""
         return self.epochs * self.steps
+
+
+def sample_mask_noise(seed: int, samples: Sequence[int], length: int, device=None) -> Tensor:
+    """``(B, L)`` MAE mask scores, row ``i`` from its own generator seeded by ``(seed, samples[i])``.
+
+    A sample's mask depends on the seed (e.g. of the epoch) and the sample's key (its index) only,
+    not on the batch it lands in: splitting a batch across ranks, or resuming with another number
+    of ranks, hides the same patches of every sample.
+
+    Example:
+        >>> a = sample_mask_noise(7, [3, 5], 4)
+        >>> torch.equal(a[1], sample_mask_noise(7, [5], 4)[0]), tuple(a.shape)
+        (True, (2, 4))
+    """
+    rows = [
+        torch.rand(length, generator=torch.Generator().manual_seed(derive_seed(seed, "sample", int(i))))
+        for i in samples
+    ]
+    return torch.stack(rows).to(device)
+
+
+def global_batches(order: Sequence[int], batch_size: int, drop_last: bool) -> list[list[int]]:
+    """``order`` cut into batches of ``batch_size`` (the last one ragged unless ``drop_last``).
+
+    Example:
+        >>> global_batches([4, 0, 3, 1, 2], 2, False), global_batches([4, 0, 3, 1, 2], 2, True)
+        ([[4, 0], [3, 1], [2]], [[4, 0], [3, 1]])
+    """
+    batches = [list(order[i : i + batch_size]) for i in range(0, len(order), batch_size)]
+    return [b for b in batches if len(b) == batch_size] if drop_last else batches
+
+
+def _touch_parameters(model: nn.Module) -> Tensor:
+    # A rank whose part of a global batch is empty still joins DDP's gradient all-reduce, with zeros.
+    return sum((p.sum() * 0.0 for p in model.parameters() if p.requires_grad), torch.zeros(()))
+
+
+def parallel_loss(
+    run: Callable, fn: Callable, args: tuple | None, local: int, total: int
+) -> tuple[Tensor, dict[str, float]]:
+    """The loss and parts of this rank's ``local`` samples of a global batch of ``total``.
+
+    ``fn(model, *args) -> (loss, parts)`` is computed through ``run``
+    (:func:`invcoss.distributed.data_parallel`); ``args`` None means an empty part. Under a process
+    group the loss is scaled by ``local * world / total``, so that DDP's average of the ranks'
+    gradients is the gradient of the global batch's mean loss (uneven parts included), and each part
+    becomes its global mean (the ``local / total`` weighted sum over ranks). One process: ``fn``'s
+    result as it is.
+    """
+    loss, parts = run(_touch_parameters) if args is None else run(fn, *args)
+    if not distributed.is_initialized():
+        return loss, parts
+    merged: dict[str, float] = {}
+    for n, p in distributed.all_gather_object((local, parts)):
+        for k, v in p.items():
+            merged[k] = merged.get(k, 0.0) + v * n / total
+    return loss * (local * distributed.world_size() / total), merged
 
 
 def train_epoch(

@@ -151,7 +151,10 @@ def continual(order, method, data, out, profile, resume, device, threads, **over
     """Continual pre-training over modalities with seq, er or invcoss replay (Algorithm 1).
 
     The CPU thread count is a setting of the run, recorded in continual.json; --resume continues at
-    the recorded count and refuses another --threads.
+    the recorded count and refuses another --threads. Under ``torchrun -m invcoss.cli continual``
+    the ranks train with DistributedDataParallel, each computing its part of every current and
+    buffer batch (--batch-size is the global batch); rank 0 writes the run folder, and --resume
+    may use another number of ranks.
     """
     check_output_folder(out)
     from invcoss.continual import run_continual
@@ -170,7 +173,10 @@ def continual(order, method, data, out, profile, resume, device, threads, **over
         raise UserError(f"--data names {', '.join(stray)}, which --order {','.join(config.order)} does not")
     stub = _model_stub(config)
     sources = {m: (lambda p=p, m=m: open_data(p, m, stub)) for m, p in data.items()}
-    with progress_bar() as bar:
+    from invcoss.cli.torchrun import torchrun_session
+
+    # Under torchrun: DistributedDataParallel over the ranks, rank 0 writes and prints.
+    with torchrun_session(device) as ctx, progress_bar() as bar:
         tasks: dict[tuple, int] = {}
 
         def on_event(e) -> None:
@@ -199,13 +205,16 @@ def continual(order, method, data, out, profile, resume, device, threads, **over
                     bar.remove_task(tasks.pop(key))
 
         try:
+            dev = ctx.device if ctx is not None else device
             result = run_continual(
-                sources, out, config, resume=resume, device=device, on_event=on_event, threads=threads
+                sources, out, config, resume=resume, device=dev, on_event=on_event, threads=threads
             )
         except ValueError as e:
             raise UserError(str(e)) from None
         except (NonFiniteLossError, FloatingPointError, DataAccessError) as e:
             raise click.ClickException(str(e)) from None
+    if ctx is not None and not ctx.is_main:
+        return
     storage = storage_report(out)
     kept = sum(r.replay_bytes for r in storage)
     ran = sum(1 for s in result.stages if s.epochs_run)

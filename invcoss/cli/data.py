@@ -288,7 +288,13 @@ def open_data(path: Path, modality: str | None, model, strict: bool = False):
     help="Start afresh over a model or run already in --out (its config.json, model.safetensors, "
     "training_state.safetensors, pretrain.json).",
 )
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Samples per step, over all ranks under torchrun (each rank computes its part).",
+)
 @click.option("--lr", type=float, default=1.5e-4, show_default=True, help="Peak learning rate.")
 @click.option("--warmup-epochs", type=float, default=None, help="Default: 40/300 of --epochs, as the paper.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -312,7 +318,9 @@ def pretrain(
     """MAE pre-training (AdamW, warm-up then cosine), checkpointing every epoch.
 
     The CPU thread count is recorded in pretrain.json; --resume continues at the recorded count and
-    refuses another --threads. A folder that already holds a model or a run is refused (exit 2)
+    refuses another --threads. Under ``torchrun -m invcoss.cli pretrain`` the ranks train one model
+    with DistributedDataParallel on the same global batches (--batch-size), rank 0 writes the
+    checkpoint, and --resume may use another number of ranks. A folder that already holds a model or a run is refused (exit 2)
     unless --resume continues its training state or --overwrite replaces it.
     """
     check_output_folder(out)
@@ -335,7 +343,10 @@ def pretrain(
         ds = open_data(data, modality, model)
     except ValueError as e:
         raise UserError(str(e)) from None
-    with progress_bar() as bar:
+    from invcoss.cli.torchrun import torchrun_session
+
+    # Under torchrun: DistributedDataParallel over the ranks, rank 0 writes and prints.
+    with torchrun_session(device) as ctx, progress_bar() as bar:
         task = bar.add_task("pretrain", total=None, info="")
 
         def on_step(s) -> None:
@@ -343,18 +354,22 @@ def pretrain(
             info = f"epoch {s.epoch}/{s.epochs} loss {loss:.4f} lr {s.lr:.2e} {s.samples_per_s:.1f} samples/s"
             bar.update(task, completed=s.done, total=s.total, info=info)
 
+        dev = ctx.device if ctx is not None else device
         try:
             result = run_pretrain(
-                model, ds, out, config, resume=resume, device=device, on_step=on_step, threads=threads,
+                model, ds, out, config, resume=resume, device=dev, on_step=on_step, threads=threads,
                 overwrite=overwrite,
             )  # fmt: skip
         except ValueError as e:
             raise UserError(str(e)) from None
+    if ctx is not None and not ctx.is_main:
+        return
     if result.epochs_run == 0:
         click.echo(f"nothing to do: {out} already holds {epochs} epochs (loss {result.losses[-1]:.4f})")
         return
     click.echo(
-        f"trained {preset} on {result.samples} {ds.modality} samples for {result.epochs_run} epochs "
+        f"trained {preset} on {result.samples} {ds.modality} samples for {result.epochs_run} epochs"
+        f"{f' on {ctx.world_size} ranks' if ctx is not None else ''} "
         f"in {result.seconds:.0f} s: loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}; checkpoint {out}"
     )
 
@@ -389,6 +404,7 @@ def stats(
     """
     check_output_file(out, overwrite)
 
+    from invcoss.cli.torchrun import torchrun_session
     from invcoss.feature_stats import collect_feature_stats
     from invcoss.models import MAE
     from invcoss.rng import pinned_compute
@@ -401,23 +417,30 @@ def stats(
         ds = open_data(data, modality, model)
     except ValueError as e:
         raise UserError(str(e)) from None
-    dev = device
-    model.to(dev)
-    with progress_bar() as bar, pinned_compute(threads):
-        task = bar.add_task("stats", total=len(ds), info="")
-        try:
-            result = collect_feature_stats(
-                model,
-                ds,
-                batch_size=batch_size,
-                out=out,
-                on_batch=lambda done, total: bar.update(task, completed=done, info=f"{done} samples"),
-            )
-        except ValueError as e:
-            raise UserError(str(e)) from None
+    # Under torchrun each rank reads its shard of the data and rank 0 writes the merged statistics.
+    with torchrun_session(device) as ctx:
+        dev = ctx.device if ctx is not None else device
+        model.to(dev)
+        with progress_bar() as bar, pinned_compute(threads):
+            task = bar.add_task("stats", total=None, info="")
+            try:
+                result = collect_feature_stats(
+                    model,
+                    ds,
+                    batch_size=batch_size,
+                    out=out,
+                    on_batch=lambda done, total: bar.update(
+                        task, completed=done, total=total, info=f"{done} samples"
+                    ),
+                )
+            except ValueError as e:
+                raise UserError(str(e)) from None
+        if ctx is not None and not ctx.is_main:
+            return
     size = out.stat().st_size
     ratio = ds.source_bytes / size if size else float("inf")
+    ranks = f" on {ctx.world_size} ranks" if ctx is not None else ""
     click.echo(
-        f"statistics of {result.num_layers} blocks over {result.count} {result.modality} samples: "
+        f"statistics of {result.num_layers} blocks over {result.count} {result.modality} samples{ranks}: "
         f"{human_bytes(size)} for {human_bytes(ds.source_bytes)} of data ({ratio:.1f}x smaller) -> {out}"
     )

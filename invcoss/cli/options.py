@@ -193,7 +193,12 @@ def threads_option(default: int | None = None) -> Callable:
 
 
 def progress_bar():
-    """The progress display of every long command: a rich bar on stderr that vanishes when done."""
+    """The progress display of every long command: a rich bar on stderr that vanishes when done.
+
+    Under torchrun only rank 0 shows it (``RANK`` other than 0 in the environment disables it).
+    """
+    import os
+
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -206,4 +211,5 @@ def progress_bar():
         TimeRemainingColumn(),
         console=Console(stderr=True),
         transient=True,
+        disable=os.environ.get("RANK", "0") not in ("", "0"),
     )

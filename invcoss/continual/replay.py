@@ -219,6 +219,7 @@ def replay_loss(
     mae_weight: float = 0.0,
     mae_flat_std: float = 0.0,
     mae_target: str = "pixels",
+    noise: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """The loss of one buffer batch: ``distill_weight * distillation + mae_weight * MAE`` (one encoder pass).
 
@@ -236,6 +237,9 @@ def replay_loss(
     white noise, so scoring it teaches structure that real background does not have. The
     distillation term still sees every patch.
 
+    ``noise``: ``(B, L)`` mask scores of both encoders (:func:`feature_distillation_loss`; drawn from
+    the global generator when None).
+
     Returns:
         ``(total, {"distill": ..., "mae": ...})`` (``mae`` only when ``mae_weight > 0``; with
         ``mae_flat_std > 0`` also ``"flat"``, the fraction of patches left out).
@@ -243,7 +247,7 @@ def replay_loss(
     if mae_target not in MAE_TARGETS:
         raise ValueError(f"mae_target must be one of {', '.join(MAE_TARGETS)}, got {mae_target!r}")
     distill, latent, mask, ids_restore, teacher_latent = feature_distillation_loss(
-        model, teacher, x, mask_ratio, return_teacher=True
+        model, teacher, x, mask_ratio, noise, return_teacher=True
     )
     total = distill_weight * distill
     parts = {"distill": float(distill.detach())}

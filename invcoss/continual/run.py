@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from invcoss import distributed
 from invcoss.continual.config import ContinualConfig, buffer_count
 from invcoss.continual.layout import (
     BUFFER_NAME,
@@ -171,7 +172,11 @@ def _run_header(out: Path, config: ContinualConfig, resume: bool, compute: dict)
             raise ValueError(f"cannot resume {out}: the configuration differs ({'; '.join(diff)})")
     stages = [stage_dir(out, t, m).name for t, m in enumerate(config.order)]
     header = {"format": RUN_FORMAT, "config": config.to_dict(), "stages": stages, "compute": compute}
-    atomic_write_json(path, header)
+    # Every rank has checked the folder before rank 0 writes the header (a rank that looked after it
+    # would take the new header for an earlier run).
+    distributed.barrier()
+    if distributed.is_main():
+        atomic_write_json(path, header)
 
 
 @keeps_global_rng
@@ -292,7 +297,8 @@ def _run_stages(
             ),
         )  # fmt: skip
         times["train"] = time.perf_counter() - t0
-        model.save_pretrained(folder)
+        if distributed.is_main():
+            model.save_pretrained(folder)
         t0 = time.perf_counter()
         collect_feature_stats(
             model,
@@ -306,7 +312,9 @@ def _run_stages(
         times["stats"] = time.perf_counter() - t0
         kept = 0
         if config.method == "er":
-            kept = _keep_real_buffer(ds, folder, config, t, modality)
+            n = buffer_count(len(ds), config.buffer_fraction)
+            kept = _keep_real_buffer(ds, folder, config, t, modality) if distributed.is_main() else n
+        reads = sum(distributed.all_gather_object(ds.reads))  # every rank read its own shard
         ds.seal()
         summary = {
             "stage": t,
@@ -319,13 +327,15 @@ def _run_stages(
             "history": history,
             "buffer": {m: int(b.shape[0]) for m, b in buffers.items()},
             "kept": kept,
-            "reads": ds.reads,
+            "reads": reads,
             "seconds": times,
             "compute": compute,
             "done": True,
         }
-        atomic_write_json(folder / STAGE_NAME, summary)
-        (folder / STATE_NAME).unlink(missing_ok=True)
+        if distributed.is_main():
+            atomic_write_json(folder / STAGE_NAME, summary)
+            (folder / STATE_NAME).unlink(missing_ok=True)
+        distributed.barrier()  # the stage's files exist for every rank before the next stage reads them
         stages.append(StageSummary.read(folder, epochs_run))
         emit("stage_end", t, modality, summary=summary)
         del ds, teacher, buffers
@@ -403,8 +413,12 @@ def _synthetic_buffer(
             step=info.step, steps=info.steps, loss=info.losses.get("total"),
         )  # fmt: skip
 
+    # Under torch.distributed every rank inverts the same samples (the same seeds) and rank 0 saves
+    # them: a rank waiting at a barrier for the whole inversion would run into the timeout.
     result = inverter.generate(n, on_step=on_step)
     teacher.eval()  # the Inverter froze it already; keep the teacher's mode explicit
+    if not distributed.is_main():
+        return result.images
     save_samples(
         path,
         result.images,

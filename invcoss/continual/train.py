@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from invcoss import distributed
 from invcoss.continual.config import ContinualConfig
 from invcoss.continual.replay import CURRENT, buffer_mixup, epoch_schedule, replay_loss
 from invcoss.inversion.engine import derive_seed
@@ -29,7 +30,7 @@ from invcoss.pretrain import (
     save_state,
 )
 from invcoss.rng import keeps_global_rng
-from invcoss.training import Step, TrainStep, train_epoch
+from invcoss.training import Step, TrainStep, parallel_loss, sample_mask_noise, train_epoch
 
 __all__ = ["train_stage"]
 
@@ -92,46 +93,70 @@ def train_stage(
         torch.manual_seed(stage_seed)
     sizes = {m: int(b.shape[0]) for m, b in buffers.items()}
     use_amp = config.amp and device.type == "cuda"
+    run = distributed.data_parallel(model, device)
+
+    def current_loss(
+        model: nn.Module, x: torch.Tensor, noise: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            loss = model(x.to(device, non_blocking=True), mask_ratio=config.mask_ratio, noise=noise)[0]
+        return loss, {"mae": float(loss.detach())}
+
+    def buffer_loss(
+        model: nn.Module, x: torch.Tensor, noise: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            loss, replay = replay_loss(
+                model, teacher, x.to(device, non_blocking=True), config.mask_ratio, config.distill_weight,
+                config.buffer_mae_weight, config.buffer_mae_flat_std, config.mae_target(), noise,
+            )  # fmt: skip
+        parts = {"distill": replay["distill"]}
+        if "mae" in replay:
+            parts["buffer_mae"] = replay["mae"]
+        if "flat" in replay:
+            parts["buffer_flat"] = replay["flat"]
+        return loss, parts
+
     for epoch in range(start, epochs):
         g = torch.Generator().manual_seed(derive_seed(stage_seed, "epoch", epoch))
         schedule = epoch_schedule(
             len(data), sizes, config.batch_size, config.interleave, config.buffer_every, g
         )
+        mask_seed = derive_seed(stage_seed, "mask", epoch)
+        # Every rank walks the whole schedule and computes its contiguous part of each batch.
+        parts = [distributed.batch_part(len(b.indices)) for b in schedule]
         current = iter(
             DataLoader(
                 data,
-                batch_sampler=[list(b.indices) for b in schedule if b.source == CURRENT],
+                batch_sampler=[
+                    [b.indices[j] for j in part]
+                    for b, part in zip(schedule, parts)
+                    if b.source == CURRENT and part
+                ],
                 num_workers=config.num_workers,
                 pin_memory=device.type == "cuda",
             )
         )
 
-        def current_loss(x: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                loss = model(x.to(device, non_blocking=True), mask_ratio=config.mask_ratio)[0]
-            return loss, {"mae": float(loss.detach())}
-
-        def buffer_loss(source: str, indices: tuple[int, ...], g=g) -> tuple[torch.Tensor, dict[str, float]]:
-            x = buffer_mixup(buffers[source][list(indices)], config.mixup_alpha, g)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                loss, replay = replay_loss(
-                    model, teacher, x.to(device, non_blocking=True), config.mask_ratio,
-                    config.distill_weight, config.buffer_mae_weight, config.buffer_mae_flat_std, config.mae_target(),
-                )  # fmt: skip
-            parts = {"distill": replay["distill"]}
-            if "mae" in replay:
-                parts["buffer_mae"] = replay["mae"]
-            if "flat" in replay:
-                parts["buffer_flat"] = replay["flat"]
-            return loss, parts
-
-        def steps(schedule=schedule, current=current):
-            for batch in schedule:
+        def steps(schedule=schedule, parts=parts, current=current, g=g, mask_seed=mask_seed):
+            for i, (batch, part) in enumerate(zip(schedule, parts)):
+                n = len(batch.indices)
                 if batch.source == CURRENT:
-                    compute = functools.partial(current_loss, next(current))
+                    fn, x = current_loss, (next(current) if part else None)
+                    # a current sample's mask: (epoch, its index), as in pretrain
+                    keys, seed = [batch.indices[j] for j in part], mask_seed
                 else:
-                    compute = functools.partial(buffer_loss, batch.source, batch.indices)
-                yield Step(batch.source, len(batch.indices), compute)
+                    # The mixup pairs samples of the whole batch: every rank mixes all of it (the
+                    # same draws from g) and keeps its part; masks by position in the batch.
+                    mixed = buffer_mixup(buffers[batch.source][list(batch.indices)], config.mixup_alpha, g)
+                    fn, x = buffer_loss, (mixed[part.start : part.stop] if part else None)
+                    keys, seed = list(part), derive_seed(mask_seed, batch.source, i)
+                args = None
+                if x is not None:
+                    noise = sample_mask_noise(seed, keys, model.config.num_patches(x.ndim - 2), device)
+                    args = (x, noise)
+                compute = functools.partial(parallel_loss, run, fn, args, len(part), n)
+                yield Step(batch.source, n, compute)
 
         means = train_epoch(
             model, opt, steps(), epoch=epoch, epochs=epochs, num_steps=len(schedule),
@@ -139,5 +164,8 @@ def train_stage(
             where=f"stage {stage + 1} ({modality})",
         )  # fmt: skip
         history.append({"epoch": epoch + 1, "steps": len(schedule)} | means)
-        save_state(folder, model, opt, epoch + 1, [h["mae"] for h in history], meta | {"history": history})
+        if distributed.is_main():
+            save_state(
+                folder, model, opt, epoch + 1, [h["mae"] for h in history], meta | {"history": history}
+            )
     return history, epochs - start

@@ -10,8 +10,11 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from invcoss import distributed
+from invcoss.feature_stats import SmallCohortWarning, collect_feature_stats, load_feature_stats
+from invcoss.models import create_model
 from tests.distributed.launch import WORKER, launch
 
 
@@ -84,6 +87,22 @@ def test_two_gloo_ranks_gather_broadcast_and_merge_statistics(tmp_path):
         np.testing.assert_allclose(s["mean"], data.mean(0), rtol=1e-12)
         np.testing.assert_allclose(s["var"], data.var(0), rtol=1e-12)
     assert seen[0]["mean"] == seen[1]["mean"] and seen[0]["var"] == seen[1]["var"]  # same bits
+
+
+def test_feature_stats_of_two_shards_equal_one_pass(tmp_path, one_thread):
+    ranks = launch([str(WORKER), "stats", str(tmp_path / "two.safetensors")])
+    assert [r.returncode for r in ranks] == [0, 0], [r.err for r in ranks]
+    torch.manual_seed(3)
+    model = create_model("vit_nano", img_size_2d=32)
+    data = torch.rand(7, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    with pytest.warns(SmallCohortWarning):
+        collect_feature_stats(model, data, modality="xray", batch_size=3, out=tmp_path / "one.safetensors")
+    one = load_feature_stats(tmp_path / "one.safetensors", model)
+    two = load_feature_stats(tmp_path / "two.safetensors", model)
+    assert two.count == one.count == 7 and two.compute["ranks"] == 2
+    for a, b in zip(one.mean + one.var, two.mean + two.var):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.safetensors", "two.safetensors"]
 
 
 def test_a_dead_rank_makes_the_other_exit_with_a_message(tmp_path):

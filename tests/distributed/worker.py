@@ -3,6 +3,7 @@
 Tasks:
 - ``gather``: join the group, gather tensors of uneven length and objects, broadcast, barrier, merge
   ``RunningStats`` of this rank's shard with ``all_reduce``; write what it saw to ``OUT_JSON.RANK``.
+- ``stats``: :func:`collect_feature_stats` of a tiny model over a shard each; rank 0 writes ``OUT_JSON``.
 - ``die``: rank 1 exits abruptly after joining; rank 0 then enters a collective, which must fail with
   :class:`DistributedError` (exit code 3 and its message on stderr) instead of hanging.
 """
@@ -49,6 +50,81 @@ def gather(out: str) -> None:
         json.dump(record, f)
 
 
+def stats(out: str) -> None:
+    """collect_feature_stats on this rank's shard of 7 samples in batches of 3; rank 0 writes OUT."""
+    from invcoss.feature_stats import collect_feature_stats
+    from invcoss.models import create_model
+
+    ctx = distributed.init_from_env("cpu")
+    torch.manual_seed(3)
+    model = create_model("vit_nano", img_size_2d=32)
+    data = torch.rand(7, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    result = collect_feature_stats(model, data, modality="xray", batch_size=3, out=out)
+    assert result.count == 7 and os.path.exists(out)  # every rank returns the whole and sees the file
+    distributed.destroy(ctx)
+
+
+def tiny_pretrain(out, epochs: int, resume: bool = False, on_step=None):
+    """The run every pretrain test compares: 10 samples in global batches of 5 (parts of 3 and 2 on 2 ranks)."""
+    from invcoss.models import create_model
+    from invcoss.pretrain import PretrainConfig, pretrain
+
+    torch.manual_seed(0)
+    model = create_model("vit_nano", img_size_2d=32)
+    data = torch.rand(10, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    cfg = PretrainConfig(epochs=epochs, batch_size=5, lr=1e-3, warmup_epochs=1)
+    result = pretrain(model, data, out, cfg, modality="xray", resume=resume, device="cpu", on_step=on_step)
+    return model, result
+
+
+def train(out: str) -> None:
+    """``train OUT EPOCHS [resume] [kill]``: tiny_pretrain on this rank; writes its weights to OUT.rank.RANK.
+
+    ``kill``: rank 1 exits abruptly at the first step of epoch 2; rank 0 must then stop with
+    :class:`DistributedError` (exit 3) and leave epoch 1's checkpoint.
+    """
+    from safetensors.torch import save_file
+
+    epochs, flags = int(sys.argv[3]), sys.argv[4:]
+    ctx = distributed.init_from_env("cpu")
+
+    def on_step(step) -> None:
+        if "kill" in flags and ctx.rank == 1 and step.epoch == 2:
+            os._exit(9)
+
+    try:
+        with distributed.failures_explained("pretrain"):
+            model, result = tiny_pretrain(out, epochs, "resume" in flags, on_step)
+    except distributed.DistributedError as e:
+        print(e, file=sys.stderr)
+        distributed.destroy(ctx)
+        sys.exit(3)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f"{out}.rank.{ctx.rank}")
+    with open(f"{out}.losses.{ctx.rank}", "w") as f:
+        json.dump(result.losses, f)
+    distributed.destroy(ctx)
+
+
+def tiny_continual(out, method: str = "er"):
+    """The continual run the tests compare: xray then pathology, 8 samples each, global batches of 4."""
+    from invcoss.continual import ContinualConfig, run_continual
+
+    cfg = ContinualConfig.from_profile(
+        "quick", method=method, order=("xray", "pathology"), img_size_2d=32, epochs=1, batch_size=4,
+        stats_batch_size=4, buffer_fraction=0.25,
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(11)
+    data = {"xray": torch.rand(8, 3, 32, 32, generator=g), "pathology": torch.rand(8, 3, 32, 32, generator=g)}
+    return run_continual(data, out, cfg, device="cpu")
+
+
+def continual(out: str) -> None:
+    """``continual OUT``: tiny_continual on this rank (rank 0 writes OUT)."""
+    ctx = distributed.init_from_env("cpu")
+    tiny_continual(out)
+    distributed.destroy(ctx)
+
+
 def die(out: str) -> None:
     ctx = distributed.init_from_env("cpu")
     distributed.barrier()
@@ -64,4 +140,6 @@ def die(out: str) -> None:
 
 
 if __name__ == "__main__":
-    {"gather": gather, "die": die}[sys.argv[1]](sys.argv[2])
+    {"gather": gather, "stats": stats, "train": train, "continual": continual, "die": die}[sys.argv[1]](
+        sys.argv[2]
+    )
