@@ -41,10 +41,9 @@ from torch import nn
 
 from invcoss import distributed
 from invcoss.data.atomic import atomic_write_json, atomic_write_safetensors
-from invcoss.inversion.engine import derive_seed
 from invcoss.models.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from invcoss.models.weights import read_safetensors_header
-from invcoss.rng import keeps_global_rng, pinned_compute, resolve_threads
+from invcoss.rng import derive_seed, keeps_global_rng, pinned_compute, resolve_threads
 from invcoss.training import (
     CURRENT,
     Step,

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from invcoss import distributed
-from invcoss.inversion.engine import derive_seed
+from invcoss.rng import derive_seed
 
 __all__ = [
     "CURRENT",

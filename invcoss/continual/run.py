@@ -62,12 +62,11 @@ from invcoss.continual.replay import AuditedDataset, load_samples, save_samples
 from invcoss.continual.train import train_stage
 from invcoss.data.atomic import atomic_write_json
 from invcoss.feature_stats import collect_feature_stats, load_feature_stats
-from invcoss.inversion.engine import derive_seed
 from invcoss.inversion.run import Inverter
 from invcoss.models import MAE, create_model
 from invcoss.models.checkpoint import checkpoint_weights_hash
 from invcoss.pretrain import STATE_NAME
-from invcoss.rng import keeps_global_rng, pinned_compute, resolve_threads
+from invcoss.rng import derive_seed, keeps_global_rng, pinned_compute, resolve_threads
 from invcoss.training import TrainStep
 
 __all__ = ["ContinualEvent", "ContinualResult", "run_continual"]

@@ -21,7 +21,6 @@ from torch import nn
 from invcoss import distributed
 from invcoss.continual.config import ContinualConfig
 from invcoss.continual.replay import CURRENT, buffer_mixup, epoch_schedule, replay_loss
-from invcoss.inversion.engine import derive_seed
 from invcoss.pretrain import (
     STATE_NAME,
     learning_rate,
@@ -29,7 +28,7 @@ from invcoss.pretrain import (
     make_optimizer,
     save_state,
 )
-from invcoss.rng import keeps_global_rng
+from invcoss.rng import derive_seed, keeps_global_rng
 from invcoss.training import Step, TrainStep, parallel_loss, sample_mask_noise, train_epoch
 
 __all__ = ["train_stage"]

@@ -42,8 +42,17 @@ def base_env(extra: dict | None = None) -> dict:
     return env
 
 
-def launch(args: list[str], world: int = 2, env: dict | None = None, timeout: float = 120) -> list[Rank]:
-    """Run ``python ARGS`` as ranks 0..world-1 of one group; returns each rank's exit code and output."""
+def launch(
+    args: list[str],
+    world: int = 2,
+    env: dict | None = None,
+    timeout: float = 120,
+    rank_args: dict | None = None,
+) -> list[Rank]:
+    """Run ``python ARGS`` as ranks 0..world-1 of one group; returns each rank's exit code and output.
+
+    ``rank_args``: ``{rank: ARGS}`` for ranks that run something else.
+    """
     port = free_port()
     procs = []
     for r in range(world):
@@ -57,7 +66,7 @@ def launch(args: list[str], world: int = 2, env: dict | None = None, timeout: fl
         )
         procs.append(
             subprocess.Popen(
-                [sys.executable, *args],
+                [sys.executable, *(rank_args or {}).get(r, args)],
                 env=e,
                 cwd=ROOT,
                 stdout=subprocess.PIPE,

@@ -125,6 +125,12 @@ def continual(out: str) -> None:
     distributed.destroy(ctx)
 
 
+def leave(out: str) -> None:
+    """``leave -``: join the group, then exit abruptly (code 9) without a word to the others."""
+    distributed.init_from_env("cpu")
+    os._exit(9)
+
+
 def die(out: str) -> None:
     ctx = distributed.init_from_env("cpu")
     distributed.barrier()
@@ -140,6 +146,6 @@ def die(out: str) -> None:
 
 
 if __name__ == "__main__":
-    {"gather": gather, "stats": stats, "train": train, "continual": continual, "die": die}[sys.argv[1]](
-        sys.argv[2]
-    )
+    {"gather": gather, "stats": stats, "train": train, "continual": continual, "leave": leave, "die": die}[
+        sys.argv[1]
+    ](sys.argv[2])

@@ -1,4 +1,5 @@
-"""``stats`` under torchrun: two gloo ranks on CPU read one shard each and write the same file as one process.
+"""The commands under torchrun on CPU (gloo): ``stats`` on two ranks writes one process's file; ``pretrain``
+on two ranks writes one checkpoint that one process resumes.
 
 The command-line runs start two Python processes each (tens of seconds on a busy 2-core machine), so
 they are marked slow; tests/distributed/test_distributed.py checks the library call on two ranks fast.
@@ -15,7 +16,7 @@ from safetensors import safe_open
 
 from invcoss.cli import main
 from invcoss.models import create_model
-from tests.distributed.launch import launch, torchrun
+from tests.distributed.launch import WORKER, launch, torchrun
 
 
 @pytest.fixture(scope="module")
@@ -90,3 +91,40 @@ def test_a_bad_launch_is_a_user_error(xray, tmp_path, monkeypatch):
     r = CliRunner().invoke(main, stats_args(xray, out, 2))
     assert r.exit_code == 2 and "MASTER_ADDR, MASTER_PORT not set; launch with torchrun" in r.output
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_a_rank_that_leaves_makes_the_command_exit_1_with_a_message(xray, tmp_path):
+    out = tmp_path / "s.safetensors"
+    ranks = launch(
+        ["-m", "invcoss.cli", *stats_args(xray, out, 2)],
+        env={"INVCOSS_DIST_TIMEOUT": "60"},
+        rank_args={1: [str(WORKER), "leave", "-"]},
+    )
+    assert ranks[1].returncode == 9
+    assert ranks[0].returncode == 1, ranks[0].err
+    err = ranks[0].err
+    assert "Error: rank 0 of 2:" in err and "another rank stopped" in err and "--resume" in err
+    assert "Traceback" not in err and not out.exists()
+
+
+@pytest.mark.slow
+def test_pretrain_on_two_ranks_then_resume_in_one_process(xray, tmp_path):
+    from invcoss.pretrain import STATE_NAME, SUMMARY_NAME
+
+    out = tmp_path / "ckpt"
+    args = ["pretrain", "--data", str(xray / "cache"), "--out", str(out), "--batch-size", "4"]
+    args += ["--lr", "1e-3", "--warmup-epochs", "1", "--device", "cpu", "--threads", "1"]
+    run = torchrun(["-m", "invcoss.cli", *args, "--epochs", "1"])
+    assert run.returncode == 0, run.err
+    assert run.out.count("trained vit_nano on 7 xray samples for 1 epochs on 2 ranks") == 1  # rank 0 only
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["config.json", "model.safetensors", STATE_NAME, SUMMARY_NAME]
+    )
+    summary = json.loads((out / SUMMARY_NAME).read_text())
+    assert summary["epochs_done"] == 1 and summary["ranks"] == 2
+    r = CliRunner().invoke(main, [*args, "--epochs", "2", "--resume"])
+    assert r.exit_code == 0, r.output
+    assert "for 1 epochs in" in r.stdout and "on 2 ranks" not in r.stdout
+    summary = json.loads((out / SUMMARY_NAME).read_text())
+    assert summary["epochs_done"] == 2 and len(summary["losses"]) == 2
