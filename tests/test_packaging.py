@@ -8,6 +8,7 @@ files in the same sdist, and compiling them would triple CI's time; ``make insta
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from packaging.requirements import Requirement
 from setuptools import Distribution
 from setuptools._distutils.ccompiler import new_compiler
 from setuptools._distutils.sysconfig import customize_compiler
@@ -167,3 +169,18 @@ def test_isolated_build_without_torch_stops_with_the_fix(sdist, tmp_path):
     assert done.returncode != 0 and not list(tmp_path.glob("w/*.whl"))
     assert "torch is not importable in this build environment" in done.stdout + done.stderr
     assert "--no-build-isolation" in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(
+    "platform, machine, wanted",
+    [
+        ("linux", "x86_64", True),
+        ("linux", "aarch64", True),
+        ("darwin", "arm64", False),
+        ("win32", "AMD64", False),
+    ],
+)
+def test_triton_is_required_only_where_it_has_wheels(platform, machine, wanted):
+    (line,) = re.findall(r'^\s*"(triton\b[^"]*)",', (ROOT / "pyproject.toml").read_text(), flags=re.M)
+    triton = Requirement(line)
+    assert triton.marker.evaluate({"sys_platform": platform, "platform_machine": machine}) is wanted
