@@ -70,4 +70,4 @@ lint: install
 	$(BIN)/ruff format --check invcoss kernels tests benchmarks
 
 clean:
-	rm -rf build *.egg-info invcoss/_C*.so
+	rm -rf build *.egg-info invcoss/_C*.so invcoss/_C_build.json

@@ -35,6 +35,9 @@ def collect_info() -> dict:
             "cpu kernels": _ext.C is not None,
             "cuda kernels": _ext.HAS_CUDA,
             "why not": _ext.IMPORT_ERROR or "",
+            # What the build recorded ("" when unknown): the torch it must run with, OpenMP threads.
+            "built against torch": _ext.BUILD_INFO.get("torch", ""),
+            "openmp": _ext.BUILD_INFO.get("openmp", ""),
         },
         "backends": {name: {"available": ok, "reason": why} for name, (ok, why) in backend_status().items()},
     }
@@ -68,6 +71,15 @@ def info(kernels: bool) -> None:
         head.add_row(
             "  cpu / cuda kernels",
             f"{'yes' if ext['cpu kernels'] else 'no'} / {'yes' if ext['cuda kernels'] else 'no'}",
+        )
+        head.add_row(
+            "  OpenMP", {True: "yes", False: "no (single-threaded CPU kernels)"}.get(ext["openmp"], "unknown")
+        )
+    if ext["built against torch"]:
+        fits = ext["built against torch"] == data["torch"]
+        head.add_row(
+            "  built against torch",
+            ext["built against torch"] + ("" if fits else " (not this torch: rebuild)"),
         )
     head.add_row("default backend (cpu tensors)", default_backend(torch.device("cpu")))
     if torch.cuda.is_available():

@@ -5,6 +5,9 @@ failure, not a skip; without any compiled module the extension tests skip with t
 """
 
 import importlib.util
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -114,10 +117,58 @@ def test_cpu_backend_is_the_default_for_cpu_tensors(monkeypatch):
 
 @needs_ext
 def test_openmp_threads_follow_torch():
+    # A build with a compiler without OpenMP runs its kernels on one thread, whatever torch says.
     saved = torch.get_num_threads()
     try:
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            assert _ext.C.omp_threads() == n
+            assert _ext.C.omp_threads() == (n if _ext.BUILD_INFO["openmp"] else 1)
     finally:
         torch.set_num_threads(saved)
+
+
+@needs_ext
+def test_the_module_records_the_torch_it_was_built_against():
+    # The record compiled into the module, the file beside it (read when the module cannot load) and
+    # what `invcoss-cli info` shows agree, and this torch is the one it was built against.
+    from invcoss.cli.info import collect_info
+
+    assert hasattr(_ext.C, "build_info"), "invcoss._C is a stale build: rebuild it (make install)"
+    compiled = json.loads(_ext.C.build_info())
+    assert compiled == _ext.BUILD_INFO
+    assert compiled["torch"] == torch.__version__ and compiled["torch_cuda"] == torch.version.cuda
+    assert compiled["cuda_kernels"] == _ext.HAS_CUDA
+    beside = Path(_ext.C.__file__).with_name(_ext.BUILD_INFO_FILE)
+    if beside.exists():  # absent when only the module was copied in
+        assert json.loads(beside.read_text()) == compiled
+    ext = collect_info()["extension"]
+    assert ext["built against torch"] == torch.__version__ and ext["openmp"] == compiled["openmp"]
+
+
+def _load_with_torch_version(version: str) -> subprocess.CompletedProcess:
+    code = (
+        f"import warnings, torch; torch.__version__ = {version!r}; warnings.simplefilter('always');"
+        "import invcoss._ext, invcoss.ops as ops; ops.probe_all(); import invcoss._ext; print('loaded')"
+    )
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+@needs_ext
+def test_another_torch_warns_once_with_the_fix():
+    done = _load_with_torch_version("0.0.1+other")
+    assert done.returncode == 0 and "loaded" in done.stdout, done.stderr
+    warned = [line for line in done.stderr.splitlines() if "ExtensionBuildWarning: " in line]
+    assert len(warned) == 1, done.stderr
+    assert f"built against torch {torch.__version__}, but this is torch 0.0.1+other" in warned[0]
+    assert "--no-build-isolation" in warned[0] and f"install torch {torch.__version__}" in warned[0]
+
+
+def test_build_problem_messages():
+    built = {"torch": "2.14.1+cu130"}
+    assert _ext.build_problem(built, "2.14.1+cu130") == ""
+    assert _ext.build_problem({}, "2.14.1+cu130") == ""  # unknown build, loaded: nothing to say
+    failed = _ext.build_problem(built, "2.13.0+cpu", "ImportError: undefined symbol: _ZN3c10")
+    assert "2.14.1+cu130, but this is torch 2.13.0+cpu and does not load (ImportError: undefined" in failed
+    assert "slower torch and Triton backends" in failed and "--force-reinstall --no-binary invcoss" in failed
+    stale = _ext.build_problem({}, "2.13.0+cpu", "ImportError: undefined symbol: _ZN3c10")
+    assert stale.startswith("invcoss._C does not load (ImportError") and "install torch" not in stale
