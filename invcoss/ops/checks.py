@@ -74,4 +74,4 @@ def check_nonempty(op: str, name: str, t: Tensor, want: str) -> None:
 
 def has_values(t: Tensor) -> bool:
     """Whether ``t`` holds values the host can read: False for meta and fake tensors (shapes only)."""
-    return t.device.type != "meta" and not is_fake(t)
+    return not t.is_meta and not is_fake(t)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -190,9 +192,10 @@ class RepulsivePool:
             return
         f = features.detach().float()
         norms = f.norm(dim=1, keepdim=True)  # (K, 1)
-        if has_values(norms):
+        # The one host read of a push: the sum of K norms >= 0 is finite exactly when each one is.
+        if has_values(norms) and not math.isfinite(float(norms.sum())):
             finite = torch.isfinite(norms[:, 0])
-            if not bool(finite.all()):  # the one host read of a push
+            if not bool(finite.all()):
                 bad = (~finite).nonzero()[:, 0].tolist()
                 if self.nonfinite == "raise":
                     rows = ", ".join(map(str, bad[:8])) + (", ..." if len(bad) > 8 else "")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Sequence
 
@@ -184,9 +185,9 @@ class RunningStats:
       the check comes where the statistics are read: ``mean``, ``var``, ``m2``, :meth:`state_dict`,
       :meth:`merge` and :meth:`check` raise ``ValueError`` once any update held a non-finite value.
       No extra work is needed to notice one: a NaN or inf in a batch makes the state's ``m2`` of
-      that feature NaN, and a NaN stays NaN through every later merge, so checking the state (F
-      values, once per read; a read of an unchanged state checks nothing again) finds every bad
-      batch. The price: the error names the features, not the batch; call :meth:`check` after each
+      that feature NaN, and a NaN stays NaN through every later merge, so checking the state (one
+      sum over its F values of ``m2``, once per read; a read of an unchanged state checks nothing
+      again) finds every bad batch. The price: the error names the features, not the batch; call :meth:`check` after each
       update to find the batch (one synchronisation per call on CUDA).
     * ``"skip"``: such samples are left out and counted in :attr:`skipped`. Each update then reads
       one flag on the host (one synchronisation on CUDA); a batch holding a non-finite value is
@@ -270,17 +271,21 @@ class RunningStats:
         m2 = self._m2
         if (self._checked is not None and self._checked() is m2) or not has_values(m2):
             return
-        bad = ~(torch.isfinite(self._mean) & torch.isfinite(m2))
-        n_bad = int(bad.sum())
-        if n_bad:
-            first = tuple(int(i) for i in torch.unravel_index(bad.nonzero()[0, 0], self.feature_shape))
-            raise ValueError(
-                f"{op}: the statistics hold non-finite values in {n_bad} of {bad.numel()} features "
-                f"(first: feature {first}): a batch passed to update() held a NaN or inf, or its "
-                f"squared deviations overflowed {self.dtype}. Clean the data, or pass "
-                "nonfinite='skip' to leave such samples out (counted in .skipped); call check() after "
-                "each update to find the batch"
-            )
+        # One read of the F values of m2 (>= 0, so their sum is finite exactly when each one is,
+        # short of an overflow of the sum itself, which the count below tells apart); a NaN or inf
+        # in the data always reaches m2 (its deviations hold inf - inf or NaN).
+        if not math.isfinite(float(m2.sum())):
+            bad = ~torch.isfinite(m2)
+            n_bad = int(bad.sum())
+            if n_bad:
+                first = tuple(int(i) for i in torch.unravel_index(bad.nonzero()[0, 0], self.feature_shape))
+                raise ValueError(
+                    f"{op}: the statistics hold non-finite values in {n_bad} of {bad.numel()} features "
+                    f"(first: feature {first}): a batch passed to update() held a NaN or inf, or its "
+                    f"squared deviations overflowed {self.dtype}. Clean the data, or pass "
+                    "nonfinite='skip' to leave such samples out (counted in .skipped); call check() "
+                    "after each update to find the batch"
+                )
         self._checked = weakref.ref(m2)
 
     def update(self, x: Tensor) -> None:
@@ -304,7 +309,7 @@ class RunningStats:
         rows = x.detach().reshape(x.shape[0], -1)
         with torch.no_grad():
             mean, m2 = impl.welford_update(rows, self.count, self._mean, self._m2)
-            if self.nonfinite == "skip" and has_values(m2) and not bool(torch.isfinite(m2).all()):
+            if self.nonfinite == "skip" and has_values(m2) and not math.isfinite(float(m2.sum())):
                 # The one host read of this mode. A NaN or inf anywhere in a column makes its m2 NaN
                 # (inf - inf in the deviations); the state before this batch was finite.
                 finite = rows[torch.isfinite(rows).all(1)]

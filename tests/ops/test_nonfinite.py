@@ -352,3 +352,39 @@ def test_the_inversion_checks_its_targets_once():
     pairs[2] = (torch.zeros(shape), torch.full(shape, NAN))
     with pytest.raises(ValueError, match=r"the statistics of block 2: the variance holds"):
         _stat_targets(pairs, model, "xray")
+
+
+# ---- the same under torch.compile ---------------------------------------------------------------------
+
+
+def _all_losses(backend, x, feats, h, pool):
+    mean, var = torch.zeros(feats.shape[1:], device=DEVICE), torch.ones(feats.shape[1:], device=DEVICE)
+    tv = ops.total_variation(x, reduction="none", backend=backend)
+    sm = ops.stat_matching_loss(feats, mean, var, backend=backend)
+    rep = ops.repulsive_cosine_loss(h, pool, backend=backend)
+    return torch.stack([tv[0], tv[1], sm, rep])
+
+
+def _check_compiled_policy(backend: str, compiler: str) -> None:
+    x, feats, h, pool = make((2, 1, 3, 4, 4)), make((4, 2, 3)), make((3, 5)), make((4, 5))
+    x[1, 0, 2, 1, 1], feats[2, 1, 0], h[1, 4] = NAN, INF, NAN
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *a: _all_losses(backend, *a), fullgraph=True, backend=compiler)
+    out = compiled(x, feats, h, pool)
+    assert torch.isfinite(out[0]) and out[1:].isnan().all()  # sample 0 of x is clean
+    # fullgraph=True: Dynamo reports the error raised while tracing as Unsupported, with its message.
+    with pytest.raises(
+        (ValueError, torch._dynamo.exc.Unsupported), match=r"expects x .* got \(0, 1, 3, 4, 4\)"
+    ):
+        compiled(x[:0], feats, h, pool)
+
+
+def test_compiled_losses_follow_the_same_policy(backend):
+    # The fused ops are opaque nodes: aot_eager traces the graph inductor would get, quickly.
+    _check_compiled_policy(backend, "aot_eager")
+
+
+@pytest.mark.slow
+def test_inductor_keeps_the_nans_of_the_torch_backend():
+    # Inductor generates the torch backend's code itself, where a fast-math rewrite could drop a NaN.
+    _check_compiled_policy("torch", "inductor")
