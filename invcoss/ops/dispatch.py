@@ -12,7 +12,8 @@ cuda     CUDA tensors                   ``invcoss.ops.backend_ext`` over ``invco
 ======== ============================== ===================================================
 
 A backend module implements this contract (the public layer has already validated shapes,
-devices and dtypes, flattened features and handled empty pools; backends trust their caller).
+devices and dtypes, flattened features, rejected empty batches and handled empty pools; backends
+trust their caller).
 "fp32" below means the accumulation and result dtype: fp32 for fp16/bf16/fp32 inputs, fp64 for
 fp64 inputs on the backends that take fp64 (torch, cpu), so that gradcheck is exact there.
 
