@@ -186,9 +186,10 @@ class RunningStats:
       :meth:`merge` and :meth:`check` raise ``ValueError`` once any update held a non-finite value.
       No extra work is needed to notice one: a NaN or inf in a batch makes the state's ``m2`` of
       that feature NaN, and a NaN stays NaN through every later merge, so checking the state (one
-      sum over its F values of ``m2``, once per read; a read of an unchanged state checks nothing
-      again) finds every bad batch. The price: the error names the features, not the batch; call :meth:`check` after each
-      update to find the batch (one synchronisation per call on CUDA).
+      sum over the F values of ``m2`` and one host read, on CUDA a synchronisation, at the first
+      read after an update; a read of an unchanged state checks nothing again) finds every bad
+      batch. The price: the error names the features, not the batch; call :meth:`check` after
+      each update to find the batch.
     * ``"skip"``: such samples are left out and counted in :attr:`skipped`. Each update then reads
       one flag on the host (one synchronisation on CUDA); a batch holding a non-finite value is
       folded in again from its finite rows (one more pass, over that batch only).
