@@ -11,6 +11,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from invcoss import ops
+from tests.ops.backends import DEVICE
 from tests.ops.tolerances import assert_matches
 
 
@@ -44,7 +45,7 @@ def _signature(tensors: list[torch.Tensor]) -> list[tuple]:
 
 
 def test_every_op_runs_on_meta_tensors(backend, dtype=torch.float32):
-    real = _signature(_losses(backend, "cpu", dtype))
+    real = _signature(_losses(backend, DEVICE, dtype))
     meta = _losses(backend, "meta", dtype)
     assert all(t.device.type == "meta" for t in meta)
     assert _signature(meta) == real
@@ -68,9 +69,9 @@ def test_meta_tensors_skip_the_value_checks(backend):
 
 
 def test_every_op_runs_on_fake_tensors(backend, dtype=torch.bfloat16):
-    real = _signature(_losses(backend, "cpu", dtype))
+    real = _signature(_losses(backend, DEVICE, dtype))
     with FakeTensorMode():
-        fake = _losses(backend, "cpu", dtype)
+        fake = _losses(backend, DEVICE, dtype)
     assert _signature(fake) == real
 
 
@@ -91,13 +92,15 @@ class _Objective(torch.nn.Module):
 
 
 def test_torch_export_of_a_module_over_the_ops(backend):
-    module = _Objective(backend)
-    args = (torch.randn(2, 1, 5, 6), torch.randn(4, 3, 8), torch.randn(3, 8))
+    module = _Objective(backend).to(DEVICE)
+    args = tuple(torch.randn(*s, device=DEVICE) for s in ((2, 1, 5, 6), (4, 3, 8), (3, 8)))
     batch = {0: torch.export.Dim.AUTO}  # symbolic batch sizes through every fake kernel
     program = torch.export.export(module, args, dynamic_shapes=(batch, batch, batch))
     targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
-    namespace = {"torch": None, "cpu": "invcoss.", "triton": "invcoss_triton."}[backend]
+    namespace = {"torch": None, "triton": "invcoss_triton."}.get(
+        backend, "invcoss."
+    )  # cpu, cuda: the extension
     if namespace is not None:  # the fused ops stay whole in the graph
         assert {f"{namespace}tv.default", f"{namespace}stat_matching.default"} <= targets
-    other = (torch.randn(3, 1, 5, 6), torch.randn(7, 3, 8), torch.randn(5, 8))
+    other = tuple(torch.randn(*s, device=DEVICE) for s in ((3, 1, 5, 6), (7, 3, 8), (5, 8)))
     assert_matches(program.module()(*other), module(*other), torch.float32)
