@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from invcoss import distributed
 from invcoss.data.atomic import atomic_write_safetensors
 from invcoss.models.weights import weights_hash
-from invcoss.ops import RunningStats
+from invcoss.ops import RunningStats, check_reference_stats
 from invcoss.rng import compute_record
 
 STATS_FORMAT = "invcoss-feature-stats/1"
@@ -370,9 +370,10 @@ def load_feature_stats(
             architecture, with a ``UserWarning`` naming both hashes.
 
     Raises:
-        ValueError: not a statistics file, or the metadata does not match the model (config hash,
-            number of blocks, token count or width, weights hash) or the modality; the message says
-            both sides.
+        ValueError: not a statistics file, a non-finite mean or a negative or non-finite variance
+            (the message names the block; checked here, once, not at every loss evaluation), or the
+            metadata does not match the model (config hash, number of blocks, token count or width,
+            weights hash) or the modality; the message says both sides.
 
     Example:
         >>> import tempfile, pathlib
@@ -427,6 +428,8 @@ def load_feature_stats(
         compute=json.loads(meta.get("compute", "{}")),
         sources=int(meta["sources"]) if "sources" in meta else None,
     )
+    for i, (m, v) in enumerate(zip(mean, var)):
+        check_reference_stats(m, v, layer=f"feature statistics {path}, block {i}")
     if modality is not None and modality != stats.modality:
         raise ValueError(f"feature statistics {path} are for {stats.modality}, not {modality}")
     if model is not None:

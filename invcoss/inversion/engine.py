@@ -185,6 +185,8 @@ def _stat_targets(stats, model: nn.Module, modality: str) -> list[tuple[Tensor, 
             f"the statistics hold {len(pairs)} blocks of shape {shapes}, but model {cfg.name} has "
             f"{cfg.depth} blocks with {ndim}D features of shape {want}"
         )
+    for i, (m, v) in enumerate(pairs):  # once per run, never per step
+        ops.check_reference_stats(m, v, layer=f"the statistics of block {i}")
     return [(m.detach().float(), v.detach().float()) for m, v in pairs]
 
 

@@ -21,7 +21,13 @@ from invcoss.ops.dispatch import (
     probe_all,
 )
 from invcoss.ops.repulsive import RepulsivePool, repulsive_cosine_loss
-from invcoss.ops.stats import RunningStats, StatMatchingLoss, batch_mean_var, stat_matching_loss
+from invcoss.ops.stats import (
+    RunningStats,
+    StatMatchingLoss,
+    batch_mean_var,
+    check_reference_stats,
+    stat_matching_loss,
+)
 from invcoss.ops.tv import TotalVariation, total_variation
 
 probe_all()
@@ -35,6 +41,7 @@ __all__ = [
     "available_backends",
     "backend_status",
     "batch_mean_var",
+    "check_reference_stats",
     "default_backend",
     "probe_all",
     "repulsive_cosine_loss",

@@ -12,7 +12,8 @@ cuda     CUDA tensors                   ``invcoss.ops.backend_ext`` over ``invco
 ======== ============================== ===================================================
 
 A backend module implements this contract (the public layer has already validated shapes,
-devices and dtypes, flattened features and handled empty pools; backends trust their caller).
+devices and dtypes, flattened features, rejected empty batches and handled empty pools; backends
+trust their caller).
 "fp32" below means the accumulation and result dtype: fp32 for fp16/bf16/fp32 inputs, fp64 for
 fp64 inputs on the backends that take fp64 (torch, cpu), so that gradcheck is exact there.
 
@@ -51,6 +52,12 @@ forward pass; the Triton ops do that multiply in plain torch).
 
 ``INVCOSS_BACKEND`` overrides the default choice (``backend=None``); an explicit ``backend=``
 argument overrides both.
+
+Meta tensors (``device="meta"``) and fake tensors (``FakeTensorMode``, ``torch.compile``,
+``torch.export``) carry shapes and no values. Every backend takes meta tensors: the torch backend
+runs its plain PyTorch code on them, the compiled and Triton ops their registered fake kernels (the
+same shapes, dtypes and autograd wiring as on real tensors). ``backend=None`` on meta tensors picks
+what it picks on CPU tensors. Fake tensors report the device they stand for and dispatch as such.
 """
 
 from __future__ import annotations
@@ -115,21 +122,21 @@ _REGISTRY: dict[str, BackendInfo] = {
     "triton": BackendInfo(
         "triton",
         "invcoss.ops.backend_triton",
-        ("cuda", "cpu"),
+        ("cuda", "cpu", "meta"),
         _probe_triton,
         "install triton (it ships with CUDA builds of torch) and run on a CUDA device",
     ),
     "cpu": BackendInfo(
         "cpu",
         "invcoss.ops.backend_ext",
-        ("cpu",),
+        ("cpu", "meta"),
         _probe_ext("cpu"),
         "build the extension: pip install --no-build-isolation -e .",
     ),
     "cuda": BackendInfo(
         "cuda",
         "invcoss.ops.backend_ext",
-        ("cuda",),
+        ("cuda", "meta"),
         _probe_ext("cuda"),
         "build the extension with nvcc and a CUDA build of torch: pip install --no-build-isolation -e .",
     ),
@@ -180,7 +187,7 @@ def default_backend(device: torch.device) -> str:
     """The backend ``backend=None`` picks for tensors on ``device``.
 
     ``INVCOSS_BACKEND`` wins when set; otherwise CUDA tensors get ``triton``, then ``cuda``, then
-    ``torch``; CPU tensors get ``cpu`` (the C++ extension), then ``torch``.
+    ``torch``; CPU (and meta) tensors get ``cpu`` (the C++ extension), then ``torch``.
     """
     env = os.environ.get("INVCOSS_BACKEND")
     if env:

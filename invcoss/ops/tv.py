@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch  # noqa: F401  (the docstring examples use it)
 from torch import Tensor, nn
 
-from invcoss.ops.checks import check_tensor, shape_str
+from invcoss.ops.checks import check_nonempty, check_tensor, shape_str
 from invcoss.ops.dispatch import resolve
 
 _REDUCTIONS = ("mean", "sum", "none")
@@ -22,15 +23,17 @@ def total_variation(
     """Anisotropic L1 total variation of a batch of images or volumes (Eq. 8).
 
     The sum of ``|x[i+1] - x[i]|`` along every spatial axis (depth too for 5-D input). A spatial
-    axis of length 1 contributes 0. The gradient uses sign(0) = 0, as ``torch.abs`` does.
+    axis of length 1 contributes 0. The gradient uses sign(0) = 0, as ``torch.abs`` does. A NaN or
+    inf in x comes out in the result (never hidden); an empty x is an error (see the README's table
+    of bad input).
 
     Args:
-        x: ``(B, C, H, W)`` or ``(B, C, D, H, W)``, fp16/bf16/fp32 (fp64 on the torch and cpu
-            backends), contiguous or not.
+        x: ``(B, C, H, W)`` or ``(B, C, D, H, W)`` with no zero-length axis, fp16/bf16/fp32 (fp64
+            on the torch and cpu backends), contiguous or not.
         reduction: ``"mean"`` (the sum divided by ``x.numel()``), ``"sum"`` (over batch, channels
             and axes) or ``"none"`` (per-sample sums, shape ``(B,)``).
-        weights: optional factor per spatial axis (in the order of x's axes), e.g. the inverse
-            voxel spacing for anisotropic volumes. Default: all ones.
+        weights: optional factor per spatial axis (in the order of x's axes), each finite and
+            >= 0, e.g. the inverse voxel spacing for anisotropic volumes. Default: all ones.
         backend: ``"torch"``, ``"triton"``, ``"cpu"``, ``"cuda"`` or None for the default.
 
     Returns:
@@ -38,7 +41,8 @@ def total_variation(
 
     Raises:
         TypeError: x is not a floating tensor.
-        ValueError: wrong rank, unknown reduction, wrong number of weights, unknown backend.
+        ValueError: wrong rank, an empty x (B = 0 or another zero-length axis), unknown reduction,
+            wrong number of weights or a negative or non-finite one, unknown backend.
         RuntimeError: the requested backend is not available here.
 
     Example:
@@ -50,6 +54,7 @@ def total_variation(
     check_tensor(op, "x", x)
     if x.ndim not in (4, 5):
         raise ValueError(f"{op} expects x of shape (B, C, H, W) or (B, C, D, H, W), got {shape_str(x.shape)}")
+    check_nonempty(op, "x", x, "(B, C, H, W) or (B, C, D, H, W)")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{op} expects reduction in {_REDUCTIONS}, got {reduction!r}")
     n_axes = x.ndim - 2
@@ -61,6 +66,8 @@ def total_variation(
             raise ValueError(
                 f"{op} expects weights with one factor per spatial axis ({n_axes}), got {len(w)}"
             )
+        if not all(math.isfinite(v) and v >= 0 for v in w):
+            raise ValueError(f"{op} expects weights that are finite and >= 0, got {w}")
     per_sample = resolve(backend, x.device, op).tv(x, w)
     if reduction == "none":
         return per_sample
