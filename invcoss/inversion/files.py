@@ -6,7 +6,8 @@ Layout of an output folder::
                                   timings, the quality report; rewritten after every batch
     preview.png                   central slices (3D) or images (2D) of the first 16 samples
     samples/<modality>_00000.nii.gz   3D, format "nifti" (default): float32 NIfTI, (D, H, W), the
-                                  spacing in the affine (the config's, a reference cache's or
+                                  spacing in the affine (:func:`written_spacing`: the config's,
+                                  the statistics' data's, a reference cache's or
                                   :func:`nominal_spacing`), RAS+ orientation (qform and sform)
     samples/<modality>_00000.npy      3D "npy": float32 (1, D, H, W); 2D "npy" (default): float32
                                   (C, H, W), what the model takes (PNG would round)
@@ -65,6 +66,7 @@ __all__ = [
     "targets_digest",
     "write_batch",
     "write_preview",
+    "written_spacing",
 ]
 
 MANIFEST = "manifest.json"
@@ -148,6 +150,28 @@ def reference_spacing(reference) -> tuple[float, float, float] | None:
     if not spacings or any(len(s) != 3 for s in spacings):
         return None
     return tuple(round(float(v), 4) for v in np.median(np.asarray(spacings, dtype=np.float64), axis=0))
+
+
+def written_spacing(
+    inv: InversionEngine, reference=None
+) -> tuple[tuple[float, float, float] | None, str | None]:
+    """The spacing 3D samples are written with and where it comes from, the first of:
+
+    ``"config"`` (the user's ``spacing``), ``"statistics"`` (the median spacing of the data the
+    statistics were collected from, :attr:`invcoss.feature_stats.FeatureStats.data`),
+    ``"reference"`` (:func:`reference_spacing`), ``"phantoms"`` (:func:`nominal_spacing`);
+    ``(None, None)`` for 2D.
+    """
+    if inv.ndim != 3:
+        return None, None
+    if inv.config.spacing:
+        return inv.config.spacing, "config"
+    if inv.data is not None and inv.data.spacing is not None:
+        return inv.data.spacing.median, "statistics"
+    ref = reference_spacing(reference)
+    if ref:
+        return ref, "reference"
+    return nominal_spacing(inv.space.modality, inv.input_shape[1:]), "phantoms"
 
 
 def write_batch(
