@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from invcoss.data import get_config, open_dataset, preprocess, read_nifti, write_phantoms
 from invcoss.data.summary import IntensityHistogram, data_spacings, spacing_summary
@@ -18,6 +20,8 @@ from invcoss.feature_stats import (
 )
 from invcoss.inversion import Inverter
 from invcoss.inversion.config import InversionConfig
+from invcoss.inversion.files import write_preview
+from invcoss.inversion.preview import GLYPHS
 from invcoss.modality import INPUT_SPACES
 from invcoss.models import create_model
 
@@ -159,3 +163,47 @@ def test_mri_samples_span_the_range_of_the_statistics_data(tmp_path, model):
         Inverter(model, collect_feature_stats(model, x, modality="ct"), tiny("ct")).space
         == INPUT_SPACES["ct"]
     )
+
+
+# -- preview -----------------------------------------------------------------------------------------
+def _preview(tmp_path, volume: np.ndarray, ndim: int, space) -> np.ndarray:
+    p = tmp_path / "s.npy"
+    np.save(p, volume.astype(np.float32))
+    inv = SimpleNamespace(ndim=ndim, space=space)
+    write_preview(tmp_path / "preview.png", inv, [p])
+    with Image.open(tmp_path / "preview.png") as im:
+        return np.asarray(im, dtype=np.float32) / 255.0
+
+
+def test_preview_is_radiological_with_the_directions_marked(tmp_path):
+    d, h, w = 8, 32, 32
+    v = np.full(
+        (1, d, h, w), -1.0
+    )  # (C, D, H, W): D inferior->superior, H posterior->anterior, W left->right
+    v[0, :, h - 8 :, :8] = 1.0  # anterior, on the patient's left (low W)
+    v[0, :, :4, w // 2 - 2 : w // 2 + 2] = 0.0  # posterior midline (a spine)
+    img = _preview(tmp_path, v, 3, INPUT_SPACES["ct"])
+    band = 9  # a 5x7 letter with a margin each side, at tiles under 64 pixels
+    assert img.shape == (h + 2 * band, w + 2 * band)
+    tile = img[band : band + h, band : band + w]
+    bright = np.argwhere(tile == 1.0)
+    # Anterior up; the patient's left on the viewer's right.
+    assert bright[:, 0].max() < 8 and bright[:, 1].min() >= w - 8 and len(bright) == 64
+    spine = np.argwhere(np.isclose(tile, 0.5, atol=0.01))
+    assert spine[:, 0].min() >= h - 4 and abs(spine[:, 1].mean() - (w - 1) / 2) < 0.01
+    letters = {
+        "A": img[1:8, band + (w - 5) // 2 :][:, :5],
+        "P": img[band + h + 1 :][:7, band + (w - 5) // 2 :][:, :5],
+    }
+    letters["R"] = img[band + (h - 7) // 2 :][:7, (band - 5) // 2 :][:, :5]
+    letters["L"] = img[band + (h - 7) // 2 :][:7, band + w + (band - 5) // 2 :][:, :5]
+    for letter, pixels in letters.items():
+        expected = np.array([[c == "#" for c in row] for row in GLYPHS[letter]])
+        np.testing.assert_array_equal(pixels == 0.0, expected, err_msg=letter)
+
+
+def test_2d_previews_show_images_as_stored_without_marks(tmp_path):
+    a = np.zeros((3, 16, 16))
+    a[:, :4, :4] = 1.0  # top left as stored
+    img = _preview(tmp_path, a, 2, INPUT_SPACES["pathology"])
+    assert img.shape == (16, 16, 3) and img[:4, :4].min() == 1.0 and img[4:, 4:].max() == 0.0
