@@ -59,7 +59,7 @@ class InputSpace:
         channels: channels the generator makes (X-ray: 1, replicated to the model's channels).
         fov_mm: nominal physical extent ``(D, H, W)`` of one sample of the paper's data (3D;
             informative). Synthetic volumes are written with the spacing of the data the model
-            saw instead: :func:`invcoss.inversion.files.nominal_spacing` (the phantoms').
+            saw instead: :func:`invcoss.inversion.files.written_spacing` (the statistics' data's).
         display_range: values mapped to black and white in previews.
         description: what the model-input values mean (stored in the manifest).
         file_scale: value in a written volume = ``file_scale`` x model input (CT: 1024, so NIfTI
