@@ -219,7 +219,10 @@ def invert(
     The CPU thread count is recorded in the manifest; --resume continues at the recorded count and
     refuses another --threads.
     """
+    import warnings
+
     from invcoss.configs import check_field_types
+    from invcoss.feature_stats import DataSummaryWarning
     from invcoss.inversion import Inverter, NonFiniteLossError
     from invcoss.inversion.config import InversionConfig
     from invcoss.inversion.files import check_sample_format
@@ -248,9 +251,13 @@ def invert(
     try:
         check_field_types(InversionConfig, overrides, where="--set")
         config = InversionConfig.from_profile(profile, modality, **overrides)
-        inverter = Inverter(model, stats, config, device=dev, backend=backend)
+        with warnings.catch_warnings(record=True) as caught:  # statistics without their data's summary
+            warnings.simplefilter("always", DataSummaryWarning)
+            inverter = Inverter(model, stats, config, device=dev, backend=backend)
     except (ValueError, TypeError) as e:
         raise UserError(str(e)) from None
+    for w in caught:
+        click.echo(f"Warning: {w.message}", err=True)
     real = None
     if reference is not None:
         try:
