@@ -14,6 +14,11 @@ string metadata ``format``, ``preset``, ``config_hash``, ``config`` (JSON), ``mo
 last bits, and ``ranks``, the number of torch.distributed processes, when more than one). ``sources``
 (the number of source files, i.e. scans, behind the samples) is absent from files written before it
 was recorded and when the data do not say (a bare tensor); such files still load.
+``data`` (JSON, :class:`invcoss.data.summary.DataSummary`) describes the data themselves: the voxel
+spacing of the preprocessed samples (per-axis median, minimum and maximum; 3D) and the range and
+percentiles of their values. Inversion writes volumes with that spacing and fits the MRI generator's
+output range to those values; a file without it (written before it was recorded) still loads, and
+inversion then falls back to the phantoms' spacing and 4*tanh with a warning.
 
 Minimum cohort: the per-token means of a handful of scans come close to the scans themselves (the mean
 of one scan *is* that scan's features). Collecting from fewer than :data:`MIN_COHORT_SOURCES` source
@@ -49,6 +54,7 @@ from torch import Tensor, nn
 
 from invcoss import distributed
 from invcoss.data.atomic import atomic_write_safetensors
+from invcoss.data.summary import DataSummary, IntensityHistogram, data_spacings, spacing_summary
 from invcoss.models.weights import weights_hash
 from invcoss.ops import RunningStats, check_reference_stats
 from invcoss.rng import compute_record
@@ -116,6 +122,8 @@ class FeatureStats:
         config: the model's config as a dict (informative).
         compute: the compute settings of the pass (:func:`invcoss.rng.compute_record`: CPU
             threads, deterministic algorithms); empty when unknown.
+        data: the spacing and intensity range of the data (:class:`~invcoss.data.summary.DataSummary`);
+            None for a file written before it was recorded.
     """
 
     mean: list[Tensor]
@@ -130,6 +138,7 @@ class FeatureStats:
     config: dict = dataclasses.field(default_factory=dict)
     compute: dict = dataclasses.field(default_factory=dict)
     sources: int | None = None
+    data: DataSummary | None = None
 
     @property
     def num_layers(self) -> int:
@@ -145,6 +154,34 @@ class FeatureStats:
         return dataclasses.replace(
             self, mean=[t.to(device, dtype) for t in self.mean], var=[t.to(device, dtype) for t in self.var]
         )
+
+
+class DataSummaryWarning(UserWarning):
+    """Statistics that record no description of their data: outputs fall back to nominal values."""
+
+
+def stats_data(stats, modality: str) -> DataSummary | None:
+    """The :class:`~invcoss.data.summary.DataSummary` of ``stats`` (a :class:`FeatureStats` or
+    plain ``(mean, var)`` pairs, which say nothing of their data: None).
+
+    Warns:
+        DataSummaryWarning: a :class:`FeatureStats` of a 3D modality without one (a file written
+            before it was recorded), naming what falls back to the nominal values.
+    """
+    if not isinstance(stats, FeatureStats):
+        return None
+    if stats.data is None and len(stats.input_size) == 3:
+        what = "the phantoms' nominal voxel spacing"
+        if modality == "mri":
+            what += " and a range of 4*tanh (+-4 z-scores)"
+        warnings.warn(
+            f"the {modality} feature statistics record no spacing or value range of their data (a file "
+            f"written before they were recorded): synthetic volumes get {what}; collect the statistics "
+            "again (`invcoss-cli stats`) to record them, or give the spacing (--set spacing=D,H,W)",
+            DataSummaryWarning,
+            stacklevel=3,
+        )
+    return stats.data
 
 
 def _batches(data, batch_size: int, num_workers: int) -> tuple[Iterable, int | None]:
@@ -195,6 +232,7 @@ def collect_feature_stats(
     store_dtype: torch.dtype = torch.float32,
     on_batch: Callable[[int, int | None], None] | None = None,
     sources: int | None = None,
+    spacing: list[tuple[float, float, float]] | None = None,
 ) -> FeatureStats:
     """One eval-mode pass over ``data`` folding every block output into running statistics (Eq. 9).
 
@@ -211,6 +249,10 @@ def collect_feature_stats(
             samples under torch.distributed).
         sources: the number of source files (scans) behind ``data``, recorded in the file; default
             :func:`source_count` of ``data``.
+        spacing: the voxel spacing ``(D, H, W)`` in mm of every sample (3D), recorded in the file
+            as their median and spread; default :func:`invcoss.data.summary.data_spacings` of
+            ``data`` (a cache's manifest or a folder's headers; none for tensors). The range and
+            percentiles of the values are always recorded (``stats.data.intensity``).
 
     Under torch.distributed (:mod:`invcoss.distributed`, e.g. ``torchrun -m invcoss.cli stats``) every
     rank calls this with the same arguments: a Dataset or tensor is split into contiguous shards
@@ -247,6 +289,7 @@ def collect_feature_stats(
     was_training = model.training
     model.eval()
     running: list[RunningStats] = []
+    values = IntensityHistogram()
     ndim = None
     done = 0
     try:
@@ -255,6 +298,7 @@ def collect_feature_stats(
                 x = x[0] if isinstance(x, list | tuple) else x
                 if ndim is None:
                     ndim = _model_ndim(model, x)
+                values.update(x)
                 x = x.to(device=device, dtype=param.dtype, non_blocking=True)
                 feats = model.block_features(x)  # per block (B, L, D)
                 if not running:
@@ -282,6 +326,9 @@ def collect_feature_stats(
             SmallCohortWarning,
             stacklevel=2,
         )
+    if spacing is None and ndim == 3:
+        spacing = data_spacings(data)
+    summary = DataSummary(spacing_summary(spacing) if ndim == 3 and spacing else None, values.summary())
     cfg = model.config
     stats = FeatureStats(
         mean=[rs.mean.to("cpu", store_dtype) for rs in running],
@@ -300,6 +347,7 @@ def collect_feature_stats(
             **({"ranks": distributed.world_size()} if distributed.is_initialized() else {}),
         },
         sources=sources,
+        data=summary,
     )
     if out is not None and distributed.is_main():
         save_feature_stats(stats, out)
@@ -347,6 +395,8 @@ def save_feature_stats(stats: FeatureStats, path: str | os.PathLike) -> Path:
         metadata["compute"] = json.dumps(stats.compute, sort_keys=True)
     if stats.weights_hash is not None:
         metadata["weights_hash"] = stats.weights_hash
+    if stats.data is not None:
+        metadata["data"] = stats.data.to_json()
     return atomic_write_safetensors(path, tensors, metadata)
 
 
@@ -414,6 +464,10 @@ def load_feature_stats(
         if isinstance(e, ValueError):
             raise
         raise ValueError(f"cannot read feature statistics {path}: {type(e).__name__}: {e}") from e
+    try:
+        data = DataSummary.from_json(meta["data"]) if "data" in meta else None
+    except ValueError as e:
+        raise ValueError(f"feature statistics {path}: {e}") from None
     stats = FeatureStats(
         mean=mean,
         var=var,
@@ -427,6 +481,7 @@ def load_feature_stats(
         config=json.loads(meta["config"]),
         compute=json.loads(meta.get("compute", "{}")),
         sources=int(meta["sources"]) if "sources" in meta else None,
+        data=data,
     )
     for i, (m, v) in enumerate(zip(mean, var)):
         check_reference_stats(m, v, layer=f"feature statistics {path}, block {i}")

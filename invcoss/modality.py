@@ -10,9 +10,12 @@ Input spaces: the generator's output activation and the map into the model's inp
 modality (:data:`INPUT_SPACES`, one per :class:`Modality`):
 
 - ``ct``: Tanh, identity: HU/1024 in [-1, 1] (the CT window [-1024, 1024] HU of Appendix A.1).
-- ``mri``: Tanh times 4: z-scored intensity in [-4, 4]. A z-scored volume keeps more than 99.9% of
-  its voxels within 4 standard deviations; a bounded map keeps the optimisation away from the
-  extreme values an unbounded output reaches when the statistics pull on it.
+- ``mri``: Tanh times ``s``: z-scored intensity in [-s, s], where ``s`` is the largest magnitude of
+  the values of the data the statistics were collected from (recorded in the statistics file,
+  :meth:`InputSpace.fitted`; real z-scored scans reach 7 or more, the packaged phantoms 3.4), so the
+  samples span the intensities the model saw; 4 for statistics that record no range. A bounded map
+  keeps the optimisation away from the extreme values an unbounded output reaches when the
+  statistics pull on it.
 - ``xray``: Sigmoid, one grey channel replicated to the model's three (as the X-ray preprocessing
   does), in [0, 1].
 - ``pathology``: Sigmoid, three channels in [0, 1].
@@ -26,7 +29,7 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -56,12 +59,14 @@ class InputSpace:
         channels: channels the generator makes (X-ray: 1, replicated to the model's channels).
         fov_mm: nominal physical extent ``(D, H, W)`` of one sample of the paper's data (3D;
             informative). Synthetic volumes are written with the spacing of the data the model
-            saw instead: :func:`invcoss.inversion.files.nominal_spacing` (the phantoms').
+            saw instead: :func:`invcoss.inversion.files.written_spacing` (the statistics' data's).
         display_range: values mapped to black and white in previews.
         description: what the model-input values mean (stored in the manifest).
         file_scale: value in a written volume = ``file_scale`` x model input (CT: 1024, so NIfTI
             files hold Hounsfield units that a viewer's CT windows show as they are).
         file_values: what a written volume's values are (stored in the manifest).
+        fit_to_data: ``scale`` follows the value range of the data (:meth:`fitted`; MRI, whose
+            z-scores have no fixed bound), rather than a fixed window (CT, [0, 1] images).
     """
 
     modality: str
@@ -74,12 +79,34 @@ class InputSpace:
     description: str
     file_scale: float = 1.0
     file_values: str = "the model input"
+    fit_to_data: bool = False
 
     @property
     def value_range(self) -> tuple[float, float]:
         """The range of model-input values the generator can produce (MRI: about +-4 std)."""
         low = -self.scale if self.activation == "tanh" else 0.0
         return (low, self.scale)
+
+    def fitted(self, value_min: float | None, value_max: float | None) -> InputSpace:
+        """This space with the generator's range fitted to data whose values lie in
+        ``[value_min, value_max]``: for a ``fit_to_data`` space (MRI) ``scale`` becomes
+        ``max(|value_min|, |value_max|)`` (rounded to 1e-4), so the tanh output covers every value
+        the data hold and keeps 0 (the z-score mean) at its centre; any other space, or an unknown
+        or empty range, is returned as it is.
+
+        Example:
+            >>> INPUT_SPACES["mri"].fitted(-1.2, 7.5).value_range, INPUT_SPACES["ct"].fitted(-1.2, 7.5).scale
+            ((-7.5, 7.5), 1.0)
+        """
+        if not self.fit_to_data or value_min is None or value_max is None:
+            return self
+        scale = round(max(abs(float(value_min)), abs(float(value_max))), 4)
+        if not 0 < scale < float("inf"):
+            return self
+        description = self.description.replace(f"{self.scale:g}*tanh", f"{scale:g}*tanh").replace(
+            f"[-{self.scale:g}, {self.scale:g}]", f"[-{scale:g}, {scale:g}] (the range of the statistics' data)"
+        )
+        return replace(self, scale=scale, description=description)
 
     def to_model_input(self, raw: torch.Tensor, in_chans: int) -> torch.Tensor:
         """``(B, channels, *S)`` activated generator output → ``(B, in_chans, *S)`` model input."""
@@ -121,6 +148,7 @@ INPUT_SPACES: dict[str, InputSpace] = {
     "mri": InputSpace(
         "mri", 3, "tanh", 4.0, 1, (16.0, 240.0, 240.0), (-1.0, 3.0),
         "MRI z-scored intensity (per-volume mean 0, std 1), 4*tanh of the generator output, in [-4, 4]",
+        fit_to_data=True,
     ),
     "xray": InputSpace(
         "xray", 2, "sigmoid", 1.0, 1, None, (0.0, 1.0),

@@ -20,16 +20,25 @@ The package's assets folder holds the build's own models and is replaced on ever
 unless ``--overwrite`` is given. In ``--work`` the build replaces only the files its steps write
 (the checkpoint starts afresh over its own files, phantoms of other bytes are refused).
 
+``--data-summary-only`` leaves the models and the statistics' tensors as they are and adds the
+description of the data to each ``stats.safetensors`` (the ``data`` metadata field: voxel spacing
+and value range, :class:`invcoss.data.summary.DataSummary`) for files written before it was
+recorded: the phantoms and cache are rebuilt from the same seeds, the statistics are collected
+again with the stored model as a check that these are the same data (the largest difference from the
+stored tensors is printed), and only the metadata is rewritten; ``asset.json`` records it.
+
 Usage::
 
     python -m invcoss.assets.build                      # all four modalities into invcoss/assets
     python -m invcoss.assets.build --modality ct --epochs 2 --out /tmp/assets   # a quick try
     python -m invcoss.assets.build --threads 2          # another thread count (other bits)
+    python -m invcoss.assets.build --data-summary-only  # add the data's spacing and value range only
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -40,7 +49,7 @@ import torch
 
 from invcoss.assets import ASSETS_DIR, STATS_NAME
 from invcoss.data import open_dataset, preprocess, write_phantoms
-from invcoss.feature_stats import collect_feature_stats
+from invcoss.feature_stats import collect_feature_stats, load_feature_stats, save_feature_stats
 from invcoss.models import MAE, create_model
 from invcoss.pretrain import PretrainConfig, pretrain
 from invcoss.rng import compute_record, pinned_compute
@@ -119,6 +128,41 @@ def build_one(modality: str, out: Path, work: Path, epochs: int = EPOCHS, log=pr
     return record
 
 
+def add_data_summary(modality: str, out: Path, work: Path, log=print) -> dict:
+    """Add the data summary to the stored statistics of ``out/<modality>`` (see the module
+    docstring); the statistics' tensors and the model stay as they are. Returns the summary as a dict."""
+    recipe = RECIPES[modality]
+    scans, cache = work / modality / "scans", work / modality / "cache"
+    write_phantoms(scans, modality, recipe["count"], seed=SEED)
+    preprocess(scans, cache, modality, "quick")
+    data = open_dataset(cache, modality)
+    target = out / modality
+    stored = MAE.from_pretrained(target).eval()
+    old = load_feature_stats(target / STATS_NAME, stored, modality=modality)
+    again = collect_feature_stats(stored, data, modality=modality, batch_size=16)
+    if again.count != old.count:
+        raise ValueError(
+            f"{modality}: the rebuilt data give {again.count} samples, the stored statistics {old.count}"
+        )
+    diff = max(
+        float((a.double() - b.double()).abs().max())
+        for a, b in zip(again.mean + again.var, old.mean + old.var)
+    )
+    save_feature_stats(dataclasses.replace(old, data=again.data), target / STATS_NAME)
+    summary = json.loads(again.data.to_json())
+    record_path = target / "asset.json"
+    record = json.loads(record_path.read_text())
+    record["stats"]["data"] = summary
+    record["stats"]["data_added_by"] = "python -m invcoss.assets.build --data-summary-only"
+    record_path.write_text(json.dumps(record, indent=2) + "\n")
+    spacing = again.data.spacing.median if again.data.spacing else None
+    log(
+        f"{modality}: data spacing {spacing}, values {again.data.value_range}; statistics collected again "
+        f"differ from the stored ones by at most {diff:.3g}"
+    )
+    return summary
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Rebuild the packaged default models (fixed seeds).")
     parser.add_argument("--modality", choices=[*RECIPES, "all"], default="all")
@@ -129,11 +173,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--overwrite", action="store_true", help="replace models already in an --out other than the package's"
     )
+    parser.add_argument(
+        "--data-summary-only",
+        action="store_true",
+        help="keep the models and statistics; add the data's spacing and value range to the statistics files",
+    )
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     modalities = list(RECIPES) if args.modality == "all" else [args.modality]
-    if not args.overwrite and args.out.resolve() != ASSETS_DIR.resolve():
+    if not args.overwrite and not args.data_summary_only and args.out.resolve() != ASSETS_DIR.resolve():
         names = ("config.json", "model.safetensors", STATS_NAME, "asset.json")
         found = [args.out / m / n for m in modalities for n in names if (args.out / m / n).exists()]
         if found:
@@ -142,12 +191,16 @@ def main(argv: list[str] | None = None) -> None:
     try:
         with pinned_compute(args.threads):
             for m in modalities:
-                build_one(m, args.out, work, args.epochs)
+                if args.data_summary_only:
+                    add_data_summary(m, args.out, work)
+                else:
+                    build_one(m, args.out, work, args.epochs)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
     total = sum(p.stat().st_size for m in modalities for p in (args.out / m).iterdir())
-    print(f"built {len(modalities)} packaged model(s) into {args.out}: {total / 1e6:.2f} MB")
+    what = "added the data summary to" if args.data_summary_only else "built"
+    print(f"{what} {len(modalities)} packaged model(s) in {args.out}: {total / 1e6:.2f} MB")
 
 
 if __name__ == "__main__":

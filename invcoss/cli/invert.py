@@ -223,9 +223,12 @@ def invert(
     each inverts its share of the batches into --out and rank 0 writes the manifest and the report
     (docs/inversion.md, "Several ranks"); --resume needs the same number of ranks.
     """
+    import warnings
+
     from invcoss import distributed
     from invcoss.cli.torchrun import torchrun_session
     from invcoss.configs import check_field_types
+    from invcoss.feature_stats import DataSummaryWarning
     from invcoss.inversion import Inverter, NonFiniteLossError
     from invcoss.inversion.config import InversionConfig
     from invcoss.inversion.files import check_sample_format
@@ -257,9 +260,14 @@ def invert(
         try:
             check_field_types(InversionConfig, overrides, where="--set")
             config = InversionConfig.from_profile(profile, modality, **overrides)
-            inverter = Inverter(model, stats, config, device=dev, backend=backend)
+            with warnings.catch_warnings(record=True) as caught:  # statistics without their data's summary
+                warnings.simplefilter("always", DataSummaryWarning)
+                inverter = Inverter(model, stats, config, device=dev, backend=backend)
         except (ValueError, TypeError) as e:
             raise UserError(str(e)) from None
+        if distributed.is_main():
+            for w in caught:
+                click.echo(f"Warning: {w.message}", err=True)
         real = None
         if reference is not None:
             try:  # only rank 0 reports, so only it reads the reference; a bad one stops every rank

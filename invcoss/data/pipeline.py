@@ -446,7 +446,6 @@ class Preprocessor:
             return self._picture_samples(source)
 
     def _volume_samples(self, volume: Volume) -> list[Sample]:
-        c = self.config
         self._check_volume(volume.path or Path("<volume>"), volume.array.shape, volume.spacing)
         if not np.isfinite(volume.array).any():
             raise ReadError(
@@ -457,14 +456,36 @@ class Preprocessor:
             volume = self.resample(volume)
         array = self.intensity(volume.array)
         starts = self.windows.positions(array.shape[0])
-        out_d, out_h, out_w = c.size
-        sd, sh, sw = volume.spacing
-        # Every window holds windows.size slices (short volumes are padded), resized to out_d.
-        spacing = (self.windows.size * sd / out_d, array.shape[1] * sh / out_h, array.shape[2] * sw / out_w)
+        spacing = self._window_spacing(array.shape, volume.spacing)
         return [
             Sample(self.resize(w)[None], i, (s,), spacing)
             for i, (s, w) in enumerate(zip(starts, self.windows(array)))
         ]
+
+    def _window_spacing(self, shape: tuple[int, ...], spacing: tuple[float, ...]) -> tuple[float, ...]:
+        """The spacing of one output voxel of a volume of ``shape`` and ``spacing`` (after resampling)."""
+        out_d, out_h, out_w = self.config.size
+        sd, sh, sw = spacing
+        # Every window holds windows.size slices (short volumes are padded), resized to out_d.
+        return (self.windows.size * sd / out_d, shape[1] * sh / out_h, shape[2] * sw / out_w)
+
+    def sample_spacing(self, path: Source) -> tuple[float, ...] | None:
+        """The ``spacing`` of the samples of ``path`` from its header only (None for 2D), as
+        :meth:`run` gives them.
+
+        Raises:
+            ReadError: as :meth:`positions`.
+        """
+        if self.config.ndim == 2:
+            return None
+        where = source_path(path)
+        with one_file(where):
+            header = self._header(path)
+            shape = self._check_volume(where, header.shape, header.spacing)
+        spacing = tuple(header.spacing)
+        if tuple(shape) != tuple(header.shape):  # as Resample: the extent kept over the new shape
+            spacing = tuple(n * s / m for n, s, m in zip(header.shape, header.spacing, shape))
+        return self._window_spacing(shape, spacing)
 
     def _picture_samples(self, picture: Picture) -> list[Sample]:
         array = picture.array

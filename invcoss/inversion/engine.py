@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from invcoss import ops
-from invcoss.feature_stats import FeatureStats, config_hash
+from invcoss.feature_stats import FeatureStats, config_hash, stats_data
 from invcoss.inversion.config import InversionConfig
 from invcoss.modality import get_modality
 from invcoss.models import BottomUpGenerator, GeneratorConfig, InvUNet
@@ -199,7 +199,9 @@ class InversionEngine:
         model: an :class:`invcoss.models.MAE` (``forward(x, mask_ratio, noise)``,
             ``unmasked_features``) taking the config's modality.
         stats: an :class:`invcoss.feature_stats.FeatureStats` of this model architecture and modality, or a
-            sequence of ``(mean, var)`` pairs, one ``(L, D)`` pair per encoder block.
+            sequence of ``(mean, var)`` pairs, one ``(L, D)`` pair per encoder block. The data
+            summary a FeatureStats records (``self.data``) fits an MRI generator's output range
+            (:meth:`invcoss.modality.InputSpace.fitted`) and gives written volumes their spacing.
         config: an :class:`~invcoss.inversion.config.InversionConfig`.
         device: where to optimise (default: the model's device).
         backend: the :mod:`invcoss.ops` backend of the stat, TV and repulsive losses.
@@ -218,7 +220,8 @@ class InversionEngine:
         backend: str | None = None,
     ) -> None:
         self.config = config
-        self.space = config.space
+        self.data = stats_data(stats, config.modality)  # spacing and value range of the statistics' data
+        self.space = config.space.fitted(*self.data.value_range) if self.data else config.space
         self.ndim = config.ndim
         self.backend = backend
         self.device = torch.device(device) if device is not None else next(model.parameters()).device

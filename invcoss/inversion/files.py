@@ -4,9 +4,11 @@ Layout of an output folder::
 
     manifest.json                 config, model and statistics identity, per-batch losses and
                                   timings, the quality report; rewritten after every batch
-    preview.png                   central slices (3D) or images (2D) of the first 16 samples
+    preview.png                   central axial slices (3D; radiological orientation, marked
+                                  A/P/R/L) or images (2D) of the first 16 samples
     samples/<modality>_00000.nii.gz   3D, format "nifti" (default): float32 NIfTI, (D, H, W), the
-                                  spacing in the affine (the config's, a reference cache's or
+                                  spacing in the affine (:func:`written_spacing`: the config's,
+                                  the statistics' data's, a reference cache's or
                                   :func:`nominal_spacing`), RAS+ orientation (qform and sform)
     samples/<modality>_00000.npy      3D "npy": float32 (1, D, H, W); 2D "npy" (default): float32
                                   (C, H, W), what the model takes (PNG would round)
@@ -38,7 +40,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,6 +51,7 @@ from invcoss.data import read_manifest, read_nifti, write_nifti, write_png
 from invcoss.data.atomic import atomic_save_npy
 from invcoss.data.writers import read_dicom_series_array, write_dicom_series
 from invcoss.inversion.engine import BatchResult, InversionEngine
+from invcoss.inversion.preview import AXIAL_MARKS, montage, radiological_axial
 
 __all__ = [
     "MANIFEST",
@@ -65,6 +67,7 @@ __all__ = [
     "targets_digest",
     "write_batch",
     "write_preview",
+    "written_spacing",
 ]
 
 MANIFEST = "manifest.json"
@@ -148,6 +151,28 @@ def reference_spacing(reference) -> tuple[float, float, float] | None:
     if not spacings or any(len(s) != 3 for s in spacings):
         return None
     return tuple(round(float(v), 4) for v in np.median(np.asarray(spacings, dtype=np.float64), axis=0))
+
+
+def written_spacing(
+    inv: InversionEngine, reference=None
+) -> tuple[tuple[float, float, float] | None, str | None]:
+    """The spacing 3D samples are written with and where it comes from, the first of:
+
+    ``"config"`` (the user's ``spacing``), ``"statistics"`` (the median spacing of the data the
+    statistics were collected from, :attr:`invcoss.feature_stats.FeatureStats.data`),
+    ``"reference"`` (:func:`reference_spacing`), ``"phantoms"`` (:func:`nominal_spacing`);
+    ``(None, None)`` for 2D.
+    """
+    if inv.ndim != 3:
+        return None, None
+    if inv.config.spacing:
+        return inv.config.spacing, "config"
+    if inv.data is not None and inv.data.spacing is not None:
+        return inv.data.spacing.median, "statistics"
+    ref = reference_spacing(reference)
+    if ref:
+        return ref, "reference"
+    return nominal_spacing(inv.space.modality, inv.input_shape[1:]), "phantoms"
 
 
 def write_batch(
@@ -234,27 +259,21 @@ def _read_png(path: Path, channels: int | None) -> np.ndarray:
 def write_preview(
     path: Path, inv: InversionEngine, paths: list[Path], manifest: dict | None = None
 ) -> Path | None:
-    """A montage of the first samples (central axial slice for 3D) as a PNG; None without samples."""
+    """A montage of the first samples as a PNG (:mod:`invcoss.inversion.preview`: the central
+    axial slice of a volume in radiological orientation, its edges marked A/P/R/L; 2D images as
+    stored); None without samples."""
 
     paths = paths[:PREVIEW_COUNT]
     if not paths:
         return None
     x = next(read_samples(paths, len(paths), manifest)).numpy()  # (K, C, *S)
     if inv.ndim == 3:
-        x = x[:, :, x.shape[2] // 2]  # (K, C, H, W)
+        x = radiological_axial(x)  # (K, C, H, W)
     if inv.space.channels == 1:
         x = x[:, :1]
     lo, hi = inv.space.display_range
     x = np.clip((x - lo) / (hi - lo), 0.0, 1.0)
-    k, c, h, w = x.shape
-    cols = math.ceil(math.sqrt(k))
-    rows = math.ceil(k / cols)
-    gap = 2
-    canvas = np.ones((c, rows * (h + gap) - gap, cols * (w + gap) - gap), dtype=np.float32)
-    for i in range(k):
-        r, q = divmod(i, cols)
-        canvas[:, r * (h + gap) : r * (h + gap) + h, q * (w + gap) : q * (w + gap) + w] = x[i]
-    return write_png(path, canvas)
+    return write_png(path, montage(x, AXIAL_MARKS if inv.ndim == 3 else None))
 
 
 def model_digest(model: torch.nn.Module) -> str:

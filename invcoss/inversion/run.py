@@ -35,12 +35,11 @@ from invcoss.inversion.files import (
     MANIFEST,
     check_sample_format,
     model_digest,
-    nominal_spacing,
-    reference_spacing,
     sample_paths,
     targets_digest,
     write_batch,
     write_preview,
+    written_spacing,
 )
 from invcoss.inversion.report import quality_report
 from invcoss.inversion.shards import (
@@ -101,7 +100,11 @@ def _subsample(curves: dict[str, list[float]]) -> dict[str, list[float]]:
 
 def _identity(inv: InversionEngine, num_samples: int) -> dict:
     cfg = inv.model.config
+    # The generator's range when fitted to the statistics' data (MRI), which the statistics' tensors
+    # do not show; absent at the modality's own range, so folders written before it resume as before.
+    fitted = {"value_range": list(inv.space.value_range)} if inv.space != inv.config.space else {}
     return {
+        **fitted,
         "num_samples": num_samples,
         "config": inv.config.to_dict(),
         "model": {
@@ -213,9 +216,8 @@ def run_inversion(
         sources: where the model and statistics came from (recorded in the manifest).
         reference: a folder of real scans or a preprocessed cache of the modality (or its
             batches from :func:`invcoss.inversion.report.reference_batches`), for the reference columns of the quality report (:func:`invcoss.inversion.report.quality_report`).
-            A cache also gives the spacing written into 3D samples when the config has none
-            (:func:`invcoss.inversion.files.reference_spacing`; else
-            :func:`invcoss.inversion.files.nominal_spacing`).
+            A cache also gives the spacing written into 3D samples when neither the config nor
+            the statistics do (:func:`invcoss.inversion.files.written_spacing`).
         compare_rep: also invert once in memory with L_rep toggled and report both diversities.
         max_reference: at most this many reference samples are read.
         sample_format: how samples are written (:data:`invcoss.inversion.files.SAMPLE_FORMATS`):
@@ -249,11 +251,7 @@ def run_inversion(
         fmt = made_as
     inv.start(num_samples)
     sizes = inv.batch_sizes(num_samples)
-    spacing = (
-        inv.config.spacing
-        or reference_spacing(reference)
-        or nominal_spacing(inv.space.modality, inv.input_shape[1:])
-    )
+    spacing, spacing_from = written_spacing(inv, reference)
     compute = compute_record()
     if existing is not None:
         manifest = existing
@@ -285,6 +283,7 @@ def run_inversion(
             "file_scale": inv.space.file_scale if fmt in ("nifti", "dicom") else 1.0,
             "file_values": inv.space.file_values if fmt in ("nifti", "dicom") else "the model input",
             "spacing_mm": list(spacing) if spacing else None,
+            "spacing_from": spacing_from,
             "sources": sources or {},
             "batches": [],
             "resume_state": None,

@@ -89,6 +89,7 @@ def test_ct_end_to_end_with_the_packaged_model(runner, tmp_path):
     m = json.loads((out / "manifest.json").read_text())
     assert m["complete"] and m["sources"]["model"].startswith("packaged ct model")
     assert m["identity"]["model"]["preset"] == "vit_nano_w64" and (out / "preview.png").is_file()
+    assert m["spacing_from"] == "statistics"  # the packaged statistics record their data's spacing
     q = m["quality"]["stat_loss"]
     assert q["synthetic"] < q["noise"]
 
@@ -251,6 +252,46 @@ def test_resume_continues_at_the_recorded_thread_count(runner, tmp_path, tiny_ch
         assert "0 of 1 batches run" in r.stdout
     finally:
         torch.set_num_threads(1)
+
+
+def test_statistics_without_their_data_summary_warn_and_keep_the_phantoms_spacing(
+    runner, tmp_path, tiny_checkpoint
+):
+    import dataclasses
+
+    from invcoss.feature_stats import save_feature_stats
+
+    model = MAE.from_pretrained(tiny_checkpoint)
+    old = dataclasses.replace(load_feature_stats(tiny_checkpoint / "stats.safetensors", model), data=None)
+    save_feature_stats(old, tmp_path / "old.safetensors")
+    out = tmp_path / "run"
+    r = runner.invoke(
+        main,
+        [
+            "invert",
+            "--modality",
+            "ct",
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--stats",
+            str(tmp_path / "old.safetensors"),
+            "--num-samples",
+            "2",
+            "--batch-size",
+            "2",
+            "--steps",
+            "1",
+            "--warmup-steps",
+            "1",
+            "--set",
+            "upsample=1",
+            "--out",
+            str(out),
+        ],  # fmt: skip
+    )
+    assert r.exit_code == 0, r.output
+    assert "Warning: the ct feature statistics record no spacing or value range" in r.stderr
+    assert json.loads((out / "manifest.json").read_text())["spacing_from"] == "phantoms"
 
 
 def _files(out) -> dict[str, bytes]:

@@ -110,8 +110,9 @@ def test_3d_run_writes_float32_nifti_with_spacing_and_a_manifest(tmp_path, model
     assert all(d > 0 for d in q["mean_distance_std"]["synthetic"])
     assert list(q["intensity"]["synthetic"]) == ["air", "lung", "mixed", "soft tissue", "dense"]
     assert sum(q["intensity"]["synthetic"].values()) == pytest.approx(1.0)
-    with Image.open(out / "preview.png") as im:  # 5 central slices on a 3x2 grid with 2-pixel gaps
-        assert im.size == (3 * 32 + 4, 2 * 32 + 2) and im.mode == "L"
+    with Image.open(out / "preview.png") as im:  # 5 central slices, framed by 9-pixel letter bands, on a
+        tile = 32 + 2 * 9  # 3x2 grid with 2-pixel gaps
+        assert im.size == (3 * tile + 4, 2 * tile + 2) and im.mode == "L"
 
 
 def test_3d_spacing_follows_the_config_then_a_reference_cache_then_the_phantoms(tmp_path, model, ct_stats):
