@@ -36,7 +36,14 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["METRICS_NAME", "TENSORBOARD_DIR", "MetricsLog", "read_metrics", "tensorboard_available"]
+__all__ = [
+    "METRICS_NAME",
+    "TENSORBOARD_DIR",
+    "MetricsLog",
+    "json_finite",
+    "read_metrics",
+    "tensorboard_available",
+]
 
 METRICS_NAME = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -59,13 +66,19 @@ def _is_writer_rank() -> bool:
     return not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)
 
 
-def _finite(value: Any) -> Any:
+def json_finite(value: Any) -> Any:
+    """``value`` with NaN and infinite floats as None (JSON has neither), through dicts and lists.
+
+    Example:
+        >>> json_finite({"loss": float("nan"), "lr": [1.0, float("inf")]})
+        {'loss': None, 'lr': [1.0, None]}
+    """
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {str(k): _finite(v) for k, v in value.items()}
+        return {str(k): json_finite(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
+        return [json_finite(v) for v in value]
     return value
 
 
@@ -102,7 +115,7 @@ class MetricsLog:
     def write(self, event: str, **fields: Any) -> dict:
         """Append one line ``{"event": event, "time", "elapsed_s", **fields}`` and flush it; returns it."""
         now = time.time()
-        record = _finite(
+        record = json_finite(
             {"event": event, "time": round(now, 3), "elapsed_s": round(now - self._t0, 3), **fields}
         )
         level = logging.INFO if event in _SUMMARY_EVENTS else logging.DEBUG

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import sys
 from collections.abc import Callable
 
 import click
+
+from invcoss.runlog import json_finite
 
 LOGGER = "invcoss"
 LEVELS = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG}
@@ -70,16 +71,6 @@ def show_progress() -> bool:
     return verbosity() >= 0 and bool(isatty and isatty())
 
 
-def _finite(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
-
-
 def echo_json(payload: object) -> None:
     """Print ``payload`` as one JSON document on stdout (NaN and infinities as ``null``).
 
@@ -90,7 +81,7 @@ def echo_json(payload: object) -> None:
           "b": null
         }
     """
-    click.echo(json.dumps(_finite(payload), indent=2, sort_keys=True, default=str))
+    click.echo(json.dumps(json_finite(payload), indent=2, sort_keys=True, default=str))
 
 
 def json_option(f: Callable) -> Callable:
