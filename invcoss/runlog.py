@@ -7,7 +7,8 @@ step); a resumed run appends to the file, a fresh one replaces it. Every line ha
 - ``event``: what the line is: ``step`` (one optimisation step), ``epoch`` (the mean of an epoch's
   steps), ``batch`` (a written inversion batch), ``stage`` (a finished continual stage);
 - ``time`` (Unix seconds) and ``elapsed_s`` (seconds since this process opened the log);
-- ``step``: the run's global step count at that line (it continues across a resume);
+- ``step`` (``step``, ``epoch`` and ``batch`` lines): the run's step count at that line (within a
+  stage for a continual run; it continues across a resume);
 - ``losses``: ``{name: value}``, and where they apply ``lr``, ``samples_per_s``, ``steps_per_s``,
   ``epoch``, ``stage``, ``modality``, ``batch``, ``method``, ``seed``.
 

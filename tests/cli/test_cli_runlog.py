@@ -232,3 +232,34 @@ def test_continual_config_replays_the_saved_configuration(continual_run):
     again = json.loads((root / "again" / "continual.json").read_text())
     assert again["config"] == saved["config"] | {"epochs": 2}
     assert again["compute"]["threads"] == saved["compute"]["threads"]
+
+
+def test_tensorboard_scalars_are_tagged_per_method_modality_and_loss(tmp_path, monkeypatch):
+    """The scalars MetricsLog hands to TensorBoard's SummaryWriter (a stand-in records them)."""
+    import sys
+    import types
+
+    from invcoss import runlog
+
+    calls = []
+
+    class Writer:
+        def __init__(self, logdir):
+            calls.append(("open", logdir))
+
+        def add_scalar(self, tag, value, step, walltime=None):
+            calls.append((tag, value, step))
+
+        def close(self):
+            calls.append(("close",))
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    monkeypatch.setattr(runlog, "tensorboard_available", lambda: True)
+    with runlog.MetricsLog(tmp_path, tensorboard=True) as log:
+        log.write("step", step=7, method="er", modality="ct", lr=0.5, losses={"mae": 1.5, "distill": None})
+    assert calls == [
+        ("open", str(tmp_path / "tensorboard")),
+        ("er/ct/step/mae", 1.5, 7),
+        ("er/ct/step/lr", 0.5, 7),
+        ("close",),
+    ]
