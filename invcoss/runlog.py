@@ -90,7 +90,8 @@ class MetricsLog:
         folder: the run's output folder.
         resume: append to an existing log instead of replacing it.
         tensorboard: also write TensorBoard scalars (every loss, ``lr`` and the throughputs).
-        enabled: write at all; None means on rank 0 of a ``torch.distributed`` job (or alone).
+        enabled: write at all; None means on rank 0 of a ``torch.distributed`` job (or alone),
+            decided at the first line (the process group may be set up after the log is made).
 
     Raises:
         RuntimeError: ``tensorboard`` is asked for and the package is not installed.
@@ -108,7 +109,8 @@ class MetricsLog:
         self.path = Path(folder) / METRICS_NAME
         self.resume = resume
         self.tensorboard = tensorboard
-        self.enabled = _is_writer_rank() if enabled is None else enabled
+        # None: decided at the first line, after a command has set up its process group.
+        self.enabled = enabled
         self._file: IO[str] | None = None
         self._writer = None
         self._t0 = time.time()
@@ -122,6 +124,8 @@ class MetricsLog:
         level = logging.INFO if event in _SUMMARY_EVENTS else logging.DEBUG
         if logger.isEnabledFor(level):
             logger.log(level, "%s %s", event, _brief(fields))
+        if self.enabled is None:
+            self.enabled = _is_writer_rank()
         if not self.enabled:
             return record
         if self._file is None:

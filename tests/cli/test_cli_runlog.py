@@ -263,3 +263,20 @@ def test_tensorboard_scalars_are_tagged_per_method_modality_and_loss(tmp_path, m
         ("er/ct/step/lr", 0.5, 7),
         ("close",),
     ]
+
+
+def test_only_rank_0_writes_the_run_log(tmp_path, monkeypatch):
+    import torch.distributed as dist
+
+    from invcoss.runlog import MetricsLog
+
+    log = MetricsLog(tmp_path / "r1")  # made before the process group exists, as the CLI does
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 1)
+    with log:
+        log.write("step", step=1, losses={"mae": 1.0})
+    assert not (tmp_path / "r1").exists()
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    with MetricsLog(tmp_path / "r0") as log:
+        log.write("step", step=1, losses={"mae": 1.0})
+    assert len(lines(tmp_path / "r0")) == 1
