@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from invcoss.cli.options import check_new_files, check_output_file, device_option, threads_option
+from invcoss.cli.output import echo_json, json_option, show_progress
 
 
 @click.command()
@@ -33,6 +34,7 @@ from invcoss.cli.options import check_new_files, check_output_file, device_optio
     help="Also write the rows as JSON and Markdown to OUT.json / OUT.md.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUT.json / OUT.md.")
+@json_option
 @threads_option()
 def bench(
     device,
@@ -42,6 +44,7 @@ def bench(
     steps: int,
     out: Path | None,
     overwrite: bool,
+    as_json: bool,
     threads: int | None,
 ) -> None:
     """Time every op for every provider (eager, torch.compile, kernels) and print the ratios.
@@ -52,6 +55,7 @@ def bench(
     :mod:`invcoss.benchmark.specs`. The CPU thread count is part of the table's title and of the JSON
     (``compute``); deterministic algorithms are left as they are, since the table times the usual path.
     An existing OUT.json or OUT.md stops the command before any timing (exit 2) unless --overwrite.
+    With --json the rows are printed as the JSON of OUT.json (plus ``device``) instead of the table.
     """
 
     import torch
@@ -77,7 +81,8 @@ def bench(
         for target in targets:
             check_output_file(target, True)
     with_inversion = not families or bm.INVERSION.name in families
-    console = Console()
+    # The spinner goes to stderr, and only to a terminal, so stdout holds the table or the JSON alone.
+    console = Console(stderr=True, quiet=not show_progress())
     rows, inversion_rows = [], []
     with console.status("benchmarking") as status:
         if cases:
@@ -102,11 +107,14 @@ def bench(
     )
     if inversion_rows:
         md += ("\n" if md else "") + bm.inversion_markdown(inversion_rows, "inversion step")
-    click.echo(md)
+    payload = {"rows": bm.rows_to_dicts(rows), "inversion": inversion_rows, "compute": compute}
     if out is not None:
-        payload = {"rows": bm.rows_to_dicts(rows), "inversion": inversion_rows, "compute": compute}
         atomic_write_json(out.with_suffix(".json"), payload)
         atomic_write_bytes(out.with_suffix(".md"), md.encode())
+    if as_json:
+        echo_json(payload | {"device": str(device)})
+        return
+    click.echo(md)
     best = max(
         (r for r in rows if r.provider not in ("eager", "compile")),
         key=lambda r: r.ratio_eager or 0,

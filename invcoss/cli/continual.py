@@ -8,6 +8,7 @@ size) exits with code 2 and a message, no traceback.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import types
 from pathlib import Path
@@ -16,6 +17,7 @@ import click
 
 from invcoss.cli.data import Dims, human_bytes, open_data
 from invcoss.cli.options import (
+    PRESET,
     UserError,
     check_new_files,
     check_output_folder,
@@ -23,6 +25,9 @@ from invcoss.cli.options import (
     progress_bar,
     threads_option,
 )
+from invcoss.cli.output import echo_json, json_option
+from invcoss.cli.replay import config_option, saved_fields, saved_run
+from invcoss.cli.runlog import StepRate, log_continual_event, metrics_log, tensorboard_option
 from invcoss.modality import canonical_modality, get_modality
 
 _METHODS = click.Choice(["seq", "er", "invcoss"])
@@ -108,6 +113,7 @@ _MAE_TARGET = click.option(
 
 
 @click.command()
+@config_option("continual")
 @click.option("--order", required=True, help="Modalities in stage order, e.g. ct,mri,xray.")
 @click.option("--method", type=_METHODS, default="invcoss", show_default=True, help="Replay method.")
 @click.option(
@@ -116,7 +122,7 @@ _MAE_TARGET = click.option(
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run folder.")
 @click.option("--profile", type=_PROFILES, default="quick", show_default=True, help="Settings profile.")
 @click.option("--resume", is_flag=True, help="Continue the run saved in --out.")
-@click.option("--preset", default=None, help="MAE preset (default: the profile's).")
+@click.option("--preset", type=PRESET, default=None, help="MAE preset (default: the profile's).")
 @click.option(
     "--img-size-2d", type=Dims(int, "112x112"), default=None, help="2D model input (default: the preset's)."
 )
@@ -145,16 +151,18 @@ _MAE_TARGET = click.option(
     "--inversion-batch-size", type=click.IntRange(min=1), default=None, help="Default: the profile's."
 )
 @click.option("--seed", type=int, default=0, show_default=True)
+@tensorboard_option
 @device_option()
 @_THREADS
-def continual(order, method, data, out, profile, resume, device, threads, **overrides) -> None:
+def continual(order, method, data, out, profile, resume, tensorboard, device, threads, **overrides) -> None:
     """Continual pre-training over modalities with seq, er or invcoss replay (Algorithm 1).
 
     The CPU thread count is a setting of the run, recorded in continual.json; --resume continues at
     the recorded count and refuses another --threads. Under ``torchrun -m invcoss.cli continual``
     the ranks train with DistributedDataParallel, each computing its part of every current and
     buffer batch (--batch-size is the global batch); rank 0 writes the run folder, and --resume
-    may use another number of ranks.
+    may use another number of ranks. Every training and inversion step is logged to
+    OUT/metrics.jsonl (docs/cli.md).
     """
     check_output_folder(out)
     from invcoss.continual import run_continual
@@ -164,8 +172,14 @@ def continual(order, method, data, out, profile, resume, device, threads, **over
     from invcoss.inversion import NonFiniteLossError
 
     values = {k: v for k, v in overrides.items() if v is not None}
+    values |= {"method": method, "order": _order(order)}
+    saved = saved_run()
+    if saved is not None:
+        values = saved_fields(
+            ContinualConfig.from_dict(saved["config"]).to_dict(), values, exclude=["profile"]
+        )
     try:
-        config = ContinualConfig.from_profile(profile, method=method, order=_order(order), **values)
+        config = ContinualConfig.from_profile(profile, **values)
     except (ValueError, TypeError) as e:
         raise UserError(str(e)) from None
     stray = sorted(set(data) - set(config.order))
@@ -175,11 +189,15 @@ def continual(order, method, data, out, profile, resume, device, threads, **over
     sources = {m: (lambda p=p, m=m: open_data(p, m, stub)) for m, p in data.items()}
     from invcoss.cli.torchrun import torchrun_session
 
-    # Under torchrun: DistributedDataParallel over the ranks, rank 0 writes and prints.
-    with torchrun_session(device) as ctx, progress_bar() as bar:
+    log = metrics_log(out, resume=resume, tensorboard=tensorboard)
+    epoch_losses: dict[str, list[float]] = {}
+    rate = StepRate()
+    # Under torchrun: DistributedDataParallel over the ranks, rank 0 writes the files, the log and prints.
+    with torchrun_session(device) as ctx, progress_bar() as bar, log:
         tasks: dict[tuple, int] = {}
 
         def on_event(e) -> None:
+            log_continual_event(log, e, epoch_losses, rate)
             i = e.info
             if e.kind == "train":
                 key = ("train", e.stage)
@@ -249,10 +267,11 @@ def continual(order, method, data, out, profile, resume, device, threads, **over
 @click.option(
     "--overwrite", is_flag=True, help="Replace retention.csv/json/png already in the output folder."
 )
+@json_option
 @device_option()
 @_THREADS
 def evaluate(
-    checkpoints, data, labels, out, mask_repeats, batch_size, seed, overwrite, device, threads
+    checkpoints, data, labels, out, mask_repeats, batch_size, seed, overwrite, as_json, device, threads
 ) -> None:
     """Held-out loss (overall, background / structured patches, raw pixels), forgetting and probe of every stage (Fig. 6b).
 
@@ -298,6 +317,21 @@ def evaluate(
     if not table.rows:
         raise UserError(f"no finished stage of {checkpoints} has seen {', '.join(held_out)} yet")
     paths = table.write(out)
+    if as_json:
+        fields = (
+            "forgetting",
+            "forgetting_background",
+            "forgetting_structured",
+            "raw_forgetting",
+            "probe_forgetting",
+        )
+        echo_json({
+            "run": str(checkpoints), "method": config.method, "order": list(config.order),
+            "rows": [dataclasses.asdict(r) for r in table.rows],
+            "mean_forgetting": {f: table.mean_forgetting(f) for f in fields},
+            "files": {k: str(v) for k, v in paths.items()},
+        })  # fmt: skip
+        return
     for r in table.rows:
         probe = f" probe {r.probe_accuracy:.3f}" if r.probe_accuracy is not None else ""
         click.echo(
@@ -324,7 +358,8 @@ def evaluate(
 
 @click.command()
 @click.argument("run", type=click.Path(file_okay=False, path_type=Path))
-def storage(run: Path) -> None:
+@json_option
+def storage(run: Path, as_json: bool) -> None:
     """Bytes a run keeps between stages: real buffer (er), statistics (invcoss), checkpoint (Fig. 6a)."""
     from invcoss.continual.eval import storage_report
 
@@ -334,6 +369,13 @@ def storage(run: Path) -> None:
         raise UserError(str(e)) from None
     if not rows:
         raise UserError(f"{run} has no finished stage")
+    if as_json:
+        stages = [dataclasses.asdict(r) | {"kept_after": r.kept_after} for r in rows]
+        echo_json({
+            "run": str(run), "method": rows[0].method, "stages": stages,
+            "replay_bytes": sum(r.replay_bytes for r in rows), "checkpoint_bytes": rows[-1].checkpoint_bytes,
+        })  # fmt: skip
+        return
     for r in rows:
         source = f" (files {human_bytes(r.source_bytes)})" if r.source_bytes else ""
         kept = (
@@ -380,6 +422,7 @@ def experiment() -> None:
 @_FIRST_STAGE_EPOCHS
 @_INVERSION_STEPS
 @_INVERSION_WARMUP
+@tensorboard_option
 @_EXPERIMENT_THREADS
 def forgetting(
     out: Path,
@@ -396,9 +439,13 @@ def forgetting(
     first_stage_epochs: int | None,
     inversion_steps: int | None,
     inversion_warmup_steps: int | None,
+    tensorboard: bool,
     threads: int,
 ) -> None:
     """seq vs er vs invcoss on phantom X-ray, CT and MRI: forgetting and storage table.
+
+    Every training and inversion step of every method (and repeat) is logged to
+    OUT/metrics.jsonl, with ``method`` (and ``seed``) in each line (docs/cli.md).
 
     Runs at one CPU thread unless --threads says otherwise, so the table does not depend on the
     machine; the count is recorded in experiment.json.
@@ -418,8 +465,6 @@ def forgetting(
                 f"{found[0]} exists; pass --resume to continue the experiment in {out}, or choose another --out"
             )
     check_output_folder(out)
-    import dataclasses
-
     from invcoss.continual.experiment import ForgettingExperiment, run_forgetting_experiment
     from invcoss.continual.seeds import run_seeds
 
@@ -437,10 +482,20 @@ def forgetting(
         exp = dataclasses.replace(exp, methods=tuple(m.strip() for m in methods.split(",") if m.strip()))
     except ValueError as e:
         raise UserError(str(e)) from None
-    with progress_bar() as bar:
+    log = metrics_log(out, resume=resume, tensorboard=tensorboard)
+    epoch_losses: dict[tuple, dict[str, list[float]]] = {}
+    rates: dict[tuple, StepRate] = {}
+    with progress_bar() as bar, log:
         tasks: dict[str, int] = {}
 
-        def on_event(e) -> None:
+        def on_event(e, seed: int | None = None) -> None:
+            if e.phase == "continual":
+                key = (seed, e.method)
+                where = {"method": e.method} | ({"seed": seed} if seed is not None else {})
+                log_continual_event(
+                    log, e.info["event"], epoch_losses.setdefault(key, {}), rates.setdefault(key, StepRate()),
+                    **where,
+                )  # fmt: skip
             if e.phase == "seed":
                 if "seeds" not in tasks:
                     tasks["seeds"] = bar.add_task("seeds", total=e.info["seeds"], info="")
@@ -470,7 +525,7 @@ def forgetting(
         try:
             if seeds > 1:
                 result = run_seeds(
-                    out, exp, seeds, resume=resume, device=device, on_event=lambda k, e: on_event(e),
+                    out, exp, seeds, resume=resume, device=device, on_event=lambda k, e: on_event(e, k),
                     threads=threads, jobs=jobs,
                 )  # fmt: skip
             else:

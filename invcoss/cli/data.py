@@ -13,6 +13,7 @@ import click
 
 from invcoss.cli.options import (
     MODALITY,
+    PRESET,
     UserError,
     check_output_file,
     check_output_folder,
@@ -20,6 +21,8 @@ from invcoss.cli.options import (
     progress_bar,
     threads_option,
 )
+from invcoss.cli.replay import config_option, saved_fields, saved_run
+from invcoss.cli.runlog import log_train_step, metrics_log, tensorboard_option
 from invcoss.modality import get_modality
 
 # The defaults of invcoss.data.ReadLimits (importing it here would import torch before --help;
@@ -273,10 +276,29 @@ def open_data(path: Path, modality: str | None, model, strict: bool = False):
     return ds
 
 
+def _cache_input_size(data: Path) -> tuple[int, ...] | None:
+    """The sample size (without channels) of the preprocessed cache ``data``; None for a raw folder."""
+    from invcoss.data import read_manifest
+
+    if not (data / "manifest.json").is_file():
+        return None
+    try:
+        return tuple(read_manifest(data)["sample_shape"][1:])
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"--data {data}: cannot read its manifest ({e})") from None
+
+
 @click.command()
+@config_option("pretrain")
 @click.option("--modality", type=MODALITY, default=None, help="Required when --data is a raw folder.")
 @click.option("--data", type=click.Path(path_type=Path), required=True, help="A cache or a folder of scans.")
-@click.option("--preset", default="vit_nano", show_default=True, help="Model preset (see invcoss.models).")
+@click.option(
+    "--preset",
+    type=PRESET,
+    default="vit_nano",
+    show_default=True,
+    help="Model preset (invcoss.models); its input size is the cache's sample size.",
+)
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option(
     "--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Checkpoint folder."
@@ -298,6 +320,7 @@ def open_data(path: Path, modality: str | None, model, strict: bool = False):
 @click.option("--lr", type=float, default=1.5e-4, show_default=True, help="Peak learning rate.")
 @click.option("--warmup-epochs", type=float, default=None, help="Default: 40/300 of --epochs, as the paper.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@tensorboard_option
 @device_option()
 @threads_option()
 def pretrain(
@@ -312,10 +335,15 @@ def pretrain(
     lr: float,
     warmup_epochs: float | None,
     seed: int,
+    tensorboard: bool,
     device,
     threads: int | None,
 ) -> None:
     """MAE pre-training (AdamW, warm-up then cosine), checkpointing every epoch.
+
+    The model is the --preset at the input size of the data: a preprocessed cache's sample size
+    (so ``preprocess`` with its defaults feeds ``pretrain`` with its defaults), the preset's own for
+    a raw folder. Every step is logged to OUT/metrics.jsonl (docs/cli.md).
 
     The CPU thread count is recorded in pretrain.json; --resume continues at the recorded count and
     refuses another --threads. Under ``torchrun -m invcoss.cli pretrain`` the ranks train one model
@@ -326,33 +354,48 @@ def pretrain(
     check_output_folder(out)
     import torch
 
-    from invcoss.models import create_model
+    from invcoss.configs import config_from_dict
+    from invcoss.models import MAE, MAEConfig, create_model
     from invcoss.pretrain import PretrainConfig
     from invcoss.pretrain import pretrain as run_pretrain
 
+    saved = saved_run()
+    given = {
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "warmup_epochs": warmup_epochs,
+        "seed": seed,
+    }
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # the initial weights depend on --seed too
-            model = create_model(preset)
-        config = PretrainConfig(
-            epochs=epochs, batch_size=batch_size, lr=lr, warmup_epochs=warmup_epochs, seed=seed
-        )
+            if saved is not None and saved["model"]["name"] == preset:
+                model = MAE(config_from_dict(MAEConfig, saved["model"]))
+            else:
+                size = _cache_input_size(data)
+                ndim = len(size) if size else 0
+                model = create_model(preset, **({f"img_size_{ndim}d": size} if size else {}))
+        config = PretrainConfig(**saved_fields(saved["pretrain"], given) if saved else given)
     except (ValueError, TypeError) as e:
-        raise UserError(str(e)) from None
+        raise UserError(f"{e} (--preset {preset}, --data {data})") from None
     try:
         ds = open_data(data, modality, model)
     except ValueError as e:
         raise UserError(str(e)) from None
     from invcoss.cli.torchrun import torchrun_session
 
-    # Under torchrun: DistributedDataParallel over the ranks, rank 0 writes and prints.
-    with torchrun_session(device) as ctx, progress_bar() as bar:
+    log = metrics_log(out, resume=resume, tensorboard=tensorboard)
+    # Under torchrun: DistributedDataParallel over the ranks, rank 0 writes the files, the log and prints.
+    with torchrun_session(device) as ctx, progress_bar() as bar, log:
         task = bar.add_task("pretrain", total=None, info="")
+        epoch_losses: dict[str, list[float]] = {}
 
         def on_step(s) -> None:
             loss = s.losses["mae"]
             info = f"epoch {s.epoch}/{s.epochs} loss {loss:.4f} lr {s.lr:.2e} {s.samples_per_s:.1f} samples/s"
             bar.update(task, completed=s.done, total=s.total, info=info)
+            log_train_step(log, s, epoch_losses)
 
         dev = ctx.device if ctx is not None else device
         try:
@@ -365,12 +408,16 @@ def pretrain(
     if ctx is not None and not ctx.is_main:
         return
     if result.epochs_run == 0:
-        click.echo(f"nothing to do: {out} already holds {epochs} epochs (loss {result.losses[-1]:.4f})")
+        click.echo(
+            f"nothing to do: {out} already holds {config.epochs} epochs (loss {result.losses[-1]:.4f})"
+        )
         return
+    size = "x".join(map(str, model.config.img_size(len(ds.sample_shape) - 1)))
     click.echo(
         f"trained {preset} on {result.samples} {ds.modality} samples for {result.epochs_run} epochs"
         f"{f' on {ctx.world_size} ranks' if ctx is not None else ''} "
-        f"in {result.seconds:.0f} s: loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}; checkpoint {out}"
+        f"in {result.seconds:.0f} s: loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}; checkpoint {out} "
+        f"(input {size})"
     )
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from invcoss.cli.output import echo_json, json_option
+
 
 def collect_info() -> dict:
     """Everything ``info`` prints, as a dict (also saved next to outputs by other commands)."""
@@ -43,15 +45,37 @@ def collect_info() -> dict:
     }
 
 
+def json_keys(value: object) -> object:
+    """``value`` with every dict key in snake case (``"cuda (torch build)"`` -> ``"cuda_torch_build"``),
+    the form ``--json`` prints so that jq paths need no quoting.
+
+    Example:
+        >>> json_keys({"cpu kernels": True, "why not": ""})
+        {'cpu_kernels': True, 'why_not': ''}
+    """
+    import re
+
+    if isinstance(value, dict):
+        return {re.sub(r"[^0-9a-z]+", "_", str(k).lower()).strip("_"): json_keys(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_keys(v) for v in value]
+    return value
+
+
 @click.command()
+@json_option
 @click.option(
     "--kernels",
     is_flag=True,
     help="Also compile every Triton kernel for sm_90 and print its resources, and those of the "
     "extension's sm_90 CUDA kernels.",
 )
-def info(kernels: bool) -> None:
-    """Print versions, devices, which backends run here (and why not), and the extension build."""
+def info(kernels: bool, as_json: bool) -> None:
+    """Print versions, devices, which backends run here (and why not), and the extension build.
+
+    With --json: one JSON document of the same facts (keys: docs/cli.md), plus the default backend
+    per device type; --kernels adds the kernel tables under ``kernels``.
+    """
     import torch
     from rich.console import Console
     from rich.table import Table
@@ -59,6 +83,24 @@ def info(kernels: bool) -> None:
     from invcoss.ops import default_backend
 
     data = collect_info()
+    if as_json:
+        payload = json_keys(data)
+        payload["default_backend"] = {
+            "cpu": default_backend(torch.device("cpu")),
+            "cuda": default_backend(torch.device("cuda")) if torch.cuda.is_available() else None,
+        }
+        if kernels:
+            import dataclasses
+
+            from invcoss.kernels.aot import kernel_table
+
+            payload["kernels"] = {"triton": [dataclasses.asdict(r) for r in kernel_table()]}
+            if data["extension"]["cuda kernels"]:
+                from invcoss.kernels.sass import extension_table
+
+                payload["kernels"]["cuda"] = [dataclasses.asdict(r) for r in extension_table()]
+        echo_json(payload)
+        return
     console = Console()
     head = Table(title="invcoss", show_header=False)
     for key in ("invcoss", "python", "torch", "triton", "cuda (torch build)"):

@@ -15,6 +15,8 @@ from pathlib import Path
 import click
 
 from invcoss.cli.options import MODALITY, UserError, device_option, progress_bar, threads_option
+from invcoss.cli.replay import config_option, saved_fields, saved_run
+from invcoss.cli.runlog import StepRate, metrics_log, tensorboard_option
 from invcoss.modality import get_modality
 
 LOSSES = ["task", "norm", "img", "rep"]
@@ -113,6 +115,7 @@ def _parse_settings(settings: tuple[str, ...]) -> dict:
 
 
 @click.command()
+@config_option("invert")
 @click.option("--modality", type=MODALITY, required=True, help="What to synthesise.")
 @click.option(
     "--checkpoint",
@@ -191,6 +194,7 @@ def _parse_settings(settings: tuple[str, ...]) -> dict:
     help="How samples are written. 3D: nifti (default; CT in Hounsfield units, opens in a viewer), "
     "dicom (a synthetic series per sample; needs pydicom) or npy (model input). 2D: npy (default, with an 8-bit PNG copy) or png (8-bit only).",
 )
+@tensorboard_option
 def invert(
     modality: str,
     checkpoint: Path | None,
@@ -213,11 +217,13 @@ def invert(
     reference: Path | None,
     compare_rep: bool,
     sample_format: str | None,
+    tensorboard: bool,
 ) -> None:
     """Invert a frozen model into synthetic samples that match its feature statistics (Eq. 6).
 
     The CPU thread count is recorded in the manifest; --resume continues at the recorded count and
-    refuses another --threads.
+    refuses another --threads. Every optimisation step and every written batch is logged to
+    OUT/metrics.jsonl (docs/cli.md; under torchrun, rank 0's).
 
     Under torchrun (torchrun --nproc-per-node N -m invcoss.cli invert ...) the ranks share the run:
     each inverts its share of the batches into --out and rank 0 writes the manifest and the report
@@ -257,6 +263,10 @@ def invert(
         if disabled:
             overrides["losses"] = tuple(t for t in LOSSES if t not in disabled)
         overrides |= _parse_settings(settings)
+        saved = saved_run()
+        if saved is not None:
+            base = InversionConfig.from_dict(saved["identity"]["config"]).to_dict()
+            overrides = saved_fields(base, overrides, exclude=["modality", "profile"])
         try:
             check_field_types(InversionConfig, overrides, where="--set")
             config = InversionConfig.from_profile(profile, modality, **overrides)
@@ -282,17 +292,37 @@ def invert(
         if resume and threads is None:
             threads = _recorded_threads(out)
         sizes = inverter.batch_sizes(num_samples)
-        # The bar counts this rank's batches (all of them for one process).
+        # The bar counts this rank's batches (all of them for one process); the log counts the
+        # steps of the whole run (batch b starts at step starts[b]).
         group = 1 if config.generator == "pixels" else config.generator_every
         mine = shard_batches(len(sizes), group, distributed.world_size())[distributed.rank()]
         offsets = {b: sum(config.steps_for(i) for i in mine[:k]) for k, b in enumerate(mine)}
-        with progress_bar() as bar, pinned_compute(threads):
+        starts = [sum(config.steps_for(i) for i in range(b)) for b in range(len(sizes))]
+        log = metrics_log(out, resume=resume, tensorboard=tensorboard)
+        rate = StepRate()
+        lrs = {"lr": config.lr_pixels if config.generator == "pixels" else config.lr_generator}
+        if config.generator != "pixels":
+            lrs["lr_latent"] = config.lr_latent
+        with progress_bar() as bar, pinned_compute(threads), log:
             task = bar.add_task("invert", total=sum(config.steps_for(b) for b in mine), info="")
 
             def on_step(s) -> None:
                 losses = " ".join(f"{k} {v:.4g}" for k, v in s.losses.items())
                 info = f"batch {s.batch + 1}/{s.num_batches} step {s.step}/{s.steps} {losses}"
                 bar.update(task, completed=offsets[s.batch] + s.step, info=info)
+                steps_per_s = rate(restart=s.step == 1)
+                log.write(
+                    "step", step=starts[s.batch] + s.step, phase="invert", batch=s.batch + 1,
+                    batches=s.num_batches, losses=dict(s.losses), steps_per_s=steps_per_s,
+                    samples_per_s=steps_per_s and steps_per_s * sizes[s.batch], **lrs,
+                )  # fmt: skip
+
+            def on_batch(b) -> None:
+                log.write(
+                    "batch", step=starts[b.index] + config.steps_for(b.index), phase="invert",
+                    batch=b.index + 1, batches=len(sizes), samples=int(b.images.shape[0]), seconds=b.seconds,
+                    losses=dict(b.final), fresh_generator=b.fresh_generator,
+                )  # fmt: skip
 
             try:
                 result = inverter.run(
@@ -300,6 +330,7 @@ def invert(
                     out,
                     resume=resume,
                     on_step=on_step,
+                    on_batch=on_batch,
                     sources=sources,
                     reference=real,
                     compare_rep=compare_rep,

@@ -10,11 +10,13 @@
 - :func:`threads_option` applies ``--threads`` to torch before the command runs; the command runs
   its work inside :func:`invcoss.rng.pinned_compute` and records the count it used.
 
-With the group's ``-v/--verbose`` the resolved device and thread count are printed to stderr.
+With the group's ``-v/--verbose`` the resolved device and thread count are logged (INFO, on stderr;
+see :mod:`invcoss.cli.output`).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import click
@@ -114,6 +116,11 @@ class ModalityType(click.Choice):
 
 MODALITY = ModalityType()
 
+# The MAE presets of invcoss.models.mae_config.list_presets() (importing it here would import torch before
+# --help; tests/cli/test_cli_logs.py checks they agree).
+PRESETS = ("vit_base", "vit_nano", "vit_small", "vit_tiny")
+PRESET = click.Choice(PRESETS)
+
 
 def resolve_device(name: str | None, default: str | None = None):
     """``torch.device`` of ``name``: ``default`` when None, else CUDA when available, else the CPU.
@@ -142,9 +149,7 @@ def resolve_device(name: str | None, default: str | None = None):
 
 
 def _verbose(ctx: click.Context, line: str) -> None:
-    root = ctx.find_root()
-    if isinstance(root.obj, dict) and root.obj.get("verbose"):
-        click.echo(f"invcoss-cli {ctx.info_name}: {line}", err=True)
+    logging.getLogger(f"invcoss.cli.{ctx.info_name}").info(line)
 
 
 def device_option(default: str | None = None) -> Callable:
@@ -195,12 +200,16 @@ def threads_option(default: int | None = None) -> Callable:
 def progress_bar():
     """The progress display of every long command: a rich bar on stderr that vanishes when done.
 
-    Under torchrun only rank 0 shows it (``RANK`` other than 0 in the environment disables it).
+    It is not drawn at all under ``-q`` or when stderr is not a terminal (a log file, CI): the
+    per-step numbers are in the run's ``metrics.jsonl`` and, with ``-v``, in the log. Under torchrun
+    only rank 0 shows it (``RANK`` other than 0 in the environment disables it).
     """
     import os
 
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from invcoss.cli.output import show_progress
 
     # The bar goes to stderr and disappears when done, so stdout carries only the summary line.
     return Progress(
@@ -211,5 +220,5 @@ def progress_bar():
         TimeRemainingColumn(),
         console=Console(stderr=True),
         transient=True,
-        disable=os.environ.get("RANK", "0") not in ("", "0"),
+        disable=not show_progress() or os.environ.get("RANK", "0") not in ("", "0"),
     )

@@ -361,6 +361,14 @@ class RetentionTable:
                            "settings": self.settings, "rows": [asdict(r) for r in self.rows]}),
             ),
         }  # fmt: skip
+        png = self.plot(out / "retention.png")
+        if png is not None:
+            paths["png"] = png
+        return paths
+
+    def plot(self, path: str | os.PathLike) -> Path | None:
+        """The retention PNG: per modality its held-out loss (and probe accuracy) at every stage;
+        None when there is no row to draw."""
         modalities = list(dict.fromkeys(r.modality for r in self.rows))
         panels = [
             Panel(f"{m}: held-out loss", self.stage_labels(), {self.method: self.curve(m)})
@@ -372,9 +380,16 @@ class RetentionTable:
                 panels.append(
                     Panel(f"{m}: probe accuracy", self.stage_labels(), {self.method: acc}, "accuracy")
                 )
-        if panels:
-            paths["png"] = line_plot(out / "retention.png", panels, f"knowledge retention: {self.run.name}")
-        return paths
+        if not panels:
+            return None
+        return line_plot(path, panels, f"knowledge retention: {self.run.name}")
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> RetentionTable:
+        """The table :meth:`write` saved as ``retention.json`` (missing values stay None)."""
+        d = json.loads(Path(path).read_text())
+        rows = [RetentionRow(**r) for r in d["rows"]]
+        return cls(Path(d["run"]), d["method"], tuple(d["order"]), rows, d.get("settings", {}))
 
 
 def finished_stages(run: str | os.PathLike) -> list[tuple[int, str, Path]]:

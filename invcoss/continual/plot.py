@@ -1,8 +1,8 @@
-"""Line plots as PNG with Pillow only: the knowledge-retention curves of Fig. 6b.
+"""Line plots as PNG with Pillow only: the knowledge-retention curves of Fig. 6b, loss curves.
 
 matplotlib is not a dependency; :func:`line_plot` draws panels side by side, each with axes, y
-ticks at round values, one polyline with markers per series (a missing value breaks the line) and
-a legend.
+ticks at round values, one polyline with markers per series (a missing value breaks the line; no
+markers beyond 40 points) and a legend. An empty x label leaves its point without a tick.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from invcoss.data.atomic import atomic_write_bytes
 
 __all__ = ["Panel", "line_plot", "nice_ticks"]
 
+_MARKERS_UP_TO = 40  # points per series drawn with markers; a longer curve is a plain line
 _COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75)]
 
 
@@ -122,6 +123,8 @@ def _draw_panel(draw, font, panel: Panel, x0: int, y0: int, w: int, h: int) -> N
         draw.text((x0 + 4, y - 6), _label(t), fill="black", font=font)
     draw.line([(left, top), (left, bottom), (right, bottom)], fill="black")
     for i, label in enumerate(panel.x_labels):
+        if not label:  # a long curve labels a few of its points
+            continue
         draw.line([(px(i), bottom), (px(i), bottom + 4)], fill="black")
         draw.text((px(i) - 3 * len(label), bottom + 8), label, fill="black", font=font)
     draw.text((x0 + 4, top - 18), panel.y_label, fill=(90, 90, 90), font=font)
@@ -133,7 +136,7 @@ def _draw_panel(draw, font, panel: Panel, x0: int, y0: int, w: int, h: int) -> N
         for a, b in zip(points, points[1:]):
             if a is not None and b is not None:
                 draw.line([a, b], fill=colour, width=2)
-        for p in points:
+        for p in points if n <= _MARKERS_UP_TO else ():
             if p is not None:
                 draw.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill=colour)
         ly = top + 4 + 14 * j

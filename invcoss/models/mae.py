@@ -29,9 +29,9 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import math
 import os
-import sys
 from collections.abc import Mapping
 from functools import partial
 
@@ -44,6 +44,8 @@ from invcoss.models.checkpoint import PretrainedMixin
 from invcoss.models.mae_config import MAEConfig, preset_config
 from invcoss.models.pos_embed import SinCosPosEmbed
 from invcoss.models.public_weights import convert_timm_state, read_public_weights, with_fresh
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["MAE", "PatchEmbed3d", "create_model"]
 
@@ -161,8 +163,9 @@ class MAE(PretrainedMixin, nn.Module):
         cache. The model's position tables take the order the weights were trained with (``"mae"``
         for MAE's weights, recorded in ``config.pos_embed_order``); the 3D patch embedding is the 2D
         one inflated over depth; what the checkpoint does not hold (the decoder of a timm encoder,
-        the 3D decoder head) is freshly initialised and listed in the summary printed to stderr
-        with the weights' licence when known (``verbose``), also kept as ``model.conversion``.
+        the 3D decoder head) is freshly initialised and listed in the summary logged (WARNING, on
+        the ``invcoss.models.mae`` logger) with the weights' licence when known (``verbose``), also
+        kept as ``model.conversion``.
 
         Args:
             source: a timm name (``"vit_base_patch16_224.mae"``), a ``.safetensors`` / ``.pth``
@@ -210,7 +213,7 @@ class MAE(PretrainedMixin, nn.Module):
         model.conversion = with_fresh(report, list(own))
         model.conversion.licence = weights.licence
         if verbose:
-            print(model.conversion.summary(), file=sys.stderr)
+            logger.warning("%s", model.conversion.summary())
         return model
 
     @classmethod

@@ -77,8 +77,8 @@ def test_verbose_prints_the_resolved_device_and_threads(tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert result.exit_code == 2  # the missing checkpoint
-    assert "invcoss-cli invert: device cpu" in result.output
-    assert "invcoss-cli invert: 1 CPU thread(s)" in result.output
+    assert "INFO invcoss.cli.invert: device cpu" in result.stderr
+    assert "INFO invcoss.cli.invert: 1 CPU thread(s)" in result.stderr
     quiet = CliRunner().invoke(main, ["invert", "--modality", "ct", "--device", "cpu",
                                       "--checkpoint", str(tmp_path / "missing")])  # fmt: skip
     assert "device cpu" not in quiet.output
