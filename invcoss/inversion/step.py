@@ -10,11 +10,9 @@ chosen by design, see below):
 ====================  ======================================  =====================================
 choice                CPU (``auto``)                          CUDA (``auto``)
 ====================  ======================================  =====================================
-compile_mode          ``off``: inductor's CPU code for the    ``default``: inductor, no CUDA graphs
-                      generator's convolutions and
-                      interpolation made the quick 3D step
-                      2x slower (0.28 s against 0.14 s) and
-                      compiles for 2-3 minutes
+compile_mode          ``off``: compiled, the quick steps      ``default``: inductor, no CUDA graphs
+                      were no faster (0.95-0.97x of eager)
+                      after 1.3-4 minutes of compiling
 precision             ``fp32``                                ``bf16`` autocast for the generator
                                                               and the ViT (fp32 without bf16 support)
 memory_format         ``channels_last`` (the generator's      ``channels_last`` (cuDNN's tensor-core
