@@ -170,16 +170,14 @@ def mean_steps_per_batch(config: InversionConfig) -> float:
     return (config.warmup_steps + (every - 1) * config.steps) / every
 
 
-def step_flops(inv: Inverter, profile: InversionProfile) -> float:
-    """Model FLOPs of one step of ``inv`` (forward and backward matmuls, convolutions, attention),
-    counted by :class:`torch.utils.flop_counter.FlopCounterMode` on a throwaway batch."""
+def step_flops(step: Step) -> float:
+    """Model FLOPs of one call of ``step`` (forward and backward matmuls, convolutions, attention),
+    counted by :class:`torch.utils.flop_counter.FlopCounterMode` on an eager step (a compiled graph
+    hides its operations from the counter). The call is a real step: it updates the state."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    saved = inv.state_tensors()
-    params, opts, _, rng = inv.begin_batch(0, profile.batch_size)
     with FlopCounterMode(display=False) as counter:
-        inv.step_async(params, opts, inv.random_mask(profile.batch_size, rng))
-    inv.load_state_tensors(saved)
+        step()
     return float(counter.get_total_flops())
 
 
@@ -251,14 +249,11 @@ def time_inversion(
     device = torch.device(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     runs, first, compile_s, settings = [], {}, {}, {}
-    step_flops_ = None
     for variant in variants:
         if progress:
             progress(f"{profile.name} {variant.name}: set-up and {max(1, warmup)} untimed step(s)")
         inv, step = inversion_setup(profile, device, variant.backend, overrides=variant.overrides)
         settings[variant.name] = inv.step_settings.to_dict()
-        if flops and step_flops_ is None:
-            step_flops_ = step_flops(inv, profile)
 
         def run(step: Step = step, name: str = variant.name) -> dict[str, float]:
             values = step()
@@ -279,6 +274,8 @@ def time_inversion(
 
     # Round-robin, one step of each backend in turn, so a machine getting busier slows all alike.
     times = time_round_robin(runs, device, steps, warmup=0, before_round=announce)
+    # Counted after the timing, on the first row's step (eager in every variant list we time).
+    step_flops_ = step_flops(runs[0]) if flops else None
     rows = []
     for variant, ts in zip(variants, times):
         med = statistics.median(ts)
