@@ -1,12 +1,15 @@
-"""Steps per second of an inversion step: the fused ops against the same loop on the reference ops.
+"""Steps per second of an inversion step: reference ops, fused ops, the default and the compiled step.
 
 Usage::
 
     python benchmarks/inversion_step.py [--device cpu|cuda] [--profile NAME ...] [--steps N]
-                                        [--out FILE.md [--overwrite]] [--deadline SECONDS]
+                                        [--no-compiled] [--out FILE.md [--overwrite]]
+                                        [--deadline SECONDS]
 
 The measurement is the harness's (:mod:`invcoss.benchmark.inversion`: one step of
-:meth:`invcoss.inversion.Inverter.step` per backend, round-robin); this script only adds the options.
+:meth:`invcoss.inversion.Inverter.step_async` per step variant, round-robin, with samples per hour
+and the compile time apart); this script only adds the options. ``--no-compiled`` leaves out the
+CPU's compiled row (minutes of compilation per profile when inductor's cache is cold).
 Profiles (``invcoss.benchmark.INVERSION_PROFILES``): on CPU the reduced ones by default, on CUDA the
 paper's (vit_base; 3D batch 48 at 16x192x192, 2D batch 320 at 224x224). ``--deadline`` stops
 starting new rows after that many seconds, so a time-limited GPU session still writes what it
@@ -36,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         "--profile", action="append", choices=sorted(bm.INVERSION_PROFILES), help="repeatable"
     )
     parser.add_argument("--steps", type=int, default=3, help="timed steps per row (default 3)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per row (default 1)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per row (default 2)")
+    parser.add_argument("--no-compiled", action="store_true", help="leave out the CPU's compiled row")
     parser.add_argument("--out", type=Path, help="write the table to OUT (Markdown) and OUT with .json")
     parser.add_argument("--deadline", type=float, default=None, help="seconds after which no new row starts")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out and its .json")
@@ -54,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps < 1 or args.warmup < 0:
         parser.error(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
     names = args.profile or bm.INVERSION.profiles_for(device)
-    backends = bm.INVERSION.backends(device)
+    backends = bm.INVERSION.variants(device, compiled=False if args.no_compiled else None)
     t0 = time.monotonic()
     rows = []
     for name in names:

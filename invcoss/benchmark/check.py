@@ -21,7 +21,10 @@ Steps, in the order the script runs them (most valuable first):
 - ``sweep``: every op case in fp32 and bf16, forward and forward+backward, for the eager reference
   and every kernel backend; timed with CUDA events after an L2 flush (:func:`invcoss.benchmark.time_cuda`).
 - ``compile``: the same rows for ``torch.compile`` of the reference.
-- ``inversion``: steps/s of the whole inversion step, fused ops against the reference ops.
+- ``inversion``: the whole inversion step at the paper's profile: eager fp32 on the reference ops
+  and on the fused ops, the default step (compiled, bf16) and, in the rehearsal, the Triton ops;
+  steps/s, samples/h, the compile time apart and the model FLOP utilisation against the bf16
+  matmul rate of ``roofs``.
 
 ``--rehearse`` runs the same mechanics on this CPU: Triton under the interpreter, tiny cases, the
 ``cpu`` backend in place of ``cuda``. ``--deadline`` (default: ``INVCOSS_STEP_DEADLINE`` from the
@@ -276,18 +279,22 @@ def step_warm_case(args: argparse.Namespace) -> int:
 
 
 def step_warm_inversion(args: argparse.Namespace) -> int:
-    """One Triton inversion step of every profile the inversion step times, one after another."""
+    """Two steps of the Triton and of the default (compiled on a GPU) inversion step of every
+    profile the inversion step times, one after another: the compiled step lands in inductor's
+    on-disk cache, so the timed step loads it instead of compiling on its clock."""
     import torch
 
     from invcoss import benchmark as bm
 
     device = device_for(args.rehearse)
+    default = next(v for v in bm.INVERSION.variants(device, compiled=False) if v.name == "default")
     for name in inversion_profiles(args.rehearse):
-        inv, step = bm.inversion_setup(bm.INVERSION_PROFILES[name], device, "triton")
-        step(), step()
-        del inv, step
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        for backend, overrides in (("triton", bm.PLAIN_STEP), (default.backend, default.overrides)):
+            inv, step = bm.inversion_setup(bm.INVERSION_PROFILES[name], device, backend, overrides=overrides)
+            step(), step()
+            del inv, step
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     return 0
 
 
@@ -350,6 +357,32 @@ def inversion_profiles(rehearse: bool) -> list[str]:
     return ["tiny"] if rehearse else bm.inversion_profiles_for("cuda")
 
 
+def inversion_variants(rehearse: bool):
+    """The rows of the inversion step: eager fp32 on the reference and the fused ops, then the
+    default step (compiled bf16 on a GPU); the rehearsal adds the Triton ops (the interpreter)."""
+    from invcoss import benchmark as bm
+
+    device = device_for(rehearse)
+    rows = bm.INVERSION.variants(device, compiled=False)
+    if rehearse:
+        rows.append(bm.StepVariant("triton", "triton", bm.PLAIN_STEP))
+    return rows
+
+
+def bf16_rate(out: Path, device) -> float:
+    """The bf16 matmul rate (TFLOP/s) the roofs step recorded in ``out``, or measured now."""
+    from invcoss import benchmark as bm
+    from invcoss.benchmark.records import read_records
+
+    roofs = [r for r in read_records(out / FILES["roofs"]) if r.get("roof") == "bf16_tflops"]
+    if roofs:
+        return float(roofs[-1]["value"])
+    import torch
+
+    m, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (512, torch.float32)
+    return float(bm.matmul_roof(device, m, dtype, reps=10, warmup=3)["value"])
+
+
 def step_inversion(args: argparse.Namespace) -> int:
     import torch
 
@@ -360,7 +393,8 @@ def step_inversion(args: argparse.Namespace) -> int:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # the same for every row
         torch.backends.cudnn.allow_tf32 = True
-    backends = ["torch"] + required_backends(args.rehearse)
+    backends = inversion_variants(args.rehearse)
+    rate = bf16_rate(args.out, device)
     done = 0
     for name in inversion_profiles(args.rehearse):
         if clock.expired():
@@ -371,8 +405,10 @@ def step_inversion(args: argparse.Namespace) -> int:
             device,
             backends,
             steps=args.steps,
-            warmup=1,
+            warmup=1 if args.rehearse else 2,  # the interpreter's Triton steps are slow
             progress=lambda s: print(f"timing {s}", flush=True),
+            flops=True,
+            bf16_tflops=rate,
         )
         for row in rows:
             append_record(args.out / FILES["inversion"], {"step": "inversion", **row})

@@ -20,6 +20,7 @@ from collections import Counter
 from pathlib import Path
 
 from invcoss.benchmark import Row, add_ratios, inversion_markdown, to_markdown
+from invcoss.benchmark.inversion import inversion_verdicts
 from invcoss.benchmark.records import FILES, read_records
 from invcoss.data.atomic import atomic_write_bytes
 
@@ -120,6 +121,7 @@ def render(folder: str | Path) -> str:
         out.append(targets_section(rows, peaks))
     if data["inversion"]:
         out.append(inversion_markdown(data["inversion"], "Inversion step"))
+        out += [*inversion_verdicts(data["inversion"]), ""]
     return "\n".join(out).rstrip() + "\n"
 
 

@@ -44,13 +44,35 @@ def to_markdown(rows: list[Row], title: str = "", peaks: dict[str, float] | None
 def inversion_markdown(rows: list[dict], title: str = "") -> str:
     """A Markdown table of :func:`~invcoss.benchmark.inversion.time_inversion` rows."""
     lines = [f"### {title}", ""] if title else []
-    lines += [
-        "| profile | model | batch | input | backend | median ms/step | steps/s | x reference |",
-        "|---|---|---:|---|---|---:|---:|---:|",
-    ]
+    mfu = any("mfu" in r for r in rows)
+    head = (
+        "| profile | model | batch | input | row | ops | step | median ms/step | steps/s | samples/h "
+        "| compile s | x reference |"
+    )
+    rule = "|---|---|---:|---|---|---|---|---:|---:|---:|---:|---:|"
+    if mfu:
+        head, rule = head + " TFLOP/s | % bf16 (MFU) |", rule + "---:|---:|"
+    lines += [head, rule]
     for r in rows:
-        lines.append(
-            f"| {r['profile']} | {r['model']} | {r['batch']} | {r['input']} | {r['backend']} | "
-            f"{r['median_ms']:.1f} | {r['steps_per_s']:.3f} | {r['ratio']:.2f} |"
+        step = r.get("step") or {}
+        how = ", ".join(
+            v
+            for v in (
+                step.get("precision"),
+                None if step.get("compile_mode") in (None, "off") else f"compiled ({step['compile_mode']})",
+                "channels-last" if step.get("memory_format") == "channels_last" else None,
+            )
+            if v
         )
+        samples = r.get("samples_per_h")
+        line = (
+            f"| {r['profile']} | {r['model']} | {r['batch']} | {r['input']} | {r['backend']} | "
+            f"{r.get('ops', r['backend'])} | {how} | {r['median_ms']:.1f} | {r['steps_per_s']:.3f} | "
+            f"{'' if samples is None else format(samples, '.4g')} | "
+            f"{'' if 'compile_s' not in r else format(r['compile_s'], '.1f')} | {r['ratio']:.2f} |"
+        )
+        if mfu:
+            tf, u = r.get("tflops"), r.get("mfu")
+            line += f" {'' if tf is None else format(tf, '.1f')} | {'' if u is None else format(100 * u, '.0f')} |"
+        lines.append(line)
     return "\n".join(lines) + "\n"

@@ -49,9 +49,10 @@ def bench(
 ) -> None:
     """Time every op for every provider (eager, torch.compile, kernels) and print the ratios.
 
-    Then the inversion step (family ``inversion``): steps/s of the whole loop with each fused backend
-    against the reference ops, at the reduced size on CPU and the paper's on CUDA, as
-    ``benchmarks/inversion_step.py`` measures it. Every family and op comes from the table of
+    Then the inversion step (family ``inversion``): steps/s and samples/h of the whole loop on the
+    reference ops, on the fused ops and with the device's default step (compiled, bf16 on CUDA), at
+    the reduced size on CPU and the paper's on CUDA, as ``benchmarks/inversion_step.py`` measures it
+    (which adds the CPU's compiled row). Every family and op comes from the table of
     :mod:`invcoss.benchmark.specs`. The CPU thread count is part of the table's title and of the JSON
     (``compute``); deterministic algorithms are left as they are, since the table times the usual path.
     An existing OUT.json or OUT.md stops the command before any timing (exit 2) unless --overwrite.
@@ -90,7 +91,7 @@ def bench(
                 dev, cases=cases, reps=reps, progress=lambda s: status.update(f"benchmarking {s}")
             )
         if with_inversion:
-            backends = bm.INVERSION.backends(dev)
+            backends = bm.INVERSION.variants(dev, compiled=False)  # CPU compiles take minutes
             for name in bm.INVERSION.profiles_for(dev):
                 inversion_rows += bm.time_inversion(
                     bm.INVERSION_PROFILES[name],

@@ -348,7 +348,11 @@ def invert(
     q = result.quality["stat_loss"]
     done = f"{result.batches_run} of {len(sizes)} batches run" if resume else f"{len(sizes)} batches"
     ranks = f" on {ctx.world_size} ranks" if ctx is not None else ""
+    made = sum(sizes[len(sizes) - result.batches_run :])  # the samples this call optimised
+    speed = f", {3600 * made / result.seconds:.0f} samples/h" if made and result.seconds > 0 else ""
+    if inverter.compile_seconds:
+        speed += f", {inverter.compile_seconds:.0f} s of it compiling"
     click.echo(
-        f"wrote {len(result.files)} synthetic {modality} {kind} to {out} ({done}{ranks}, {result.seconds:.0f} s); "
-        f"stat-matching loss {q['synthetic']:.4g} vs {q['noise']:.4g} for noise"
+        f"wrote {len(result.files)} synthetic {modality} {kind} to {out} ({done}{ranks}, {result.seconds:.0f} s"
+        f"{speed}); stat-matching loss {q['synthetic']:.4g} vs {q['noise']:.4g} for noise"
     )

@@ -93,6 +93,10 @@ __all__ = [
 LOSS_TERMS = ("task", "norm", "img", "rep")
 GENERATORS = ("invunet", "bottomup", "pixels")
 PROFILES = ("paper", "quick")
+COMPILE_MODES = ("auto", "off", "default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+PRECISIONS = ("auto", "fp32", "bf16")
+MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
+ADAM_IMPLS = ("auto", "fused", "foreach", "for-loop")
 ALPHA_IMG_QUICK = 3e-3  # on Eq. 8's sum; measured in 2D and 3D, see InversionConfig
 
 
@@ -155,6 +159,24 @@ class InversionConfig:
             interpolation brings them to the model's size; 1 (the paper) generates at full size.
             The full-size convolutions of a 3D generator dominate the cost on a CPU, so the quick
             3D profile uses 2 (4x fewer voxels through the generator, smoother images).
+        compile_mode: ``"off"``, or the :func:`torch.compile` mode of the step (generator, both
+            MAE passes and the losses but L_rep): ``"default"``, ``"reduce-overhead"`` (CUDA
+            graphs), ``"max-autotune-no-cudagraphs"``, ``"max-autotune"``. ``"auto"``: ``default``
+            on CUDA, ``off`` on the CPU (slower there, see :mod:`invcoss.inversion.step`).
+        precision: ``"fp32"`` or ``"bf16"`` (autocast of the generator and the frozen ViT; the
+            statistics and every loss stay fp32). ``"auto"``: bf16 on CUDA, fp32 on the CPU.
+        memory_format: ``"channels_last"`` or ``"contiguous"``, the generator's layout.
+            ``"auto"``: channels-last.
+        adam: the Adam implementation, ``"fused"``, ``"foreach"`` or ``"for-loop"``. ``"auto"``:
+            fused.
+        sync_every: the losses are read back to the host (and checked, recorded, shown) every
+            this many steps, not after each; a non-finite loss is still found, at most this many
+            steps late, and the batch is abandoned as before.
+        share_tokens: the masked (L_task) and unmasked (statistics) MAE passes share one patch
+            embedding and position table; False runs them separately (the same values).
+
+        The step choices change no setting of the method; their tolerance against the fp32 eager
+        step is :data:`invcoss.inversion.step.STEP_TOLERANCE`.
     """
 
     modality: str = "ct"
@@ -179,6 +201,12 @@ class InversionConfig:
     seed: int = 0
     spacing: tuple[float, float, float] | None = None
     upsample: int = 1
+    compile_mode: str = "auto"
+    precision: str = "auto"
+    memory_format: str = "auto"
+    adam: str = "auto"
+    sync_every: int = 10
+    share_tokens: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "modality", canonical_modality(self.modality))
@@ -202,6 +230,7 @@ class InversionConfig:
             "warmup_steps",
             "generator_every",
             "latent_dim",
+            "sync_every",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -218,6 +247,14 @@ class InversionConfig:
             raise ValueError(f"upsample must be >= 1, got {self.upsample}")
         if self.tv_reduction not in ("mean", "sum"):
             raise ValueError(f"tv_reduction must be 'mean' or 'sum', got {self.tv_reduction!r}")
+        for name, choices in (
+            ("compile_mode", COMPILE_MODES),
+            ("precision", PRECISIONS),
+            ("memory_format", MEMORY_FORMATS),
+            ("adam", ADAM_IMPLS),
+        ):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
 
     @property
     def ndim(self) -> int:

@@ -49,6 +49,7 @@ from torch import Tensor, nn
 from invcoss import ops
 from invcoss.feature_stats import FeatureStats, config_hash, stats_data
 from invcoss.inversion.config import InversionConfig
+from invcoss.inversion.step import StepSettings, make_adam, resolve_step_settings, to_memory_format
 from invcoss.modality import get_modality
 from invcoss.models import BottomUpGenerator, GeneratorConfig, InvUNet
 from invcoss.rng import derive_seed  # re-exported: its home before 0.3
@@ -95,6 +96,8 @@ class BatchResult:
         noise_stat_loss: the same for random noise of the same batch size.
         fresh_generator: this batch started a new generator.
         seconds: wall time of the optimisation.
+        compile_seconds: the part of ``seconds`` spent in steps that compiled the step for a new
+            batch size (each such step's own work included; 0 when nothing compiled).
     """
 
     index: int
@@ -106,6 +109,7 @@ class BatchResult:
     noise_stat_loss: float
     fresh_generator: bool
     seconds: float
+    compile_seconds: float = 0.0
 
 
 @dataclass
@@ -237,6 +241,16 @@ class InversionEngine:
             (m.to(self.device), v.to(self.device)) for m, v in _stat_targets(stats, model, config.modality)
         ]
         self._generator_config()  # fail now, not at the first batch
+        self.step_settings: StepSettings = resolve_step_settings(config, self.device)
+        mode = self.step_settings.compile_mode
+        # The pool's size changes after every batch, so L_rep stays outside the compiled graph.
+        self._forward_fn = (
+            self._forward
+            if mode == "off"
+            else torch.compile(self._forward, mode=mode, fullgraph=True, dynamic=False)
+        )
+        self._compiled_keys: set[tuple] = set()
+        self.compile_seconds = 0.0  # all compiling steps so far (see BatchResult.compile_seconds)
         self.pool: ops.RepulsivePool | None = None
         self._gen: nn.Module | None = None
         self._opt_g: torch.optim.Adam | None = None
@@ -270,7 +284,10 @@ class InversionEngine:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(self.config.seed, "generator", index))
             gen = cls(**self._generator_config())
-        return gen.to(self.device).train()
+        return to_memory_format(gen.to(self.device), self.ndim, self.step_settings.memory_format).train()
+
+    def _adam(self, params, lr: float) -> torch.optim.Adam:
+        return make_adam(params, lr, self.step_settings.adam)
 
     def _ensure_generator(self, batch: int) -> bool:
         """Make the generator of ``batch`` current; True when it is fresh."""
@@ -280,7 +297,7 @@ class InversionEngine:
         fresh = batch % c.generator_every == 0 or self._gen is None
         if fresh:
             self._gen = self._new_generator(batch // c.generator_every)
-            self._opt_g = torch.optim.Adam(self._gen.parameters(), lr=c.lr_generator)
+            self._opt_g = self._adam(self._gen.parameters(), c.lr_generator)
         return fresh
 
     def start(self, num_samples: int) -> None:
@@ -302,7 +319,8 @@ class InversionEngine:
             act = torch.tanh if self.space.activation == "tanh" else torch.sigmoid
             raw = act(params)
         else:
-            raw = self._gen(params)
+            with self.step_settings.autocast(self.device):
+                raw = self._gen(params).float()  # what follows, and every loss on it, in fp32
         if self.config.upsample > 1:
             mode = "bilinear" if self.ndim == 2 else "trilinear"
             raw = F.interpolate(raw, size=self.input_shape[1:], mode=mode, align_corners=False)
@@ -316,20 +334,47 @@ class InversionEngine:
             total = term if total is None else total + term
         return total
 
-    def loss_terms(self, x: Tensor, mask_noise: Tensor) -> tuple[dict[str, Tensor], Tensor]:
-        """The enabled terms of Eq. 6 for model inputs ``x: (B, C, *S)``, and ``embed(x)``."""
-        c = self.config
+    def block_stat_loss(self, x: Tensor) -> Tensor:
+        """L_norm of model inputs ``x`` (the ViT at the step's precision, the loss in fp32)."""
+        with self.step_settings.autocast(self.device):
+            feats = self.model.block_features(x)
+        return self.stat_loss([f.float() for f in feats])
+
+    def model_terms(self, x: Tensor, mask_noise: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """Every enabled term of Eq. 6 but L_rep for model inputs ``x: (B, C, *S)``, and ``embed(x)``.
+
+        The frozen MAE runs at the step's precision; its features, the embedding and every loss
+        are fp32. With ``share_tokens`` the masked and unmasked passes share one patch embedding
+        (:meth:`invcoss.models.MAE.loss_and_features`).
+        """
+        c, s = self.config, self.step_settings
         terms: dict[str, Tensor] = {}
-        if "task" in c.losses:
-            terms["task"] = self.model(x, c.mask_ratio, noise=mask_noise)[0]
-        feats, emb = self.model.unmasked_features(x)  # per block (B, 1 + L, D); (B, D)
+        with s.autocast(self.device):
+            if "task" in c.losses and s.share_tokens:
+                task, feats, emb = self.model.loss_and_features(x, c.mask_ratio, noise=mask_noise)
+                terms["task"] = task
+            else:
+                if "task" in c.losses:
+                    terms["task"] = self.model(x, c.mask_ratio, noise=mask_noise)[0]
+                feats, emb = self.model.unmasked_features(x)  # per block (B, 1 + L, D); (B, D)
+        if "task" in terms:
+            terms["task"] = terms["task"].float()
         if "norm" in c.losses:
-            terms["norm"] = self.stat_loss(feats)
+            terms["norm"] = self.stat_loss([f.float() for f in feats])
         if "img" in c.losses:
             terms["img"] = ops.total_variation(x, reduction=c.tv_reduction, backend=self.backend)
-        if "rep" in c.losses:
+        return terms, emb.float()
+
+    def loss_terms(self, x: Tensor, mask_noise: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """The enabled terms of Eq. 6 for model inputs ``x: (B, C, *S)``, and ``embed(x)``."""
+        terms, emb = self.model_terms(x, mask_noise)
+        if "rep" in self.config.losses:
             terms["rep"] = self.pool.loss(emb)
         return terms, emb
+
+    def _forward(self, params: Tensor, mask_noise: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """The compiled part of a step: images, both MAE passes, every term but L_rep."""
+        return self.model_terms(self.images(params), mask_noise)
 
     def weighted(self, terms: dict[str, Tensor]) -> Tensor:
         c = self.config
@@ -353,23 +398,67 @@ class InversionEngine:
         if c.generator == "pixels":
             init = torch.randn((size, self.space.channels, *self.generated_size), generator=rng)
             params = init.to(self.device).requires_grad_()
-            return params, [torch.optim.Adam([params], lr=c.lr_pixels)], fresh, rng
+            return params, [self._adam([params], c.lr_pixels)], fresh, rng
         params = torch.randn(size, c.latent_dim, generator=rng).to(self.device).requires_grad_()
-        return params, [self._opt_g, torch.optim.Adam([params], lr=c.lr_latent)], fresh, rng
+        return params, [self._opt_g, self._adam([params], c.lr_latent)], fresh, rng
 
     def random_mask(self, size: int, rng: torch.Generator) -> Tensor:
         """MAE masking noise ``(size, num_patches)`` on the device, drawn on the CPU from ``rng``."""
         return torch.rand(size, self.num_patches, generator=rng).to(self.device)
 
+    def random_masks(self, count: int, size: int, rng: torch.Generator) -> Tensor:
+        """``count`` masks ``(count, size, num_patches)``: the same as ``count`` calls of
+        :meth:`random_mask` (the CPU generator fills them in order), copied to the device at once
+        and without waiting for it."""
+        masks = torch.rand(count, size, self.num_patches, generator=rng)
+        if self.device.type == "cuda":
+            masks = masks.pin_memory()
+        return masks.to(self.device, non_blocking=True)
+
+    @property
+    def value_names(self) -> list[str]:
+        """The names of the values a step returns: every enabled term, then ``total``."""
+        return [*self.config.losses, "total"]
+
+    def _losses(self, params: Tensor, mask: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        terms, emb = self._forward_fn(params, mask)
+        if "rep" in self.config.losses:
+            terms["rep"] = self.pool.loss(emb)  # last, as in LOSS_TERMS
+        return terms, self.weighted(terms)
+
+    def step_async(self, params: Tensor, opts: Sequence[torch.optim.Optimizer], mask: Tensor) -> Tensor:
+        """One optimisation step of Eq. 6 without waiting for the device.
+
+        Returns the values :meth:`step` returns as one fp32 tensor on the device, in the order of
+        :attr:`value_names`, before the update. The update is made even when a value is not finite:
+        the caller reads the values later (:meth:`invert_batch`: every ``sync_every`` steps) and
+        abandons the batch then. The first step of each batch size of a compiled step compiles it
+        and is timed into :attr:`compile_seconds`.
+        """
+        key = (params.shape[0], self.config.generator)
+        compiling = self.step_settings.compile_mode != "off" and key not in self._compiled_keys
+        t0 = time.perf_counter()
+        terms, total = self._losses(params, mask)
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
+        total.backward()
+        for opt in opts:
+            opt.step()
+        values = torch.stack([*terms.values(), total]).detach()
+        if compiling:
+            values = values.cpu()  # the compiled graphs have run once, forward and backward
+            self._compiled_keys.add(key)
+            self.compile_seconds += time.perf_counter() - t0
+        return values
+
     def step(self, params: Tensor, opts: Sequence[torch.optim.Optimizer], mask: Tensor) -> dict[str, float]:
         """One optimisation step of Eq. 6; returns every enabled term and ``total`` before the step.
 
         When a value is not finite nothing is updated (the caller decides what to do). Reading the
-        values synchronises the device, so timing consecutive calls measures whole steps (this is
-        what ``benchmarks/inversion_step.py`` does).
+        values synchronises the device in the middle of the step; :meth:`invert_batch` runs
+        :meth:`step_async` instead.
         """
-        terms, _ = self.loss_terms(self.images(params), mask)
-        total = self.weighted(terms)
+        terms, total = self._losses(params, mask)
         values = {k: float(v.detach()) for k, v in terms.items()} | {"total": float(total.detach())}
         if not all(math.isfinite(v) for v in values.values()):
             return values
@@ -393,40 +482,53 @@ class InversionEngine:
             raise RuntimeError("call start(num_samples) before invert_batch")
         c = self.config
         t0 = time.perf_counter()
+        compiled_before = self.compile_seconds
         saved = self.state_tensors()  # to restore on a non-finite loss
         params, opts, fresh, rng = self.begin_batch(batch, size)
         steps = c.warmup_steps if fresh else c.steps
-        curves: dict[str, list[float]] = {"step": [], **{k: [] for k in c.losses}, "total": []}
+        names = self.value_names
+        curves: dict[str, list[float]] = {"step": [], **{k: [] for k in names}}
+        every = self.step_settings.sync_every
         # Step 1 and the final evaluation share a mask, so curves[k][0] and final[k] compare alike.
         first_mask = self.random_mask(size, rng)
+        pending: list[Tensor] = []  # values of the steps not yet read back
         for step in range(steps):
-            mask = first_mask if step == 0 else self.random_mask(size, rng)
-            values = self.step(params, opts, mask)
-            if not all(math.isfinite(v) for v in values.values()):
-                self.load_state_tensors(saved)
-                bad = ", ".join(f"{k}={v}" for k, v in values.items())
-                raise NonFiniteLossError(
-                    f"batch {batch}, step {step + 1}/{steps}: the loss is not finite ({bad}); "
-                    "nothing of this batch was written. Lower lr_generator/lr_latent or check the "
-                    "statistics file"
-                )
-            curves["step"].append(step + 1)
-            for k, v in values.items():
-                curves[k].append(v)
-            if on_step is not None:
-                on_step(StepInfo(batch, num_batches, step + 1, steps, values))
+            if step % every == 0:  # the masks of the next `every` steps, in one copy
+                chunk = self.random_masks(min(every, steps - step) - (step == 0), size, rng)
+            if step == 0:
+                mask = first_mask
+            else:
+                mask = chunk[step % every - (step < every)]
+            pending.append(self.step_async(params, opts, mask))
+            if len(pending) < every and step + 1 < steps:
+                continue
+            # One read-back (one host synchronisation) per `every` steps.
+            rows = torch.stack(pending).tolist()
+            first = step + 1 - len(pending)
+            pending = []
+            for i, row in enumerate(rows, start=first + 1):
+                values = dict(zip(names, row))
+                if not all(math.isfinite(v) for v in row):
+                    self.load_state_tensors(saved)
+                    bad = ", ".join(f"{k}={v}" for k, v in values.items())
+                    raise NonFiniteLossError(
+                        f"batch {batch}, step {i}/{steps}: the loss is not finite ({bad}); "
+                        "nothing of this batch was written. Lower lr_generator/lr_latent or check the "
+                        "statistics file"
+                    )
+                curves["step"].append(i)
+                for k, v in values.items():
+                    curves[k].append(v)
+                if on_step is not None:
+                    on_step(StepInfo(batch, num_batches, i, steps, values))
         with torch.no_grad():
             x = self.images(params)
             terms, emb = self.loss_terms(x, first_mask)
             final = {k: float(v) for k, v in terms.items()}
-            stat = (
-                float(terms["norm"])
-                if "norm" in terms
-                else float(self.stat_loss(self.model.block_features(x)))
-            )
+            stat = float(terms["norm"]) if "norm" in terms else float(self.block_stat_loss(x))
             noise_rng = torch.Generator().manual_seed(derive_seed(c.seed, "noise", batch))
             noise_x = self.space.noise((size, *self.input_shape), noise_rng).to(self.device)
-            noise_stat = float(self.stat_loss(self.model.block_features(noise_x)))
+            noise_stat = float(self.block_stat_loss(noise_x))
         if not (torch.isfinite(x).all() and math.isfinite(stat)):
             self.load_state_tensors(saved)
             raise NonFiniteLossError(
@@ -443,6 +545,7 @@ class InversionEngine:
             noise_stat_loss=noise_stat,
             fresh_generator=fresh,
             seconds=time.perf_counter() - t0,
+            compile_seconds=self.compile_seconds - compiled_before,
         )
 
     def batch_sizes(self, num_samples: int) -> list[int]:
@@ -499,12 +602,15 @@ class InversionEngine:
         if self._gen is None:
             index = (batch if batch is not None else 0) // self.config.generator_every
             self._gen = self._new_generator(index)
-            self._opt_g = torch.optim.Adam(self._gen.parameters(), lr=self.config.lr_generator)
+            self._opt_g = self._adam(self._gen.parameters(), self.config.lr_generator)
         self._gen.load_state_dict({k: v.to(self.device) for k, v in gen_state.items()})
+        params = [p for group in self._opt_g.param_groups for p in group["params"]]
         moments: dict[int, dict[str, Tensor]] = {}
         for k, v in state.items():
             if k.startswith("adam."):
                 _, i, name = k.split(".", 2)
-                moments.setdefault(int(i), {})[name] = v.to(self.device) if name != "step" else v
+                if name != "step":  # in the layout of its parameter (channels-last weights)
+                    v = torch.empty_like(params[int(i)]).copy_(v)
+                moments.setdefault(int(i), {})[name] = v
         groups = self._opt_g.state_dict()["param_groups"]
         self._opt_g.load_state_dict({"state": moments, "param_groups": groups})

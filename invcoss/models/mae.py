@@ -303,12 +303,22 @@ class MAE(PretrainedMixin, nn.Module):
             ``ids_restore (B, L)``.
         """
         ndim = self._check_input(x, "forward_encoder")
+        self._check_masking(x, ndim, mask_ratio, noise)
+        return self._encode_masked(self._tokens(x, ndim), mask_ratio, noise)
+
+    def _check_masking(
+        self, x: torch.Tensor, ndim: int, mask_ratio: float, noise: torch.Tensor | None
+    ) -> None:
         L = self.config.num_patches(ndim)
         if not 0 <= mask_ratio < 1:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
         if noise is not None and tuple(noise.shape) != (x.shape[0], L):
             raise ValueError(f"noise must have shape ({x.shape[0]}, {L}), got {tuple(noise.shape)}")
-        kept, mask, ids_restore = self.random_masking(self._tokens(x, ndim), mask_ratio, noise)  # (B, K, D)
+
+    def _encode_masked(
+        self, tokens: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        kept, mask, ids_restore = self.random_masking(tokens, mask_ratio, noise)  # (B, K, D)
         h = self._with_cls(kept)  # (B, 1 + K, D)
         for block in self.blocks:
             h = block(h)
@@ -386,12 +396,40 @@ class MAE(PretrainedMixin, nn.Module):
             and before the final norm; and ``(B, D)``, the mean of the final normed patch tokens.
         """
         ndim = self._check_input(x, "unmasked_features")
-        h = self._with_cls(self._tokens(x, ndim))  # (B, 1 + L, D)
+        return self._encode_all(self._tokens(x, ndim))
+
+    def _encode_all(self, tokens: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        h = self._with_cls(tokens)  # (B, 1 + L, D)
         outputs = []
         for block in self.blocks:
             h = block(h)
             outputs.append(h)
         return outputs, self.norm(h)[:, 1:].mean(dim=1)
+
+    def loss_and_features(
+        self, x: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        """``forward(x, mask_ratio, noise)[0]`` and ``unmasked_features(x)`` with one patch embedding.
+
+        The masked and the unmasked pass start from the same patch tokens (the patch embedding and
+        the position table are computed once, and their gradients summed once); the two encoder
+        passes stay separate, since attention over the visible tokens differs from attention over
+        all of them. Returns ``(loss, block outputs, embedding)`` as the two calls would.
+
+        Example:
+            >>> m = create_model("vit_nano", img_size_2d=32)
+            >>> x, noise = torch.rand(2, 3, 32, 32), torch.rand(2, 4)
+            >>> loss, feats, emb = m.loss_and_features(x, 0.75, noise)
+            >>> bool(torch.allclose(loss, m(x, 0.75, noise)[0])), len(feats), tuple(emb.shape)
+            (True, 4, (2, 96))
+        """
+        ndim = self._check_input(x, "loss_and_features")
+        self._check_masking(x, ndim, mask_ratio, noise)
+        tokens = self._tokens(x, ndim)  # (B, L, D), shared by both passes
+        latent, mask, ids_restore = self._encode_masked(tokens, mask_ratio, noise)
+        loss = self.forward_loss(x, self.forward_decoder(latent, ids_restore, ndim), mask)
+        feats, emb = self._encode_all(tokens)
+        return loss, feats, emb
 
     def block_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The statistics taps (Appendix B.2): every encoder block's output ``(B, 1 + L, D)``."""

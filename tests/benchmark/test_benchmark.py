@@ -13,6 +13,7 @@ import torch
 from invcoss import benchmark as bm
 from invcoss import ops
 from invcoss.benchmark import guard
+from invcoss.inversion.config import InversionConfig
 from invcoss.ops.moments import chan_merge
 
 CPU = torch.device("cpu")
@@ -281,6 +282,48 @@ def test_time_inversion_rows_and_table():
     assert md.startswith("### tiny") and md.count("| tiny | vit_nano | 2 | 32x32 |") == len(backends)
     with pytest.raises(ValueError, match="backends must be distinct"):
         bm.time_inversion(TINY_INVERSION, "cpu", ["torch", "torch"])
+
+
+def test_step_variant_rows_report_samples_per_hour_and_flop_utilisation():
+    assert [v.name for v in bm.step_variants("cpu")] == ["reference", "fused", "default", "compiled"]
+    assert [v.name for v in bm.step_variants("cuda")] == ["reference", "fused", "default"]  # compiled already
+    paper = InversionConfig.from_profile("paper", "ct")
+    assert bm.mean_steps_per_batch(paper) == (2000 + 9 * 500) / 10
+    assert bm.mean_steps_per_batch(InversionConfig.from_profile("paper", "xray")) == 1000
+    variants = bm.step_variants(CPU, compiled=False)
+    rows = bm.time_inversion(TINY_INVERSION, "cpu", variants, steps=2, warmup=1, flops=True, bf16_tflops=2.0)
+    assert [r["backend"] for r in rows] == ["reference", "fused", "default"]
+    assert (
+        rows[0]["step"]["memory_format"] == "contiguous"
+        and rows[2]["step"]["memory_format"] == "channels_last"
+    )
+    config = bm.inversion_setup(TINY_INVERSION, "cpu", "torch")[0].config
+    for r in rows:
+        want = TINY_INVERSION.batch_size * 3.6e6 / (r["median_ms"] * bm.mean_steps_per_batch(config))
+        assert r["samples_per_h"] == pytest.approx(want) and r["compile_s"] > 0
+        assert r["flops"] == rows[0]["flops"] > 0 and r["mfu"] == pytest.approx(r["tflops"] / 2.0)
+        bm.assert_agrees(r["losses"], rows[0]["losses"], torch.float32, r["backend"])
+    md = bm.inversion_markdown(rows)
+    assert "| samples/h | compile s | x reference | TFLOP/s | % bf16 (MFU) |" in md
+    assert "| default | cpu | fp32, channels-last |" in md
+
+
+def test_inversion_verdicts_judge_the_default_row():
+    from invcoss.benchmark.inversion import inversion_verdicts
+
+    rows = [
+        {"profile": "3d-paper", "variant": "reference", "device": "cuda:0", "ratio": 1.0},
+        {"profile": "3d-paper", "variant": "default", "device": "cuda:0", "ratio": 2.4, "mfu": 0.30},
+        {"profile": "2d-paper", "variant": "default", "device": "cuda:0", "ratio": 2.1, "mfu": 0.41},
+        {"profile": "3d-reduced", "variant": "default", "device": "cpu", "ratio": 1.4},
+    ]
+    assert inversion_verdicts(rows) == [
+        "- 3d-paper: default step 2.40x the reference loop (target >= 2.0x), 30% model FLOP "
+        "utilisation (target >= 35%): missed",
+        "- 2d-paper: default step 2.10x the reference loop (target >= 2.0x), 41% model FLOP "
+        "utilisation (target >= 35%): met",
+        "- 3d-reduced: default step 1.40x the reference loop (target >= 1.5x): missed",
+    ]
 
 
 @pytest.mark.parametrize(

@@ -57,7 +57,9 @@ def test_rehearsal_records_every_row(rehearsal):
     )
     warm = [r for r in records.records_of(out, "tests", step="warm") if "job" in r]
     assert warm and all(r["rc"] == 0 and r["ok"] for r in warm)
-    assert {r["roof"] for r in records.read_records(out / "roofs.jsonl")} == {"copy_gbps", "bf16_tflops"}
+    roofs = {r["roof"]: r["value"] for r in records.read_records(out / "roofs.jsonl")}
+    assert set(roofs) == {"copy_gbps", "bf16_tflops"}
+    rate = roofs["bf16_tflops"]
     rows = records.read_records(out / "bench.jsonl")
     measured = {(r["case"], r["mode"], r["dtype"], r["provider"]) for r in rows}
     for case in check.check_cases(rehearse=True):
@@ -70,7 +72,15 @@ def test_rehearsal_records_every_row(rehearsal):
     for r in rows:  # the minimum traffic of the row, and the rate it implies
         assert r["nbytes"] and abs(r["gbps"] - r["nbytes"] / r["median_ms"] / 1e6) < 1e-6 * r["gbps"]
     inversion = records.read_records(out / "inversion.jsonl")
-    assert [r["backend"] for r in inversion] == ["torch", "cpu", "triton"]
+    assert [(r["backend"], r["ops"]) for r in inversion] == [
+        ("reference", "torch"),
+        ("fused", "cpu"),
+        ("default", "cpu"),
+        ("triton", "triton"),
+    ]
+    for r in inversion:  # samples/h from the step time; MFU against the roofs step's matmul rate
+        assert r["samples_per_h"] > 0 and r["compile_s"] > 0 and r["flops"] > 0
+        assert abs(r["mfu"] - r["tflops"] / rate) < 1e-9 * r["mfu"]
 
 
 def test_report_renders_again_from_what_came_back(rehearsal, tmp_path):
@@ -227,4 +237,4 @@ def test_the_check_needs_no_nibabel(tmp_path):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert len(records.read_records(tmp_path / "inversion.jsonl")) == 3
+    assert len(records.read_records(tmp_path / "inversion.jsonl")) == 4

@@ -54,7 +54,7 @@ def test_bench_inversion_step_table_and_files(tmp_path):
     assert result.exit_code == 0, result.output
     assert (
         "### inversion step" in result.output
-        and "| 2d-reduced | vit_nano | 8 | 112x112 | torch |" in result.output
+        and "| 2d-reduced | vit_nano | 8 | 112x112 | reference | torch |" in result.output
     )
     assert "0 op rows and" in result.output.splitlines()[-1]
     payload = json.loads((tmp_path / "inv.json").read_text())

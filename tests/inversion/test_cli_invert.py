@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -224,6 +225,10 @@ def test_other_user_errors_exit_2(runner, tmp_path, tiny_checkpoint):
     )
     assert_user_error(runner.invoke(main, [*base, "--set", "stepz=2", "--out", str(tmp_path / "a")]), "stepz")
     assert_user_error(
+        runner.invoke(main, [*base, "--set", "compile_mode=fast", "--out", str(tmp_path / "a")]),
+        "compile_mode must be one of",
+    )
+    assert_user_error(
         runner.invoke(main, [*base, "--backend", "nope", "--out", str(tmp_path / "a")]), "backend 'nope'"
     )
     if not torch.cuda.is_available():
@@ -239,7 +244,9 @@ def test_resume_continues_at_the_recorded_thread_count(runner, tmp_path, tiny_ch
         "invert", "--modality", "ct", "--checkpoint", str(tiny_checkpoint), "--num-samples", "2",
         "--batch-size", "2", *FAST, "--set", "upsample=1", "--out", str(out),
     ]  # fmt: skip
-    assert runner.invoke(main, [*args, "--threads", "1"]).exit_code == 0
+    r = runner.invoke(main, [*args, "--threads", "1"])
+    assert r.exit_code == 0, r.output
+    assert re.search(r"\(1 batches, \d+ s, \d+ samples/h\)", r.stdout), r.stdout  # no compiling on CPU
     assert json.loads((out / "manifest.json").read_text())["compute"]["threads"] == 1
     try:
         assert_user_error(
@@ -249,7 +256,7 @@ def test_resume_continues_at_the_recorded_thread_count(runner, tmp_path, tiny_ch
         torch.set_num_threads(2)
         r = runner.invoke(main, [*args, "--resume"])  # no --threads: the run's count
         assert r.exit_code == 0, r.output
-        assert "0 of 1 batches run" in r.stdout
+        assert "0 of 1 batches run" in r.stdout and "samples/h" not in r.stdout
     finally:
         torch.set_num_threads(1)
 
