@@ -104,7 +104,8 @@ class InputSpace:
         if not 0 < scale < float("inf"):
             return self
         description = self.description.replace(f"{self.scale:g}*tanh", f"{scale:g}*tanh").replace(
-            f"[-{self.scale:g}, {self.scale:g}]", f"[-{scale:g}, {scale:g}] (the range of the statistics' data)"
+            f"[-{self.scale:g}, {self.scale:g}]",
+            f"[-{scale:g}, {scale:g}] (the range of the statistics' data)",
         )
         return replace(self, scale=scale, description=description)
 

@@ -68,7 +68,12 @@ class SpacingSummary:
         return self.low != self.high
 
     def to_dict(self) -> dict:
-        return {"median": list(self.median), "low": list(self.low), "high": list(self.high), "samples": self.samples}
+        return {
+            "median": list(self.median),
+            "low": list(self.low),
+            "high": list(self.high),
+            "samples": self.samples,
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> SpacingSummary:
@@ -196,7 +201,9 @@ def spacing_summary(spacings: Sequence[Sequence[float]]) -> SpacingSummary | Non
         return None
     a = np.asarray(spacings, dtype=np.float64)
     if a.ndim != 2 or a.shape[1] != 3 or not (np.isfinite(a).all() and (a > 0).all()):
-        raise ValueError(f"spacing_summary expects spacings of 3 positive values (D, H, W) in mm, got {a.tolist()[:3]}")
+        raise ValueError(
+            f"spacing_summary expects spacings of 3 positive values (D, H, W) in mm, got {a.tolist()[:3]}"
+        )
 
     def row(v: np.ndarray) -> tuple[float, float, float]:
         return tuple(round(float(s), _ROUND) for s in v)  # type: ignore[return-value]
