@@ -312,6 +312,7 @@ def collect_feature_stats(
         model.train(was_training)
     if distributed.is_initialized():
         running, ndim = _merge_ranks(running, ndim, device)
+        values.all_reduce()  # every rank's shard of the values, so the summary is the whole data's
     if not running:
         raise ValueError("collect_feature_stats got no data (empty dataset)")
     if sources is None:

@@ -102,6 +102,7 @@ def test_feature_stats_of_two_shards_equal_one_pass(tmp_path, one_thread):
     assert two.count == one.count == 7 and two.compute["ranks"] == 2
     for a, b in zip(one.mean + one.var, two.mean + two.var):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=0)
+    assert two.data.intensity == one.data.intensity  # the values of both shards, merged
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.safetensors", "two.safetensors"]
 
 
