@@ -131,7 +131,12 @@ _MAE_TARGET = click.option(
 )
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs per stage.")
 @_FIRST_STAGE_EPOCHS
-@click.option("--batch-size", type=click.IntRange(min=1), default=None)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Samples per step (default: the profile's), over all ranks under torchrun.",
+)
 @click.option("--lr", type=float, default=None, help="Peak learning rate.")
 @click.option(
     "--buffer-fraction", type=float, default=None, help="Buffer per earlier stage (0.01, 0.05, 0.10)."

@@ -72,6 +72,7 @@ def test_a_killed_rank_stops_the_run_and_resume_continues_on_one_process(tmp_pat
     assert result.losses == pytest.approx(expected.losses, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_two_ranks_run_the_single_process_continual_stages(tmp_path):
     ranks = launch([str(WORKER), "continual", str(tmp_path / "two")])
     assert [r.returncode for r in ranks] == [0, 0], [r.err for r in ranks]
