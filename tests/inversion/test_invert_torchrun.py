@@ -107,7 +107,16 @@ def test_two_ranks_write_every_sample_once_and_one_manifest(two_rank_run, checkp
     assert len(list((out / "png").iterdir())) == NUM_SAMPLES
     x = _samples(out, 0, NUM_SAMPLES).reshape(NUM_SAMPLES, -1)
     assert len({row.tobytes() for row in x}) == NUM_SAMPLES  # all distinct
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "png", "preview.png", "samples"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "manifest.json",
+        "metrics.jsonl",
+        "png",
+        "preview.png",
+        "samples",
+    ]
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # Rank 0 alone writes the log: the lines of its own batches (1, 2, 5, 6, 9), steps counted over the run.
+    assert [e["batch"] for e in logged if e["event"] == "batch"] == [1, 2, 5, 6, 9]
     assert m["quality"]["num_samples"] == NUM_SAMPLES
 
     # A batch's seeds come from its global index: rank 1's first batch (2) is what one process makes
