@@ -119,10 +119,12 @@ def test_pretrain_on_two_ranks_then_resume_in_one_process(xray, tmp_path):
     assert run.returncode == 0, run.err
     assert run.out.count("trained vit_nano on 7 xray samples for 1 epochs on 2 ranks") == 1  # rank 0 only
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["config.json", "model.safetensors", STATE_NAME, SUMMARY_NAME]
-    )
+        ["config.json", "metrics.jsonl", "model.safetensors", STATE_NAME, SUMMARY_NAME]
+    )  # rank 0's files only
     summary = json.loads((out / SUMMARY_NAME).read_text())
     assert summary["epochs_done"] == 1 and summary["ranks"] == 2
+    epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sum(e["event"] == "epoch" for e in epochs) == 1  # one line, not one per rank
     r = CliRunner().invoke(main, [*args, "--epochs", "2", "--resume"])
     assert r.exit_code == 0, r.output
     assert "for 1 epochs in" in r.stdout and "on 2 ranks" not in r.stdout
