@@ -63,6 +63,7 @@ from invcoss.continual.train import train_stage
 from invcoss.data.atomic import atomic_write_json
 from invcoss.feature_stats import collect_feature_stats, load_feature_stats
 from invcoss.inversion.run import Inverter
+from invcoss.inversion.shards import generate_shared
 from invcoss.models import MAE, create_model
 from invcoss.models.checkpoint import checkpoint_weights_hash
 from invcoss.pretrain import STATE_NAME
@@ -412,9 +413,10 @@ def _synthetic_buffer(
             step=info.step, steps=info.steps, loss=info.losses.get("total"),
         )  # fmt: skip
 
-    # Under torch.distributed every rank inverts the same samples (the same seeds) and rank 0 saves
-    # them: a rank waiting at a barrier for the whole inversion would run into the timeout.
-    result = inverter.generate(n, on_step=on_step)
+    # Under torch.distributed each rank inverts its share of the batches, exchanging features with
+    # the others after every round (so no rank waits long in one collective); all hold the whole
+    # buffer at the end and rank 0 saves it.
+    result = generate_shared(inverter, n, on_step=on_step)
     teacher.eval()  # the Inverter froze it already; keep the teacher's mode explicit
     if not distributed.is_main():
         return result.images

@@ -24,6 +24,9 @@ last two. At the end the ranks gather their records, and rank 0 merges them into
 global batch order, each batch with its ``rank``), writes the preview and the quality report and
 removes ``ranks/`` and ``state/``.
 
+In memory (:func:`generate_shared`, the continual stages' synthetic buffer): the same rounds and
+exchanges without files; at the end every rank holds every batch, in global order.
+
 Resume: a rank records a round only after that round's exchange, so the ranks' recorded rounds
 differ by at most one. :func:`agree_on_start` continues every rank after the last round that all of
 them recorded (a rank one round ahead redoes it from the state it kept, with the same bits). A kill
@@ -32,20 +35,24 @@ of any rank loses at most the round in progress; the run resumes with the same n
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from invcoss import distributed
 from invcoss.data.atomic import atomic_write_json
-from invcoss.inversion.engine import InversionEngine
+from invcoss.inversion.engine import BatchResult, GenerateResult, InversionEngine, StepInfo
 
 __all__ = [
     "RANKS_DIR",
     "agree_on_start",
     "exchange_features",
+    "generate_shared",
     "progress_path",
     "read_progress",
     "remove_rank_files",
@@ -109,6 +116,80 @@ def exchange_features(inv: InversionEngine, batches: list[int | None], features:
     parts = distributed.all_gather_tensors(features.detach().float().cpu().contiguous())
     for _, q in sorted((b, q) for q, b in enumerate(batches) if b is not None):
         inv.pool.push(parts[q].to(inv.device))
+
+
+def generate_shared(
+    inv: InversionEngine, num_samples: int, on_step: Callable[[StepInfo], None] | None = None
+) -> GenerateResult:
+    """:meth:`~invcoss.inversion.engine.InversionEngine.generate` shared by the ranks of a process group.
+
+    Every rank inverts its own batches (:func:`shard_batches`) in rounds, the ranks exchange each
+    round's features (:func:`exchange_features`), and at the end they all-gather the batches, so
+    every rank returns the same result: all ``num_samples`` samples in global batch order. With one
+    process it is ``inv.generate``. Each batch's seeds depend on its global index only, so without
+    repulsion (``alpha_rep=0`` or ``rep`` not among the losses) the samples equal one process's bit for
+    bit on a deterministic device; with it, the batches of one round do not repel each other.
+
+    Args:
+        inv: this rank's engine, built alike on every rank (same model, statistics and config).
+        num_samples: the samples of the whole run (not of this rank).
+        on_step: called after every step of this rank's own batches.
+
+    Raises:
+        NonFiniteLossError: a loss became non-finite on some rank (raised on every rank).
+        DistributedError: another rank died or did not answer within the timeout.
+    """
+    world, rank = distributed.world_size(), distributed.rank()
+    if world == 1:
+        return inv.generate(num_samples, on_step=on_step)
+    inv.start(num_samples)
+    sizes = inv.batch_sizes(num_samples)
+    group = 1 if inv.config.generator == "pixels" else inv.config.generator_every
+    shards = shard_batches(len(sizes), group, world)
+    mine = shards[rank]
+    done: list[BatchResult] = []
+    for t in range(max(len(s) for s in shards)):
+
+        def invert_mine(t: int = t) -> BatchResult | None:
+            if t >= len(mine):
+                return None
+            pool = copy.deepcopy(inv.pool)  # the round's features enter every pool together, below
+            result = inv.invert_batch(mine[t], sizes[mine[t]], len(sizes), on_step)
+            inv.pool = pool
+            return result
+
+        result = distributed.on_all(invert_mine)  # a failed batch stops every rank, not only its own
+        exchange_features(inv, round_batches(shards, t), None if result is None else result.embeddings)
+        if result is not None:
+            done.append(result)
+    return _gather_batches(inv, done, sizes)
+
+
+def _gather_batches(inv: InversionEngine, done: list[BatchResult], sizes: list[int]) -> GenerateResult:
+    """Every rank's batches ``done`` on every rank, in global batch order (``sizes``: of every batch)."""
+    images = torch.zeros((0, *inv.input_shape))  # for a rank that ran nothing: the shape to share
+    embeddings = torch.zeros((0, inv.model.config.embed_dim))
+    if done:
+        images, embeddings = torch.cat([r.images for r in done]), torch.cat([r.embeddings for r in done])
+    image_parts = distributed.all_gather_tensors(images.float().contiguous())
+    embedding_parts = distributed.all_gather_tensors(embeddings.float().contiguous())
+    empty = torch.zeros(0)
+    records = distributed.all_gather_object(
+        [dataclasses.replace(r, images=empty, embeddings=empty) for r in done]
+    )
+    batches: list[BatchResult] = []
+    for recs, imgs, embs in zip(records, image_parts, embedding_parts):
+        start = 0
+        for r in recs:
+            part = slice(start, start + sizes[r.index])
+            batches.append(dataclasses.replace(r, images=imgs[part], embeddings=embs[part]))
+            start = part.stop
+    batches.sort(key=lambda r: r.index)
+    return GenerateResult(
+        images=torch.cat([r.images for r in batches]),
+        embeddings=torch.cat([r.embeddings for r in batches]),
+        batches=batches,
+    )
 
 
 def progress_path(out: Path, rank: int) -> Path:

@@ -105,6 +105,17 @@ def train(out: str) -> None:
     distributed.destroy(ctx)
 
 
+# The tiny inversion of tiny_continual's invcoss runs: 4 samples in batches of 2, a generator each,
+# no repulsion (so the buffer does not depend on the number of ranks).
+TINY_INVERSION = dict(
+    buffer_fraction=0.5, inversion_batch_size=2, inversion_steps=2, inversion_warmup_steps=2,
+    inversion_overrides=(
+        ("alpha_rep", 0.0), ("generator_every", 1), ("min_batch_size", 1), ("latent_dim", 8),
+        ("generator_channels", (8, 8, 4)),
+    ),
+)  # fmt: skip
+
+
 def tiny_continual(out, method: str = "er"):
     """The continual run the tests compare: xray then pathology, 8 samples each, global batches of 4."""
     from invcoss.continual import ContinualConfig, run_continual
@@ -113,15 +124,43 @@ def tiny_continual(out, method: str = "er"):
         "quick", method=method, order=("xray", "pathology"), img_size_2d=32, epochs=1, batch_size=4,
         stats_batch_size=4, buffer_fraction=0.25,
     )  # fmt: skip
+    if method == "invcoss":
+        cfg = cfg.replace(**TINY_INVERSION)
     g = torch.Generator().manual_seed(11)
     data = {"xray": torch.rand(8, 3, 32, 32, generator=g), "pathology": torch.rand(8, 3, 32, 32, generator=g)}
     return run_continual(data, out, cfg, device="cpu")
 
 
 def continual(out: str) -> None:
-    """``continual OUT``: tiny_continual on this rank (rank 0 writes OUT)."""
+    """``continual OUT [METHOD]``: tiny_continual on this rank (rank 0 writes OUT)."""
     ctx = distributed.init_from_env("cpu")
-    tiny_continual(out)
+    tiny_continual(out, *sys.argv[3:4])
+    distributed.destroy(ctx)
+
+
+def generate(out: str) -> None:
+    """``generate OUT CHECKPOINT ALPHA_REP``: generate_shared of the tiny X-ray engine of
+    tests/inversion/test_invert_torchrun.py; each rank saves what it returns and the batches it ran
+    to OUT.RANK."""
+    from safetensors.torch import save_file
+
+    from invcoss.inversion.shards import generate_shared
+    from tests.inversion.test_invert_torchrun import NUM_SAMPLES, tiny_engine
+
+    ctx = distributed.init_from_env("cpu")
+    inv = tiny_engine(sys.argv[3], alpha_rep=float(sys.argv[4]))
+    ran = set()
+    result = generate_shared(inv, NUM_SAMPLES, on_step=lambda info: ran.add(info.batch))
+    save_file(
+        {
+            "images": result.images,
+            "embeddings": result.embeddings,
+            "index": torch.tensor([b.index for b in result.batches]),
+            "ran": torch.tensor(sorted(ran)),
+            "pool": inv.pool.features().contiguous(),
+        },
+        f"{out}.{ctx.rank}",
+    )
     distributed.destroy(ctx)
 
 
@@ -146,6 +185,12 @@ def die(out: str) -> None:
 
 
 if __name__ == "__main__":
-    {"gather": gather, "stats": stats, "train": train, "continual": continual, "leave": leave, "die": die}[
-        sys.argv[1]
-    ](sys.argv[2])
+    {
+        "gather": gather,
+        "stats": stats,
+        "train": train,
+        "continual": continual,
+        "generate": generate,
+        "leave": leave,
+        "die": die,
+    }[sys.argv[1]](sys.argv[2])

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,7 +24,7 @@ from invcoss.feature_stats import collect_feature_stats, load_feature_stats
 from invcoss.inversion import InversionConfig, Inverter
 from invcoss.inversion.shards import progress_path, shard_batches, state_name
 from invcoss.models import MAE, create_model
-from tests.distributed.launch import ROOT, base_env, free_port, torchrun
+from tests.distributed.launch import ROOT, WORKER, base_env, free_port, launch, torchrun
 from tests.inversion.test_inversion_io import files_of
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -79,12 +80,40 @@ def test_shards_deal_whole_generator_groups_round_robin(num_batches, group, worl
         shard_batches(4, 0, 2)
 
 
-def _engine(checkpoint) -> Inverter:
+def tiny_engine(checkpoint, **overrides) -> Inverter:
+    """The engine of the runs below (``overrides``: config fields), before its start."""
     model = MAE.from_pretrained(checkpoint).float()
-    stats = load_feature_stats(checkpoint / "stats.safetensors", model, "xray")
-    inv = Inverter(model, stats, InversionConfig.from_profile("quick", "xray", seed=0, **SETTINGS))
+    stats = load_feature_stats(Path(checkpoint) / "stats.safetensors", model, "xray")
+    config = InversionConfig.from_profile("quick", "xray", seed=0, **(SETTINGS | overrides))
+    return Inverter(model, stats, config, device="cpu")
+
+
+def _engine(checkpoint) -> Inverter:
+    inv = tiny_engine(checkpoint)
     inv.start(NUM_SAMPLES)
     return inv
+
+
+@pytest.mark.parametrize("alpha_rep", [0.0, pytest.param(0.1, marks=pytest.mark.slow)])
+def test_generate_shared_gives_every_rank_the_whole_run(checkpoint, tmp_path, alpha_rep):
+    from safetensors.torch import load_file
+
+    ranks = launch([str(WORKER), "generate", str(tmp_path / "r"), str(checkpoint), str(alpha_rep)])
+    assert [r.returncode for r in ranks] == [0, 0], [r.err for r in ranks]
+    got = [load_file(str(tmp_path / f"r.{q}")) for q in range(2)]
+    for q, g in enumerate(got):  # each rank ran its share, and returns every batch in order
+        assert g["ran"].tolist() == shard_batches(NUM_BATCHES, 2, 2)[q]
+        assert g["index"].tolist() == list(range(NUM_BATCHES)) and g["images"].shape[0] == NUM_SAMPLES
+    for key in ("images", "embeddings", "pool"):  # the same on both ranks, bit for bit
+        assert torch.equal(got[0][key], got[1][key]), key
+    inv = tiny_engine(checkpoint, alpha_rep=alpha_rep)
+    one = inv.generate(NUM_SAMPLES)
+    assert torch.unique(one.images.flatten(1), dim=0).shape[0] == NUM_SAMPLES
+    if alpha_rep == 0:  # each batch's seeds are its own: one process's samples, bit for bit
+        assert torch.equal(got[0]["images"], one.images)
+    else:  # within a round the batches do not repel each other; the pool holds the same batches
+        assert not torch.equal(got[0]["images"], one.images)
+        assert got[0]["pool"].shape == inv.pool.features().shape
 
 
 def _samples(out, first: int, count: int) -> np.ndarray:
