@@ -6,15 +6,18 @@ failure, not a skip; without any compiled module the extension tests skip with t
 
 import importlib.util
 import json
+import os
+import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
 import invcoss
-from invcoss import _ext, ops
+from invcoss import _build, _ext, ops
 
 OPS = (
     "tv",
@@ -172,3 +175,46 @@ def test_build_problem_messages():
     assert "slower torch and Triton backends" in failed and "--force-reinstall --no-binary invcoss" in failed
     stale = _ext.build_problem({}, "2.13.0+cpu", "ImportError: undefined symbol: _ZN3c10")
     assert stale.startswith("invcoss._C does not load (ImportError") and "install torch" not in stale
+
+
+def test_the_installed_torch_version_is_read_without_importing_it():
+    assert _build.installed_torch_version() == torch.__version__
+
+
+def test_a_build_for_another_torch_warns_at_the_check_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(_build, "warned_for", "")
+    (tmp_path / _build.BUILD_INFO_FILE).write_text(json.dumps({"torch": "0.0.1+other"}))
+    assert _build.check_installed_torch(tmp_path) == ""  # no compiled module beside it: nothing to say
+    (tmp_path / "_C.so").write_bytes(b"")
+    why = re.escape(f"0.0.1+other, but this is torch {torch.__version__}")
+    with pytest.warns(_build.ExtensionBuildWarning, match=why):
+        assert _build.check_installed_torch(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _build.check_installed_torch(tmp_path)  # the same problem, not said twice
+    (tmp_path / _build.BUILD_INFO_FILE).write_text(json.dumps({"torch": torch.__version__}))
+    assert _build.check_installed_torch(tmp_path) == ""
+
+
+@needs_ext
+def test_import_invcoss_warns_about_another_installed_torch(tmp_path):
+    # A stand-in torch whose version file names another version, found first on the path.
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text("")
+    (tmp_path / "torch" / "version.py").write_text("__version__ = '0.0.1+other'\ndebug = False\n")
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)]),
+        "PYTHONWARNINGS": "always",
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", "import invcoss; print('imported')"],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0 and "imported" in done.stdout, done.stderr
+    warned = [line for line in done.stderr.splitlines() if "ExtensionBuildWarning: " in line]
+    assert len(warned) == 1, done.stderr
+    assert f"built against torch {torch.__version__}, but this is torch 0.0.1+other" in warned[0]
+    env["INVCOSS_DISABLE_EXTENSION"] = "1"  # the extension left out: nothing to warn about
+    quiet = subprocess.run([sys.executable, "-c", "import invcoss"], capture_output=True, text=True, env=env)
+    assert quiet.returncode == 0 and "ExtensionBuildWarning" not in quiet.stderr
