@@ -60,8 +60,9 @@ bench-guard: install
 bench-targets: install
 	TORCHINDUCTOR_COMPILE_THREADS=1 $(BIN)/python -m invcoss.benchmark.targets --strict $(TARGET_FLAGS)
 
-# The GPU check's every step on this CPU (Triton through the interpreter, tiny sizes), in about a
-# minute; tests/benchmark/test_gpu_check.py runs the same in `make test`. On a GPU: bash benchmarks/gpu_check.sh
+# The GPU check's every step on this CPU (Triton through the interpreter, tiny sizes), in about two
+# minutes; tests/benchmark/test_gpu_check.py runs the same in `make test-slow` (CI runs both).
+# On a GPU: bash benchmarks/gpu_check.sh
 gpu-rehearse: install
 	OUT=out/gpu-rehearsal PYTHON=$(BIN)/python bash benchmarks/gpu_check.sh --rehearse
 

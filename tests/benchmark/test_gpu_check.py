@@ -1,7 +1,7 @@
 """The GPU check (benchmarks/gpu_check.sh), rehearsed on this CPU so it cannot rot before a GPU comes.
 
-The rehearsal (about a minute) is part of ``make test`` on purpose: it is what keeps the script
-working between the rare GPU runs.
+The rehearsal (about two minutes on two cores) runs in ``make test-slow``, which CI runs on every
+change: it is what keeps the script working between the rare GPU runs.
 
 ``--rehearse`` runs every step's mechanics here: the warm-up's parallel jobs, the device tests on
 CPU tensors (Triton through the interpreter, the extension's cpu backend in place of cuda), the
@@ -36,6 +36,7 @@ def rehearsal(tmp_path_factory):
     return proc, out
 
 
+@pytest.mark.slow  # the whole rehearsal: about two minutes
 def test_rehearsal_passes_every_step(rehearsal):
     proc, out = rehearsal
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -48,6 +49,7 @@ def test_rehearsal_passes_every_step(rehearsal):
     )
 
 
+@pytest.mark.slow  # the whole rehearsal: about two minutes
 def test_rehearsal_records_every_row(rehearsal):
     _, out = rehearsal
     tests = records.records_of(out, "tests", step="tests")
@@ -83,6 +85,7 @@ def test_rehearsal_records_every_row(rehearsal):
         assert abs(r["mfu"] - r["tflops"] / rate) < 1e-9 * r["mfu"]
 
 
+@pytest.mark.slow  # the whole rehearsal: about two minutes
 def test_report_renders_again_from_what_came_back(rehearsal, tmp_path):
     _, out = rehearsal
     text = (out / "report.md").read_text()
@@ -217,6 +220,7 @@ def test_sweep_past_its_deadline_measures_nothing_and_fails(tmp_path, capsys):
     assert not (tmp_path / "bench.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_the_check_needs_no_nibabel(tmp_path):
     # The device image has no nibabel: the steps must not import it (NIfTI I/O imports it lazily).
     code = (
