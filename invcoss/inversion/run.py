@@ -52,6 +52,7 @@ from invcoss.inversion.shards import (
     state_name,
     write_progress,
 )
+from invcoss.inversion.step import FORMER_STEP, STEP_FIELDS
 from invcoss.rng import compute_record
 
 __all__ = ["CURVE_POINTS", "FORMAT", "InversionResult", "Inverter", "RunFolderError", "run_inversion"]
@@ -120,6 +121,11 @@ def _jsonable(obj):
     return json.loads(json.dumps(obj))
 
 
+def _set_value(value) -> str:
+    """``value`` as ``--set`` reads it back (JSON, or a plain string)."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
 def _open_folder(out: Path, identity: dict, resume: bool) -> dict | None:
     """The existing manifest to continue, or None for a fresh run; raises if the folder is taken."""
     path = out / MANIFEST
@@ -135,15 +141,20 @@ def _open_folder(out: Path, identity: dict, resume: bool) -> dict | None:
                 f"{out} already holds an inversion run ({len(manifest['batches'])} of "
                 f"{manifest['num_batches']} batches done); pass --resume to continue it or choose another --out"
             )
-        differ = [k for k, v in _jsonable(identity).items() if manifest["identity"].get(k) != v]
+        differ, hint = [k for k, v in _jsonable(identity).items() if manifest["identity"].get(k) != v], ""
         if "config" in differ:
-            old, new = manifest["identity"]["config"], _jsonable(identity["config"])
+            # A folder made before the step fields existed ran the former step.
+            old = FORMER_STEP | manifest["identity"]["config"]
+            new = _jsonable(identity["config"])
             differ.remove("config")
             differ += [f"config.{k}" for k in sorted(new) if old.get(k) != new[k]]
+            steps = [k for k in STEP_FIELDS if old.get(k) != new.get(k)]
+            if steps:
+                hint = "; it ran its steps with " + " ".join(f"--set {k}={_set_value(old[k])}" for k in steps)
         if differ:
             raise RunFolderError(
                 f"cannot resume {out}: its {', '.join(differ)} differ from this run's "
-                "(same model, statistics, settings, seed and --num-samples are needed)"
+                f"(same model, statistics, settings, seed and --num-samples are needed){hint}"
             )
         return manifest
     if out.exists() and not out.is_dir():

@@ -55,7 +55,14 @@ import torch
 
 from invcoss.inversion.config import InversionConfig
 
-__all__ = ["STEP_TOLERANCE", "StepSettings", "make_adam", "resolve_step_settings"]
+__all__ = [
+    "FORMER_STEP",
+    "STEP_FIELDS",
+    "STEP_TOLERANCE",
+    "StepSettings",
+    "make_adam",
+    "resolve_step_settings",
+]
 
 # How far a step may be from the fp32 eager step with contiguous tensors, for-loop Adam and separate
 # MAE passes (tests/inversion/test_inversion_step.py): "loss", the relative error of each loss value;
@@ -65,6 +72,18 @@ __all__ = ["STEP_TOLERANCE", "StepSettings", "make_adam", "resolve_step_settings
 # within 1e-6, gradients within 2e-5). bf16: 8 bits of mantissa in the generator's and the ViT's
 # convolutions and matmuls (measured at tiny sizes with random weights: losses within 7e-3, L_rep
 # the farthest; gradients 7-13% in norm, 15-22% for the latents, a cosine similarity above 0.97).
+# The InversionConfig fields that decide how a step runs, not what it optimises.
+STEP_FIELDS = ("compile_mode", "precision", "memory_format", "adam", "sync_every", "share_tokens")
+# How a step ran before these fields existed: a run folder whose manifest lacks them was made so
+# (its resume needs them set so, e.g. ``--set memory_format=contiguous``).
+FORMER_STEP = {
+    "compile_mode": "off",
+    "precision": "fp32",
+    "memory_format": "contiguous",
+    "adam": "for-loop",
+    "sync_every": 1,
+    "share_tokens": False,
+}
 STEP_TOLERANCE = {"fp32": {"loss": 1e-4, "grad": 1e-4}, "bf16": {"loss": 2e-2, "grad": 0.3}}
 
 

@@ -305,6 +305,37 @@ def test_resume_refuses_another_configuration(tmp_path, model, ct_stats):
     assert files_of(out) == before and sorted(p.name for p in (tmp_path / "other").iterdir()) == ["notes.txt"]
 
 
+def test_resume_names_the_step_settings_a_run_was_made_with(tmp_path, model, ct_stats):
+    from invcoss.inversion.step import FORMER_STEP, STEP_FIELDS
+
+    out = tmp_path / "run"
+
+    def stop(info) -> None:
+        if info.batch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Inverter(model, ct_stats, ct_config(adam="foreach"), backend="torch").run(4, out, on_step=stop)
+    with pytest.raises(RunFolderError, match=r"config\.adam differ.*ran its steps with --set adam=foreach$"):
+        Inverter(model, ct_stats, ct_config(), backend="torch").run(4, out, resume=True)
+    # A folder from before the step fields: it ran the former step, and resumes with it.
+    path = out / "manifest.json"
+    manifest = json.loads(path.read_text())
+    for k in STEP_FIELDS:
+        del manifest["identity"]["config"][k]
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(RunFolderError) as e:
+        Inverter(model, ct_stats, ct_config(), backend="torch").run(4, out, resume=True)
+    assert "--set compile_mode=off --set precision=fp32 --set memory_format=contiguous" in str(e.value)
+    assert str(e.value).endswith("--set adam=for-loop --set sync_every=1 --set share_tokens=false")
+    assert (
+        Inverter(model, ct_stats, ct_config(**FORMER_STEP), backend="torch")
+        .run(4, out, resume=True)
+        .batches_run
+        == 1
+    )
+
+
 def test_a_non_finite_loss_stops_the_batch_and_writes_none_of_it(tmp_path, model, ct_stats):
     inv = Inverter(model, ct_stats, ct_config(), backend="torch")
 
