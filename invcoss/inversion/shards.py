@@ -46,7 +46,8 @@ import torch
 
 from invcoss import distributed
 from invcoss.data.atomic import atomic_write_json
-from invcoss.inversion.engine import BatchResult, GenerateResult, InversionEngine, StepInfo
+from invcoss.inversion.batches import BatchResult, GenerateResult, StepInfo
+from invcoss.inversion.engine import InversionEngine
 
 __all__ = [
     "RANKS_DIR",
