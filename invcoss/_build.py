@@ -23,6 +23,7 @@ __all__ = [
     "ExtensionBuildWarning",
     "build_problem",
     "check_installed_torch",
+    "has_compiled_module",
     "installed_torch_version",
     "recorded_build",
 ]
@@ -83,12 +84,18 @@ def installed_torch_version() -> str:
     return found.group(1) if found else ""
 
 
+def has_compiled_module(here: Path = HERE) -> bool:
+    """Whether a compiled ``_C`` module lies beside ``here`` (none: the package was built without
+    the extension on purpose, ``INVCOSS_NO_EXTENSION=1``, or not built yet)."""
+    return any((here / f"_C{suffix}").exists() for suffix in importlib.machinery.EXTENSION_SUFFIXES)
+
+
 def check_installed_torch(here: Path = HERE) -> str:
     """Warn once when the compiled module beside ``here`` was built against another torch than the
     installed one; returns the warning ("" when there is nothing to say or nothing to compare)."""
     global warned_for
-    if not any((here / f"_C{suffix}").exists() for suffix in importlib.machinery.EXTENSION_SUFFIXES):
-        return ""  # built without the extension on purpose (INVCOSS_NO_EXTENSION=1), or not built yet
+    if not has_compiled_module(here):
+        return ""
     built, version = recorded_build(here), installed_torch_version()
     if not version or not built.get("torch"):
         return ""

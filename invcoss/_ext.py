@@ -18,7 +18,6 @@ then report that as the reason), to rule it out when chasing a problem.
 
 from __future__ import annotations
 
-import importlib.machinery
 import json
 import os
 import warnings
@@ -49,7 +48,7 @@ else:
         C = None
         IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
     # No compiled module at all is a choice (INVCOSS_NO_EXTENSION=1), not a problem to warn about.
-    if any((_here / f"_C{suffix}").exists() for suffix in importlib.machinery.EXTENSION_SUFFIXES):
+    if _build.has_compiled_module(_here):
         _problem = build_problem(BUILD_INFO, torch.__version__, IMPORT_ERROR)
         # `import invcoss` already said that this torch is another one; say it again only with news.
         if _problem and (IMPORT_ERROR or _build.warned_for != torch.__version__):

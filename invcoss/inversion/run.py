@@ -14,7 +14,6 @@ and the report (:mod:`.shards`). One process runs exactly as without a group.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
@@ -45,6 +44,7 @@ from invcoss.inversion.report import quality_report
 from invcoss.inversion.shards import (
     agree_on_start,
     exchange_features,
+    invert_own_batch,
     read_progress,
     remove_rank_files,
     round_batches,
@@ -410,12 +410,10 @@ def _run_shards(
         result, batches = None, round_batches(shards, t)
         if t < len(mine):
             b = mine[t]
-            pool = copy.deepcopy(inv.pool)  # the round's features enter every pool together, below
-            result = inv.invert_batch(b, sizes[b], len(sizes), on_step)
+            result = invert_own_batch(inv, b, sizes, on_step)
             names = write_batch(
                 out, inv, result, sum(sizes[:b]), spacing, fmt, manifest.get("file_scale") or 1.0
             )
-            inv.pool = pool
             records.append(_batch_record(result, names) | {"rank": rank, "round": t})
             ran += 1
         exchange_features(inv, batches, None if result is None else result.embeddings)

@@ -54,6 +54,7 @@ __all__ = [
     "agree_on_start",
     "exchange_features",
     "generate_shared",
+    "invert_own_batch",
     "progress_path",
     "read_progress",
     "remove_rank_files",
@@ -98,6 +99,17 @@ def round_batches(shards: list[list[int]], t: int) -> list[int | None]:
         [4, None]
     """
     return [s[t] if t < len(s) else None for s in shards]
+
+
+def invert_own_batch(
+    inv: InversionEngine, batch: int, sizes: list[int], on_step: Callable[[StepInfo], None] | None
+) -> BatchResult:
+    """Invert this rank's ``batch`` of a round and leave ``inv.pool`` as before the round: the
+    round's features enter every rank's pool together (:func:`exchange_features`)."""
+    pool = copy.deepcopy(inv.pool)
+    result = inv.invert_batch(batch, sizes[batch], len(sizes), on_step)
+    inv.pool = pool
+    return result
 
 
 def exchange_features(inv: InversionEngine, batches: list[int | None], features: torch.Tensor | None) -> None:
@@ -152,12 +164,7 @@ def generate_shared(
     for t in range(max(len(s) for s in shards)):
 
         def invert_mine(t: int = t) -> BatchResult | None:
-            if t >= len(mine):
-                return None
-            pool = copy.deepcopy(inv.pool)  # the round's features enter every pool together, below
-            result = inv.invert_batch(mine[t], sizes[mine[t]], len(sizes), on_step)
-            inv.pool = pool
-            return result
+            return invert_own_batch(inv, mine[t], sizes, on_step) if t < len(mine) else None
 
         result = distributed.on_all(invert_mine)  # a failed batch stops every rank, not only its own
         exchange_features(inv, round_batches(shards, t), None if result is None else result.embeddings)

@@ -53,6 +53,16 @@ def ct_config(**kw) -> InversionConfig:
     return InversionConfig(**(base | kw))
 
 
+def interrupt_at(batch: int):
+    """An ``on_step`` that stops the run (as Ctrl-C would) at the first step of ``batch``."""
+
+    def on_step(info) -> None:
+        if info.batch == batch and info.step == 1:
+            raise KeyboardInterrupt
+
+    return on_step
+
+
 def files_of(out) -> dict[str, bytes]:
     """Every file of a run folder except the manifest and preview (which carry timings), by relative path."""
     return {
@@ -236,13 +246,9 @@ def test_same_seed_same_bytes_other_seed_other_samples(tmp_path, model, ct_stats
 def test_resume_after_an_interrupt_mid_batch(tmp_path, model, ct_stats):
     Inverter(model, ct_stats, ct_config(), backend="torch").run(5, tmp_path / "whole")
 
-    def interrupt(info) -> None:
-        if info.batch == 1 and info.step == 1:
-            raise KeyboardInterrupt
-
     out = tmp_path / "cut"
     with pytest.raises(KeyboardInterrupt):
-        Inverter(model, ct_stats, ct_config(), backend="torch").run(5, out, on_step=interrupt)
+        Inverter(model, ct_stats, ct_config(), backend="torch").run(5, out, on_step=interrupt_at(1))
     m = json.loads((out / "manifest.json").read_text())
     assert len(m["batches"]) == 1 and not m["complete"]
     assert (out / m["resume_state"]).is_file()
@@ -310,12 +316,10 @@ def test_resume_names_the_step_settings_a_run_was_made_with(tmp_path, model, ct_
 
     out = tmp_path / "run"
 
-    def stop(info) -> None:
-        if info.batch == 1:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        Inverter(model, ct_stats, ct_config(adam="foreach"), backend="torch").run(4, out, on_step=stop)
+        Inverter(model, ct_stats, ct_config(adam="foreach"), backend="torch").run(
+            4, out, on_step=interrupt_at(1)
+        )
     with pytest.raises(RunFolderError, match=r"config\.adam differ.*ran its steps with --set adam=foreach$"):
         Inverter(model, ct_stats, ct_config(), backend="torch").run(4, out, resume=True)
     # A folder from before the step fields: it ran the former step, and resumes with it.
@@ -353,12 +357,8 @@ def test_a_non_finite_loss_stops_the_batch_and_writes_none_of_it(tmp_path, model
 def test_the_manifest_records_the_thread_count_and_resume_needs_the_same(tmp_path, model, ct_stats):
     out = tmp_path / "run"
 
-    def stop(info) -> None:
-        if info.batch == 1:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        Inverter(model, ct_stats, ct_config(), backend="torch").run(4, out, on_step=stop)
+        Inverter(model, ct_stats, ct_config(), backend="torch").run(4, out, on_step=interrupt_at(1))
     m = json.loads((out / "manifest.json").read_text())
     assert m["compute"]["threads"] == torch.get_num_threads() == 1
     torch.set_num_threads(2)
@@ -377,13 +377,9 @@ def test_a_run_killed_in_its_first_batch_is_resumed(tmp_path, model, ct_stats):
     """The manifest exists from the start: a kill before any batch finished leaves a run to resume."""
     Inverter(model, ct_stats, ct_config(), backend="torch").run(3, tmp_path / "whole")
 
-    def interrupt(info) -> None:
-        if info.batch == 0 and info.step == 1:
-            raise KeyboardInterrupt
-
     out = tmp_path / "cut"
     with pytest.raises(KeyboardInterrupt):
-        Inverter(model, ct_stats, ct_config(), backend="torch").run(3, out, on_step=interrupt)
+        Inverter(model, ct_stats, ct_config(), backend="torch").run(3, out, on_step=interrupt_at(0))
     assert json.loads((out / "manifest.json").read_text())["batches"] == []
     with pytest.raises(RunFolderError, match=r"already holds an inversion run \(0 of 2 batches done\)"):
         Inverter(model, ct_stats, ct_config(), backend="torch").run(3, out)
