@@ -126,9 +126,9 @@ def test_batch_mean_var_strided_and_one_output(backend, make_x):
     assert_matches(x.grad, np.full(x.shape, 1.0 / x.shape[0]), torch.float32)
 
 
-# The kernels' access paths. CPU: items of whole rows (row chunks of 512 merged in order, blocks of
-# 32 rows read 16 at a time with a short remainder), merged around the running mean, which a drift
-# along the rows keeps far from the next block's values. CUDA: 16-byte vector loads (4 fp32, 8
+# The kernels' access paths. CPU: items of whole rows (row chunks of 512 merged in order, a first
+# block of 8 rows, then blocks of 64 rows read 16, 8, 4 and 1 at a time), merged around the running
+# mean, which a drift along the rows keeps far from the next block's values. CUDA: 16-byte vector loads (4 fp32, 8
 # bf16/fp16 columns) when the rows allow them, else one column per lane; row segments of >= 256
 # rows, rounds of several rows per thread and a partial last round.
 PATH_CASES = {
@@ -165,6 +165,21 @@ def test_stats_access_paths(backend, case, dtype):
     ref_mean, ref_m2 = _chan_ref(to_np(x), 5, to_np(state[0]), to_np(state[1]))
     assert_matches(new_mean, ref_mean, torch.float64)  # accumulated in the fp64 state's precision
     assert_matches(new_m2, ref_m2, torch.float64)
+
+
+@pytest.mark.device
+def test_stats_outlier_first_row(backend):
+    # A first row 1000 standard deviations out: it is the shift of every value, and on CPU it pulls
+    # the first block's mean, the centre of the one-pass blocks after it, far from the other rows.
+    # The variance keeps fp32's relative bar; the mean, computed from values shifted by that row, is
+    # as precise as a sum of terms of its magnitude.
+    x = make((1100, 37), torch.float64)
+    x[0] += 1e3
+    x = x.to(torch.float32)
+    mean, var = ops.batch_mean_var(x, backend=backend)
+    ref_mean, ref_var = mean_var_ref(to_np(x))
+    assert_matches(var, ref_var, torch.float32)
+    assert_matches(mean, ref_mean, torch.float32, scale=float(x.abs().max()))
 
 
 # ---- Welford: one batch into a running state, and RunningStats ----------------------------------------
