@@ -125,8 +125,10 @@ def test_a_config_that_is_not_a_saved_run_is_a_user_error(tmp_path, config, mess
     assert result.exit_code == 2 and "--config" in result.output and message in result.output
 
 
-@pytest.mark.skipif(tensorboard_available(), reason="needs a machine without tensorboard")
-def test_tensorboard_without_the_package_is_a_user_error(xray, tmp_path):
+def test_tensorboard_without_the_package_is_a_user_error(xray, tmp_path, monkeypatch):
+    from invcoss import runlog
+
+    monkeypatch.setattr(runlog, "tensorboard_available", lambda: False)  # as on a machine without it
     result = CliRunner().invoke(
         main, ["pretrain", "--data", str(xray / "cache"), "--out", str(tmp_path / "r"), "--tensorboard"]
     )
@@ -138,12 +140,23 @@ def test_tensorboard_without_the_package_is_a_user_error(xray, tmp_path):
     assert not (tmp_path / "r" / "model.safetensors").exists()
 
 
-@pytest.mark.skipif(not tensorboard_available(), reason="needs the tensorboard package")
+@pytest.mark.skipif(not tensorboard_available(), reason="needs the tensorboard package (the dev extra)")
 def test_tensorboard_writes_event_files(xray, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     argv = ["pretrain", "--data", str(xray / "cache"), "--out", str(tmp_path / "r"), "--epochs", "1",
             "--batch-size", "2", "--threads", "1", "--device", "cpu", "--tensorboard"]  # fmt: skip
     ok(CliRunner().invoke(main, argv))
-    assert list((tmp_path / "r" / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(list((tmp_path / "r" / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    # Read back as TensorBoard reads it: the same scalars as metrics.jsonl's step lines, step by step.
+    events = EventAccumulator(str(tmp_path / "r" / "tensorboard"))
+    events.Reload()
+    steps = [m for m in read_metrics(tmp_path / "r") if m["event"] == "step"]
+    assert steps
+    assert {"step/mae", "step/lr", "epoch/mae"} <= set(events.Tags()["scalars"])
+    logged = events.Scalars("step/mae")
+    assert [e.step for e in logged] == [m["step"] for m in steps]
+    assert [e.value for e in logged] == pytest.approx([m["losses"]["mae"] for m in steps], rel=1e-6)
 
 
 @pytest.mark.slow  # two inversions of the packaged model, a few seconds
