@@ -63,59 +63,58 @@ constexpr int kStatRowsPerSweep = 16;
 template <typename T>
 constexpr int64_t kGroup = 64 / sizeof(T);
 
-// s[f] = the sum of x[r][f] - shift[f] over nb rows of nf columns, rows ld apart; four rows per
-// sweep over the columns, so that s is loaded and stored once per four rows.
-template <typename T, typename A>
-INVCOSS_STAT_CLONES void block_sums(const T* INVCOSS_RESTRICT x, int64_t ld, int64_t nb, int64_t nf,
-                               const A* INVCOSS_RESTRICT shift, A* INVCOSS_RESTRICT s) {
-  for (int64_t f = 0; f < nf; ++f) s[f] = A(0);
-  int64_t r = 0;
-  for (; r + 4 <= nb; r += 4) {
-    const T* x0 = x + r * ld;
-    const T* x1 = x0 + ld;
-    const T* x2 = x1 + ld;
-    const T* x3 = x2 + ld;
+// One sweep of the first block's passes over K rows from xr, rows ld apart, with the K-row partial
+// sums of each column in registers, added to out (or stored there when kFirst): the sum of
+// x - shift, or with kSquares of (x - shift - m)^2 (m: the block's shifted mean).
+template <int K, bool kFirst, bool kSquares, typename T, typename A>
+[[gnu::always_inline]] inline void sweep_first_block(const T* INVCOSS_RESTRICT xr, int64_t ld, int64_t nf,
+                                                     const A* INVCOSS_RESTRICT shift, const A* INVCOSS_RESTRICT m,
+                                                     A* INVCOSS_RESTRICT out) {
 #pragma omp simd
-    for (int64_t f = 0; f < nf; ++f) {
-      const A sh = shift[f];
-      s[f] += ((A(x0[f]) - sh) + (A(x1[f]) - sh)) + ((A(x2[f]) - sh) + (A(x3[f]) - sh));
+  for (int64_t f = 0; f < nf; ++f) {
+    const A sh = shift[f];
+    A acc = A(0);
+#pragma GCC unroll 8
+    for (int k = 0; k < K; ++k) {
+      if constexpr (kSquares) {
+        const A d = (A(xr[k * ld + f]) - sh) - m[f];
+        acc += d * d;
+      } else {
+        acc += A(xr[k * ld + f]) - sh;
+      }
     }
-  }
-  for (; r < nb; ++r) {
-    const T* xr = x + r * ld;
-#pragma omp simd
-    for (int64_t f = 0; f < nf; ++f) s[f] += A(xr[f]) - shift[f];
+    if constexpr (kFirst) {
+      out[f] = acc;
+    } else {
+      out[f] += acc;
+    }
   }
 }
 
-// q[f] = the sum of (x[r][f] - shift[f] - m[f])^2 over the same rows (m: the shifted block mean);
-// the rows come from the caches.
+// The first block of an item (nb <= kStatFirstBlock rows of nf columns, rows ld apart) in two
+// passes around shift: mean = the mean of x - shift, then, from L1, m2 = the sum of
+// (x - shift - mean)^2. A full block is one sweep each, its sums in registers.
 template <typename T, typename A>
-INVCOSS_STAT_CLONES void block_squares(const T* INVCOSS_RESTRICT x, int64_t ld, int64_t nb, int64_t nf,
-                                  const A* INVCOSS_RESTRICT shift, const A* INVCOSS_RESTRICT m,
-                                  A* INVCOSS_RESTRICT q) {
-  for (int64_t f = 0; f < nf; ++f) q[f] = A(0);
-  int64_t r = 0;
-  for (; r + 4 <= nb; r += 4) {
-    const T* x0 = x + r * ld;
-    const T* x1 = x0 + ld;
-    const T* x2 = x1 + ld;
-    const T* x3 = x2 + ld;
-#pragma omp simd
-    for (int64_t f = 0; f < nf; ++f) {
-      const A c = shift[f], mf = m[f];
-      const A d0 = (A(x0[f]) - c) - mf, d1 = (A(x1[f]) - c) - mf;
-      const A d2 = (A(x2[f]) - c) - mf, d3 = (A(x3[f]) - c) - mf;
-      q[f] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+INVCOSS_STAT_CLONES void first_block_moments(const T* INVCOSS_RESTRICT x, int64_t ld, int64_t nb, int64_t nf,
+                                             const A* INVCOSS_RESTRICT shift, A* INVCOSS_RESTRICT mean,
+                                             A* INVCOSS_RESTRICT m2) {
+  constexpr int K = int(kStatFirstBlock);
+  if (nb == K) {
+    sweep_first_block<K, true, false, T, A>(x, ld, nf, shift, nullptr, mean);
+  } else {
+    sweep_first_block<1, true, false, T, A>(x, ld, nf, shift, nullptr, mean);
+    for (int64_t r = 1; r < nb; ++r) {
+      sweep_first_block<1, false, false, T, A>(x + r * ld, ld, nf, shift, nullptr, mean);
     }
   }
-  for (; r < nb; ++r) {
-    const T* xr = x + r * ld;
+  const A inv_nb = A(1) / A(nb);
 #pragma omp simd
-    for (int64_t f = 0; f < nf; ++f) {
-      const A d = (A(xr[f]) - shift[f]) - m[f];
-      q[f] += d * d;
-    }
+  for (int64_t f = 0; f < nf; ++f) mean[f] *= inv_nb;
+  if (nb == K) {
+    sweep_first_block<K, true, true, T, A>(x, ld, nf, shift, mean, m2);
+  } else {
+    sweep_first_block<1, true, true, T, A>(x, ld, nf, shift, mean, m2);
+    for (int64_t r = 1; r < nb; ++r) sweep_first_block<1, false, true, T, A>(x + r * ld, ld, nf, shift, mean, m2);
   }
 }
 
@@ -222,11 +221,7 @@ void tile_moments(const T* x, int64_t ld, int64_t rows, int64_t nf, TileBuffers<
   // The first block in two passes around x's first row (the state is empty: no shift closer to the
   // mean is known yet; the second pass reads its kStatFirstBlock rows from L1)...
   const int64_t n0 = std::min(kStatFirstBlock, rows);
-  block_sums<T, A>(x, ld, n0, nf, buf.shift, buf.s);
-  const A inv_n0 = A(1) / A(n0);
-  for (int64_t f = 0; f < nf; ++f) buf.s[f] *= inv_n0;
-  block_squares<T, A>(x, ld, n0, nf, buf.shift, buf.s, buf.q);
-  for (int64_t f = 0; f < nf; ++f) mean[f] = buf.s[f], m2[f] = buf.q[f];
+  first_block_moments<T, A>(x, ld, n0, nf, buf.shift, mean, m2);
   // ...the others in one pass each around the running mean.
   for (int64_t r0 = n0; r0 < rows; r0 += kStatRowBlock) {
     const int64_t nb = std::min(kStatRowBlock, rows - r0);
