@@ -44,9 +44,9 @@ namespace {
 // Rows per block (the unit merged with Chan's formula) and per work item. Fixed: the chunking, and
 // so every result bit, is a function of the shape only. Measured at stat matching's (48, 111360)
 // (2 threads, 21 MB, cache-resident here): first blocks of 8 rows instead of 32 (re-read from L1,
-// not L2), later blocks of 64 instead of 32 (half the merges), the sweeps and merges compiled for
-// AVX-512 and a vectorised epilogue took the batch statistics from 0.56 to 0.47 ms and the loss
-// from 0.67 to 0.53 ms; a plain x.sum() takes 0.39 ms.
+// not L2, each pass one register sweep), later blocks of 64 instead of 32 (half the merges), the
+// sweeps and merges compiled for AVX-512 and a vectorised epilogue took the batch statistics from
+// 0.56 to 0.44-0.47 ms and the loss from 0.67 to 0.50-0.54 ms; a plain x.sum() takes 0.38-0.41 ms.
 constexpr int64_t kStatRowBlock = 64;
 // Rows of an item's first block, summed in two passes around its own mean (the second from the
 // caches): few, so that they stay in L1 (8 rows of a 1024-column fp32 tile: 32 KB) and little is
