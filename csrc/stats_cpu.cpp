@@ -17,11 +17,11 @@
 // standard deviations of each column's mean, so q - s^2 / n loses nothing; an outlier that pulls
 // the running mean away adds at most a few ulps of the variance it contributes itself), 16 rows
 // per sweep with the partial sums in registers (then 8, 4, 1 for the rest), then merged into the
-// running state with Chan's formula. Means are kept shifted by x's
-// first row, so a column with a large mean and a small spread (randn * 0.01 + 100 in fp32) keeps
-// the relative precision of its block means and of the differences between them. A thread thus
-// streams contiguous rows (F = 768 fp32: 3 KB) with a few KB of per-column state in L1; items of
-// one 64-byte column line per row at a 3 KB stride (the earlier design) read 1.4x slower here.
+// running state with Chan's formula. Means are kept shifted by x's first row, so a column with a
+// large mean and a small spread (randn * 0.01 + 100 in fp32) keeps the relative precision of its
+// block means and of the differences between them. A thread thus streams contiguous rows
+// (F = 768 fp32: 3 KB) with a few KB of per-column state in L1; items of one 64-byte column line
+// per row at a 3 KB stride (the earlier design) read 1.4x slower here.
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -175,8 +175,8 @@ INVCOSS_STAT_CLONES void block_sums_squares(const T* INVCOSS_RESTRICT x, int64_t
 // (n_a rows: mean, m2; means shifted by `shift`), in place (Chan et al.).
 template <typename A>
 INVCOSS_STAT_CLONES void merge_block(int64_t n_a, A* INVCOSS_RESTRICT mean, A* INVCOSS_RESTRICT m2, int64_t nb,
-                                const A* INVCOSS_RESTRICT shift, const A* INVCOSS_RESTRICT c,
-                                const A* INVCOSS_RESTRICT s, const A* INVCOSS_RESTRICT q, int64_t nf) {
+                                     const A* INVCOSS_RESTRICT shift, const A* INVCOSS_RESTRICT c,
+                                     const A* INVCOSS_RESTRICT s, const A* INVCOSS_RESTRICT q, int64_t nf) {
   const double n = double(n_a + nb);
   const A wa = A(double(nb) / n), wb = A(double(n_a) * double(nb) / n), inv_nb = A(1) / A(nb);
 #pragma omp simd
