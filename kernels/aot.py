@@ -264,7 +264,16 @@ def _jit_function(spec: KernelSpec):
 
     kernel = getattr(importlib.import_module(f"invcoss.kernels.{spec.module}"), spec.attr)
     configs = getattr(kernel, "hopper_configs", None)
+    select = getattr(kernel, "variant_configs", None)  # the autotuner's pruning per variant
+    if configs is not None and select is not None:
+        configs = select(configs, _element_size(spec), spec.constexprs)
     return (kernel.fn if configs is not None else kernel), configs
+
+
+def _element_size(spec: KernelSpec) -> int:
+    """Bytes per element of the spec's first pointer argument (x's dtype for the launch pruning)."""
+    ty = next(t for t in spec.types.values() if t.startswith("*"))
+    return {"*fp64": 8, "*fp32": 4, "*bf16": 2, "*fp16": 2}.get(ty, 4)
 
 
 def _config_items(spec: KernelSpec, configs) -> list[tuple[str, dict, dict]]:

@@ -12,7 +12,8 @@ to autograd. What those files would otherwise repeat lives here:
   sees the kernels themselves and needs no separate fake implementation), a plain custom op with an
   explicit fake implementation under the interpreter, where tracing the launcher with fake tensors
   would run the interpreted kernel on them.
-- :func:`launch`: ``wrap_triton(kernel)[grid](...)``, so the same launcher runs eagerly and traces.
+- :func:`launch`: ``wrap_triton(kernel)[grid](...)``, so the same launcher runs eagerly and traces
+  (a plain ``kernel[grid](...)`` under the interpreter).
 - :func:`scale_saved_grad`: the whole backward of the ops that write their gradient during forward.
 - :func:`dot_precision`, :func:`sm_count`: the ``tl.dot`` precision per input dtype, grid sizing.
 """
@@ -109,6 +110,11 @@ def launch(kernel: Callable, grid: tuple | Callable, *args: object, **kwargs: ob
     ``cuda:1`` would otherwise be read by a kernel running on ``cuda:0``). Under tracing the
     switch is harmless and the graph node carries the device; inductor's generated code sets it.
     """
+    if INTERPRET:
+        # The op is a plain custom op there (see define_op), never traced through the kernel; and
+        # the interpreted kernel is not a JITFunction, which some torch releases' wrap_triton refuse.
+        kernel[grid](*args, **kwargs)
+        return
     device = launch_device(args)
     if device is None:
         wrap_triton(kernel)[grid](*args, **kwargs)

@@ -31,6 +31,8 @@ is piecewise constant, as that of ``torch.abs``) and the exact one in the incomi
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import triton
 import triton.language as tl
@@ -42,8 +44,9 @@ GROUP_D, GROUP_H, GROUP_W = 4, 32, 256
 
 # Memory-bound stencil on Hopper: four voxels per thread and per load. In backward each voxel keeps
 # its centre, six neighbours and the carried depth sign live across the depth loop; at eight voxels
-# per thread ptxas needs ~190 registers (or spills), at four ~95 (ahead-of-time table,
-# kernels/aot.py). Forward needs fewer.
+# per thread ptxas needs 106-149 registers in the aligned variants and up to 210 (Triton 3.6) or a
+# spill in the unaligned and int64-index ones; at four, 56-108 (ahead-of-time table, kernels/aot.py).
+# Forward needs fewer.
 TV_CONFIGS = [
     config(4, 2, BLOCK_H=4, BLOCK_W=128),
     config(4, 2, BLOCK_H=8, BLOCK_W=64),
@@ -60,14 +63,40 @@ def values_per_thread(cfg: triton.Config) -> int:
     return cfg.kwargs["BLOCK_H"] * cfg.kwargs["BLOCK_W"] // (cfg.num_warps * 32)
 
 
-def prune_for_dtype(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
-    """For 16-bit x, only the configs of eight values per thread (16-byte loads; the others load 8
-    bytes at a time); fp32 and fp64 keep every config. Never prunes to nothing."""
+def variant_configs(
+    configs: list[triton.Config], element_size: int, flags: Mapping[str, object]
+) -> list[triton.Config]:
+    """The configs worth compiling for one variant of the TV kernels; never prunes to nothing.
+
+    ``element_size`` is x's, ``flags`` the launch's constexprs (``ALIGNED``, ``WIDE_INDEX``):
+
+    - Aligned 16-bit x: only eight values per thread (16-byte loads; four load 8 bytes at a time).
+    - Unaligned x (scalar loads whatever the tile) and int64 offsets: only four values per thread.
+      Eight buy no wider load there and cost registers: 210 in the unaligned backward and a spill in
+      the int64 forward with Triton 3.6.
+    - Aligned 32-bit x with int32 offsets: every config.
+
+    The autotuner prunes with it at launch (:func:`prune_for_variant`) and the ahead-of-time table
+    compiles the same subset (the kernels' ``variant_configs``), so the design guards check exactly
+    what can run.
+    """
+    wide = [c for c in configs if values_per_thread(c) >= 8]
+    narrow = [c for c in configs if values_per_thread(c) < 8]
+    if not flags.get("ALIGNED", True) or flags.get("WIDE_INDEX", False):
+        return narrow or configs
+    if element_size == 2:
+        return wide or configs
+    return configs
+
+
+def prune_for_variant(
+    configs: list[triton.Config], named_args: dict, **kwargs: object
+) -> list[triton.Config]:
+    """``early_config_prune`` of both kernels: :func:`variant_configs` for this launch's x and flags."""
     x = named_args.get("x_ptr")
-    if x is None or x.element_size() != 2:
+    if x is None:
         return configs
-    wide = [c for c in configs if "BLOCK_H" in c.kwargs and values_per_thread(c) >= 8]
-    return wide or configs
+    return variant_configs(configs, x.element_size(), kwargs)
 
 
 # Keys: the shape and every constexpr the launcher chooses (the autotuner adds the dtypes of the
@@ -114,7 +143,7 @@ def _plane_offsets(
     TV_CONFIGS,
     key=TV_KEY,
     interpret=TV_INTERPRET_CONFIG,
-    prune_configs_by={"early_config_prune": prune_for_dtype},
+    prune_configs_by={"early_config_prune": prune_for_variant},
 )
 @triton.jit
 def tv_forward_kernel(
@@ -187,7 +216,7 @@ def tv_forward_kernel(
     TV_CONFIGS,
     key=TV_KEY,
     interpret=TV_INTERPRET_CONFIG,
-    prune_configs_by={"early_config_prune": prune_for_dtype},
+    prune_configs_by={"early_config_prune": prune_for_variant},
 )
 @triton.jit
 def tv_backward_kernel(
@@ -279,6 +308,11 @@ def tv_backward_kernel(
                 tl.store(g_ptrs, grad.to(grad_ptr.dtype.element_ty), mask=inside)
                 s_prev = s_d
                 x_c = x_n
+
+
+# What the ahead-of-time table compiles per variant (kernels/aot.py): the autotuner's own subset.
+tv_forward_kernel.variant_configs = variant_configs
+tv_backward_kernel.variant_configs = variant_configs
 
 
 def _launch_args(x: torch.Tensor, weights: tuple[float, ...]) -> tuple[tuple, dict, int, int]:

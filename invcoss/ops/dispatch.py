@@ -63,6 +63,7 @@ what it picks on CPU tensors. Fake tensors report the device they stand for and 
 from __future__ import annotations
 
 import importlib
+import itertools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -86,12 +87,45 @@ class BackendInfo:
 
 def _probe_triton() -> str | None:
     try:
-        import triton  # noqa: F401
+        import triton
     except Exception as exc:  # pragma: no cover - triton ships with CUDA builds of torch
         return f"triton cannot be imported ({exc})"
-    if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        import numpy
+
+        reason = interpreter_incompatibility(triton.__version__, numpy.__version__)
+        if reason is not None:
+            return reason
+    elif not torch.cuda.is_available():
         return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU tensors, slowly)"
     return _probe_module("invcoss.ops.backend_triton")
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """``"3.6.0+git"`` -> ``(3, 6, 0)``: the leading numeric fields of a version string."""
+    fields = []
+    for part in version.split("+")[0].split("."):
+        digits = "".join(itertools.takewhile(str.isdigit, part))
+        if not digits:
+            break
+        fields.append(int(digits))
+    return tuple(fields)
+
+
+def interpreter_incompatibility(triton_version: str, numpy_version: str) -> str | None:
+    """Why Triton's interpreter cannot run our kernels with these versions, or None.
+
+    Triton's interpreter before 3.7 turns a loop bound into a Python int with ``int()`` of a
+    one-element array, which NumPy 2.4 refuses ("only 0-dimensional arrays can be converted to
+    Python scalars"): every kernel with a loop over a runtime bound fails. Compiled kernels (on a
+    GPU) are not affected.
+    """
+    if _release(triton_version) < (3, 7) and _release(numpy_version) >= (2, 4):
+        return (
+            f"TRITON_INTERPRET=1 needs numpy<2.4 with triton {triton_version} (numpy {numpy_version} "
+            "is installed; triton>=3.7 works with any numpy)"
+        )
+    return None
 
 
 def _probe_ext(device: str) -> Callable[[], str | None]:

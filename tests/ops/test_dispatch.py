@@ -43,6 +43,35 @@ def test_unavailable_backend_says_why_and_how(monkeypatch):
         ops.batch_mean_var(torch.zeros(2, 3), backend="cpu")
 
 
+@pytest.mark.parametrize(
+    "triton_version, numpy_version, refused",
+    [
+        ("3.6.0", "2.5.5", True),
+        ("3.6.0", "2.4.0", True),
+        ("3.5.1+git1234", "2.4.0rc1", True),
+        ("3.6.0", "2.3.5", False),
+        ("3.7.0", "2.5.5", False),
+        ("3.8.0", "3.0.0", False),
+    ],
+)
+def test_interpreter_versions_that_cannot_run_the_kernels(triton_version, numpy_version, refused):
+    # Triton's interpreter before 3.7 calls int() on one-element arrays, which NumPy 2.4 refuses.
+    reason = dispatch.interpreter_incompatibility(triton_version, numpy_version)
+    if refused:
+        assert reason is not None and "numpy<2.4" in reason and triton_version in reason
+        assert numpy_version in reason
+    else:
+        assert reason is None
+
+
+def test_triton_backend_reports_an_interpreter_mismatch(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(dispatch, "interpreter_incompatibility", lambda t, n: f"numpy<2.4 with triton {t}")
+    reason = dispatch._probe_triton()
+    assert reason is not None and reason.startswith("numpy<2.4 with triton")
+
+
 def test_backend_on_the_wrong_device(monkeypatch):
     # The cuda backend, made to look available, asked to run on CPU tensors.
     monkeypatch.setitem(dispatch._status_cache, "cuda", None)

@@ -38,7 +38,8 @@ class Design:
 
 # Triton: the aligned variants (rows and strides on 16 bytes, the usual shapes) of the
 # bandwidth-bound kernels load 16 bytes at a time, bf16 TV in its configs of eight values per thread
-# (the only ones its autotuner runs for 16-bit inputs: kernels/tv.py, prune_for_dtype); every 16-bit repulsive tile runs on the tensor cores (wgmma).
+# (the only ones its autotuner runs for 16-bit inputs: kernels/tv.py, variant_configs, which the
+# table compiles too); every 16-bit repulsive tile runs on the tensor cores (wgmma).
 _TV_VECTOR = r"^fp32(, int64 index)? \||^bf16 \| (H=4 W=128 w2|H=8 W=128 w4) "
 TRITON_DESIGN: dict[str, Design] = {
     "tv_forward_kernel": Design(96, vector_loads=_TV_VECTOR),

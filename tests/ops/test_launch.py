@@ -23,6 +23,7 @@ def test_launch_runs_under_the_device_of_its_tensors(monkeypatch):
             entered.append("exit")
 
     monkeypatch.setattr(torch.cuda, "device", Device)
+    monkeypatch.setattr(launch_mod, "INTERPRET", False)  # the compiled path, whatever runs the tests
     monkeypatch.setattr(
         launch_mod, "wrap_triton", lambda k: {(1,): lambda *a, **kw: launched.append(list(entered))}
     )
@@ -34,11 +35,22 @@ def test_launch_runs_under_the_device_of_its_tensors(monkeypatch):
 
 def test_cpu_tensors_launch_without_a_device_switch(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device", lambda d: pytest.fail(f"switched to {d}"))
+    monkeypatch.setattr(launch_mod, "INTERPRET", False)
     calls = []
     monkeypatch.setattr(launch_mod, "wrap_triton", lambda k: {(2,): lambda *a, **kw: calls.append(a)})
     launch_mod.launch("kernel", (2,), torch.zeros(2), 5)
     assert len(calls) == 1
     assert launch_mod.launch_device([1, "a", torch.zeros(1)]) is None
+
+
+def test_interpreted_kernels_launch_directly(monkeypatch):
+    # Under the interpreter the op is a plain custom op: the kernel is called as it is, not through
+    # wrap_triton (which refuses the interpreter's kernel objects on some torch releases).
+    monkeypatch.setattr(launch_mod, "INTERPRET", True)
+    monkeypatch.setattr(launch_mod, "wrap_triton", lambda k: pytest.fail("wrapped under the interpreter"))
+    calls = []
+    launch_mod.launch({(3,): lambda *a, **kw: calls.append((a, kw))}, (3,), torch.zeros(2), 7, BLOCK=4)
+    assert len(calls) == 1 and calls[0][0][1] == 7 and calls[0][1] == {"BLOCK": 4}
 
 
 @triton.jit

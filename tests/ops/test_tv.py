@@ -298,12 +298,33 @@ def test_16_bit_inputs_tune_over_the_configs_of_16_byte_loads():
     from invcoss.kernels import tv as tv_kernels
 
     configs = tv_kernels.TV_CONFIGS
-    half = tv_kernels.prune_for_dtype(configs, {"x_ptr": torch.empty(1, dtype=torch.bfloat16)})
+    flags = {"ALIGNED": True, "WIDE_INDEX": False}
+    half = tv_kernels.prune_for_variant(configs, {"x_ptr": torch.empty(1, dtype=torch.bfloat16)}, **flags)
     assert half and all(tv_kernels.values_per_thread(c) >= 8 for c in half)
     assert len(half) < len(configs)
-    assert tv_kernels.prune_for_dtype(configs, {"x_ptr": torch.empty(1)}) == configs
+    assert tv_kernels.prune_for_variant(configs, {"x_ptr": torch.empty(1)}, **flags) == configs
     interp = [tv_kernels.TV_INTERPRET_CONFIG]
-    assert tv_kernels.prune_for_dtype(interp, {"x_ptr": torch.empty(1, dtype=torch.float16)}) == interp
+    x16 = {"x_ptr": torch.empty(1, dtype=torch.float16)}
+    assert tv_kernels.prune_for_variant(interp, x16, **flags) == interp
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "flags", [{"ALIGNED": False, "WIDE_INDEX": False}, {"ALIGNED": True, "WIDE_INDEX": True}]
+)
+def test_scalar_loads_and_int64_offsets_tune_over_four_values_per_thread(dtype, flags):
+    # Eight values per thread buy no wider load there and cost registers (a spill with Triton 3.6).
+    from invcoss.kernels import tv as tv_kernels
+
+    configs = tv_kernels.TV_CONFIGS
+    narrow = tv_kernels.prune_for_variant(configs, {"x_ptr": torch.empty(1, dtype=dtype)}, **flags)
+    assert narrow and all(tv_kernels.values_per_thread(c) < 8 for c in narrow)
+    assert len(narrow) < len(configs)
+    # The ahead-of-time table compiles the same subset for the variant.
+    assert tv_kernels.tv_backward_kernel.variant_configs(configs, dtype.itemsize, flags) == narrow
+    # Nothing to keep: the configs are left as they are rather than emptied.
+    interp = [tv_kernels.TV_INTERPRET_CONFIG]
+    assert tv_kernels.prune_for_variant(interp, {"x_ptr": torch.empty(1, dtype=dtype)}, **flags) == interp
 
 
 @pytest.mark.skipif("cpu" not in ops.available_backends(), reason="the extension's cpu backend is not built")
