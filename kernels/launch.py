@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 import triton
+from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
 
 # Read once, before any kernel is defined, from the knob triton.jit itself consults at definition time.
@@ -124,9 +125,12 @@ def launch(kernel: Callable, grid: tuple | Callable, *args: object, **kwargs: ob
 
 
 def launch_device(args: Sequence[object]) -> torch.device | None:
-    """The CUDA device of the first tensor in ``args``; None for CPU tensors (the interpreter)."""
-    device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
-    return device if device is not None and device.type == "cuda" else None
+    """The CUDA device of the first tensor in ``args``; None for CPU tensors (the interpreter) and
+    for fake ones (a trace, which may run on a machine without a GPU)."""
+    tensor = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    if tensor is None or tensor.device.type != "cuda" or is_fake(tensor):
+        return None  # a fake tensor: a trace records the launch, nothing runs (no GPU needed)
+    return tensor.device
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -139,8 +143,9 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 def sm_count(device: torch.device) -> int:
-    """Number of SMs of ``device`` (the Hopper count for CPU tensors under the interpreter)."""
-    if device.type == "cuda":
+    """Number of SMs of ``device``: the Hopper count for CPU tensors under the interpreter and for
+    fake CUDA tensors traced where no GPU is present."""
+    if device.type == "cuda" and torch.cuda.is_available():
         return torch.cuda.get_device_properties(device).multi_processor_count
     return HOPPER_SMS
 

@@ -238,15 +238,16 @@ def batch_mean_var_backward_kernel(
 
 
 def aligned_rows(x: torch.Tensor) -> bool:
-    """Whether every row of x ``(N, F)`` starts 16-element aligned (so 16-byte aligned) with unit
-    column stride and F a multiple of 16: the kernels' ``ALIGNED`` variant, vector loads along F."""
+    """Whether every row of x ``(N, F)`` starts 16 elements from its storage's start (so 16-byte
+    aligned: CUDA allocations are) with unit column stride and F a multiple of 16: the kernels'
+    ``ALIGNED`` variant, vector loads along F.
+
+    Read from the storage offset, not the data pointer, so that it holds in a trace (fake and
+    functional tensors have no pointer). Triton itself checks the pointer's 16-byte alignment at
+    launch: a storage that is not aligned (``torch.from_blob``) still gets a correct kernel, with
+    narrower loads."""
     f = x.shape[1]
-    return (
-        x.stride(1) == 1
-        and f % 16 == 0
-        and x.stride(0) % 16 == 0
-        and x.data_ptr() % (16 * x.element_size()) == 0
-    )
+    return x.stride(1) == 1 and f % 16 == 0 and x.stride(0) % 16 == 0 and x.storage_offset() % 16 == 0
 
 
 def _split_rows(n: int, f: int, device: torch.device) -> tuple[int, int]:

@@ -24,6 +24,7 @@ def test_launch_runs_under_the_device_of_its_tensors(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "device", Device)
     monkeypatch.setattr(launch_mod, "INTERPRET", False)  # the compiled path, whatever runs the tests
+    monkeypatch.setattr(launch_mod, "is_fake", lambda t: False)  # a fake tensor stands in for a real one
     monkeypatch.setattr(
         launch_mod, "wrap_triton", lambda k: {(1,): lambda *a, **kw: launched.append(list(entered))}
     )
@@ -31,6 +32,16 @@ def test_launch_runs_under_the_device_of_its_tensors(monkeypatch):
         x = torch.empty(4, device="cuda:1")
     launch_mod.launch("kernel", (1,), 3, x, flag=True)
     assert launched == [[torch.device("cuda:1")]] and entered[-1] == "exit"
+
+
+def test_traced_launches_switch_no_device():
+    # Fake tensors (a trace, possibly on a machine without a GPU): nothing runs, no device is touched.
+    with FakeTensorMode():
+        x = torch.empty(4, device="cuda:1")
+    assert launch_mod.launch_device([3, x]) is None
+    assert launch_mod.sm_count(torch.device("meta")) == launch_mod.HOPPER_SMS
+    if not torch.cuda.is_available():  # a trace for CUDA with no GPU sizes its grid for Hopper
+        assert launch_mod.sm_count(torch.device("cuda:1")) == launch_mod.HOPPER_SMS
 
 
 def test_cpu_tensors_launch_without_a_device_switch(monkeypatch):
