@@ -240,7 +240,8 @@ def time_inversion(
     (the reference) over this row's; ``losses`` are the values of the row's first step, the same
     for every row up to its precision's tolerance. ``flops``: also count the model FLOPs of a step
     (``flops``, ``tflops``) and, with ``bf16_tflops`` (the measured matmul rate), the model FLOP
-    utilisation ``mfu`` (a fraction of it).
+    utilisation ``mfu`` (a fraction of it). ``compile_fallback`` is the engine's reason for running a
+    compiled variant eagerly (its compiled step disagreed with the eager one), else None.
     """
     variants = [b if isinstance(b, StepVariant) else StepVariant(b, b, PLAIN_STEP) for b in backends]
     names = [v.name for v in variants]
@@ -248,7 +249,7 @@ def time_inversion(
         raise ValueError(f"backends must be distinct and at least one, got {names}")
     device = torch.device(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    runs, first, compile_s, settings = [], {}, {}, {}
+    runs, first, compile_s, settings, fallback = [], {}, {}, {}, {}
     for variant in variants:
         if progress:
             progress(f"{profile.name} {variant.name}: set-up and {max(1, warmup)} untimed step(s)")
@@ -264,6 +265,8 @@ def time_inversion(
         run()
         sync()
         compile_s[variant.name] = time.perf_counter() - t0
+        # Set when the step's own check found the compiled step wrong (it then runs eagerly).
+        fallback[variant.name] = inv.compile_fallback
         time_fn(run, device, 0, max(0, warmup - 1))
         runs.append(run)
         mean_steps = mean_steps_per_batch(inv.config)  # the same config for every row but the step
@@ -293,6 +296,7 @@ def time_inversion(
             "steps_per_s": 1e3 / med,
             "samples_per_h": profile.batch_size * 3.6e6 / (med * mean_steps),
             "compile_s": compile_s[variant.name],
+            "compile_fallback": fallback[variant.name],
             "times_ms": ts,
             "losses": first[variant.name],
         }
@@ -336,5 +340,7 @@ def inversion_verdicts(rows: Sequence[dict]) -> list[str]:
                 f"utilisation (target >= {100 * target['mfu']:.0f}%)"
             )
             met = met and mfu is not None and mfu >= target["mfu"]
+        if r.get("compile_fallback"):
+            parts.append(f"run eagerly: the compiled step differed ({r['compile_fallback']})")
         out.append(f"- {r['profile']}: default step {', '.join(parts)}: {'met' if met else 'missed'}")
     return out

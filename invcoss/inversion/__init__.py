@@ -20,12 +20,14 @@ from invcoss.inversion.engine import (
     plan_batches,
 )
 from invcoss.inversion.run import InversionResult, Inverter, RunFolderError, run_inversion
+from invcoss.inversion.step import CompiledStepWarning
 
 __all__ = [
     "GENERATORS",
     "LOSS_TERMS",
     "PROFILES",
     "BatchResult",
+    "CompiledStepWarning",
     "GenerateResult",
     "InversionConfig",
     "InversionEngine",

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -49,7 +50,14 @@ from invcoss import ops
 from invcoss.feature_stats import FeatureStats, config_hash, stats_data
 from invcoss.inversion.batches import BatchResult, GenerateResult, NonFiniteLossError, StepInfo, plan_batches
 from invcoss.inversion.config import InversionConfig
-from invcoss.inversion.step import StepSettings, make_adam, resolve_step_settings, to_memory_format
+from invcoss.inversion.step import (
+    STEP_TOLERANCE,
+    CompiledStepWarning,
+    StepSettings,
+    make_adam,
+    resolve_step_settings,
+    to_memory_format,
+)
 from invcoss.modality import get_modality
 from invcoss.models import BottomUpGenerator, GeneratorConfig, InvUNet
 from invcoss.rng import derive_seed  # re-exported: its home before 0.3
@@ -151,6 +159,8 @@ class InversionEngine:
         )
         self._compiled_keys: set[tuple] = set()
         self.compile_seconds = 0.0  # all compiling steps so far (see BatchResult.compile_seconds)
+        # Why the compiled step was set aside for the eager one (see check_compiled_step), or None.
+        self.compile_fallback: str | None = None
         self.pool: ops.RepulsivePool | None = None
         self._gen: nn.Module | None = None
         self._opt_g: torch.optim.Adam | None = None
@@ -336,8 +346,12 @@ class InversionEngine:
         and is timed into :attr:`compile_seconds`.
         """
         key = (params.shape[0], self.config.generator)
-        compiling = self.step_settings.compile_mode != "off" and key not in self._compiled_keys
+        compiling = self._forward_fn != self._forward and key not in self._compiled_keys
         t0 = time.perf_counter()
+        if compiling:
+            mismatch = self.check_compiled_step(params, mask)
+            if mismatch is not None:
+                self._fall_back_to_eager(mismatch)
         terms, total = self._losses(params, mask)
         for opt in opts:
             opt.zero_grad(set_to_none=True)
@@ -350,6 +364,62 @@ class InversionEngine:
             self._compiled_keys.add(key)
             self.compile_seconds += time.perf_counter() - t0
         return values
+
+    def check_compiled_step(self, params: Tensor, mask: Tensor) -> str | None:
+        """Compare the compiled step with the eager one on this step's inputs: None when they agree.
+
+        Both compute the loss values and the gradients of the latents and of the generator's
+        parameters (nothing is updated, the generator's buffers are put back); they must agree
+        within :data:`~invcoss.inversion.step.STEP_TOLERANCE` of the step's precision, else the
+        returned line says what differs. :meth:`step_async` runs it before the first compiled step
+        of each batch size: a compiler that gets the step wrong (some releases' inductor drop the
+        latents' gradient) must not silently stop the latents from learning.
+        """
+        buffers = {k: v.clone() for k, v in self._gen.named_buffers()} if self._gen is not None else {}
+        weights = list(self._gen.parameters()) if self._gen is not None else []
+
+        def run(forward: Callable) -> tuple[dict[str, float], list[Tensor]]:
+            terms, emb = forward(params, mask)
+            if "rep" in self.config.losses:
+                terms["rep"] = self.pool.loss(emb)
+            total = self.weighted(terms)
+            grads = torch.autograd.grad(total, [params, *weights], allow_unused=True)
+            grads = [torch.zeros_like(w) if g is None else g for g, w in zip(grads, [params, *weights])]
+            values = {k: float(v.detach()) for k, v in terms.items()} | {"total": float(total.detach())}
+            with torch.no_grad():
+                for name, value in buffers.items():  # batch-norm running statistics
+                    self._gen.get_buffer(name).copy_(value)
+            return values, grads
+
+        want, want_grads = run(self._forward)
+        got, got_grads = run(self._forward_fn)
+        tol = STEP_TOLERANCE[self.step_settings.precision]
+        problems = [
+            f"{k} {got[k]:.6g} vs {want[k]:.6g}"
+            for k in want
+            if math.isfinite(want[k]) and not abs(got[k] - want[k]) <= tol["loss"] * max(abs(want[k]), 1e-12)
+        ]
+        parts = {"latent": ([got_grads[0]], [want_grads[0]]), "generator": (got_grads[1:], want_grads[1:])}
+        for what, (a, b) in parts.items():
+            if not b:
+                continue
+            ref = torch.cat([g.float().flatten() for g in b])
+            diff = torch.cat([g.float().flatten() for g in a]) - ref
+            err = float(diff.norm() / ref.norm().clamp_min(1e-30))
+            if not err <= tol["grad"]:
+                problems.append(f"{what} gradients off by {err:.3g} in norm (tolerance {tol['grad']})")
+        return "; ".join(problems) if problems else None
+
+    def _fall_back_to_eager(self, mismatch: str) -> None:
+        self.compile_fallback = mismatch
+        self._forward_fn = self._forward
+        warnings.warn(
+            f"the compiled inversion step differs from the eager step ({mismatch}) with torch "
+            f"{torch.__version__} on {self.device}: the step runs eagerly from now on "
+            "(set compile_mode=off to skip compiling; another torch release may compile it right)",
+            CompiledStepWarning,
+            stacklevel=3,
+        )
 
     def step(self, params: Tensor, opts: Sequence[torch.optim.Optimizer], mask: Tensor) -> dict[str, float]:
         """One optimisation step of Eq. 6; returns every enabled term and ``total`` before the step.

@@ -59,6 +59,7 @@ __all__ = [
     "FORMER_STEP",
     "STEP_FIELDS",
     "STEP_TOLERANCE",
+    "CompiledStepWarning",
     "StepSettings",
     "make_adam",
     "resolve_step_settings",
@@ -85,6 +86,11 @@ FORMER_STEP = {
     "share_tokens": False,
 }
 STEP_TOLERANCE = {"fp32": {"loss": 1e-4, "grad": 1e-4}, "bf16": {"loss": 2e-2, "grad": 0.3}}
+
+
+class CompiledStepWarning(UserWarning):
+    """The compiled inversion step disagreed with the eager one and was set aside
+    (:meth:`invcoss.inversion.InversionEngine.check_compiled_step`)."""
 
 
 @dataclass(frozen=True)

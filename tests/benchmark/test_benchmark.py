@@ -301,6 +301,7 @@ def test_step_variant_rows_report_samples_per_hour_and_flop_utilisation():
     for r in rows:
         want = TINY_INVERSION.batch_size * 3.6e6 / (r["median_ms"] * bm.mean_steps_per_batch(config))
         assert r["samples_per_h"] == pytest.approx(want) and r["compile_s"] > 0
+        assert r["compile_fallback"] is None
         assert r["flops"] == rows[0]["flops"] > 0 and r["mfu"] == pytest.approx(r["tflops"] / 2.0)
         bm.assert_agrees(r["losses"], rows[0]["losses"], torch.float32, r["backend"])
     md = bm.inversion_markdown(rows)
@@ -323,6 +324,13 @@ def test_inversion_verdicts_judge_the_default_row():
         "- 2d-paper: default step 2.10x the reference loop (target >= 2.0x), 41% model FLOP "
         "utilisation (target >= 35%): met",
         "- 3d-reduced: default step 1.40x the reference loop (target >= 1.5x): missed",
+    ]
+    # A default row whose compiled step was set aside says so.
+    eager = {"profile": "2d-paper", "variant": "default", "device": "cpu", "ratio": 1.6}
+    eager["compile_fallback"] = "latent gradients off by 1 in norm (tolerance 0.0001)"
+    assert inversion_verdicts([eager]) == [
+        "- 2d-paper: default step 1.60x the reference loop (target >= 1.5x), run eagerly: the compiled "
+        "step differed (latent gradients off by 1 in norm (tolerance 0.0001)): met"
     ]
 
 
