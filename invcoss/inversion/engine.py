@@ -51,7 +51,7 @@ from invcoss.feature_stats import FeatureStats, config_hash, stats_data
 from invcoss.inversion.batches import BatchResult, GenerateResult, NonFiniteLossError, StepInfo, plan_batches
 from invcoss.inversion.config import InversionConfig
 from invcoss.inversion.step import (
-    STEP_TOLERANCE,
+    CHECK_TOLERANCE,
     CompiledStepWarning,
     StepSettings,
     make_adam,
@@ -60,6 +60,7 @@ from invcoss.inversion.step import (
 )
 from invcoss.modality import get_modality
 from invcoss.models import BottomUpGenerator, GeneratorConfig, InvUNet
+from invcoss.models.blocks import upsample2x_linear
 from invcoss.rng import derive_seed  # re-exported: its home before 0.3
 
 __all__ = [
@@ -231,7 +232,10 @@ class InversionEngine:
         else:
             with self.step_settings.autocast(self.device):
                 raw = self._gen(params).float()  # what follows, and every loss on it, in fp32
-        if self.config.upsample > 1:
+        if self.config.upsample == 2 and torch.compiler.is_compiling():
+            # The same values as below, with a backward inductor compiles right (upsample2x_linear).
+            raw = upsample2x_linear(raw, (raw.ndim - 2, raw.ndim - 1))
+        elif self.config.upsample > 1:
             mode = "bilinear" if self.ndim == 2 else "trilinear"
             raw = F.interpolate(raw, size=self.input_shape[1:], mode=mode, align_corners=False)
         return self.space.to_model_input(raw, self.input_shape[0])
@@ -370,7 +374,7 @@ class InversionEngine:
 
         Both compute the loss values and the gradients of the latents and of the generator's
         parameters (nothing is updated, the generator's buffers are put back); they must agree
-        within :data:`~invcoss.inversion.step.STEP_TOLERANCE` of the step's precision, else the
+        within :data:`~invcoss.inversion.step.CHECK_TOLERANCE` of the step's precision, else the
         returned line says what differs. :meth:`step_async` runs it before the first compiled step
         of each batch size: a compiler that gets the step wrong (some releases' inductor drop the
         latents' gradient) must not silently stop the latents from learning.
@@ -393,7 +397,7 @@ class InversionEngine:
 
         want, want_grads = run(self._forward)
         got, got_grads = run(self._forward_fn)
-        tol = STEP_TOLERANCE[self.step_settings.precision]
+        tol = CHECK_TOLERANCE[self.step_settings.precision]
         problems = [
             f"{k} {got[k]:.6g} vs {want[k]:.6g}"
             for k in want

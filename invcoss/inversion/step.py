@@ -58,6 +58,7 @@ from invcoss.inversion.config import InversionConfig
 __all__ = [
     "FORMER_STEP",
     "STEP_FIELDS",
+    "CHECK_TOLERANCE",
     "STEP_TOLERANCE",
     "CompiledStepWarning",
     "StepSettings",
@@ -86,6 +87,12 @@ FORMER_STEP = {
     "share_tokens": False,
 }
 STEP_TOLERANCE = {"fp32": {"loss": 1e-4, "grad": 1e-4}, "bf16": {"loss": 2e-2, "grad": 0.3}}
+# How far the compiled step may be from the eager step at the same settings before a run sets it
+# aside (InversionEngine.check_compiled_step). Wider than STEP_TOLERANCE, which the tests hold the
+# supported torch to: the check guards against a wrong compilation (the latents' gradient dropped
+# is an error of 1), not against another summation order. fp32: torch 2.11's CPU kernels put the
+# 3D step's gradients 1e-4 from eager (torch 2.14: 4e-6); bf16: both sides round to 8 bits.
+CHECK_TOLERANCE = {"fp32": {"loss": 1e-3, "grad": 1e-2}, "bf16": {"loss": 5e-2, "grad": 0.3}}
 
 
 class CompiledStepWarning(UserWarning):

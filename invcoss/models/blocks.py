@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from invcoss.models.checkpoint import PretrainedMixin
@@ -27,11 +29,13 @@ __all__ = [
     "ConvBlock",
     "GeneratorConfig",
     "LatentGenerator",
+    "LinearUpsample2x",
     "NoiseProjector",
     "UpBlock",
     "conv_layer",
     "norm_layer",
     "output_activation",
+    "upsample2x_linear",
     "upsample_layer",
 ]
 
@@ -138,7 +142,61 @@ def norm_layer(ndim: int, channels: int) -> nn.Module:
 
 def upsample_layer(ndim: int) -> nn.Module:
     """2x upsampling on every spatial axis: bilinear (2D) or trilinear (3D)."""
-    return nn.Upsample(scale_factor=2, mode="bilinear" if ndim == 2 else "trilinear", align_corners=False)
+    return LinearUpsample2x(ndim)
+
+
+def upsample2x_linear(x: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
+    """2x linear upsampling of ``x`` along ``dims`` (non-negative axes), as ``F.interpolate`` in its
+    bilinear / trilinear modes with ``align_corners=False`` computes it, one axis after another.
+
+    Output ``2i`` is ``x[i-1] / 4 + 3 x[i] / 4`` and output ``2i + 1`` is ``3 x[i] / 4 + x[i+1] / 4``,
+    with ``x[-1] = x[0]`` and ``x[n] = x[n-1]`` (the clamped edges). Made of slices, a concatenation,
+    products and a stack only, in fp32 at least (returned in x's dtype), so its backward holds no scatter:
+    that of ``F.interpolate`` adds into zeros with an index scatter, which torch 2.11's inductor
+    ordered after the kernel that reads the result (every gradient before the upsampling was zero).
+
+    Example:
+        >>> x = torch.rand(2, 3, 5, 7)
+        >>> want = torch.nn.functional.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+        >>> torch.allclose(upsample2x_linear(x, (2, 3)), want, atol=1e-6)
+        True
+    """
+    dtype = x.dtype
+    x = x.to(torch.promote_types(dtype, torch.float32))
+    for d in dims:
+        n = x.shape[d]
+        padded = torch.cat([x.narrow(d, 0, 1), x, x.narrow(d, n - 1, 1)], dim=d)  # (..., n + 2, ...)
+        before, after = padded.narrow(d, 0, n), padded.narrow(d, 2, n)
+        even = 0.25 * before + 0.75 * x
+        odd = 0.75 * x + 0.25 * after
+        x = torch.stack([even, odd], dim=d + 1).flatten(d, d + 1)
+    return x.to(dtype)
+
+
+class LinearUpsample2x(nn.Module):
+    """2x bilinear (2D) or trilinear (3D) upsampling with ``align_corners=False``, as ``nn.Upsample``.
+
+    Eagerly one ``F.interpolate`` kernel; under ``torch.compile`` :func:`upsample2x_linear`, the
+    same values up to rounding, whose backward inductor compiles right on every torch release we
+    test (see there). No parameters: checkpoints of ``nn.Upsample`` generators load unchanged.
+
+    Example:
+        >>> LinearUpsample2x(3)(torch.rand(1, 2, 3, 4, 5)).shape
+        torch.Size([1, 2, 6, 8, 10])
+    """
+
+    def __init__(self, ndim: int) -> None:
+        super().__init__()
+        self.ndim = ndim
+        self.mode = "bilinear" if ndim == 2 else "trilinear"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return upsample2x_linear(x, range(x.ndim - self.ndim, x.ndim))
+        return F.interpolate(x, scale_factor=2, mode=self.mode, align_corners=False)
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}"
 
 
 def output_activation(name: str) -> nn.Module:

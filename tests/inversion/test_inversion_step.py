@@ -231,6 +231,20 @@ def test_the_compiled_step_check_changes_nothing_it_does_not_report():
     assert all(torch.equal(v, buffers[k]) for k, v in engine._gen.named_buffers())
 
 
+def test_another_summation_order_is_not_a_mismatch():
+    # The check guards against wrong compilations, not rounding: a relative drift of 1e-5 in every
+    # term (and so in the gradients) passes.
+    engine = make_engine("xray", **REFERENCE)
+
+    def forward(params, mask):
+        terms, emb = engine._forward(params, mask)
+        return {k: v * (1 + 1e-5) for k, v in terms.items()}, emb
+
+    engine._forward_fn = forward
+    params, _, _, rng = engine.begin_batch(0, 4)
+    assert engine.check_compiled_step(params, engine.random_mask(4, rng)) is None
+
+
 def test_an_eager_step_runs_no_check(monkeypatch):
     engine = make_engine("xray", **REFERENCE)
     monkeypatch.setattr(engine, "check_compiled_step", lambda *a: pytest.fail("checked an eager step"))

@@ -155,3 +155,60 @@ def test_loading_the_wrong_generator_fails_with_the_differences(tmp_path):
         load_pretrained_into(other, tmp_path, strict=False)
     with pytest.raises(ValueError, match="holds a InvUNet, not a BottomUpGenerator"):
         BottomUpGenerator.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "shape, dims",
+    [
+        ((2, 3, 5, 7), (2, 3)),
+        ((1, 2, 3, 1, 4), (2, 3, 4)),
+        ((2, 1, 1, 1), (2, 3)),
+        ((1, 2, 4, 11, 13), (3, 4)),
+    ],
+    ids=["2d", "3d", "one-pixel", "3d-in-plane"],
+)
+def test_upsample2x_linear_is_interpolate(shape, dims):
+    # The compiled generators' upsampling (no scatter in its backward) against F.interpolate,
+    # forward and backward, in float64 so that only the summation order may differ.
+    from invcoss.models.blocks import upsample2x_linear
+
+    x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    size = [2 * s if i + 2 in dims else s for i, s in enumerate(shape[2:])]
+    mode = "bilinear" if len(shape) == 4 else "trilinear"
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    got = upsample2x_linear(a, dims)
+    want = torch.nn.functional.interpolate(b, size=size, mode=mode, align_corners=False)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    g = torch.randn(want.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    got.backward(g)
+    want.backward(g)
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_upsample2x_linear_keeps_the_dtype_and_rounds_once(dtype):
+    from invcoss.models.blocks import upsample2x_linear
+
+    x = torch.randn(2, 3, 6, 10, generator=torch.Generator().manual_seed(2)).to(dtype)
+    got = upsample2x_linear(x, (2, 3))
+    want = torch.nn.functional.interpolate(x.double(), scale_factor=2, mode="bilinear", align_corners=False)
+    assert got.dtype == dtype
+    # Computed in fp32 and rounded once to the dtype: within half an ulp of the exact value (+ fp32).
+    ulp = torch.finfo(dtype).eps
+    assert ((got.double() - want).abs() <= (0.5 * ulp + 1e-6) * want.abs() + 1e-6).all()
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_the_upsampling_layer_switches_formulation_only_under_compile(ndim, monkeypatch):
+    from invcoss.models.blocks import LinearUpsample2x
+
+    layer = LinearUpsample2x(ndim)
+    x = torch.randn(1, 2, *([3] * ndim), generator=torch.Generator().manual_seed(3))
+    eager = layer(x)
+    want = torch.nn.functional.interpolate(
+        x, scale_factor=2, mode="bilinear" if ndim == 2 else "trilinear", align_corners=False
+    )
+    assert torch.equal(eager, want)  # eagerly the ATen kernel itself
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    torch.testing.assert_close(layer(x), want, rtol=1e-6, atol=1e-6)
+    assert dict(layer.state_dict()) == {}  # nothing to save: nn.Upsample checkpoints load as they were
