@@ -17,13 +17,11 @@ import os
 import sys
 import traceback
 
-os.environ["TRITON_INTERPRET"] = "0"
-
-import torch  # noqa: E402
-import triton  # noqa: E402
-from torch._functorch.aot_autograd import aot_export_module  # noqa: E402
-from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table  # noqa: E402
-from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
+import torch
+import triton
+from torch._functorch.aot_autograd import aot_export_module
+from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 
 class HopperTarget:
@@ -140,4 +138,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    # Set here, not at import: pytest's --doctest-modules imports this file into the test process,
+    # whose kernels must stay interpreted. Triton reads it when the kernels are defined, in main().
+    os.environ["TRITON_INTERPRET"] = "0"
     main()
