@@ -349,13 +349,8 @@ class InversionEngine:
         abandons the batch then. The first step of each batch size of a compiled step compiles it
         and is timed into :attr:`compile_seconds`.
         """
-        key = (params.shape[0], self.config.generator)
-        compiling = self._forward_fn != self._forward and key not in self._compiled_keys
         t0 = time.perf_counter()
-        if compiling:
-            mismatch = self.check_compiled_step(params, mask)
-            if mismatch is not None:
-                self._fall_back_to_eager(mismatch)
+        key, compiling = self._checked_before_compiling(params, mask)
         terms, total = self._losses(params, mask)
         for opt in opts:
             opt.zero_grad(set_to_none=True)
@@ -414,6 +409,17 @@ class InversionEngine:
                 problems.append(f"{what} gradients off by {err:.3g} in norm (tolerance {tol['grad']})")
         return "; ".join(problems) if problems else None
 
+    def _checked_before_compiling(self, params: Tensor, mask: Tensor) -> tuple[tuple, bool]:
+        """``(batch-size key, whether this step compiles)``; a step that compiles is checked first
+        (:meth:`check_compiled_step`) and, when the check fails, runs eagerly."""
+        key = (params.shape[0], self.config.generator)
+        compiling = self._forward_fn != self._forward and key not in self._compiled_keys
+        if compiling:
+            mismatch = self.check_compiled_step(params, mask)
+            if mismatch is not None:
+                self._fall_back_to_eager(mismatch)
+        return key, compiling
+
     def _fall_back_to_eager(self, mismatch: str) -> None:
         self.compile_fallback = mismatch
         self._forward_fn = self._forward
@@ -422,7 +428,7 @@ class InversionEngine:
             f"{torch.__version__} on {self.device}: the step runs eagerly from now on "
             "(set compile_mode=off to skip compiling; another torch release may compile it right)",
             CompiledStepWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
 
     def step(self, params: Tensor, opts: Sequence[torch.optim.Optimizer], mask: Tensor) -> dict[str, float]:
@@ -430,8 +436,11 @@ class InversionEngine:
 
         When a value is not finite nothing is updated (the caller decides what to do). Reading the
         values synchronises the device in the middle of the step; :meth:`invert_batch` runs
-        :meth:`step_async` instead.
+        :meth:`step_async` instead. A compiled step is checked before its first use, as there.
         """
+        key, compiling = self._checked_before_compiling(params, mask)
+        if compiling:
+            self._compiled_keys.add(key)
         terms, total = self._losses(params, mask)
         values = {k: float(v.detach()) for k, v in terms.items()} | {"total": float(total.detach())}
         if not all(math.isfinite(v) for v in values.values()):

@@ -214,6 +214,15 @@ def test_a_compiled_step_that_drops_the_latents_gradient_is_set_aside():
     assert all(torch.equal(a, b) for a, b in zip(got_g, want_g)) and torch.equal(got_z, want_z)
 
 
+def test_the_synchronous_step_is_checked_too():
+    engine = make_engine("xray", **REFERENCE)
+    engine._forward_fn = lambda params, mask: engine._forward(params.detach(), mask)
+    params, opts, _, rng = engine.begin_batch(0, 4)
+    with pytest.warns(CompiledStepWarning, match="latent gradients off by 1"):
+        engine.step(params, opts, engine.random_mask(4, rng))
+    assert engine.compile_fallback is not None and params.grad.norm() > 0
+
+
 def test_the_compiled_step_check_changes_nothing_it_does_not_report():
     # A compiled forward that is right: the check passes, warns nothing, and leaves the generator's
     # running statistics, the gradients and the values as one eager step leaves them.
