@@ -398,7 +398,8 @@ class InversionEngine:
             for k in want
             if math.isfinite(want[k]) and not abs(got[k] - want[k]) <= tol["loss"] * max(abs(want[k]), 1e-12)
         ]
-        parts = {"latent": ([got_grads[0]], [want_grads[0]]), "generator": (got_grads[1:], want_grads[1:])}
+        trained = "pixel" if self.config.generator == "pixels" else "latent"
+        parts = {trained: ([got_grads[0]], [want_grads[0]]), "generator": (got_grads[1:], want_grads[1:])}
         for what, (a, b) in parts.items():
             if not b:
                 continue

@@ -223,6 +223,14 @@ def test_the_synchronous_step_is_checked_too():
     assert engine.compile_fallback is not None and params.grad.norm() > 0
 
 
+def test_the_check_names_the_pixels_when_they_are_what_is_trained():
+    engine = make_engine("xray", **REFERENCE, generator="pixels")
+    engine._forward_fn = lambda params, mask: engine._forward(params.detach() + 0 * params, mask)
+    params, _, _, rng = engine.begin_batch(0, 4)
+    mismatch = engine.check_compiled_step(params, engine.random_mask(4, rng))
+    assert mismatch is not None and mismatch.startswith("pixel gradients off by 1")
+
+
 def test_the_compiled_step_check_changes_nothing_it_does_not_report():
     # A compiled forward that is right: the check passes, warns nothing, and leaves the generator's
     # running statistics, the gradients and the values as one eager step leaves them.
