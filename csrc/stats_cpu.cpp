@@ -29,14 +29,7 @@
 #include "invcoss.h"
 #include "simd.h"
 
-// The row sweeps are also compiled for x86-64-v4 (AVX-512: 32 vector registers, half the
-// instructions per row): the CPU picks the version at load time, as for INVCOSS_CLONES.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && \
-    !defined(__CUDACC__) && !defined(INVCOSS_NO_CLONES)
-#define INVCOSS_STAT_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define INVCOSS_STAT_CLONES
-#endif
+// The row sweeps are also compiled for x86-64-v4 (INVCOSS_WIDE_CLONES, simd.h).
 
 namespace invcoss {
 namespace {
@@ -95,7 +88,7 @@ template <int K, bool kFirst, bool kSquares, typename T, typename A>
 // passes around shift: mean = the mean of x - shift, then, from L1, m2 = the sum of
 // (x - shift - mean)^2. A full block is one sweep each, its sums in registers.
 template <typename T, typename A>
-INVCOSS_STAT_CLONES void first_block_moments(const T* INVCOSS_RESTRICT x, int64_t ld, int64_t nb, int64_t nf,
+INVCOSS_WIDE_CLONES void first_block_moments(const T* INVCOSS_RESTRICT x, int64_t ld, int64_t nb, int64_t nf,
                                              const A* INVCOSS_RESTRICT shift, A* INVCOSS_RESTRICT mean,
                                              A* INVCOSS_RESTRICT m2) {
   constexpr int K = int(kStatFirstBlock);
@@ -150,7 +143,7 @@ template <int K, bool kFirst, typename T, typename A>
 // With c within a few standard deviations of the column's mean, v is small (and exact for x and c
 // within a factor of two) and q - s^2 / nb keeps its relative precision.
 template <typename T, typename A>
-INVCOSS_STAT_CLONES void block_sums_squares(const T* INVCOSS_RESTRICT x, int64_t ld, int64_t nb, int64_t nf,
+INVCOSS_WIDE_CLONES void block_sums_squares(const T* INVCOSS_RESTRICT x, int64_t ld, int64_t nb, int64_t nf,
                                             const A* INVCOSS_RESTRICT c, A* INVCOSS_RESTRICT s,
                                             A* INVCOSS_RESTRICT q) {
   constexpr int K = kStatRowsPerSweep;
@@ -174,7 +167,7 @@ INVCOSS_STAT_CLONES void block_sums_squares(const T* INVCOSS_RESTRICT x, int64_t
 // Folds the block of block_sums_squares (nb rows, sums s and q around c) into the running state
 // (n_a rows: mean, m2; means shifted by `shift`), in place (Chan et al.).
 template <typename A>
-INVCOSS_STAT_CLONES void merge_block(int64_t n_a, A* INVCOSS_RESTRICT mean, A* INVCOSS_RESTRICT m2, int64_t nb,
+INVCOSS_WIDE_CLONES void merge_block(int64_t n_a, A* INVCOSS_RESTRICT mean, A* INVCOSS_RESTRICT m2, int64_t nb,
                                      const A* INVCOSS_RESTRICT shift, const A* INVCOSS_RESTRICT c,
                                      const A* INVCOSS_RESTRICT s, const A* INVCOSS_RESTRICT q, int64_t nf) {
   const double n = double(n_a + nb);

@@ -40,6 +40,12 @@ SHAPES = sizes(
         ((1, 1, 2, 2), (1.0, 1.0)),  # W = 2: no interior
         ((1, 2, 3, 300), (0.5, 2.0)),  # two column groups
         ((1, 2, 17, 1), (1.0, 1.0)),
+        # Widths around the CPU kernels' 16-value vector steps: 15 differences (no full step), 16
+        # (one step, no tail), 17 (a tail of one), 32 (two steps).
+        ((2, 1, 3, 16), (1.0, 0.5)),
+        ((2, 1, 3, 17), (0.5, 1.0)),
+        ((1, 2, 2, 3, 18), (1.0, 2.0, 0.5)),
+        ((1, 1, 3, 4, 33), (0.25, 1.0, 1.0)),
         ((1, 2, 9, 5, 7), (2.0, 1.0, 0.25)),  # three depth groups, the depth sign carried across
         ((2, 1, 1, 6, 5), (1.0, 1.0, 1.0)),  # D = 1
         ((2, 2, 4, 1, 3), (1.0, 0.5, 2.0)),  # H = 1 inside a volume
