@@ -71,12 +71,16 @@ def time_round_robin(
     reps: int,
     warmup: int = 1,
     before_round: Callable[[int], None] | None = None,
+    settle: int = 0,
 ) -> list[list[float]]:
     """Wall times in ms of ``reps`` rounds in which each of ``fns`` runs once, in turn.
 
     After ``warmup`` untimed calls of each, the functions alternate, so a machine getting busier
-    slows them all alike and their ratio holds on a noisy machine. ``before_round(i)`` is called
-    before round ``i`` (0-based). Returns one list of times per function.
+    slows them all alike and their ratio holds on a noisy machine. With ``settle`` > 0, each timed
+    call comes right after that many untimed calls of the same function in the same round: its
+    inputs are back in the caches, as in a loop that calls it again and again, whatever the other
+    functions did to the caches. ``before_round(i)`` is called before round ``i`` (0-based).
+    Returns one list of times per function.
 
     Example:
         >>> calls = []
@@ -84,6 +88,11 @@ def time_round_robin(
         ...                          torch.device("cpu"), reps=2, warmup=1)
         >>> "".join(calls), [len(t) for t in times]
         ('ababab', [2, 2])
+        >>> calls.clear()
+        >>> _ = time_round_robin([lambda: calls.append("a"), lambda: calls.append("b")],
+        ...                      torch.device("cpu"), reps=2, warmup=0, settle=1)
+        >>> "".join(calls)
+        'aabbaabb'
     """
     for fn in fns:
         time_fn(fn, device, 0, warmup)
@@ -92,7 +101,7 @@ def time_round_robin(
         if before_round is not None:
             before_round(i)
         for fn, out in zip(fns, times):
-            out += time_fn(fn, device, 1, 0)
+            out += time_fn(fn, device, 1, settle)
     return times
 
 

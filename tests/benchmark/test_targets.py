@@ -5,7 +5,15 @@ import pytest
 from invcoss.benchmark import Case
 from invcoss.benchmark.check import check_cases
 from invcoss.benchmark.suite import Row, add_ratios
-from invcoss.benchmark.targets import CPU_TARGETS, GPU_TARGETS, Target, judge, target_cases, verdict_markdown
+from invcoss.benchmark.targets import (
+    CPU_TARGETS,
+    GPU_TARGETS,
+    Target,
+    judge,
+    measure_round_robin,
+    target_cases,
+    verdict_markdown,
+)
 
 
 def _row(case: Case, mode: str, provider: str, ms: float, gbps=None, tflops=None, dtype="float32") -> Row:
@@ -46,6 +54,30 @@ def test_a_target_holds_only_when_every_bound_holds():
         [_row(CASE, "fwd+bwd", "compile", 2.1), _row(CASE, "fwd+bwd", "triton", 1.5, gbps=3600.0)]
     )
     assert not judge([t], slow_x, PEAKS, ["triton"])[0].passed
+
+
+def test_a_row_is_judged_against_the_copy_roof_measured_around_it():
+    t = Target(CASE, "fwd", min_copy_pct=85.0)
+    rows = add_ratios([_row(CASE, "fwd", "triton", 1.0, gbps=3600.0)])
+    (v,) = judge([t], rows, PEAKS, ["triton"], {(CASE.name, "fwd", "float32"): 4500.0})
+    assert v.copy_pct == pytest.approx(80.0) and not v.passed  # 90% of PEAKS, 80% of its own roof
+    (other,) = judge([t], rows, PEAKS, ["triton"], {(CASE.name, "fwd+bwd", "float32"): 4500.0})
+    assert other.copy_pct == pytest.approx(90.0) and other.passed  # no roof of its own: PEAKS'
+
+
+def test_round_robin_rows_cover_every_mode_and_provider_with_a_roof_each():
+    import torch
+
+    case = Case("tv", (2, 1, 3, 8, 8))
+    calls = []
+    rows, roofs = measure_round_robin(
+        [case], ["eager", "cpu"], torch.device("cpu"), torch.float32, reps=3, progress=calls.append,
+        roof_numel=1 << 16,
+    )  # fmt: skip
+    assert [(r.mode, r.provider) for r in rows] == [(m, p) for m in case.modes for p in ("eager", "cpu")]
+    assert all(r.median_ms > 0 and r.device == "cpu" for r in rows)
+    assert set(roofs) == {(case.name, m, "float32") for m in case.modes} and min(roofs.values()) > 0
+    assert calls == [f"{case.name} {m}: eager, cpu in turn" for m in case.modes]
 
 
 def test_what_was_not_measured_misses_and_says_why():
